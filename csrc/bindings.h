@@ -1,0 +1,8 @@
+// Each concept of klotski._C registers its Python bindings through one function declared here;
+// module.cpp calls them all. Add a line here and one in module.cpp for a new concept.
+#pragma once
+#include <pybind11/pybind11.h>
+
+namespace klotski {
+void register_host_memory(pybind11::module_& m);
+}  // namespace klotski

@@ -1,0 +1,8 @@
+// klotski._C: host-memory, disk-read and copy primitives for the offloaded MoE runtime.
+// Links to neither torch nor CUDA; CUDA is found at run time (dlopen) where it is used.
+#include "bindings.h"
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "Klotski native I/O: aligned/pinned host buffers, disk reads, host-to-device copies";
+  klotski::register_host_memory(m);
+}

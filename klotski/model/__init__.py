@@ -1,0 +1,5 @@
+"""Model layer: architecture specs (``spec``), config parsers per family, and the torch math of one layer."""
+from klotski.model.spec import PARSERS, ModelSpec, RopeSpec, UnsupportedModelError
+from klotski.model import architectures  # noqa: F401  (registers mixtral, qwen2_moe, qwen3_moe, olmoe)
+
+__all__ = ["ModelSpec", "RopeSpec", "UnsupportedModelError", "PARSERS"]

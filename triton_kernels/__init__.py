@@ -1,0 +1,1 @@
+"""Fused Triton MoE expert kernels, installed as ``klotski.triton_kernels``."""
