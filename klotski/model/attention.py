@@ -1,0 +1,56 @@
+"""Grouped-query attention with a KV cache (Mixtral, Qwen2/3-MoE, OLMoE).
+
+Weights (dict keys of one layer): ``q`` [heads*D, H], ``k``/``v`` [kv_heads*D, H], ``o`` [H, heads*D],
+optional ``q_bias``/``k_bias``/``v_bias``, optional ``q_norm``/``k_norm`` ([D] per head, or full width).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from klotski.model.kv_cache import KVCache
+from klotski.model.layers import rms_norm
+from klotski.model.rope import RotaryEmbedding, apply_rope
+from klotski.model.spec import ModelSpec
+
+
+def gqa_attention(
+    spec: ModelSpec,
+    w: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    rotary: RotaryEmbedding,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """x [B, S, H] (normed) -> attention output [B, S, H]; appends S columns to ``cache`` at ``cache.length``."""
+    B, S, _ = x.shape
+    D, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+    q = F.linear(x, w["q"], w.get("q_bias"))
+    k = F.linear(x, w["k"], w.get("k_bias"))
+    v = F.linear(x, w["v"], w.get("v_bias"))
+    if spec.qk_norm == "full":
+        q = rms_norm(q, w["q_norm"], spec.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], spec.rms_norm_eps)
+    if spec.clip_qkv is not None:
+        q, k, v = (t.clamp(-spec.clip_qkv, spec.clip_qkv) for t in (q, k, v))
+    q = q.view(B, S, nh, D)
+    k = k.view(B, S, nkv, D)
+    if spec.qk_norm == "head":
+        q = rms_norm(q, w["q_norm"], spec.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], spec.rms_norm_eps)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    v = v.view(B, S, nkv, D).transpose(1, 2)
+    cos, sin = rotary.cos_sin(positions, q.dtype)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    keys = cache.buffer(layer, "k", (nkv, cache.capacity, D), True, k)
+    values = cache.buffer(layer, "v", (nkv, cache.capacity, D), True, v)
+    end = cache.length + S
+    keys[:, :, cache.length : end] = k
+    values[:, :, cache.length : end] = v
+    out = F.scaled_dot_product_attention(
+        q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=D**-0.5, enable_gqa=nkv != nh
+    )
+    return F.linear(out.transpose(1, 2).reshape(B, S, nh * D), w["o"])

@@ -1,0 +1,64 @@
+"""The resident executor: every weight in memory on one device; the reference every policy must match."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from klotski.model.decoder import attention_step, make_rotary, mlp_step
+from klotski.model.kv_cache import KVCache
+from klotski.model.layers import rms_norm
+from klotski.model.moe import ExpertsFn
+from klotski.model.spec import ModelSpec
+from klotski.model.weights import CheckpointWeights
+from klotski.triton_kernels.fused_moe import fused_moe_torch
+
+
+class ResidentModel:
+    """Loads a validated checkpoint onto ``device`` in ``dtype`` and runs forward passes over a KV cache."""
+
+    def __init__(
+        self,
+        weights: CheckpointWeights,
+        device: torch.device,
+        dtype: torch.dtype,
+        experts_fn: ExpertsFn = fused_moe_torch,
+    ):
+        self.spec: ModelSpec = weights.spec
+        self.device = device
+        self.dtype = dtype
+        self.experts_fn = experts_fn
+        to = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        g = weights.read_global()
+        self.embed = to(g["embed"])
+        self.norm = to(g["norm"])
+        self.lm_head = to(g["lm_head"]) if "lm_head" in g else self.embed
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(self.spec.num_layers):
+            w = {k: to(v) for k, v in weights.read_layer(i).items()}
+            if self.spec.is_moe(i):
+                w13, w2 = weights.read_experts(i)
+                w["w13"], w["w2"] = to(w13), to(w2)
+            self.layers.append(w)
+        self.rotary = make_rotary(self.spec, device)
+
+    def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor) -> KVCache:
+        return KVCache(self.spec.num_layers, batch_size, capacity, pad.to(self.device))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
+        """input_ids [B, S] (left-padded per ``cache.pad``) -> fp32 logits [B, S, V] or [B, V] (last column)."""
+        B, S = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        mask = cache.key_mask(S, self.device)
+        positions = cache.positions(S, self.device)
+        cols = torch.arange(cache.length, cache.length + S, device=self.device)
+        valid = cols[None, :] >= cache.pad[:, None]
+        x = F.embedding(input_ids, self.embed)
+        for i, w in enumerate(self.layers):
+            x = attention_step(self.spec, w, x, cache, i, self.rotary, mask, positions)
+            x = mlp_step(self.spec, w, x, i, valid, self.experts_fn)
+        cache.length += S
+        if not all_logits:
+            x = x[:, -1:]
+        logits = F.linear(rms_norm(x, self.norm, self.spec.rms_norm_eps), self.lm_head).float()
+        return logits if all_logits else logits[:, 0]

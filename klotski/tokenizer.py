@@ -1,0 +1,31 @@
+"""Text <-> token ids through the checkpoint's ``tokenizer.json`` (the ``tokenizers`` library)."""
+from __future__ import annotations
+
+import os
+
+
+class Tokenizer:
+    def __init__(self, model_dir: str):
+        path = os.path.join(model_dir, "tokenizer.json")
+        self.path = path
+        self._tok = None
+        if os.path.isfile(path):
+            from tokenizers import Tokenizer as HFTokenizer
+
+            self._tok = HFTokenizer.from_file(path)
+
+    @property
+    def available(self) -> bool:
+        return self._tok is not None
+
+    def encode(self, text: str) -> list[int]:
+        if self._tok is None:
+            raise FileNotFoundError(
+                f"text prompts need a tokenizer, but {self.path} does not exist; pass prompt_token_ids instead"
+            )
+        return self._tok.encode(text, add_special_tokens=True).ids
+
+    def decode(self, ids: list[int]) -> str:
+        if self._tok is None:
+            return ""
+        return self._tok.decode(ids, skip_special_tokens=True)

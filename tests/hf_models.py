@@ -1,0 +1,89 @@
+"""Tiny random-weight HF checkpoints for tests, built with transformers (the reference we must match).
+
+Weights are re-drawn at ~1/sqrt(fan_in) (transformers' std-0.02 init leaves tiny models dominated by the
+embedding path, so a broken MoE could still reproduce greedy tokens) and router logits are sharpened.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+TINY = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def tiny_config(arch: str, **overrides):
+    import transformers as tf
+
+    if arch == "mixtral":
+        cfg = tf.MixtralConfig(**TINY, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    elif arch == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**{**TINY, "num_hidden_layers": 3}, intermediate_size=80, moe_intermediate_size=40,
+                                shared_expert_intermediate_size=56, num_experts=6, num_experts_per_tok=2,
+                                norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1])
+    elif arch == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**TINY, head_dim=24, intermediate_size=80, moe_intermediate_size=40, num_experts=8,
+                                num_experts_per_tok=3, norm_topk_prob=True)
+    elif arch == "olmoe":
+        cfg = tf.OlmoeConfig(**TINY, intermediate_size=40, num_experts=8, num_experts_per_tok=2,
+                             norm_topk_prob=False, clip_qkv=None)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def sharpen_(model, router_scale: float = 4.0, seed: int = 0) -> None:
+    """Re-draw every weight at 1/sqrt(fan_in) (norm weights near 1) and scale router weights up."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                continue
+            fan_in = p.shape[-1]
+            std = 1.0 / math.sqrt(fan_in)
+            if "embed_tokens" in name:
+                std = 1.0
+            if name.endswith("gate.weight") and p.shape[0] > 1:  # router
+                std *= router_scale
+            p.copy_(std * torch.randn(p.shape, generator=g))
+
+
+def build(arch: str, path: str, dtype=torch.float32, fused: bool = False, shard_bytes: int | None = None,
+          seed: int = 0, **overrides):
+    """Build, sharpen and save a tiny model; returns the transformers model (fp32, eval)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    sharpen_(model, seed=seed)
+    save = model.to(dtype)
+    kwargs = {"save_original_format": not fused}
+    if shard_bytes:
+        kwargs["max_shard_size"] = shard_bytes
+    save.save_pretrained(path, **kwargs)
+    return model.float()
+
+
+def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logits(model, prompt: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0].float()
+
+
+def files(path: str) -> list[str]:
+    return sorted(os.listdir(path))
