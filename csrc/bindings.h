@@ -4,5 +4,10 @@
 #include <pybind11/pybind11.h>
 
 namespace klotski {
+void register_errors(pybind11::module_& m);
 void register_host_memory(pybind11::module_& m);
+void register_cuda_loader(pybind11::module_& m);
+void register_ring_buffer(pybind11::module_& m);
+void register_disk_reader(pybind11::module_& m);
+void register_h2d_copy(pybind11::module_& m);
 }  // namespace klotski

@@ -4,5 +4,10 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "Klotski native I/O: aligned/pinned host buffers, disk reads, host-to-device copies";
+  klotski::register_errors(m);
   klotski::register_host_memory(m);
+  klotski::register_cuda_loader(m);
+  klotski::register_ring_buffer(m);
+  klotski::register_disk_reader(m);
+  klotski::register_h2d_copy(m);
 }
