@@ -31,11 +31,34 @@ def tiny_config(arch: str, **overrides):
     elif arch == "olmoe":
         cfg = tf.OlmoeConfig(**TINY, intermediate_size=40, num_experts=8, num_experts_per_tok=2,
                              norm_topk_prob=False, clip_qkv=None)
+    elif arch in ("deepseek_v2", "deepseek_v3"):
+        cfg = deepseek_config(arch)
     else:
         raise ValueError(arch)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+def deepseek_config(arch: str):
+    """MLA with q_lora (override ``q_lora_rank=None`` for the plain q projection), YaRN rope, a dense first
+    layer, 2 shared experts, grouped routing (override ``n_group=1, topk_group=1`` to turn it off)."""
+    import transformers as tf
+
+    mla = dict(kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    moe = dict(n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, moe_intermediate_size=24,
+               intermediate_size=80, first_k_dense_replace=1, n_group=4, topk_group=2)
+    base = {**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4}
+    if arch == "deepseek_v2":  # softmax scores, group max; attention factor 1, softmax scale * mscale^2
+        yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+                "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}
+        return tf.DeepseekV2Config(**base, **mla, **moe, topk_method="group_limited_greedy",
+                                   routed_scaling_factor=1.5, norm_topk_prob=False, rope_parameters=yarn)
+    # V3: sigmoid scores + e_score_correction_bias, top-2-sum group scores; attention factor != 1
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
+    return tf.DeepseekV3Config(**base, **mla, **moe, routed_scaling_factor=2.5, norm_topk_prob=True,
+                               rope_interleave=True, rope_parameters=yarn)
 
 
 def sharpen_(model, router_scale: float = 4.0, seed: int = 0) -> None:
@@ -53,6 +76,9 @@ def sharpen_(model, router_scale: float = 4.0, seed: int = 0) -> None:
             if name.endswith("gate.weight") and p.shape[0] > 1:  # router
                 std *= router_scale
             p.copy_(std * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3: bias large enough to change choices
+                b.copy_(0.3 * torch.randn(b.shape, generator=g))
 
 
 def build(arch: str, path: str, dtype=torch.float32, fused: bool = False, shard_bytes: int | None = None,
@@ -64,12 +90,15 @@ def build(arch: str, path: str, dtype=torch.float32, fused: bool = False, shard_
     cfg = tiny_config(arch, **overrides)
     model = tf.AutoModelForCausalLM.from_config(cfg).eval()
     sharpen_(model, seed=seed)
-    save = model.to(dtype)
     kwargs = {"save_original_format": not fused}
     if shard_bytes:
         kwargs["max_shard_size"] = shard_bytes
-    save.save_pretrained(path, **kwargs)
-    return model.float()
+    model.to(dtype).save_pretrained(path, **kwargs)
+    if dtype == torch.float32:
+        return model
+    # The reference is what transformers loads from the saved checkpoint (casting the live model back
+    # would also round its fp32 buffers, e.g. rotary inv_freq).
+    return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def hf_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:

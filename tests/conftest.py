@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/hf_models.py
+
+
+class CheckpointFactory:
+    """Session cache of tiny transformers checkpoints: ``get(arch, dtype=..., fused=..., sharded=...)``."""
+
+    def __init__(self, root):
+        self.root = root
+        self.cache = {}
+
+    def get(self, arch, dtype="float32", fused=False, sharded=False, **overrides):
+        import torch
+
+        import hf_models
+
+        key = (arch, dtype, fused, sharded, tuple(sorted(overrides.items())))
+        if key not in self.cache:
+            path = os.path.join(self.root, "-".join(str(k) for k in key[:4]) + f"-{len(self.cache)}")
+            model = hf_models.build(arch, path, dtype=getattr(torch, dtype), fused=fused,
+                                    shard_bytes=60_000 if sharded else None, **overrides)
+            self.cache[key] = (path, model)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    return CheckpointFactory(str(tmp_path_factory.mktemp("ckpt")))
