@@ -1,7 +1,8 @@
 """Fused MoE expert computation over a slot-addressed weight pool.
 
-``fused_moe_torch`` is the readable reference and the CPU execution path. The Triton kernel ``fused_moe``
-(same signature) lives beside it.
+``fused_moe_torch`` is the readable reference and the CPU execution path. ``fused_moe`` (same signature) runs
+the Triton kernels of ``fused_moe_kernels`` on CUDA tensors or under ``TRITON_INTERPRET=1``, and falls back to
+``fused_moe_torch`` on plain CPU, so callers can use ``fused_moe`` everywhere.
 
 Shapes:
     hidden_states  [M, H]
@@ -11,17 +12,27 @@ Shapes:
     topk_ids       [M, k]       int (expert ids in [0, E))
     expert_slots   [E] int32    expert id -> slot in [0, S), or -1 (not resident: its pairs are skipped);
                                 None means identity (E == S)
-    out            [M, H]       when given, the result is *added* into it (and it is returned)
+    out            [M, H]       when given, the result is *added* into it (and it is returned); its dtype is
+                                hidden_states' dtype or fp32
 
 out[m] (+)= sum_j  topk_weights[m, j] * w2[s] @ (act(w13[s, :I] @ x_m) * (w13[s, I:] @ x_m)),
           s = expert_slots[topk_ids[m, j]], over the j whose slot is not -1.
+
+Because the result is added into ``out``, the runtime can call once for the resident (hot) experts and again
+for each cold expert as it lands (with the others' slots at -1): every (token, choice) is counted exactly once.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("silu", "gelu")
+from .config import device_name_of, packaged_configs, check_config
+from .moe_align import moe_align_block_size
+from .validation import ACTIVATIONS, MoEShape, check_moe_inputs
+
+__all__ = ["fused_moe", "fused_moe_torch", "invoke_fused_moe", "interpreter_enabled", "ACTIVATIONS"]
 
 
 def apply_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
@@ -54,15 +65,14 @@ def fused_moe_torch(
     Matmuls run in the weights' dtype (as transformers does); the combine across the k choices accumulates
     in fp32 and is cast once to the output dtype.
     """
-    M, H = hidden_states.shape
-    inter = w2.shape[-1]
+    shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
+    M, H, inter, k = shape.num_tokens, shape.hidden_size, shape.intermediate_size, shape.top_k
     slots = resolve_slots(topk_ids, expert_slots)  # [M, k]
     acc = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
     flat_slots = slots.reshape(-1)
     order = torch.argsort(flat_slots, stable=True)
     sorted_slots = flat_slots[order]
     present, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
-    k = topk_ids.shape[1]
     start = 0
     for slot, count in zip(present.tolist(), counts.tolist()):
         pairs = order[start : start + count]
@@ -70,13 +80,125 @@ def fused_moe_torch(
         if slot < 0:
             continue
         token_idx = pairs // k
-        x = hidden_states[token_idx].to(w13.dtype)
-        gate_up = x @ w13[slot].t()
+        x = hidden_states[token_idx]
+        gate_up = x @ w13[slot].t()  # [n, 2I]
         h = apply_activation(gate_up[:, :inter], activation) * gate_up[:, inter:]
-        y = h @ w2[slot].t()
+        y = h @ w2[slot].t()  # [n, H]
         y = y * topk_weights.reshape(-1)[pairs, None].to(y.dtype)
         acc.index_add_(0, token_idx, y.float())
     if out is None:
         return acc.to(hidden_states.dtype)
     out.add_(acc.to(out.dtype))
     return out
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET`` is set (read at call time, as Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_slots: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    activation: str = "silu",
+) -> torch.Tensor:
+    """Fused grouped-GEMM MoE (see the module docstring). Returns ``out`` ([M, H]).
+
+    Runs the Triton kernels on CUDA tensors or under ``TRITON_INTERPRET=1``; otherwise ``fused_moe_torch``.
+    """
+    if not (hidden_states.is_cuda or interpreter_enabled()):
+        return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
+    return invoke_fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
+
+
+def invoke_fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_slots: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    activation: str = "silu",
+    config: dict | None = None,
+) -> torch.Tensor:
+    """The Triton path of :func:`fused_moe`, with an optional explicit kernel ``config`` (for the tuner)."""
+    shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
+    interpret = interpreter_enabled()
+    if config is None:
+        device_name = device_name_of(hidden_states.device, interpret)
+        config = packaged_configs().lookup(
+            shape.num_tokens, shape.num_experts, shape.intermediate_size, shape.top_k, device_name
+        )
+    else:
+        config = check_config(config)
+    if out is None:
+        out_tensor = torch.empty_like(hidden_states)
+        accumulate = False
+    else:
+        out_tensor, accumulate = out, True
+    if shape.num_tokens == 0:
+        return out_tensor
+    _launch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out_tensor, accumulate,
+            activation, shape, config, interpret)
+    return out_tensor
+
+
+def _launch(
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, accumulate,
+    activation: str, shape: MoEShape, config: dict, interpret: bool,
+) -> None:
+    import triton
+
+    from .fused_moe_kernels import GELU_TANH, SILU, build_kernels
+
+    kernels = build_kernels(interpret)
+    block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
+    launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+    M, H, inter, k, P = shape.num_tokens, shape.hidden_size, shape.intermediate_size, shape.top_k, shape.num_pairs
+    sorted_ids, expert_ids, num_post_pad = moe_align_block_size(topk_ids, block_m, shape.num_experts, expert_slots)
+    # Row blocks to launch: the static bound (no host sync, CUDA-graph safe), or under the interpreter, where
+    # every launched program costs milliseconds even when it exits at once, the blocks actually used.
+    rows_padded = int(num_post_pad.item()) if interpret else sorted_ids.numel()
+    has_slots = expert_slots is not None
+    slots_arg = expert_slots if has_slots else expert_ids  # an unused pointer when HAS_SLOTS is False
+    dtype = hidden_states.dtype
+    upcast = interpret and dtype == torch.bfloat16  # the interpreter has no bf16 arithmetic
+    precision = "ieee" if dtype == torch.float32 else "tf32"  # fp32 stays exact; tf32 is unused for fp16/bf16
+    device = hidden_states.device
+
+    inter_cache = torch.empty(P, inter, dtype=dtype, device=device)  # act(gate) * up per pair
+    y = torch.empty(P, H, dtype=torch.float32, device=device)  # weighted expert output per pair
+    weights = topk_weights.reshape(-1)
+    num_row_blocks = triton.cdiv(rows_padded, block_m)
+
+    kernels.gemm1_act[(num_row_blocks * triton.cdiv(inter, block_n),)](
+        hidden_states, w13, inter_cache,
+        sorted_ids, expert_ids, slots_arg, num_post_pad,
+        P, rows_padded, inter, H,
+        hidden_states.stride(0), w13.stride(0), w13.stride(1), w13.stride(2), inter_cache.stride(0),
+        TOP_K=k, HAS_SLOTS=has_slots, ACTIVATION=SILU if activation == "silu" else GELU_TANH,
+        UPCAST=upcast, INPUT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"], **launch,
+    )
+    kernels.gemm2_weight[(num_row_blocks * triton.cdiv(H, block_n),)](
+        inter_cache, w2, y, weights,
+        sorted_ids, expert_ids, slots_arg, num_post_pad,
+        P, rows_padded, H, inter,
+        inter_cache.stride(0), w2.stride(0), w2.stride(1), w2.stride(2), y.stride(0),
+        HAS_SLOTS=has_slots, UPCAST=upcast, INPUT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"], **launch,
+    )
+    block_h = min(1024, triton.next_power_of_2(H))
+    block_t = max(1, min(triton.next_power_of_2(M), 4096 // block_h))
+    kernels.combine[(triton.cdiv(M, block_t), triton.cdiv(H, block_h))](
+        y, topk_ids, slots_arg, out,
+        M, H,
+        TOP_K=k, HAS_SLOTS=has_slots, ACCUMULATE=accumulate, BLOCK_T=block_t, BLOCK_H=block_h,
+        num_warps=4,
+    )
