@@ -1,0 +1,160 @@
+"""Disk reader: (path, offset, nbytes) reads on a native thread pool, into a ring slot or aligned host memory.
+
+    with DiskReader(mode="AUTO") as reader:                 # or KLOTSKI_IO_MODE=DIRECT|POSIX|AUTO
+        t = reader.read(path, offset, nbytes, into=slot)    # returns at once; the GIL is free meanwhile
+        t.wait(timeout=10)                                  # raises the read's error, naming path/offset/size
+        data = slot.numpy(t.view_offset, nbytes)
+
+Modes (kvikio's compat mode, decided once per file): DIRECT opens with O_DIRECT (page cache bypassed) and
+fails where that is refused; POSIX reads buffered; AUTO tries O_DIRECT per file and falls back to buffered
+reads for files (or unaligned destinations) that cannot take it. In every mode the requested bytes land at
+``into + view_offset`` with ``view_offset = offset % 4096``; a direct read fills the aligned superset, so
+its destination must be 4096-aligned and hold ``span_bytes(offset, nbytes)`` bytes (slots always are).
+
+Closing drains queued reads (``close()``) or cancels them (``close(cancel=True)``: their tickets raise
+ReaderClosedError); reads already running finish either way, so no destination is written after close.
+"""
+from __future__ import annotations
+
+import enum
+import os
+
+import numpy as np
+
+from klotski import _C
+from klotski.io.ring import Slot
+
+DIRECT_ALIGNMENT = _C.DIRECT_ALIGNMENT
+ENV_IO_MODE = "KLOTSKI_IO_MODE"
+
+
+class IOMode(str, enum.Enum):
+    AUTO = "AUTO"
+    DIRECT = "DIRECT"
+    POSIX = "POSIX"
+
+
+def resolve_io_mode(mode: str | IOMode | None = None) -> IOMode:
+    """The io mode to use: ``mode`` if given, else ``$KLOTSKI_IO_MODE``, else AUTO (case-insensitive)."""
+    source = "argument"
+    if mode is None:
+        mode, source = os.environ.get(ENV_IO_MODE, "AUTO"), ENV_IO_MODE
+    value = mode.value if isinstance(mode, IOMode) else str(mode).strip().upper()
+    try:
+        return IOMode(value)
+    except ValueError:
+        raise ValueError(f"io mode ({source}) must be AUTO, DIRECT or POSIX, got {mode!r}") from None
+
+
+def host_span(into) -> tuple[int, int]:
+    """(address, nbytes) of a writable, C-contiguous host buffer: a torch CPU tensor, a numpy array,
+    an ``_C.AlignedHostBuffer`` or anything with the writable buffer protocol."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(into, torch.Tensor):
+        if into.device.type != "cpu":
+            raise ValueError(f"read destination must be host memory, got a tensor on {into.device}")
+        if not into.is_contiguous():
+            raise ValueError("read destination tensor must be contiguous")
+        return into.data_ptr(), into.numel() * into.element_size()
+    arr = into if isinstance(into, np.ndarray) else np.frombuffer(into, dtype=np.uint8)
+    if not arr.flags.c_contiguous:
+        raise ValueError("read destination array must be C-contiguous")
+    if not arr.flags.writeable:
+        raise ValueError(f"read destination {type(into).__name__} is read-only")
+    return arr.ctypes.data, arr.nbytes
+
+
+class ReadTicket:
+    """One queued read. ``done()`` polls, ``wait(timeout)`` blocks and raises the read's error if any."""
+
+    def __init__(self, native: _C.ReadTicket, into):
+        self._native = native
+        self._into = into  # keeps the destination alive for as long as the ticket is referenced
+
+    def done(self) -> bool:
+        return self._native.done()
+
+    def wait(self, timeout: float | None = None) -> "ReadTicket":
+        """Block until the read finished (TimeoutError after ``timeout`` s); re-raise its error."""
+        self._native.wait(-1.0 if timeout is None else float(timeout))
+        return self
+
+    path = property(lambda self: self._native.path)
+    offset = property(lambda self: self._native.offset)
+    nbytes = property(lambda self: self._native.nbytes)
+    view_offset = property(lambda self: self._native.view_offset)
+    mode = property(lambda self: self._native.mode)  # "DIRECT" or "POSIX": how it was actually read
+    native = property(lambda self: self._native)
+
+    def __repr__(self) -> str:
+        return f"ReadTicket({self.path!r}, offset={self.offset}, nbytes={self.nbytes}, mode={self.mode})"
+
+
+class DiskReader:
+    """Reads on ``num_threads`` native threads; requests larger than ``chunk_bytes`` run as parallel pieces."""
+
+    def __init__(self, mode: str | IOMode | None = None, num_threads: int = 8, chunk_bytes: int = 4 << 20):
+        self.mode = resolve_io_mode(mode)
+        if int(num_threads) < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if int(chunk_bytes) <= 0 or int(chunk_bytes) % DIRECT_ALIGNMENT:
+            raise ValueError(f"chunk_bytes must be a positive multiple of {DIRECT_ALIGNMENT}, got {chunk_bytes}")
+        self._native = _C.DiskReader(self.mode.value, int(num_threads), int(chunk_bytes))
+        self._inflight: list[ReadTicket] = []  # destinations of unfinished reads stay alive here
+
+    def read(self, path: str | os.PathLike, offset: int, nbytes: int, into) -> ReadTicket:
+        """Queue a read of ``nbytes`` at ``offset`` of ``path`` into ``into`` (a :class:`Slot` or a writable
+        host buffer). A missing file raises here; read errors raise from :meth:`ReadTicket.wait`."""
+        path = os.fspath(path)
+        offset, nbytes = int(offset), int(nbytes)
+        if offset < 0 or nbytes < 0:
+            raise ValueError(f"read of {path!r}: offset and nbytes must be >= 0, got {offset}, {nbytes}")
+        if isinstance(into, Slot):
+            native = self._native.read_into_slot(path, offset, nbytes, into.native)
+        elif isinstance(into, _C.Slot):
+            native = self._native.read_into_slot(path, offset, nbytes, into)
+        else:
+            address, capacity = host_span(into)
+            native = self._native.read(path, offset, nbytes, address, capacity)
+        ticket = ReadTicket(native, into)
+        self._inflight = [t for t in self._inflight if not t.done()]
+        self._inflight.append(ticket)
+        return ticket
+
+    def read_bytes(self, path: str | os.PathLike, offset: int, nbytes: int, timeout: float | None = None) -> bytes:
+        """Convenience: read into a fresh aligned buffer, wait, return the bytes."""
+        buf = _C.AlignedHostBuffer(max(1, _C.span_bytes(int(offset), int(nbytes))), DIRECT_ALIGNMENT)
+        t = self.read(path, offset, nbytes, into=buf).wait(timeout)
+        return bytes(memoryview(buf)[t.view_offset : t.view_offset + int(nbytes)])
+
+    def file_mode(self, path: str | os.PathLike) -> str:
+        """How this reader reads ``path``: "DIRECT" or "POSIX" (opens it if needed)."""
+        return self._native.file_mode(os.fspath(path))
+
+    def forget(self, path: str | os.PathLike) -> None:
+        """Drop the cached descriptors of ``path`` (after the file was replaced)."""
+        self._native.forget(os.fspath(path))
+
+    def close(self, cancel: bool = False) -> None:
+        """Drain (or cancel) queued reads and stop the threads. Idempotent."""
+        self._native.close(cancel)
+        self._inflight.clear()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    num_threads = property(lambda self: self._native.num_threads)
+    chunk_bytes = property(lambda self: self._native.chunk_bytes)
+
+    def __enter__(self) -> "DiskReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=exc[0] is not None)
+
+    def __repr__(self) -> str:
+        return f"DiskReader(mode={self.mode.value}, num_threads={self.num_threads}, closed={self.closed})"
