@@ -1,0 +1,52 @@
+import json
+import os
+
+import pytest
+
+from klotski.cli import main
+from klotski.demo import build_demo_checkpoint
+from klotski.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return build_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "m"), size="tiny")
+
+
+def test_demo_runs_and_reports_throughput(demo_dir, capsys):
+    assert main(["demo", "--size", "tiny", "--model-dir", demo_dir, "--max-tokens", "5", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and out.count("tokens: [") == 2
+
+
+def test_demo_tokenizer_round_trips_bytes(demo_dir):
+    tok = Tokenizer(demo_dir)
+    ids = tok.encode("héllo, wörld")
+    assert ids[0] == 256 and all(0 <= i < 256 for i in ids[1:])
+    assert tok.decode(ids) == "héllo, wörld"
+
+
+def test_generate_cli(demo_dir, capsys):
+    rc = main(["generate", "--model", demo_dir, "--prompt", "abc", "--prompt", "de", "--max-tokens", "3",
+               "--device", "cpu", "--temperature", "0.8", "--seed", "3"])
+    assert rc == 0
+    assert capsys.readouterr().out.count("tokens: [") == 2
+
+
+def test_generate_cli_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_demo_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    import klotski.demo as demo
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "write_byte_tokenizer", boom)
+    with pytest.raises(KeyboardInterrupt):
+        build_demo_checkpoint(str(tmp_path / "m"), size="tiny")
+    assert os.listdir(tmp_path) == []  # nothing that looks like a checkpoint is left behind
+    cfg = demo.demo_config("tiny")
+    assert json.loads(json.dumps(cfg))["model_type"] == "mixtral"
