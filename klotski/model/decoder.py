@@ -2,7 +2,7 @@
 
 ``attention_step`` (norm + attention + residual) and ``mlp_step`` (norm + MoE or dense MLP + residual) are
 separate so a runtime can run the n attentions of a batch group, then the experts over all n batches.
-Attention kinds dispatch through :data:`ATTENTION`; DeepSeek's MLA registers "mla".
+Attention kinds dispatch through :data:`ATTENTION` ("gqa", "mla").
 """
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ import torch
 from klotski.model.attention import gqa_attention
 from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
+from klotski.model.mla import mla_attention
 from klotski.model.moe import ExpertsFn, dense_mlp, moe_block
 from klotski.model.rope import RotaryEmbedding
 from klotski.model.spec import ModelSpec
 from klotski.triton_kernels.fused_moe import fused_moe_torch
 
-ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"gqa": gqa_attention}
+ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"gqa": gqa_attention, "mla": mla_attention}
 
 
 def rope_dim(spec: ModelSpec) -> int:

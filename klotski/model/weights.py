@@ -38,6 +38,9 @@ class ExpertLayout:
 
 
 IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+# model_type -> function(spec) -> more patterns (objects with ``.match(name)``) of tensors a checkpoint may
+# carry that inference does not use (DeepSeek-V3's multi-token-prediction layers).
+EXTRA_IGNORED: dict[str, Callable[[ModelSpec], tuple]] = {}
 
 
 def detect_layout(index: SafetensorsIndex, spec: ModelSpec) -> ExpertLayout:
@@ -150,7 +153,8 @@ class CheckpointWeights:
         self.layout = detect_layout(index, spec)
         self.globals = global_sources(spec, index)
         self.layers = [layer_sources(spec, i, self.layout) for i in range(spec.num_layers)]
-        self._validate(IGNORED + extra_ignored)
+        by_model = EXTRA_IGNORED.get(spec.model_type)
+        self._validate(IGNORED + (by_model(spec) if by_model else ()) + tuple(extra_ignored))
 
     def _validate(self, ignored) -> None:
         expected: dict[str, tuple[int, ...]] = {}
