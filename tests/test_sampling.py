@@ -67,3 +67,16 @@ def test_bad_prompts(llm):
         llm.generate()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         llm.generate("hello")
+
+
+def test_eos_stops_unless_ignored(checkpoints):
+    path, _ = checkpoints.get("mixtral")
+    free = LLM(path, device="cpu").generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=10))
+    eos = free[0].token_ids[2]
+    eos_path, _ = checkpoints.get("mixtral", eos_token_id=eos)
+    llm = LLM(eos_path, device="cpu")
+    assert llm.spec.eos_token_ids == (eos,)
+    stopped = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=10))
+    assert stopped[0].token_ids == free[0].token_ids[: free[0].token_ids.index(eos) + 1]
+    ignored = llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert ignored[0].token_ids == free[0].token_ids
