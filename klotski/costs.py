@@ -1,0 +1,270 @@
+"""Cost model: bytes and FLOPs of every tensor class of a :class:`~klotski.model.ModelSpec`, and seconds per op.
+
+Two halves, one place for every parameter:
+
+* :class:`ModelCosts` (hardware-free): per layer, the bytes of attention, norms, gate, one routed expert,
+  shared experts (or the dense MLP of a dense layer) and the KV cache per token; FLOPs of attention
+  (prefill / decode, by KV length), gate, one expert and the shared MLP for a token count.
+* :func:`op_seconds` turns one schedule op into seconds on a :class:`~klotski.hardware.HardwareProfile`
+  (roofline per op: ``max(flops / rate, bytes / memory bandwidth) + launch overhead``; copies:
+  ``latency + bytes / link bandwidth``). :func:`calibrate` rescales the profile's rates from measured ops,
+  so fitting the model to a real run is one function.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterable
+
+from klotski.model import ModelSpec
+
+DTYPE_BYTES = {
+    "float32": 4.0, "float": 4.0, "bfloat16": 2.0, "float16": 2.0, "half": 2.0,
+    "float8": 1.0, "float8_e4m3": 1.0, "int8": 1.0, "int4": 0.5,
+}
+
+
+def dtype_bytes(dtype: str) -> float:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+
+
+def weight_dtype_of(config: dict) -> str:
+    """The storage dtype of a checkpoint's weights from its config.json (fp8 quantization_config wins)."""
+    q = config.get("quantization_config") or {}
+    if str(q.get("quant_method", "")).lower() == "fp8":
+        return "float8_e4m3"
+    return str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class LayerCosts:
+    """Bytes of one decoder layer's tensor classes and the parameter counts its FLOPs come from."""
+
+    index: int
+    kind: str  # "moe" | "dense"
+    attn_bytes: int  # q/k/v/o projections (MLA: q_a/q_b/kv_a/kv_b/o + latent norms), biases, q/k norms
+    norm_bytes: int  # input + post-attention RMSNorm
+    gate_bytes: int  # router (+ Qwen2-MoE shared-expert gate is counted in shared_bytes)
+    expert_bytes: int  # one routed expert (w13 + w2); 0 on dense layers
+    shared_bytes: int  # shared experts (+ their gate) on MoE layers, the dense MLP on dense layers
+    num_experts: int
+    top_k: int
+    kv_bytes_per_token: int  # what one token adds to this layer's KV cache
+    attn_params: int  # projection parameters (matmul FLOPs = 2 * tokens * attn_params)
+    expert_params: int
+    shared_params: int
+
+    @property
+    def weight_bytes(self) -> int:
+        """All weights of the layer."""
+        return self.attn_bytes + self.norm_bytes + self.gate_bytes + self.num_experts * self.expert_bytes + self.shared_bytes
+
+
+@dataclass(frozen=True)
+class ModelCosts:
+    """Hardware-free costs of a model: per-layer bytes and FLOP formulas."""
+
+    name: str
+    spec: ModelSpec
+    weight_dtype: str  # storage dtype of the weights (bytes moved)
+    act_dtype: str  # activations / KV cache / matmul rate lookup
+    layers: tuple[LayerCosts, ...]
+    embed_bytes: int
+    lm_head_bytes: int
+
+    # ---- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_spec(cls, spec: ModelSpec, weight_dtype: str | None = None, act_dtype: str | None = None,
+                  name: str = "") -> "ModelCosts":
+        weight_dtype = weight_dtype or spec.torch_dtype or "bfloat16"
+        if act_dtype is None:
+            act_dtype = weight_dtype if dtype_bytes(weight_dtype) >= 2 else "bfloat16"
+        wb, ab = dtype_bytes(weight_dtype), dtype_bytes(act_dtype)
+        h = spec.hidden_size
+        attn_params = _attn_params(spec)
+        norm_params = 2 * h
+        expert_params = 3 * h * spec.moe_intermediate_size
+        layers = []
+        for i, kind in enumerate(spec.layer_kinds):
+            if kind == "moe":
+                shared = 3 * h * spec.shared_expert_intermediate_size + (h if spec.shared_expert_gate else 0)
+                if spec.num_shared_experts and not spec.shared_expert_intermediate_size:
+                    shared = spec.num_shared_experts * expert_params
+                gate = h * spec.num_experts + (spec.num_experts if spec.router_bias else 0)
+                experts, ep = spec.num_experts, expert_params
+            else:
+                shared, gate, experts, ep = 3 * h * spec.intermediate_size, 0, 0, 0
+            layers.append(LayerCosts(
+                index=i, kind=kind,
+                attn_bytes=_nbytes(attn_params, wb), norm_bytes=_nbytes(norm_params, wb),
+                gate_bytes=_nbytes(gate, wb), expert_bytes=_nbytes(ep, wb), shared_bytes=_nbytes(shared, wb),
+                num_experts=experts, top_k=spec.top_k if kind == "moe" else 0,
+                kv_bytes_per_token=_nbytes(spec.kv_cache_elems_per_token(i), ab),
+                attn_params=attn_params, expert_params=ep, shared_params=shared,
+            ))
+        embed = _nbytes(spec.vocab_size * h, wb)
+        head = 0 if spec.tie_word_embeddings else embed
+        return cls(name=name or spec.model_type, spec=spec, weight_dtype=weight_dtype, act_dtype=act_dtype,
+                   layers=tuple(layers), embed_bytes=embed, lm_head_bytes=head + _nbytes(h, wb))
+
+    @classmethod
+    def from_config(cls, config: dict, name: str = "", weight_dtype: str | None = None) -> "ModelCosts":
+        spec = ModelSpec.from_config(config)
+        return cls.from_spec(spec, weight_dtype=weight_dtype or weight_dtype_of(config), name=name)
+
+    # ---- totals --------------------------------------------------------------------------------------
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def act_bytes(self) -> float:
+        return dtype_bytes(self.act_dtype)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.embed_bytes + self.lm_head_bytes + sum(layer.weight_bytes for layer in self.layers)
+
+    def hidden_bytes(self, tokens: int) -> int:
+        """Bytes of the hidden states of ``tokens`` tokens: [tokens, hidden_size] in the activation dtype."""
+        return _nbytes(tokens * self.spec.hidden_size, self.act_bytes)
+
+    def kv_bytes(self, tokens: int) -> int:
+        """Bytes of the KV cache of ``tokens`` tokens over all layers."""
+        return sum(layer.kv_bytes_per_token for layer in self.layers) * tokens
+
+    # ---- FLOPs ---------------------------------------------------------------------------------------
+    def attn_flops(self, layer: int, seqs: int, q_len: int, past_len: int) -> tuple[float, float, int]:
+        """Attention of ``seqs`` sequences, ``q_len`` new tokens each over ``past_len`` cached ones.
+
+        Returns ``(projection FLOPs, score FLOPs (QK^T + PV, causal), KV-cache bytes read)``.
+        MLA prefill uses the expanded form; MLA decode the absorbed form over the latent cache.
+        """
+        spec, lc = self.spec, self.layers[layer]
+        tokens = seqs * q_len
+        proj = 2.0 * tokens * lc.attn_params
+        kv_avg = past_len + (q_len + 1) / 2.0  # causal: token i attends to past + i + 1 keys
+        if spec.attention == "mla":
+            if q_len == 1:  # absorbed: q_nope @ W_uk over the latent, PV over the latent then W_uv
+                per_key = spec.num_heads * (2 * spec.kv_lora_rank + spec.qk_rope_head_dim)
+                proj += 2.0 * tokens * spec.num_heads * spec.qk_nope_head_dim * spec.kv_lora_rank
+                proj += 2.0 * tokens * spec.num_heads * spec.kv_lora_rank * spec.v_head_dim
+            else:
+                per_key = spec.num_heads * (spec.q_head_dim + spec.v_head_dim)
+        else:
+            per_key = spec.num_heads * 2 * spec.head_dim
+        score = 2.0 * tokens * kv_avg * per_key
+        kv_read = seqs * (past_len + q_len) * lc.kv_bytes_per_token
+        return proj, score, kv_read
+
+    def gate_flops(self, layer: int, tokens: int) -> float:
+        return 2.0 * tokens * self.spec.hidden_size * self.layers[layer].num_experts
+
+    def expert_flops(self, layer: int, tokens: int) -> float:
+        return 2.0 * tokens * self.layers[layer].expert_params
+
+    def shared_flops(self, layer: int, tokens: int) -> float:
+        return 2.0 * tokens * self.layers[layer].shared_params
+
+    def lm_head_flops(self, tokens: int) -> float:
+        return 2.0 * tokens * self.spec.hidden_size * self.spec.vocab_size
+
+
+def _nbytes(params: float, bytes_per: float) -> int:
+    return int(math.ceil(params * bytes_per))
+
+
+def _attn_params(spec: ModelSpec) -> int:
+    h = spec.hidden_size
+    if spec.attention == "mla":
+        heads, qhd = spec.num_heads, spec.q_head_dim
+        if spec.q_lora_rank:
+            q = h * spec.q_lora_rank + spec.q_lora_rank + spec.q_lora_rank * heads * qhd
+        else:
+            q = h * heads * qhd
+        kv = h * (spec.kv_lora_rank + spec.qk_rope_head_dim) + spec.kv_lora_rank
+        kv += spec.kv_lora_rank * heads * (spec.qk_nope_head_dim + spec.v_head_dim)
+        return q + kv + heads * spec.v_head_dim * h
+    q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    params = h * (q + 2 * kv) + q * h
+    if spec.attention_bias:
+        params += q + 2 * kv
+    if spec.qk_norm == "head":
+        params += 2 * spec.head_dim
+    elif spec.qk_norm == "full":
+        params += q + kv
+    return params
+
+
+# ---- seconds per op ----------------------------------------------------------------------------------
+
+def op_seconds(op, hw, dtype: str = "bfloat16") -> float:
+    """Seconds ``op`` (a :class:`~klotski.schedule.Op`) takes on ``hw`` (a HardwareProfile).
+
+    Compute ops: ``max(flops / matmul rate + score_flops / attention rate, bytes / memory bandwidth)`` plus
+    one launch overhead per kernel call on the op's device. Copies: latency + bytes / bandwidth of the op's
+    link (``h2d``, ``d2h``, ``disk``). ``release`` ops take no time.
+    """
+    if op.duration is not None:
+        return op.duration
+    if op.kind == "release":
+        return 0.0
+    if op.link is not None:
+        if op.bytes == 0:
+            return 0.0
+        bw = {"h2d": hw.h2d_bandwidth, "d2h": hw.d2h_bandwidth, "disk": hw.disk_bandwidth}[op.link]
+        return hw.transfer_latency_s + op.bytes / bw
+    on_cpu = op.device == "cpu"
+    rate = hw.matmul_rate(dtype, "cpu" if on_cpu else "gpu")
+    attn_rate = hw.cpu_attention_flops if on_cpu else hw.attention_flops
+    mem_bw = hw.cpu_mem_bandwidth if on_cpu else hw.device_mem_bandwidth
+    overhead = hw.cpu_op_overhead_s if on_cpu else hw.op_overhead_s
+    work = op.flops / rate + op.score_flops / attn_rate
+    return max(work, op.bytes / mem_bw) + overhead * max(1, op.calls)
+
+
+CALIBRATION_KEYS = ("matmul", "attention", "h2d", "d2h", "disk")
+
+
+def _category(op) -> str | None:
+    if op.link is not None:
+        return op.link
+    if op.kind == "attn":
+        return "attention"
+    if op.kind == "release":
+        return None
+    return "matmul"
+
+
+def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):
+    """A profile whose rates are rescaled so predicted op times match measured ones.
+
+    ``observations``: ``(op, measured_seconds)`` pairs from a real run. Per category (matmul, attention,
+    h2d, d2h, disk) the scale is ``sum(predicted) / sum(measured)``; rates are multiplied by it (GPU-side
+    rates for GPU ops, CPU-side for CPU ops). Categories without observations are left unchanged.
+    """
+    pred: dict[tuple[str, str], float] = {}
+    meas: dict[tuple[str, str], float] = {}
+    for op, seconds in observations:
+        cat = _category(op)
+        if cat is None or seconds <= 0:
+            continue
+        key = (cat, "cpu" if (op.link is None and op.device == "cpu") else "gpu")
+        pred[key] = pred.get(key, 0.0) + op_seconds(op, hw, dtype)
+        meas[key] = meas.get(key, 0.0) + seconds
+    changes: dict = {}
+    for (cat, dev), p in pred.items():
+        s = p / meas[(cat, dev)]
+        if cat == "matmul":
+            field = "cpu_matmul_flops" if dev == "cpu" else "matmul_flops"
+            changes[field] = {k: v * s for k, v in getattr(hw, field).items()}
+        elif cat == "attention":
+            field = "cpu_attention_flops" if dev == "cpu" else "attention_flops"
+            changes[field] = getattr(hw, field) * s
+        else:
+            field = {"h2d": "h2d_bandwidth", "d2h": "d2h_bandwidth", "disk": "disk_bandwidth"}[cat]
+            changes[field] = getattr(hw, field) * s
+    return replace(hw, source=f"{hw.source}+calibrated" if changes else hw.source, **changes)

@@ -1,0 +1,276 @@
+"""Hardware profile: the rates the cost model needs, measured on this machine or taken from a named preset.
+
+A :class:`HardwareProfile` holds host-to-device / device-to-host / disk-read bandwidth, matmul rate per dtype,
+attention rate, memory bandwidth and GPU / CPU memory, for the device and for the CPU (which may compute
+too). :func:`measure_profile` measures this machine (GPU when present, else CPU mode: the "device" is the
+CPU, "H2D" a memcpy); :func:`load_profile` / :meth:`HardwareProfile.save` cache it as JSON under
+``$XDG_CACHE_HOME/klotski/`` (or ``~/.cache/klotski/``). :data:`PRESETS` are published / typical figures for
+common machines, labelled ``source="preset"``: estimates, not measurements.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from klotski.units import format_bytes, parse_bytes
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """Rates in bytes/s and FLOP/s; memory sizes in bytes; overheads in seconds."""
+
+    name: str
+    source: str  # "preset" | "measured" (| "...+calibrated")
+    device: str  # "cuda" | "cpu" (CPU mode: the device is a bounded RAM pool)
+    device_name: str
+    gpu_memory: int
+    cpu_memory: int
+    h2d_bandwidth: float  # pinned host -> device
+    d2h_bandwidth: float
+    disk_bandwidth: float  # disk -> host memory
+    device_mem_bandwidth: float
+    matmul_flops: dict = field(default_factory=dict)  # dtype -> FLOP/s on the device
+    attention_flops: float = 0.0  # FLOP/s of attention scores / PV on the device
+    cpu_matmul_flops: dict = field(default_factory=dict)
+    cpu_attention_flops: float = 0.0
+    cpu_mem_bandwidth: float = 50e9
+    op_overhead_s: float = 10e-6  # per kernel launch on the device
+    cpu_op_overhead_s: float = 20e-6
+    transfer_latency_s: float = 10e-6
+    notes: str = ""
+
+    def matmul_rate(self, dtype: str, device: str = "gpu") -> float:
+        """FLOP/s of a matmul in ``dtype`` on ``device`` ("gpu" = the profile's device, "cpu")."""
+        table = self.cpu_matmul_flops if device == "cpu" else self.matmul_flops
+        if not table:
+            raise ValueError(f"hardware profile {self.name!r} has no matmul rates for {device}")
+        for key in (dtype, "float8_e4m3" if dtype.startswith("float8") else dtype, "bfloat16", "float16"):
+            if key in table:
+                return table[key]
+        return min(table.values())
+
+    def with_memory(self, gpu_memory=None, cpu_memory=None) -> "HardwareProfile":
+        """A copy with other memory limits (ints or strings like "24GiB")."""
+        return replace(
+            self,
+            gpu_memory=self.gpu_memory if gpu_memory is None else parse_bytes(gpu_memory),
+            cpu_memory=self.cpu_memory if cpu_memory is None else parse_bytes(cpu_memory),
+        )
+
+    def summary(self) -> str:
+        mm = ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in self.matmul_flops.items())
+        return (f"{self.name} [{self.source}] {self.device_name}: GPU {format_bytes(self.gpu_memory)}, "
+                f"CPU {format_bytes(self.cpu_memory)}, H2D {self.h2d_bandwidth / 1e9:.1f} GB/s, "
+                f"disk {self.disk_bandwidth / 1e9:.1f} GB/s, matmul {mm}")
+
+    # ---- JSON ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HardwareProfile":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"hardware profile: unknown fields {sorted(unknown)}")
+        d = dict(d)
+        for key in ("gpu_memory", "cpu_memory"):
+            if key in d:
+                d[key] = parse_bytes(d[key])
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        path = Path(path) if path is not None else default_profile_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _preset(name, device_name, gpu_gib, h2d, mem_bw, matmul, attn, notes, disk=3.0e9, cpu_gib=256):
+    return HardwareProfile(
+        name=name, source="preset", device="cuda", device_name=device_name,
+        gpu_memory=gpu_gib * GiB, cpu_memory=cpu_gib * GiB, h2d_bandwidth=h2d, d2h_bandwidth=h2d,
+        disk_bandwidth=disk, device_mem_bandwidth=mem_bw, matmul_flops=matmul, attention_flops=attn,
+        cpu_matmul_flops={"float32": 1.0e12, "bfloat16": 0.8e12}, cpu_attention_flops=0.5e12,
+        cpu_mem_bandwidth=80e9, notes=notes,
+    )
+
+
+# Achievable (not peak) figures: ~70% of the datasheet dense tensor rate, ~85% of the link rate.
+PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
+    _preset("rtx3090-pcie4", "NVIDIA GeForce RTX 3090 24GB, PCIe 4.0 x16", 24, 24e9, 800e9,
+            {"bfloat16": 50e12, "float16": 50e12, "float32": 25e12, "float8_e4m3": 50e12}, 30e12,
+            "paper machine 1 (Klotski, ASPLOS'25); 71 TFLOP/s dense fp16 tensor peak, 936 GB/s"),
+    _preset("h800-pcie5", "NVIDIA H800 PCIe 80GB, PCIe 5.0 x16", 80, 48e9, 1700e9,
+            {"bfloat16": 500e12, "float16": 500e12, "float32": 40e12, "float8_e4m3": 900e12}, 250e12,
+            "paper machine 2 (Klotski, ASPLOS'25); ~756 TFLOP/s dense bf16 peak, 2.0 TB/s", disk=6.0e9, cpu_gib=512),
+    _preset("t4", "NVIDIA T4 16GB, PCIe 3.0 x16", 16, 11e9, 270e9,
+            {"float16": 40e12, "bfloat16": 6e12, "float32": 6e12, "float8_e4m3": 40e12}, 20e12,
+            "no bf16 tensor cores (bf16 runs at fp32 rate); 65 TFLOP/s fp16 peak, 320 GB/s", cpu_gib=64),
+    _preset("l4", "NVIDIA L4 24GB, PCIe 4.0 x16", 24, 24e9, 250e9,
+            {"bfloat16": 85e12, "float16": 85e12, "float32": 25e12, "float8_e4m3": 170e12}, 40e12,
+            "121 TFLOP/s dense bf16 peak, 300 GB/s", cpu_gib=128),
+    _preset("a100-80gb", "NVIDIA A100 80GB SXM, PCIe 4.0 x16", 80, 24e9, 1700e9,
+            {"bfloat16": 220e12, "float16": 220e12, "float32": 19e12, "float8_e4m3": 220e12}, 120e12,
+            "312 TFLOP/s dense bf16 peak, 2.0 TB/s", disk=5.0e9, cpu_gib=512),
+    _preset("h100-80gb", "NVIDIA H100 80GB SXM, PCIe 5.0 x16", 80, 48e9, 2800e9,
+            {"bfloat16": 650e12, "float16": 650e12, "float32": 60e12, "float8_e4m3": 1200e12}, 300e12,
+            "989 TFLOP/s dense bf16 peak, 3.35 TB/s", disk=6.0e9, cpu_gib=512),
+]}
+PRESET_ALIASES = {"rtx3090": "rtx3090-pcie4", "3090": "rtx3090-pcie4", "h800": "h800-pcie5",
+                  "a100": "a100-80gb", "h100": "h100-80gb"}
+
+
+def preset(name: str) -> HardwareProfile:
+    key = PRESET_ALIASES.get(name.lower(), name.lower())
+    if key not in PRESETS:
+        raise KeyError(f"unknown hardware preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+def default_profile_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "klotski" / "hardware.json"
+
+
+def load_profile(path: str | os.PathLike | None = None) -> HardwareProfile:
+    path = Path(path) if path is not None else default_profile_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"no hardware profile at {path} (run `klotski profile` to measure one)")
+    try:
+        return HardwareProfile.from_dict(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def get_hardware(name_or_path: str | os.PathLike) -> HardwareProfile:
+    """A preset by name, or a profile JSON by path."""
+    s = os.fspath(name_or_path)
+    if s.endswith(".json") or os.path.sep in s or os.path.isfile(s):
+        return load_profile(s)
+    return preset(s)
+
+
+# ---- measurement ---------------------------------------------------------------------------------------
+
+def _best_time(fn, sync, reps: int, budget_s: float) -> float:
+    fn()
+    sync()
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
+    return best
+
+
+def _measure_matmul(torch, device, dtype, n, sync, budget_s) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = _best_time(lambda: torch.mm(a, b), sync, 5, budget_s)
+    return 2.0 * n**3 / t
+
+
+def _measure_attention(torch, device, dtype, sync, budget_s, big: bool) -> float:
+    bs, heads, q, d = (8, 16, 512, 128) if big else (2, 8, 256, 64)
+    x = torch.randn(bs, heads, q, d, device=device, dtype=dtype)
+    f = torch.nn.functional.scaled_dot_product_attention
+    t = _best_time(lambda: f(x, x, x, is_causal=True), sync, 5, budget_s)
+    return 2.0 * bs * heads * q * (q + 1) / 2 * 2 * d / t
+
+
+def _measure_disk(directory: str | None, nbytes: int) -> float:
+    """Cold-cache sequential read rate of a temporary file (page cache dropped with fadvise)."""
+    with tempfile.NamedTemporaryFile(dir=directory, prefix="klotski-disk-", delete=False) as f:
+        path = f.name
+        block = os.urandom(1 << 20)
+        for _ in range(nbytes >> 20):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            buf = bytearray(8 << 20)
+            view = memoryview(buf)
+            t0, total = time.perf_counter(), 0
+            while True:
+                n = os.readv(fd, [view])
+                if n <= 0:
+                    break
+                total += n
+            return total / max(time.perf_counter() - t0, 1e-9)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(path)
+
+
+def measure_profile(device: str | None = None, disk_dir: str | None = None, quick: bool = True,
+                    name: str | None = None) -> HardwareProfile:
+    """Measure this machine. ``device``: "cuda" or "cpu" (default: cuda when available).
+
+    CPU mode finishes in a few seconds: device compute = CPU matmul, H2D/D2H = memcpy rate of large
+    tensors, device memory = the RAM pool (half of the available memory). Disk: a cold read of a temp file
+    in ``disk_dir`` (default: the temp dir).
+    """
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("measure_profile(device='cuda'): no CUDA device is available")
+    budget = 1.0 if quick else 4.0
+    cpu_sync = lambda: None  # noqa: E731
+    cpu_mm = {
+        "float32": _measure_matmul(torch, "cpu", torch.float32, 512 if quick else 1024, cpu_sync, budget),
+        "bfloat16": _measure_matmul(torch, "cpu", torch.bfloat16, 512 if quick else 1024, cpu_sync, budget),
+    }
+    cpu_attn = _measure_attention(torch, "cpu", torch.float32, cpu_sync, budget, big=False)
+    nbytes = (64 if quick else 256) << 20
+    src = torch.empty(nbytes, dtype=torch.uint8)
+    dst = torch.empty(nbytes, dtype=torch.uint8)
+    cpu_bw = 2.0 * nbytes / _best_time(lambda: dst.copy_(src), cpu_sync, 5, budget)  # read + write
+    disk = _measure_disk(disk_dir, (64 if quick else 512) << 20)
+    cpu_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cpu_avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if device == "cpu":
+        copy_bw = nbytes / _best_time(lambda: dst.copy_(src), cpu_sync, 5, budget)
+        return HardwareProfile(
+            name=name or "this-machine-cpu", source="measured", device="cpu",
+            device_name=f"CPU ({os.cpu_count()} cores, torch {torch.__version__})",
+            gpu_memory=cpu_avail // 2, cpu_memory=cpu_total, h2d_bandwidth=copy_bw, d2h_bandwidth=copy_bw,
+            disk_bandwidth=disk, device_mem_bandwidth=cpu_bw, matmul_flops=dict(cpu_mm),
+            attention_flops=cpu_attn, cpu_matmul_flops=dict(cpu_mm), cpu_attention_flops=cpu_attn,
+            cpu_mem_bandwidth=cpu_bw, op_overhead_s=20e-6, cpu_op_overhead_s=20e-6, transfer_latency_s=5e-6,
+            notes="CPU mode: device = bounded RAM pool (half the available memory), H2D = memcpy",
+        )
+    sync = torch.cuda.synchronize
+    n = 2048 if quick else 8192
+    gpu_mm = {name_: _measure_matmul(torch, "cuda", dt, n, sync, budget) for name_, dt in
+              (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16))}
+    gpu_attn = _measure_attention(torch, "cuda", torch.bfloat16, sync, budget, big=True)
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    h2d = nbytes / _best_time(lambda: dev.copy_(host, non_blocking=True), sync, 5, budget)
+    d2h = nbytes / _best_time(lambda: host.copy_(dev, non_blocking=True), sync, 5, budget)
+    dev2 = torch.empty_like(dev)
+    dev_bw = 2.0 * nbytes / _best_time(lambda: dev2.copy_(dev), sync, 5, budget)
+    free, total = torch.cuda.mem_get_info()
+    return HardwareProfile(
+        name=name or "this-machine", source="measured", device="cuda",
+        device_name=torch.cuda.get_device_name(), gpu_memory=int(total), cpu_memory=cpu_total,
+        h2d_bandwidth=h2d, d2h_bandwidth=d2h, disk_bandwidth=disk, device_mem_bandwidth=dev_bw,
+        matmul_flops=gpu_mm, attention_flops=gpu_attn, cpu_matmul_flops=cpu_mm, cpu_attention_flops=cpu_attn,
+        cpu_mem_bandwidth=cpu_bw, notes=f"measured with torch {torch.__version__}; free GPU memory {free} B",
+    )
