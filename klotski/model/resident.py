@@ -10,7 +10,12 @@ from klotski.model.layers import rms_norm
 from klotski.model.moe import ExpertsFn
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights
-from klotski.triton_kernels.fused_moe import fused_moe_torch
+from klotski.triton_kernels.fused_moe import fused_moe, fused_moe_torch
+
+
+def default_experts_fn(device: torch.device) -> ExpertsFn:
+    """The Triton kernels on CUDA; the torch reference on CPU (the Triton interpreter is for tests only)."""
+    return fused_moe if device.type == "cuda" else fused_moe_torch
 
 
 class ResidentModel:
@@ -21,12 +26,12 @@ class ResidentModel:
         weights: CheckpointWeights,
         device: torch.device,
         dtype: torch.dtype,
-        experts_fn: ExpertsFn = fused_moe_torch,
+        experts_fn: ExpertsFn | None = None,
     ):
         self.spec: ModelSpec = weights.spec
         self.device = device
         self.dtype = dtype
-        self.experts_fn = experts_fn
+        self.experts_fn = experts_fn or default_experts_fn(device)
         to = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
         g = weights.read_global()
         self.embed = to(g["embed"])
