@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import device_name_of, packaged_configs, check_config
-from .moe_align import moe_align_block_size
+from .moe_align import align_unchecked
 from .validation import ACTIVATIONS, MoEShape, check_moe_inputs
 
 __all__ = ["fused_moe", "fused_moe_torch", "invoke_fused_moe", "interpreter_enabled", "ACTIVATIONS"]
@@ -161,7 +161,7 @@ def _launch(
     block_m, block_n, block_k = config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"]
     launch = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
     M, H, inter, k, P = shape.num_tokens, shape.hidden_size, shape.intermediate_size, shape.top_k, shape.num_pairs
-    sorted_ids, expert_ids, num_post_pad = moe_align_block_size(topk_ids, block_m, shape.num_experts, expert_slots)
+    sorted_ids, expert_ids, num_post_pad = align_unchecked(topk_ids, block_m, shape.num_experts, expert_slots)
     # Row blocks to launch: the static bound (no host sync, CUDA-graph safe), or under the interpreter, where
     # every launched program costs milliseconds even when it exits at once, the blocks actually used.
     rows_padded = int(num_post_pad.item()) if interpret else sorted_ids.numel()

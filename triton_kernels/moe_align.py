@@ -63,6 +63,13 @@ def moe_align_block_size(
     """
     _check_block_size(block_size)
     check_routing(topk_ids, num_experts, expert_slots)
+    return align_unchecked(topk_ids, block_size, num_experts, expert_slots)
+
+
+def align_unchecked(
+    topk_ids: torch.Tensor, block_size: int, num_experts: int, expert_slots: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`moe_align_block_size` for inputs the caller has already validated (no host sync at all)."""
     device = topk_ids.device
     flat = topk_ids.reshape(-1).long()  # [P]
     num_pairs = flat.numel()

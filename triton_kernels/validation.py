@@ -76,13 +76,15 @@ def check_routing(
         bounds += [expert_slots.min().to(topk_ids.dtype), expert_slots.max().to(topk_ids.dtype)]
     lo, hi, *slot_bounds = torch.stack(bounds).tolist()  # one host sync
     if lo < 0 or hi >= num_experts:
-        raise ValueError(f"topk_ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+        source = " (num_experts = len(expert_slots))" if expert_slots is not None else ""
+        raise ValueError(f"topk_ids must lie in [0, {num_experts}){source}, got values in [{lo}, {hi}]")
     if slot_bounds:
         slot_lo, slot_hi = slot_bounds
-        upper = num_slots if num_slots is not None else num_experts
+        upper = num_slots if num_slots is not None else float("inf")  # the pool size, when known
         if slot_lo < -1 or slot_hi >= upper:
+            pool = f"{num_slots} slots" if num_slots is not None else "any slot"
             raise ValueError(
-                f"expert_slots must lie in [-1, {upper}) (-1: not resident; {upper} slots), "
+                f"expert_slots must lie in [-1, {upper}) (-1: not resident; {pool}), "
                 f"got values in [{slot_lo}, {slot_hi}]"
             )
 
