@@ -105,8 +105,9 @@ def _preset(name, device_name, gpu_gib, h2d, mem_bw, matmul, attn, notes, disk=3
 # Achievable (not peak) figures: ~70% of the datasheet dense tensor rate, ~85% of the link rate.
 PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     _preset("rtx3090-pcie4", "NVIDIA GeForce RTX 3090 24GB, PCIe 4.0 x16", 24, 24e9, 800e9,
-            {"bfloat16": 50e12, "float16": 50e12, "float32": 25e12, "float8_e4m3": 50e12}, 30e12,
-            "paper machine 1 (Klotski, ASPLOS'25); 71 TFLOP/s dense fp16 tensor peak, 936 GB/s"),
+            {"bfloat16": 28e12, "float16": 28e12, "float32": 25e12, "float8_e4m3": 28e12}, 20e12,
+            "paper machine 1 (Klotski, ASPLOS'25); GeForce GA102: 35.6 TFLOP/s dense bf16/fp16 with fp32 "
+            "accumulate (71 with fp16 accumulate), 936 GB/s"),
     _preset("h800-pcie5", "NVIDIA H800 PCIe 80GB, PCIe 5.0 x16", 80, 48e9, 1700e9,
             {"bfloat16": 500e12, "float16": 500e12, "float32": 40e12, "float8_e4m3": 900e12}, 250e12,
             "paper machine 2 (Klotski, ASPLOS'25); ~756 TFLOP/s dense bf16 peak, 2.0 TB/s", disk=6.0e9, cpu_gib=512),

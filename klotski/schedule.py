@@ -304,9 +304,12 @@ def _gate(b: _Builder, ctx: _Context, layer: int, batch: int, weights_id: int | 
                  flops=ctx.costs.gate_flops(layer, tokens), bytes=lc.gate_bytes).id
 
 
+FFN_CHUNK_TOKENS = 16384  # an expert / MLP call over more tokens runs in chunks of this many
+
+
 def _ffn_workspace(ctx: _Context, layer: int, tokens: int, width: int) -> dict:
-    """Intermediate [tokens, 2 * width] of an expert / MLP call."""
-    return {"gpu": int(tokens * 2 * width * ctx.costs.act_bytes)}
+    """Intermediate [min(tokens, FFN_CHUNK_TOKENS), 2 * width] of an expert / MLP call."""
+    return {"gpu": int(min(tokens, FFN_CHUNK_TOKENS) * 2 * width * ctx.costs.act_bytes)}
 
 
 def _shared(b: _Builder, ctx: _Context, layer: int, tokens: int, batch: int | None, weights_id) -> int | None:

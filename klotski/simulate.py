@@ -75,12 +75,14 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     heap: list[tuple[float, int, float, int]] = []  # (time, priority, ready time, op id)
     prio = [LINK_PRIORITY.get(op.stream, 4) for op in ops]
     uses_link = [op.link is not None and d > 0 for op, d in zip(ops, dur)]
+    queued = [False] * n
 
     def consider(stream: str) -> None:
         i = head[stream]
         q = queues[stream]
-        if i < len(q) and pending[q[i]] == 0:
+        if i < len(q) and pending[q[i]] == 0 and not queued[q[i]]:
             oid = q[i]
+            queued[oid] = True
             t = max(stream_free[stream], ready_at[oid])
             heapq.heappush(heap, (t, prio[oid], t, oid))
 
@@ -143,7 +145,7 @@ def _peak_memory(schedule: Schedule, start: list, finish: list) -> dict:
 
 
 def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_hot=None, overlap=True,
-                        window: int = 4, dtype: str | None = None) -> SimResult:
+                        window: int | None = None, dtype: str | None = None) -> SimResult:
     """Simulate one step of the whole model; a window of layers plus exact extrapolation when periodic.
 
     Layers after the last change of layer kind are identical; the window covers the first layers up to that
@@ -155,7 +157,8 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
     kinds = [lc.kind for lc in costs.layers]
     first_uniform = max((i for i in range(1, L) if kinds[i] != kinds[i - 1]), default=0)
     dtype = dtype or costs.act_dtype
-    w = max(6, window)
+    # a period of one layer needs 4 layers in the window, of two layers (flexgen's buffers) 6
+    w = window or (6 if policy == "flexgen" else 4)
     while True:
         span = min(L, first_uniform + w)
         if (L - span) % 2:
@@ -168,6 +171,8 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         # the window's last layer has no successor (like the model's last); steady state is checked before it
         c = [res.finish[i] for i in sched.layer_last_compute]
         for period in (1, 2):  # flexgen's two weight buffers alternate: a period of two layers
+            if len(c) < 2 * period + 2:
+                continue
             a, b, d = c[-2 - 2 * period], c[-2 - period], c[-2]
             if abs((d - b) - (b - a)) <= 1e-9 * max(1.0, abs(d - b)) + 1e-12:
                 return _extrapolate(sched, res, hw, dtype, L - span, (d - b) / period)

@@ -1,0 +1,271 @@
+"""Constraint-sensitive planner: batch size, n and placement that maximise generated tokens per second.
+
+For a policy, the planner searches (batch size, n, KV placement, klotski's prefetch width / flexgen's
+overlap) on a coarse grid and then hill-climbs to neighbouring points. For each point the weight placement
+is filled greedily: everything starts off the GPU, one simulation measures the step's dynamic GPU memory,
+then gates, attention, shared experts and finally the most popular experts of every layer become resident
+while they fit; what does not fit in pinned CPU memory goes to disk (streamed through a rolling window).
+Each candidate is scored by simulating one prefill step and one decode step at the mean KV length:
+
+    tokens/s = batch_size * n * gen_len / (T_prefill + (gen_len - 1) * T_decode)
+
+and is kept only if the simulated peak memory of every tier stays within its limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from klotski.costs import ModelCosts
+from klotski.routing_stats import RoutingStats
+from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
+from klotski.simulate import SimResult, simulate_model_step
+from klotski.units import format_bytes
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GROUP_SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+class InfeasibleError(ValueError):
+    """No plan fits the memory limits; ``min_gpu_memory`` / ``min_cpu_memory`` say what would."""
+
+    def __init__(self, message: str, min_gpu_memory: int = 0, min_cpu_memory: int = 0):
+        super().__init__(message)
+        self.min_gpu_memory, self.min_cpu_memory = min_gpu_memory, min_cpu_memory
+
+
+@dataclass
+class Plan:
+    policy: str
+    placement: Placement
+    batch_size: int
+    n: int
+    prompt_len: int
+    gen_len: int
+    tokens_per_s: float
+    prefill_s: float
+    decode_step_s: float
+    bubble_fraction: float  # idle share of the compute stream over the whole run
+    peak_mem: dict  # tier -> bytes
+    bytes_per_step: dict  # link -> bytes moved in one decode step
+    num_hot: int | None = None
+    overlap: bool = True
+    hardware: str = ""
+    model: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def total_s(self) -> float:
+        return self.prefill_s + (self.gen_len - 1) * self.decode_step_s
+
+    def describe(self, num_experts: int) -> str:
+        lines = [
+            f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot experts)" if self.num_hot else ""),
+            f"batch       {self.batch_size} sequences x n={self.n} batches per group "
+            f"= {self.batch_size * self.n} sequences",
+            f"placement   {self.placement.describe(num_experts)}",
+            f"predicted   {self.tokens_per_s:.2f} tokens/s (prefill {self.prefill_s:.2f} s, decode step "
+            f"{self.decode_step_s * 1e3:.1f} ms, total {self.total_s:.1f} s), compute bubble "
+            f"{self.bubble_fraction:.1%}",
+            "peak memory " + ", ".join(f"{t} {format_bytes(self.peak_mem.get(t, 0))}" for t in TIERS),
+            "per decode step " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_per_step.items()))
+            if self.bytes_per_step else "per decode step: no transfers",
+        ]
+        return "\n".join(lines)
+
+
+class Planner:
+    """Plans one model on one machine for a prompt / generation length."""
+
+    def __init__(self, costs: ModelCosts, hw, prompt_len: int, gen_len: int, routing: RoutingStats | None = None):
+        if prompt_len < 1 or gen_len < 1:
+            raise ValueError(f"prompt_len and gen_len must be >= 1, got {prompt_len}, {gen_len}")
+        self.costs, self.hw = costs, hw
+        self.prompt_len, self.gen_len = prompt_len, gen_len
+        spec = costs.spec
+        self.routing = routing or RoutingStats.uniform(max(spec.num_experts, 1), max(spec.top_k, 1))
+        self._cache: dict = {}
+
+    # ---- one candidate ----------------------------------------------------------------------------------
+    def shapes(self, b: int, n: int) -> tuple[StepShape, StepShape]:
+        ctx = self.prompt_len + self.gen_len
+        return (StepShape("prefill", b, n, self.prompt_len, 0, ctx),
+                StepShape("decode", b, n, 1, self.prompt_len + self.gen_len // 2, ctx))
+
+    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True) -> tuple[SimResult, SimResult]:
+        key = (policy, placement, b, n, num_hot, overlap)
+        if key not in self._cache:
+            pre, dec = self.shapes(b, n)
+            self._cache[key] = tuple(
+                simulate_model_step(policy, self.costs, placement, s, self.hw, self.routing, num_hot=num_hot,
+                                    overlap=overlap) for s in (pre, dec))
+        return self._cache[key]
+
+    def score(self, policy, placement, b, n, num_hot=None, overlap=True) -> Plan:
+        pre, dec = self.simulate(policy, placement, b, n, num_hot, overlap)
+        n_eff = 1 if policy in ("layerwise", "resident") else n
+        steps = self.gen_len - 1
+        total = pre.makespan + steps * dec.makespan
+        busy = pre.busy.get("compute", 0.0) + steps * dec.busy.get("compute", 0.0)
+        peak = {t: max(pre.peak_mem.get(t, 0), dec.peak_mem.get(t, 0)) for t in TIERS}
+        return Plan(policy=policy, placement=placement, batch_size=b, n=n_eff, prompt_len=self.prompt_len,
+                    gen_len=self.gen_len, tokens_per_s=b * n_eff * self.gen_len / total, prefill_s=pre.makespan,
+                    decode_step_s=dec.makespan, bubble_fraction=max(0.0, 1 - busy / total), peak_mem=peak,
+                    bytes_per_step=dict(dec.bytes_moved), num_hot=num_hot if policy == "klotski" else None,
+                    overlap=overlap, hardware=self.hw.name, model=self.costs.name)
+
+    def fits(self, plan: Plan) -> bool:
+        return plan.peak_mem["gpu"] <= self.hw.gpu_memory and plan.peak_mem["cpu"] <= self.hw.cpu_memory
+
+    # ---- placement ----------------------------------------------------------------------------------------
+    def place(self, policy, b, n, kv, num_hot=None, overlap=True) -> Placement | None:
+        """Greedy weight placement for one candidate, or None when even the leanest does not fit."""
+        costs, hw = self.costs, self.hw
+        spec = costs.spec
+        E = spec.num_experts
+        moe = [lc for lc in costs.layers if lc.kind == "moe"]
+        eb = max((lc.expert_bytes for lc in moe), default=0)
+        if policy == "resident":
+            p = Placement(kv="gpu", experts_gpu=E)
+            return p if self.fits(self.score(policy, p, b, 1)) else None
+        pre, _ = self.shapes(b, n)
+        # CPU first: what is off the GPU must fit pinned CPU memory, else experts go to disk
+        lean = self._cpu_fit(Placement(attn="cpu", gate="cpu", shared="cpu", experts_gpu=0, kv=kv), pre)
+        if lean is None:
+            return None
+        pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap)
+        static = static_memory(costs, lean, pre, policy)["gpu"]
+        dyn = max(pre_sim.peak_mem["gpu"], dec_sim.peak_mem["gpu"]) - static
+        free = hw.gpu_memory - static - dyn
+        if free < 0:
+            return None
+        p = lean
+        for cls in ("gate", "attn", "shared"):  # small, used by every batch: resident first
+            need = sum(getattr(lc, f"{cls}_bytes") for lc in costs.layers)
+            if need <= free and getattr(p, cls) != "gpu":
+                p, free = replace(p, **{cls: "gpu"}), free - need
+        if moe and eb:
+            g = min(E, int(free // (len(moe) * eb)))
+            p = replace(p, experts_gpu=g, experts_cpu=None if p.experts_cpu is None else min(p.experts_cpu, E - g))
+        return p
+
+    def _cpu_fit(self, p: Placement, shape: StepShape) -> Placement | None:
+        """Move experts (then shared, attention, gates) to disk until the CPU side fits."""
+        costs, hw = self.costs, self.hw
+        E = costs.spec.num_experts
+        moe = [lc for lc in costs.layers if lc.kind == "moe"]
+        eb = max((lc.expert_bytes for lc in moe), default=0)
+        cpu = static_memory(costs, p, shape, "")["cpu"]
+        if cpu <= hw.cpu_memory:
+            return p
+        window = p.disk_window
+        other = cpu - sum(p.experts_on("cpu", lc.num_experts) * lc.expert_bytes for lc in moe)
+        layer_small = max(lc.attn_bytes + lc.gate_bytes + lc.shared_bytes for lc in costs.layers)
+        if moe and eb:
+            # other + M*c*eb (pinned) + window*(E-c)*eb (+ window slots of one layer) <= limit
+            m = len(moe)
+            room = hw.cpu_memory - other - (window + 1) * E * eb
+            c = int(room // ((m - window - 1) * eb)) if m > window + 1 else -1
+            if c >= 0:
+                return replace(p, experts_cpu=min(E, c))
+        p = replace(p, experts_cpu=0, shared="disk", attn="disk", gate="disk")
+        cpu = static_memory(costs, p, shape, "")["cpu"] + (window + 1) * (E * eb + layer_small)
+        return p if cpu <= hw.cpu_memory else None
+
+    # ---- search -------------------------------------------------------------------------------------------
+    def variants(self, policy) -> list[tuple]:
+        spec = self.costs.spec
+        if policy == "klotski":
+            k, E = max(spec.top_k, 1), max(spec.num_experts, 1)
+            return [(h, True) for h in sorted({k, E})]
+        if policy == "flexgen":
+            return [(None, True), (None, False)]
+        return [(None, False)]
+
+    def evaluate(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
+        key = ("eval", policy, b, n, kv, num_hot, overlap)
+        if key not in self._cache:
+            p = self.place(policy, b, n, kv, num_hot, overlap)
+            plan = None
+            if p is not None:
+                plan = self.score(policy, p, b, n, num_hot, overlap)
+                if not self.fits(plan):
+                    plan = None
+            self._cache[key] = plan
+        return self._cache[key]
+
+    def plan(self, policy: str = "klotski") -> Plan:
+        """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits."""
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
+        ns = (1,) if policy in ("layerwise", "resident") else GROUP_SIZES
+        kvs = ("gpu",) if policy == "resident" else ("gpu", "cpu")
+        best: Plan | None = None
+        best_key = None
+        coarse_b = [i for i, b in enumerate(BATCH_SIZES) if b in (2, 16, 128)]
+        coarse_n = [i for i, n in enumerate(ns) if n in (1, 4, 16)]
+        for kv in kvs:
+            for hot, overlap in self.variants(policy):
+                for ni in coarse_n:
+                    for bi in coarse_b:
+                        plan = self.evaluate(policy, BATCH_SIZES[bi], ns[ni], kv, hot, overlap)
+                        if plan is None:
+                            if bi == coarse_b[0]:  # nothing this small fits: try the smallest batch
+                                plan = self.evaluate(policy, BATCH_SIZES[0], ns[ni], kv, hot, overlap)
+                            if plan is None:
+                                break  # larger batches need more memory still
+                        if best is None or plan.tokens_per_s > best.tokens_per_s:
+                            best, best_key = plan, (bi, ni, kv, hot, overlap)
+        if best is None:
+            raise self.infeasible(policy)
+        # hill-climb over neighbouring batch sizes (x2), group sizes, KV tiers and variants
+        improved = True
+        while improved:
+            improved = False
+            bi, ni, kv, hot, overlap = best_key
+            cands = [(bi + db, ni + dn, kv, hot, overlap) for db in (-1, 0, 1) for dn in (-1, 0, 1)]
+            cands += [(bi, ni, k2, h2, o2) for k2 in kvs for h2, o2 in self.variants(policy)]
+            for c in cands:
+                if not (0 <= c[0] < len(BATCH_SIZES) and 0 <= c[1] < len(ns)) or c == best_key:
+                    continue
+                plan = self.evaluate(policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:])
+                if plan is not None and plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+                    best, best_key, improved = plan, c, True
+        return best
+
+    def compare(self, policies=POLICIES) -> dict[str, Plan | None]:
+        out = {}
+        for policy in policies:
+            try:
+                out[policy] = self.plan(policy)
+            except InfeasibleError:
+                out[policy] = None
+        return out
+
+    # ---- errors -------------------------------------------------------------------------------------------
+    def min_memory(self, policy: str = "klotski") -> tuple[int, int]:
+        """(GPU, CPU) bytes the leanest plan needs: batch 1, n 1, every weight streamed from disk."""
+        p = Placement(attn="disk", gate="disk", shared="disk", experts_gpu=0, experts_cpu=0, kv="cpu",
+                      disk_window=1)
+        pol = "klotski" if policy == "resident" else policy
+        pre, dec = self.simulate(pol, p, 1, 1, None if pol != "klotski" else self.costs.spec.top_k, False)
+        gpu = max(pre.peak_mem["gpu"], dec.peak_mem["gpu"])
+        cpu = max(pre.peak_mem["cpu"], dec.peak_mem["cpu"])
+        if policy == "resident":
+            gpu = static_memory(self.costs, Placement(experts_gpu=self.costs.spec.num_experts),
+                                self.shapes(1, 1)[0], policy)["gpu"]
+            cpu = 0
+        return gpu, cpu
+
+    def infeasible(self, policy: str) -> InfeasibleError:
+        gpu, cpu = self.min_memory(policy)
+        return InfeasibleError(
+            f"no {policy} plan for {self.costs.name} fits GPU {format_bytes(self.hw.gpu_memory)} / CPU "
+            f"{format_bytes(self.hw.cpu_memory)} (prompt {self.prompt_len}, generate {self.gen_len}); the smallest "
+            f"plan (batch 1, weights streamed from disk) needs GPU >= {format_bytes(gpu)} and CPU >= "
+            f"{format_bytes(cpu)}", min_gpu_memory=gpu, min_cpu_memory=cpu)
+
+
+def plan(costs: ModelCosts, hw, prompt_len: int, gen_len: int, policy: str = "klotski",
+         routing: RoutingStats | None = None) -> Plan:
+    """Convenience: ``Planner(costs, hw, prompt_len, gen_len, routing).plan(policy)``."""
+    return Planner(costs, hw, prompt_len, gen_len, routing).plan(policy)
