@@ -1,0 +1,35 @@
+"""Packed expert store: a checkpoint rewritten so one O_DIRECT read lands one expert.
+
+``convert_checkpoint(model_dir, out_dir)`` (CLI: ``klotski convert MODEL_DIR OUT_DIR``) writes, per MoE layer,
+``experts-layerLLL.bin`` with every expert's ``w13`` [2I, H] (gate rows, then up rows) immediately followed
+by its ``w2`` [H, I], each expert record starting on a 4096-byte boundary; the non-expert tensors go to
+``non_expert.safetensors`` under their original names; ``config.json`` and tokenizer files are copied; and
+``manifest.json`` (layer, expert, offset, nbytes, dtype, shape, checksum per tensor) is written last.
+
+``ExpertStore(out_dir)`` answers (layer, expert) -> :class:`ExpertRecord` (path, offset, nbytes and the
+w13/w2 placement inside the record), reads experts through a :class:`klotski.io.DiskReader`, and verifies
+checksums (:class:`ChecksumError` names the tensor).
+"""
+from klotski.store.convert import convert_checkpoint
+from klotski.store.manifest import (
+    MANIFEST_NAME,
+    ChecksumError,
+    ExpertRecord,
+    PackedTensor,
+    StoreError,
+    StoreIncompleteError,
+    checksum,
+)
+from klotski.store.store import ExpertStore
+
+__all__ = [
+    "MANIFEST_NAME",
+    "ChecksumError",
+    "ExpertRecord",
+    "ExpertStore",
+    "PackedTensor",
+    "StoreError",
+    "StoreIncompleteError",
+    "checksum",
+    "convert_checkpoint",
+]

@@ -1,0 +1,162 @@
+"""Rewrite an HF-layout checkpoint into a packed expert store (see :mod:`klotski.store`).
+
+Crash safety: every file is written under ``<name>.tmp``, fsynced and renamed; ``manifest.json`` is removed
+before anything else is written and written (atomically) last. A conversion killed at any point leaves a
+directory without a manifest, which :class:`klotski.store.ExpertStore` refuses to open
+(:class:`StoreIncompleteError`); converting again into it replaces the leftovers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Callable
+
+import torch
+
+from klotski.checkpoint import DTYPES, SafetensorsIndex, TensorInfo
+from klotski.model.spec import ModelSpec
+from klotski.model.weights import CheckpointWeights, expert_names
+from klotski.store.manifest import (ALIGNMENT, CHECKSUM_ALGO, FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERSION,
+                                    ExpertRecord, PackedTensor, checksum, dtype_name, fsync_dir,
+                                    write_json_atomic)
+
+SAFETENSORS_NAMES = {v: k for k, v in DTYPES.items()}
+# Small files copied verbatim (config, tokenizer, generation settings).
+COPIED_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".jinja")
+SKIPPED = ("model.safetensors.index.json",)
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+def layer_file_name(layer: int) -> str:
+    return f"experts-layer{layer:03d}.bin"
+
+
+def _as_bytes(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+class _AtomicFile:
+    """``open(path + '.tmp', 'wb')``; ``commit()`` fsyncs and renames onto ``path``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = path + ".tmp"
+        self.f = open(self.tmp, "wb")
+
+    def write(self, data) -> None:
+        self.f.write(data)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def commit(self) -> int:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        size = self.f.tell()
+        self.f.close()
+        os.rename(self.tmp, self.path)
+        return size
+
+
+def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[list[ExpertRecord], int]:
+    name = layer_file_name(layer)
+    out = _AtomicFile(os.path.join(out_dir, name))
+    records = []
+    for e in range(weights.spec.num_experts):
+        w13, w2 = weights.read_expert(layer, e)
+        start = out.tell()
+        assert start % ALIGNMENT == 0
+        b13, b2 = _as_bytes(w13), _as_bytes(w2)
+        out.write(b13)
+        out.write(b2)
+        nbytes = len(b13) + len(b2)
+        pad = -nbytes % ALIGNMENT
+        if pad:
+            out.write(b"\0" * pad)
+        records.append(ExpertRecord(
+            layer, e, out.path, start, nbytes,
+            PackedTensor(f"layer {layer} expert {e} w13", 0, len(b13), w13.dtype, tuple(w13.shape), checksum(b13)),
+            PackedTensor(f"layer {layer} expert {e} w2", len(b13), len(b2), w2.dtype, tuple(w2.shape), checksum(b2)),
+        ))
+    return records, out.commit()
+
+
+def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: str) -> int:
+    """Stream tensors (bytes copied verbatim) into a safetensors file, header padded to 8 bytes."""
+    header, offset = {}, 0
+    for info in infos:
+        header[info.name] = {"dtype": SAFETENSORS_NAMES[info.dtype], "shape": list(info.shape),
+                             "data_offsets": [offset, offset + info.nbytes]}
+        offset += info.nbytes
+    header["__metadata__"] = {"format": "pt", "producer": "klotski convert"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    out = _AtomicFile(path)
+    out.write(len(raw).to_bytes(8, "little"))
+    out.write(raw)
+    for info in infos:
+        out.write(_as_bytes(index.read(info)))
+    return out.commit()
+
+
+def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                       progress: Progress | None = None) -> dict:
+    """Convert ``model_dir`` (config.json + safetensors, either expert key layout) into a packed store in
+    ``out_dir`` (created if needed; an earlier store there is replaced). Returns the manifest dict."""
+    model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
+    if os.path.abspath(model_dir) == os.path.abspath(out_dir):
+        raise ValueError(f"output directory must differ from the model directory ({model_dir})")
+    spec = ModelSpec.from_pretrained(model_dir)
+    index = SafetensorsIndex(model_dir)
+    weights = CheckpointWeights(index, spec)  # validates names and shapes against the config
+    os.makedirs(out_dir, exist_ok=True)
+    manifest_path = os.path.join(out_dir, MANIFEST_NAME)
+    if os.path.exists(manifest_path):  # from here on the directory is not a store until we finish
+        os.remove(manifest_path)
+        fsync_dir(out_dir)
+    report = progress or (lambda what, done, total: None)
+
+    layers = spec.moe_layers
+    records: list[ExpertRecord] = []
+    files: dict[str, dict] = {}
+    for i, layer in enumerate(layers):
+        report("experts", i, len(layers))
+        recs, size = _write_layer(weights, layer, out_dir)
+        records += recs
+        files[layer_file_name(layer)] = {"nbytes": size}
+    report("experts", len(layers), len(layers))
+
+    expert_keys = set()
+    for layer in layers:
+        expert_keys.update(expert_names(spec, layer, weights.layout))
+    others = [index[n] for n in sorted(index.names()) if n not in expert_keys]
+    report("non-expert tensors", 0, 1)
+    size = _write_safetensors(index, others, os.path.join(out_dir, NON_EXPERT_NAME))
+    files[NON_EXPERT_NAME] = {"nbytes": size}
+    report("non-expert tensors", 1, 1)
+
+    for name in sorted(os.listdir(model_dir)):
+        src = os.path.join(model_dir, name)
+        if os.path.isfile(src) and name.endswith(COPIED_SUFFIXES) and name not in SKIPPED and name != MANIFEST_NAME:
+            shutil.copyfile(src, os.path.join(out_dir, name + ".tmp"))
+            with open(os.path.join(out_dir, name + ".tmp"), "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    fsync_dir(out_dir)
+
+    dtypes = sorted({dtype_name(r.w13.dtype) for r in records})
+    manifest = {
+        "format": FORMAT, "version": VERSION, "alignment": ALIGNMENT, "checksum": CHECKSUM_ALGO,
+        "model_type": spec.model_type, "num_experts": spec.num_experts, "moe_layers": list(layers),
+        "hidden_size": spec.hidden_size, "moe_intermediate_size": spec.moe_intermediate_size,
+        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "source": {"model_dir": os.path.abspath(model_dir), "expert_layout": "fused" if weights.layout.fused
+                   else "per-expert"},
+        "non_expert": NON_EXPERT_NAME,
+        "files": files,
+        "experts": [r.to_json(os.path.basename(r.path)) for r in records],
+    }
+    write_json_atomic(manifest_path, manifest)
+    return manifest
