@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("demo", "generate")
+VERBS = ("demo", "generate", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
