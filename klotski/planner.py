@@ -176,7 +176,7 @@ class Planner:
         spec = self.costs.spec
         if policy == "klotski":
             k, E = max(spec.top_k, 1), max(spec.num_experts, 1)
-            return [(h, True) for h in sorted({k, E})]
+            return [(k, False), (E, True)]  # paper: K hot after the gates; wide: all experts, early
         if policy == "flexgen":
             return [(None, True), (None, False)]
         return [(None, False)]
@@ -193,8 +193,11 @@ class Planner:
             self._cache[key] = plan
         return self._cache[key]
 
-    def plan(self, policy: str = "klotski") -> Plan:
-        """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits."""
+    def plan(self, policy: str = "klotski", seeds=()) -> Plan:
+        """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits.
+
+        ``seeds``: extra (batch size, n, kv tier) starting points (e.g. another policy's best).
+        """
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
         ns = (1,) if policy in ("layerwise", "resident") else GROUP_SIZES
@@ -215,6 +218,14 @@ class Planner:
                                 break  # larger batches need more memory still
                         if best is None or plan.tokens_per_s > best.tokens_per_s:
                             best, best_key = plan, (bi, ni, kv, hot, overlap)
+        for b, n, kv in seeds:
+            if b not in BATCH_SIZES or kv not in kvs:
+                continue
+            n = n if n in ns else 1
+            for hot, overlap in self.variants(policy):
+                plan = self.evaluate(policy, b, n, kv, hot, overlap)
+                if plan is not None and (best is None or plan.tokens_per_s > best.tokens_per_s):
+                    best, best_key = plan, (BATCH_SIZES.index(b), ns.index(n), kv, hot, overlap)
         if best is None:
             raise self.infeasible(policy)
         # hill-climb over neighbouring batch sizes (x2), group sizes, KV tiers and variants
@@ -233,10 +244,11 @@ class Planner:
         return best
 
     def compare(self, policies=POLICIES) -> dict[str, Plan | None]:
-        out = {}
-        for policy in policies:
+        out, seeds = {}, []
+        for policy in policies:  # each policy's search also starts from the earlier policies' best points
             try:
-                out[policy] = self.plan(policy)
+                out[policy] = self.plan(policy, seeds)
+                seeds.append((out[policy].batch_size, out[policy].n, out[policy].placement.kv))
             except InfeasibleError:
                 out[policy] = None
         return out

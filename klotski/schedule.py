@@ -155,8 +155,9 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
                    num_layers: int | None = None) -> Schedule:
     """The ops of one step under ``policy``. ``num_layers`` < model layers builds a window (first layers).
 
-    ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap`` (flexgen):
-    load the next layer during this one.
+    ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap``: flexgen loads
+    the next layer during this one; klotski issues a layer's prefetch as soon as the layer two back has
+    released its weights (instead of after the previous layer's gates, design §2).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
@@ -172,7 +173,8 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
         overlap = False
     L = costs.num_layers if num_layers is None else min(num_layers, costs.num_layers)
     b = _Builder()
-    ctx = _Context(costs, placement, shape, routing, num_hot if num_hot is not None else spec.top_k)
+    ctx = _Context(costs, placement, shape, routing, num_hot if num_hot is not None else spec.top_k,
+                   early_prefetch=overlap and policy == "klotski")
     last_compute: list[int] = []
     for layer in range(L):
         if policy == "klotski":
@@ -191,9 +193,10 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
 class _Context:
     """Per-schedule state carried from layer to layer."""
 
-    def __init__(self, costs, placement, shape, routing, num_hot):
+    def __init__(self, costs, placement, shape, routing, num_hot, early_prefetch=False):
         self.costs, self.placement, self.shape, self.routing = costs, placement, shape, routing
         self.num_hot = num_hot
+        self.early_prefetch = early_prefetch
         self.attn_ids: list[int] = []  # every attention op so far, in order (KV double buffering)
         self.last_compute: int | None = None
         self.layer_release: dict[int, int] = {}  # flexgen: layer -> id of its weight release
@@ -364,7 +367,10 @@ def _flexgen_layer(b: _Builder, ctx: _Context, layer: int, overlap: bool) -> Non
 def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
     costs, lc, p, shape = ctx.costs, ctx.costs.layers[layer], ctx.placement, ctx.shape
     spec = costs.spec
-    issue = ctx.layer_issue.get(layer - 1)  # prefetch of this layer starts once layer-1's cold loads are issued
+    if ctx.early_prefetch:  # flexgen-like: as soon as layer-2 has released its weights (two layers in flight)
+        issue = ctx.layer_release.get(layer - 2)
+    else:  # design §2: once layer-1's gates have issued its cold loads
+        issue = ctx.layer_issue.get(layer - 1)
     attn_w = _h2d(b, ctx, layer, "prefetch", "attn", lc.attn_bytes, p.attn, deps=(issue,))
     gate_w = _h2d(b, ctx, layer, "prefetch", "gate", lc.gate_bytes, p.gate, deps=(issue,))
     routing = ctx.group_routing(layer) if lc.kind == "moe" else None
@@ -419,4 +425,6 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
                                  tokens=tok, flops=costs.expert_flops(layer, tok), bytes=lc.expert_bytes,
                                  mem_alloc=ws, mem_free=ws).id
         if w is not None:
-            _release(b, layer, "expert", lc.expert_bytes, expert=e)
+            rel = _release(b, layer, "expert", lc.expert_bytes, expert=e)
+            ctx.layer_release[layer] = rel
+    ctx.layer_release.setdefault(layer, ctx.last_compute)
