@@ -9,7 +9,7 @@ from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
 from klotski.model.moe import ExpertsFn
 from klotski.model.spec import ModelSpec
-from klotski.model.weights import CheckpointWeights
+from klotski.model.weights import KEEP_FP32, CheckpointWeights
 from klotski.triton_kernels.fused_moe import fused_moe, fused_moe_torch
 
 
@@ -39,7 +39,8 @@ class ResidentModel:
         self.lm_head = to(g["lm_head"]) if "lm_head" in g else self.embed
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(self.spec.num_layers):
-            w = {k: to(v) for k, v in weights.read_layer(i).items()}
+            w = {k: v.to(device=device, dtype=torch.float32) if k in KEEP_FP32 else to(v)
+                 for k, v in weights.read_layer(i).items()}
             if self.spec.is_moe(i):
                 w13, w2 = weights.read_experts(i)
                 w["w13"], w["w2"] = to(w13), to(w2)

@@ -38,6 +38,9 @@ class ExpertLayout:
 
 
 IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
+# Canonical per-layer names loaded in fp32 whatever the compute dtype (transformers keeps DeepSeek-V3's
+# e_score_correction_bias in fp32: rounding it to bf16 can flip expert choices).
+KEEP_FP32 = frozenset({"router_bias"})
 # model_type -> function(spec) -> more patterns (objects with ``.match(name)``) of tensors a checkpoint may
 # carry that inference does not use (DeepSeek-V3's multi-token-prediction layers).
 EXTRA_IGNORED: dict[str, Callable[[ModelSpec], tuple]] = {}

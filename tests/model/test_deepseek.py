@@ -84,6 +84,8 @@ def test_kv_bytes_per_token_equal_what_the_cache_allocates(checkpoints, arch, dt
 def test_bf16_checkpoint_close_to_fp32_reference(checkpoints):
     path, hf = checkpoints.get("deepseek_v3", dtype="bfloat16")
     llm = LLM(path, device="cpu", dtype="bfloat16")
+    moe = llm.executor.layers[1]
+    assert moe["router"].dtype == torch.bfloat16 and moe["router_bias"].dtype == torch.float32  # as transformers
     for ours, prompt in zip(llm.logits(PROMPTS), PROMPTS):
         assert rel_err(ours, hf_models.hf_logits(hf, prompt)) < 5e-2
 
