@@ -16,7 +16,7 @@ from klotski.tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
-POLICIES = ("resident",)
+POLICIES = ("resident", "layerwise", "flexgen", "klotski")
 
 
 def resolve_dtype(dtype, spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -79,6 +79,11 @@ class LLM:
         policy: str = "resident",
         max_num_seqs: int = 64,
         seed: int = 0,
+        gpu_memory: int | str | None = None,
+        cpu_memory: int | str | None = None,
+        offload_dir: str | None = None,
+        num_batches: int | str = "auto",
+        batch_size: int | str = "auto",
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
@@ -90,7 +95,14 @@ class LLM:
         self.max_num_seqs = max_num_seqs
         self.weights = CheckpointWeights(SafetensorsIndex(self.model_dir), self.spec)
         self.tokenizer = Tokenizer(self.model_dir)
-        self.executor = ResidentModel(self.weights, self.device, self.dtype)
+        if policy == "resident":
+            self.executor = ResidentModel(self.weights, self.device, self.dtype)
+        else:  # offloaded: klotski.runtime places weights under the budgets; a batch group per generate chunk
+            from klotski.runtime import build_offloaded
+
+            self.executor = build_offloaded(self.weights, self.device, self.dtype, policy, gpu_memory, cpu_memory,
+                                            offload_dir, num_batches=num_batches, batch_size=batch_size)
+            self.max_num_seqs = self.executor.group_size
         self.generator = torch.Generator().manual_seed(seed)
         self.metrics = RunMetrics()
 
@@ -131,6 +143,8 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(p.max_tokens for p in params), desc="generating", unit="tok")
+        if hasattr(self.executor, "reset_metrics"):
+            self.executor.reset_metrics()
         start = time.perf_counter()
         outputs: list[RequestOutput] = []
         for b in range(0, len(ids), self.max_num_seqs):
@@ -146,8 +160,16 @@ class LLM:
             generated_tokens=sum(len(o.token_ids) for o in outputs),
             prompt_tokens=sum(len(p) for p in ids),
             total_s=time.perf_counter() - start,
+            extra=dict(getattr(self.executor, "metrics", {})),
         )
+        if "prefill_s" in self.metrics.extra:
+            self.metrics.prefill_s = self.metrics.extra["prefill_s"]
         return outputs
+
+    def close(self) -> None:
+        """Stop the offloaded runtime's loader threads (no-op for the resident policy)."""
+        if hasattr(self.executor, "close"):
+            self.executor.close()
 
     def logits(self, prompt_token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Per prompt, float32 logits [len, vocab] of every position (CPU)."""

@@ -1,0 +1,440 @@
+"""The offloaded executor: ResidentModel's protocol (``new_cache`` / ``forward``) over placed weights.
+
+One ``forward`` runs one step of a batch group (B rows = n micro-batches). Per layer the policy
+(:mod:`klotski.runtime.policies`) orders the work; this class provides the pieces it orders:
+
+* loads, issued on loader lanes in schedule order: a layer's streamed attention/gate/shared weights into a
+  dense buffer (``load_dense``), one routed expert into an expert pool slot (``load_expert``), a micro-batch's
+  KV layer into a staging buffer (``load_kv``) and back (``store_kv``);
+* compute on the compute stream: ``attention`` of one micro-batch, ``gate`` of one micro-batch, grouped expert
+  calls accumulating into one fp32 output (``experts``), the shared expert / dense MLP.
+
+Every load returns a :class:`~klotski.runtime.loader.Ticket`; compute waits on it right before use, and every
+slot is released right after its last use. An interrupted forward (any exception, KeyboardInterrupt
+included) cancels the pools, drains the lanes and resets, so the executor stays usable.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from klotski.model.decoder import attention_step, make_rotary
+from klotski.model.kv_cache import KVCache
+from klotski.model.layers import rms_norm
+from klotski.model.moe import dense_mlp, expert_activation, shared_expert
+from klotski.model.router import route
+from klotski.prefetch import CorrelationPrefetcher, PrefetchStats
+from klotski.runtime.cache import GroupCache
+from klotski.runtime.loader import Lanes, Ticket
+from klotski.runtime.memory import BudgetError, TierMeter, nbytes
+from klotski.runtime.placement import Layout
+from klotski.runtime.pool import SlotPool
+from klotski.runtime.trace import Tracer
+from klotski.runtime.weights import PlacedWeights
+from klotski.units import format_bytes
+
+
+def activation_bytes(spec, dtype, num_batches: int, B: int, S: int, kv_len: int, all_logits: bool = False) -> int:
+    """Estimate of a forward's transient device memory: hidden states, attention, experts, logits."""
+    size = torch.empty((), dtype=dtype).element_size()
+    T, H = B * S, spec.hidden_size
+    mb = -(-B // max(1, min(num_batches, B)))
+    width = max(spec.moe_intermediate_size * spec.top_k, spec.intermediate_size, spec.shared_expert_intermediate_size)
+    attn = mb * spec.num_heads * S * kv_len * 4 * 2 + mb * S * spec.num_heads * max(spec.q_head_dim, 1) * size * 4
+    return T * H * (6 * size + 8) + T * 2 * width * size + attn + B * (S if all_logits else 1) * spec.vocab_size * 4
+
+
+def ready(result) -> Ticket:
+    t = Ticket("ready")
+    t.finish(result)
+    return t
+
+
+class OffloadedExecutor:
+    def __init__(self, weights, layout: Layout, device: torch.device, dtype: torch.dtype, policy: str,
+                 gpu: TierMeter, cpu: TierMeter, num_batches: int, batch_size: int,
+                 prefetcher: CorrelationPrefetcher | None, experts_fn, expert_order=None, store=None):
+        self.spec = weights.spec
+        self.device, self.dtype, self.policy = device, dtype, policy
+        self.cuda = device.type == "cuda"
+        self.layout = layout
+        self.gpu, self.cpu = gpu, cpu
+        self.num_batches, self.batch_size = num_batches, batch_size
+        self.group_size = num_batches * batch_size
+        self.prefetcher = prefetcher
+        self.experts_fn = experts_fn
+        self.w = PlacedWeights(weights, layout, device, dtype, gpu, cpu, expert_order, store=store)
+        self.dense_pool = SlotPool(list(range(max(layout.dense_buffers, 1))), "dense buffers")
+        self.dense_bufs: list[dict[str, torch.Tensor]] = [{} for _ in range(max(layout.dense_buffers, 1))]
+        self.kv_pool = SlotPool([0, 1], "kv staging")
+        self.kv_bufs: list[dict[str, torch.Tensor]] = [{}, {}]
+        self.kv_staging_bytes = 0
+        self.rotary = make_rotary(self.spec, device)
+        self.lanes = Lanes(device)
+        self.tracer = Tracer(device)
+        self.stats = PrefetchStats()
+        self.act = expert_activation(self.spec) if self.spec.moe_layers else "silu"
+        self._cache_bytes = (None, 0)
+        self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0}
+        self.closed = False
+        from klotski.runtime.policies import POLICY_RUNNERS
+
+        self.runner = POLICY_RUNNERS[policy](self)
+
+    # ---- protocol --------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor) -> GroupCache:
+        per_token = sum(self.spec.kv_cache_elems_per_token(i) for i in range(self.spec.num_layers))
+        size = torch.empty((), dtype=self.dtype).element_size()
+        need = batch_size * capacity * per_token * size
+        old = self._cache_bytes
+        if old[0] is not None:
+            (self.gpu if old[0] == "gpu" else self.cpu).free("kv cache", old[1])
+        reserve = self.activation_bytes(batch_size, 1, capacity)
+        tier = "gpu" if (self.gpu.budget is None or self.gpu.used + need + reserve <= self.gpu.budget) else "cpu"
+        if tier == "cpu":
+            self.cpu.hold("kv cache", need)
+        else:
+            self.gpu.hold("kv cache", need)
+        self._cache_bytes = (tier, need)
+        return GroupCache(self.spec.num_layers, pad, self.num_batches, capacity, tier, self.device)
+
+    def activation_bytes(self, B: int, S: int, kv_len: int, all_logits: bool = False) -> int:
+        return activation_bytes(self.spec, self.dtype, self.num_batches, B, S, kv_len, all_logits) + self.kv_staging_bytes
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: GroupCache, all_logits: bool = False) -> torch.Tensor:
+        """input_ids [B, S] (left-padded) -> fp32 logits [B, S, V] or [B, V]."""
+        if self.closed:
+            raise RuntimeError("executor is closed")
+        B, S = input_ids.shape
+        act = self.activation_bytes(B, S, cache.length + S, all_logits)
+        if self.gpu.budget is not None and self.gpu.used + act > self.gpu.budget:
+            raise BudgetError(
+                f"gpu memory budget {format_bytes(self.gpu.budget)} is too small for this batch group "
+                f"({B} sequences x {S} tokens): activations need {format_bytes(act)} on top of "
+                f"{format_bytes(self.gpu.used)} held; use fewer sequences per group or a larger gpu_memory "
+                f"(at least {format_bytes(self.gpu.used + act)})"
+            )
+        self.gpu.hold("activations", act)
+        window = self.tracer.start_window()
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(input_ids, cache, all_logits)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            self.gpu.free("activations", act)
+        self.tracer.end_window(window)
+        key = "prefill_s" if S > 1 else "decode_s"
+        self.time[key] += time.perf_counter() - t0
+        self.time["forwards"] += 1
+        return logits
+
+    def _forward(self, input_ids, cache: GroupCache, all_logits):
+        B, S = input_ids.shape
+        ids = input_ids.to(self.device)
+        st = StepState(self, cache, S)
+        st.x = F.embedding(ids, self.w.embed)
+        cols = torch.arange(cache.length, cache.length + S, device=self.device)
+        st.valid = cols[None, :] >= cache.pad[:, None]
+        for k, (s, e) in enumerate(cache.rows):
+            mc = cache.micro[k]
+            mc.pad, mc.length = cache.device_pads[k], cache.length
+            st.masks.append(mc.key_mask(S, self.device))
+            st.positions.append(mc.positions(S, self.device))
+            if cache.tier == "cpu":
+                mc.pad = mc.pad.cpu()
+        if self.prefetcher is not None:
+            self.prefetcher.reset_sequence()
+        self.runner.run(st)
+        for t in st.kv_stores:
+            t.wait()
+        cache.length += S
+        for mc in cache.micro:
+            mc.length = cache.length
+        x = st.x if all_logits else st.x[:, -1:]
+        start = self.tracer.begin()
+        logits = F.linear(rms_norm(x, self.w.norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+        self.tracer.end("compute", "lm_head", start)
+        return logits if all_logits else logits[:, 0]
+
+    # ---- loads -----------------------------------------------------------------------------------------
+    def load_dense(self, layer: int, lane: str = "prefetch") -> Ticket:
+        """The layer's weights as one dict (resident + streamed into a dense buffer) -> (buffer or None, w)."""
+        keys = self.w.streamed_keys(layer)
+        if not keys:
+            return ready((None, self.w.resident[layer]))
+        ticket = self.dense_pool.reserve()
+
+        def job(ln):
+            idx, ev = self.dense_pool.acquire(ticket)
+            if ev is not None:
+                ln.stream.wait_event(ev)
+            start = self.tracer.begin(ln.stream)
+            buf = self.dense_bufs[idx]
+            for k in [k for k in buf if k not in keys]:
+                del buf[k]
+            moved = 0
+            for key, shape in keys.items():
+                if key not in buf or tuple(buf[key].shape) != shape:
+                    buf[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
+                moved += self.w.fill(buf[key], self.w.source(layer, key))
+            self.tracer.end(lane, f"L{layer} weights", start, ln.stream, bytes=moved)
+            return idx, {**self.w.resident[layer], **{k: buf[k] for k in keys}}
+
+        return self.lanes[lane].submit(f"L{layer} weights", job)
+
+    def release_dense(self, idx) -> None:
+        if idx is not None:
+            self.dense_pool.release(idx, self._compute_event())
+
+    def load_expert(self, layer: int, e: int, lane: str) -> Ticket:
+        """A routed expert in a device slot -> slot index (resident experts: their permanent slot)."""
+        tier, what = self.w.expert_home[(layer, e)]
+        if tier == "gpu":
+            return ready(what)
+        pool = self.w.pool
+        ticket = pool.slots.reserve()
+
+        def job(ln):
+            slot, ev = pool.slots.acquire(ticket)
+            if ev is not None:
+                ln.stream.wait_event(ev)
+            start = self.tracer.begin(ln.stream)
+            try:
+                if tier == "cpu":
+                    moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], what[1])
+                elif tier == "store":
+                    moved = self.w.read_record(what, pool.w13[slot], pool.w2[slot])
+                else:
+                    moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], [what[1]])
+            except BaseException:
+                pool.slots.release(slot)
+                raise
+            self.tracer.end(lane, f"L{layer} e{e}", start, ln.stream, bytes=moved, tier=tier)
+            return slot
+
+        return self.lanes[lane].submit(f"L{layer} e{e}", job)
+
+    def release_expert(self, slot: int) -> None:
+        if slot >= self.w.pool.num_pinned:
+            self.w.pool.slots.release(slot, self._compute_event())
+
+    def _compute_event(self):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def load_kv(self, st: "StepState", layer: int, k: int) -> Ticket:
+        """Micro-batch ``k``'s KV of ``layer`` into a device staging buffer -> (buffer, KVCache view)."""
+        cache = st.cache
+        ticket = self.kv_pool.reserve()
+        rows = cache.rows[k][1] - cache.rows[k][0]
+
+        def job(ln):
+            idx, ev = self.kv_pool.acquire(ticket)
+            if ev is not None:
+                ln.stream.wait_event(ev)
+            start = self.tracer.begin(ln.stream)
+            view = KVCache(self.spec.num_layers, rows, cache.capacity, cache.device_pads[k])
+            view.length = cache.length
+            moved = 0
+            for name, host in cache.micro[k].layers[layer].items():
+                buf = self.kv_bufs[idx].get(name)
+                if buf is None or buf.shape[1:] != host.shape[1:] or buf.shape[0] < rows:
+                    shape = (max(host.shape[0], -(-cache.batch_size // cache.num_batches)), *host.shape[1:])
+                    if buf is not None:
+                        self.gpu.free("kv staging", nbytes(buf))
+                    buf = torch.empty(shape, dtype=host.dtype, device=self.device)
+                    self.gpu.hold("kv staging", nbytes(buf), check=False)
+                    self.kv_bufs[idx][name] = buf
+                view.layers[layer][name] = buf[:rows]
+                view.layers[layer][name].copy_(host, non_blocking=self.cuda)
+                moved += nbytes(host)
+            self.w.counters.add("kv_h2d", moved)
+            self.tracer.end("kv_load", f"L{layer} b{k} kv", start, ln.stream, bytes=moved)
+            return idx, view
+
+        return self.lanes["kv_load"].submit(f"L{layer} b{k} kv load", job)
+
+    def store_kv(self, st: "StepState", layer: int, k: int, idx: int, view: KVCache) -> Ticket:
+        cache = st.cache
+        after = self._compute_event()
+
+        def job(ln):
+            if after is not None:
+                ln.stream.wait_event(after)
+            start = self.tracer.begin(ln.stream)
+            moved = 0
+            home = cache.micro[k].layers[layer]
+            for name, t in view.layers[layer].items():
+                if name not in home:
+                    home[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+                home[name].copy_(t, non_blocking=self.cuda)
+                moved += nbytes(t)
+            done = None
+            if self.cuda:
+                done = torch.cuda.Event()
+                done.record(ln.stream)
+                done.synchronize()
+            self.w.counters.add("kv_d2h", moved)
+            self.tracer.end("kv_store", f"L{layer} b{k} kv", start, ln.stream, bytes=moved)
+            self.kv_pool.release(idx, done)
+
+        return self.lanes["kv_store"].submit(f"L{layer} b{k} kv store", job)
+
+    # ---- compute ---------------------------------------------------------------------------------------
+    def attention(self, st: "StepState", w: dict, layer: int, k: int) -> None:
+        """Attention (+ residual) of micro-batch ``k``, its KV loaded/stored when the cache is in host memory."""
+        s, e = st.cache.rows[k]
+        cache = st.cache
+        if cache.tier == "cpu":
+            nxt = (layer, k + 1) if k + 1 < cache.num_batches else (layer + 1, 0)
+            if (layer, k) not in st.kv_loads:
+                st.kv_loads[(layer, k)] = self.load_kv(st, layer, k)
+            if nxt[0] < self.spec.num_layers and nxt not in st.kv_loads and st.prefetch_kv:
+                st.kv_loads[nxt] = self.load_kv(st, *nxt)
+            idx, kv = st.kv_loads.pop((layer, k)).wait()
+        else:
+            kv = cache.micro[k]
+        start = self.tracer.begin()
+        st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
+        self.tracer.end("compute", f"L{layer} attn b{k}", start)
+        if cache.tier == "cpu":
+            st.kv_stores.append(self.store_kv(st, layer, k, idx, kv))
+
+    def tokens(self, st: "StepState", w: dict, k: int | None = None):
+        """Normed MLP inputs of the valid tokens of micro-batch ``k`` (None: the whole group)
+        -> (rows into the flattened [B*S, H] stream, h [T, H])."""
+        s, e = (0, st.cache.batch_size) if k is None else st.cache.rows[k]
+        valid = torch.zeros_like(st.valid)
+        valid[s:e] = st.valid[s:e]
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        flat = st.x.reshape(-1, self.spec.hidden_size)
+        return rows, rms_norm(flat.index_select(0, rows), w["post_attn_norm"], self.spec.rms_norm_eps)
+
+    def gate(self, w: dict, h: torch.Tensor, layer: int, k) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.tracer.begin()
+        out = route(self.spec, w, h)
+        self.tracer.end("compute", f"L{layer} gate b{k}", start)
+        return out
+
+    def experts(self, h, topk_weights, topk_ids, slots: dict[int, int], out, layer: int, name: str) -> None:
+        """Accumulate the experts in ``slots`` (expert -> pool slot) over all tokens into ``out`` [T, H] fp32."""
+        if not slots:
+            return
+        table = torch.full((self.spec.num_experts,), -1, dtype=torch.int32)
+        for e, slot in slots.items():
+            table[e] = slot
+        start = self.tracer.begin()
+        self.experts_fn(h, self.w.pool.w13, self.w.pool.w2, topk_weights, topk_ids,
+                        expert_slots=table.to(self.device), out=out, activation=self.act)
+        self.tracer.end("compute", f"L{layer} {name}", start, experts=len(slots))
+
+    def finish_mlp(self, st: "StepState", w: dict, layer: int, rows, h, routed_out) -> None:
+        """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
+        start = self.tracer.begin()
+        if routed_out is None:
+            y = dense_mlp(self.spec, w, h)
+        else:
+            y = routed_out.to(h.dtype)
+            shared = shared_expert(self.spec, w, h)
+            if shared is not None:
+                y = y + shared
+        B, S, H = st.x.shape
+        st.x = st.x.reshape(B * S, H).index_add(0, rows, y.to(st.x.dtype)).view(B, S, H)
+        self.tracer.end("compute", f"L{layer} {'shared' if routed_out is not None else 'mlp'}", start)
+
+    def record_routing(self, layer: int, topk_ids: torch.Tensor, predicted: list[int] | None) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.record(layer, topk_ids)
+        if predicted:
+            self.stats.update(predicted, topk_ids, self.spec.num_experts)
+
+    # ---- lifecycle -------------------------------------------------------------------------------------
+    def abort(self) -> None:
+        """After an interrupted forward: stop waiting loads, drop queued jobs, free every slot."""
+        pools = [self.dense_pool, self.kv_pool] + ([self.w.pool.slots] if self.w.pool is not None else [])
+        for p in pools:
+            p.cancel()
+        self.lanes.drain()
+        if self.cuda:
+            torch.cuda.synchronize()
+        for p in pools:
+            p.reset()
+
+    def reset_metrics(self) -> None:
+        self.w.counters.reset()
+        self.tracer.reset()
+        self.stats = PrefetchStats()
+        self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0}
+        self.gpu.reset_peak()
+        self.cpu.reset_peak()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    @property
+    def metrics(self) -> dict:
+        c = self.w.counters
+        out = {
+            "policy": self.policy,
+            "num_batches": self.num_batches,
+            "batch_size": self.batch_size,
+            "prefill_s": self.time["prefill_s"],
+            "decode_s": self.time["decode_s"],
+            "bubble_fraction": self.tracer.bubble_fraction,
+            "bytes_disk_read": c.get("disk_read"),
+            "bytes_h2d": c.get("h2d"),
+            "bytes_kv_h2d": c.get("kv_h2d"),
+            "bytes_kv_d2h": c.get("kv_d2h"),
+            "peak_gpu_bytes": self.gpu.measured_peak(self.device),
+            "peak_cpu_bytes": self.cpu.peak,
+            "gpu_budget": self.gpu.budget,
+            "cpu_budget": self.cpu.budget,
+            "placement": self.layout.describe(self.spec.num_experts),
+            "weights_per_tier": self.w.tier_bytes(),
+        }
+        out.update(self.stats.as_dict())
+        return out
+
+    def write_trace(self, path: str) -> None:
+        self.tracer.write_chrome(path)
+
+    def write_timeline(self, path: str) -> None:
+        self.tracer.write_timeline(path, f"{self.policy}: bubble fraction {self.tracer.bubble_fraction:.1%}")
+
+    def close(self) -> None:
+        if not self.closed:
+            self.lanes.close()
+            self.w.close()
+            self.closed = True
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
+class StepState:
+    """Mutable state of one forward: the group's hidden states, masks, in-flight loads."""
+
+    def __init__(self, ex: OffloadedExecutor, cache: GroupCache, S: int):
+        self.cache = cache
+        self.S = S
+        self.x: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.masks: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []
+        self.kv_loads: dict[tuple[int, int], Ticket] = {}
+        self.kv_stores: list[Ticket] = []
+        self.prefetch_kv = True
+        self.dense: dict[int, Ticket] = {}
+        self.hot: dict[int, list[tuple[int, Ticket]]] = {}  # layer -> [(expert, ticket)] prefetched
+        self.predicted: dict[int, list[int]] = {}
+        self.prev_topk: torch.Tensor | None = None

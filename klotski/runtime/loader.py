@@ -1,0 +1,145 @@
+"""Loader lanes: one worker thread per copy stream, jobs run in issue order, each returns a :class:`Ticket`.
+
+Lanes are named by purpose as in the paper: ``prefetch`` (a layer's attention/gate weights and its hot
+experts), ``expert_io`` (post-gate cold experts), ``kv_load`` and ``kv_store``. In CUDA mode each lane owns
+a ``torch.cuda.Stream``: the job's copies are issued on it, an event is recorded after them and
+:meth:`Ticket.wait` makes the *compute* stream wait on that event (no host sync). In CPU mode the job does the
+copy itself on the worker thread (torch releases the GIL in copies and reads), so loads overlap compute.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+import torch
+
+
+class Cancelled(RuntimeError):
+    """The job was dropped before it ran (an interrupted forward)."""
+
+
+class Ticket:
+    """Completion of one job: ``wait()`` -> its result (re-raises the job's error)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.result = None
+        self.error: BaseException | None = None
+        self.event = None  # CUDA: recorded on the lane's stream after the job's copies
+        self._done = threading.Event()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def finish(self, result=None, error: BaseException | None = None, event=None) -> None:
+        self.result, self.error, self.event = result, error, event
+        self._done.set()
+
+    def wait(self):
+        while not self._done.wait(0.1):  # wake up regularly so KeyboardInterrupt is delivered
+            pass
+        if self.error is not None:
+            raise self.error
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+        return self.result
+
+
+class Lane:
+    """A worker thread running jobs ``fn(lane) -> result`` in submission order."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name = name
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"klotski-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, fn: Callable[["Lane"], object]) -> Ticket:
+        ticket = Ticket(name)
+        with self._lock:
+            self._busy += 1
+            self._idle.clear()
+        self._queue.put((ticket, fn))
+        return ticket
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            ticket, fn = item
+            try:
+                if self.stream is not None:
+                    with torch.cuda.stream(self.stream):
+                        result = fn(self)
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
+                    ticket.finish(result, event=event)
+                else:
+                    ticket.finish(fn(self))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiter
+                ticket.finish(error=e)
+            finally:
+                with self._lock:
+                    self._busy -= 1
+                    if self._busy == 0:
+                        self._idle.set()
+
+    def drain(self) -> None:
+        """Drop queued jobs (their tickets raise Cancelled) and wait for the running one to end."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                continue
+            ticket, _ = item
+            ticket.finish(error=Cancelled(f"{self.name}: {ticket.name} cancelled"))
+            with self._lock:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._idle.set()
+        self._idle.wait()
+
+    @property
+    def idle(self) -> bool:
+        return self._idle.is_set()
+
+    def close(self) -> None:
+        self.drain()
+        self._queue.put(None)
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+class Lanes:
+    NAMES = ("prefetch", "expert_io", "kv_load", "kv_store")
+
+    def __init__(self, device: torch.device):
+        self.lanes = {n: Lane(n, device) for n in self.NAMES}
+
+    def __getitem__(self, name: str) -> Lane:
+        return self.lanes[name]
+
+    def drain(self) -> None:
+        for lane in self.lanes.values():
+            lane.drain()
+
+    def close(self) -> None:
+        for lane in self.lanes.values():
+            lane.close()
+
+    @property
+    def idle(self) -> bool:
+        return all(lane.idle for lane in self.lanes.values())

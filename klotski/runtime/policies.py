@@ -1,0 +1,184 @@
+"""The order of loads and compute per layer under each offloading policy (design §2).
+
+* ``layerwise`` (Accelerate-like): each micro-batch runs through the whole model on its own; every layer's
+  weights (attention, gate, all experts) load just before it computes, nothing overlaps.
+* ``flexgen`` (zig-zag): the n micro-batches share each layer's load; the next layer's whole weights (all
+  experts) load while this layer computes; attention then MoE run micro-batch by micro-batch.
+* ``klotski``: the layer's gate and its predicted hot experts were prefetched during the previous layer;
+  attention and gate run per micro-batch and each gate starts loading the selected experts that are neither
+  resident, hot nor in flight (cold); experts then run expert by expert over the tokens of all n batches,
+  resident and hot first, then cold in arrival order, each slot released right after use. After the gates,
+  the next layer's weights and hot experts (predicted from this layer's routing by the correlation-aware
+  prefetcher) start loading.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LayerwiseRunner:
+    def __init__(self, ex):
+        self.ex = ex
+
+    def run(self, st) -> None:
+        ex, spec = self.ex, self.ex.spec
+        st.prefetch_kv = False
+        for k in range(st.cache.num_batches):
+            for layer in range(spec.num_layers):
+                dense = ex.load_dense(layer)
+                experts = _load_all_experts(ex, layer, "prefetch")
+                idx, w = dense.wait()
+                ex.attention(st, w, layer, k)
+                rows, h = ex.tokens(st, w, k)
+                if spec.is_moe(layer):
+                    slots = {e: t.wait() for e, t in experts}
+                    topk_w, topk_ids = ex.gate(w, h, layer, k)
+                    ex.record_routing(layer, topk_ids, None)
+                    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+                    ex.experts(h, topk_w, topk_ids, slots, out, layer, f"experts b{k}")
+                    for slot in slots.values():
+                        ex.release_expert(slot)
+                    ex.finish_mlp(st, w, layer, rows, h, out)
+                else:
+                    ex.finish_mlp(st, w, layer, rows, h, None)
+                ex.release_dense(idx)
+
+
+def _load_all_experts(ex, layer: int, lane: str):
+    if not ex.spec.is_moe(layer):
+        return []
+    return [(e, ex.load_expert(layer, e, lane)) for e in range(ex.spec.num_experts)]
+
+
+class FlexGenRunner:
+    def __init__(self, ex):
+        self.ex = ex
+
+    def _issue(self, st, layer: int) -> None:
+        if layer < self.ex.spec.num_layers and layer not in st.dense:
+            st.dense[layer] = self.ex.load_dense(layer)
+            st.hot[layer] = _load_all_experts(self.ex, layer, "prefetch")
+
+    def run(self, st) -> None:
+        ex, spec = self.ex, self.ex.spec
+        for layer in range(spec.num_layers):
+            self._issue(st, layer)
+            self._issue(st, layer + 1)  # the next layer loads while this one computes
+            idx, w = st.dense.pop(layer).wait()
+            for k in range(st.cache.num_batches):
+                ex.attention(st, w, layer, k)
+            experts = st.hot.pop(layer)
+            slots = {e: t.wait() for e, t in experts}
+            routed = []
+            for k in range(st.cache.num_batches):
+                rows, h = ex.tokens(st, w, k)
+                if not spec.is_moe(layer):
+                    ex.finish_mlp(st, w, layer, rows, h, None)
+                    continue
+                topk_w, topk_ids = ex.gate(w, h, layer, k)
+                routed.append(topk_ids)
+                out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+                ex.experts(h, topk_w, topk_ids, slots, out, layer, f"experts b{k}")
+                ex.finish_mlp(st, w, layer, rows, h, out)
+            if routed:
+                ex.record_routing(layer, torch.cat(routed), None)
+            for slot in slots.values():
+                ex.release_expert(slot)
+            ex.release_dense(idx)
+
+
+class KlotskiRunner:
+    def __init__(self, ex):
+        self.ex = ex
+        spec = ex.spec
+        self.next_moe = {layer: next((m for m in spec.moe_layers if m > layer), None)
+                         for layer in range(-1, spec.num_layers)}
+
+    def hot_budget(self) -> int:
+        pool = self.ex.w.pool
+        return min(self.ex.spec.top_k, pool.streaming_slots) if pool is not None else 0
+
+    def _issue_hot(self, st, layer: int | None, prev_topk) -> None:
+        """Predict and prefetch ``layer``'s hot experts (after its weights, on the prefetch lane)."""
+        ex = self.ex
+        if layer is None or layer in st.hot:
+            return
+        budget = self.hot_budget()
+        if ex.prefetcher is not None:
+            pred = ex.prefetcher.predict(layer, prev_topk, budget + ex.spec.num_experts)
+        else:
+            pred = list(range(ex.spec.num_experts))
+        streamed = [e for e in pred if ex.w.expert_tier(layer, e) != "gpu"][:budget]
+        st.predicted[layer] = streamed
+        st.hot[layer] = [(e, ex.load_expert(layer, e, "prefetch")) for e in streamed]
+
+    def run(self, st) -> None:
+        ex, spec = self.ex, self.ex.spec
+        st.dense[0] = ex.load_dense(0)
+        self._issue_hot(st, self.next_moe[-1], None)
+        for layer in range(spec.num_layers):
+            if layer + 1 < spec.num_layers and layer + 1 not in st.dense:
+                st.dense[layer + 1] = ex.load_dense(layer + 1)
+            idx, w = st.dense.pop(layer).wait()
+            if spec.is_moe(layer):
+                self._moe_layer(st, w, layer)
+            else:
+                for k in range(st.cache.num_batches):
+                    ex.attention(st, w, layer, k)
+                rows, h = ex.tokens(st, w)
+                ex.finish_mlp(st, w, layer, rows, h, None)
+                self._issue_hot(st, self.next_moe[layer], st.prev_topk)
+            ex.release_dense(idx)
+
+    def _moe_layer(self, st, w, layer: int) -> None:
+        ex, E = self.ex, self.ex.spec.num_experts
+        hot = st.hot.pop(layer, [])
+        pending = {e for e, _ in hot}
+        cold: list[tuple[int, object]] = []
+        hs, tws, tids, rows_all = [], [], [], []
+        for k in range(st.cache.num_batches):
+            ex.attention(st, w, layer, k)
+            rows, h = ex.tokens(st, w, k)
+            topk_w, topk_ids = ex.gate(w, h, layer, k)
+            counts = torch.bincount(topk_ids.reshape(-1).cpu(), minlength=E)
+            for e in sorted(torch.nonzero(counts).flatten().tolist(), key=lambda e: (-int(counts[e]), e)):
+                if e in pending or ex.w.expert_tier(layer, e) == "gpu":
+                    continue
+                pending.add(e)
+                cold.append((e, ex.load_expert(layer, e, "expert_io")))
+            hs.append(h)
+            tws.append(topk_w)
+            tids.append(topk_ids)
+            rows_all.append(rows)
+        h, topk_w, topk_ids = torch.cat(hs), torch.cat(tws), torch.cat(tids)
+        rows = torch.cat(rows_all)
+        ex.record_routing(layer, topk_ids, st.predicted.pop(layer, None))
+        st.prev_topk = topk_ids
+        self._issue_hot(st, self.next_moe[layer], topk_ids)
+        used = set(torch.unique(topk_ids).tolist())
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        # resident and hot experts first, in one grouped call
+        first = {e: ex.w.expert_home[(layer, e)][1] for e in used if ex.w.expert_tier(layer, e) == "gpu"}
+        hot_slots = {e: t.wait() for e, t in hot}
+        first.update({e: s for e, s in hot_slots.items() if e in used})
+        for e, s in hot_slots.items():
+            if e not in used:
+                ex.release_expert(s)
+        ex.experts(h, topk_w, topk_ids, first, out, layer, "hot experts")
+        for s in first.values():
+            ex.release_expert(s)
+        # cold experts in arrival order, grouping those that already arrived
+        i = 0
+        while i < len(cold):
+            batch = {cold[i][0]: cold[i][1].wait()}
+            i += 1
+            while i < len(cold) and cold[i][1].done():
+                batch[cold[i][0]] = cold[i][1].wait()
+                i += 1
+            ex.experts(h, topk_w, topk_ids, batch, out, layer, f"cold x{len(batch)}")
+            for s in batch.values():
+                ex.release_expert(s)
+        ex.finish_mlp(st, w, layer, rows, h, out)
+
+
+POLICY_RUNNERS = {"layerwise": LayerwiseRunner, "flexgen": FlexGenRunner, "klotski": KlotskiRunner}

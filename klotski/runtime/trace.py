@@ -1,0 +1,131 @@
+"""Timeline of one run: spans per stream (compute, prefetch, expert_io, kv_load, kv_store), measured.
+
+CPU mode: spans are wall-clock (``time.perf_counter``) around the real work. CUDA mode: a compute span is a
+pair of CUDA events on the compute stream and a copy span a pair on its copy stream, resolved after the
+forward synchronizes, so spans show when the GPU ran them. ``bubble_fraction`` = 1 - (union of compute
+spans) / (wall time of the traced forwards). ``write_chrome`` writes Chrome/Perfetto JSON,
+``write_timeline`` a PNG of the streams.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import torch
+
+STREAMS = ("compute", "prefetch", "expert_io", "kv_load", "kv_store")
+
+
+class Tracer:
+    def __init__(self, device: torch.device, keep_spans: bool = True):
+        self.cuda = device.type == "cuda"
+        self.keep_spans = keep_spans
+        self.spans: list[tuple[str, str, float, float, dict]] = []  # (stream, name, start s, end s, args)
+        self._pending: list[tuple[str, str, object, object, dict]] = []  # CUDA event pairs to resolve
+        self._windows: list[tuple[float, float]] = []  # traced forward wall windows
+        self._lock = threading.Lock()
+        self._t0 = time.perf_counter()
+        self._base_event = None
+        self._base_time = 0.0
+        self.compute_busy = 0.0
+        self.wall = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self._t0
+
+    # ---- spans -----------------------------------------------------------------------------------------
+    def begin(self, stream=None):
+        """Start a span: a host time, or a CUDA event recorded on ``stream`` (default: current)."""
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream) if stream is not None else ev.record()
+            return ev
+        return self.now()
+
+    def end(self, stream_name: str, name: str, start, stream=None, **args) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record(stream) if stream is not None else ev.record()
+            with self._lock:
+                self._pending.append((stream_name, name, start, ev, args))
+            return
+        self.add(stream_name, name, start, self.now(), **args)
+
+    def add(self, stream_name: str, name: str, start: float, end: float, **args) -> None:
+        with self._lock:
+            if stream_name == "compute":
+                self.compute_busy += max(0.0, end - start)
+            if self.keep_spans:
+                self.spans.append((stream_name, name, start, end, args))
+
+    # ---- forward windows -------------------------------------------------------------------------------
+    def start_window(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._base_event = torch.cuda.Event(enable_timing=True)
+            self._base_event.record()
+            self._base_time = self.now()
+        return self.now()
+
+    def end_window(self, start: float) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self._resolve()
+        end = self.now()
+        with self._lock:
+            self._windows.append((start, end))
+            self.wall += end - start
+
+    def _resolve(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        base = self._base_event
+        for stream_name, name, s, e, args in pending:
+            start = self._base_time + base.elapsed_time(s) / 1e3
+            end = self._base_time + base.elapsed_time(e) / 1e3
+            self.add(stream_name, name, start, end, **args)
+
+    @property
+    def bubble_fraction(self) -> float:
+        """1 - compute busy / traced wall time (compute spans never overlap: one compute stream)."""
+        return max(0.0, 1.0 - self.compute_busy / self.wall) if self.wall > 0 else 0.0
+
+    def reset(self) -> None:
+        with self._lock:
+            self.spans.clear()
+            self._pending.clear()
+            self._windows.clear()
+            self.compute_busy = 0.0
+            self.wall = 0.0
+
+    # ---- output ----------------------------------------------------------------------------------------
+    def write_chrome(self, path: str) -> None:
+        """Chrome trace event format (open in chrome://tracing or ui.perfetto.dev)."""
+        tids = {s: i for i, s in enumerate(STREAMS)}
+        events = [{"name": "thread_name", "ph": "M", "pid": 0, "tid": i, "args": {"name": s}} for s, i in tids.items()]
+        for stream_name, name, start, end, args in self.spans:
+            tid = tids.setdefault(stream_name, len(tids))
+            events.append({"name": name, "ph": "X", "pid": 0, "tid": tid, "ts": start * 1e6,
+                           "dur": max(0.0, end - start) * 1e6, "args": args})
+        with open(path, "w") as f:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms"}, f)
+
+    def write_timeline(self, path: str, title: str = "") -> None:
+        """A PNG: one row per stream, a bar per span (compute in blue, copies in orange)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [s for s in STREAMS if any(sp[0] == s for sp in self.spans)] or ["compute"]
+        fig, ax = plt.subplots(figsize=(14, 1 + 0.6 * len(rows)))
+        for y, stream_name in enumerate(rows):
+            bars = [(s, max(e - s, 1e-6)) for st, _, s, e, _ in self.spans if st == stream_name]
+            ax.broken_barh(bars, (y - 0.4, 0.8), color="tab:blue" if stream_name == "compute" else "tab:orange")
+        ax.set_yticks(range(len(rows)), rows)
+        ax.set_xlabel("seconds")
+        ax.set_title(title or f"bubble fraction {self.bubble_fraction:.1%}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

@@ -1,0 +1,214 @@
+"""Where each weight lives once placed, and how one is copied into a device buffer.
+
+:class:`PlacedWeights` holds, per layer, the device-resident tensors (norms and the classes placed on
+"gpu"), host copies of the "cpu" classes (checkpoint dtype; pinned on CUDA) and the byte locations of the
+"disk" classes; per routed expert its home: a permanent device pool slot, a host copy, or its bytes on disk.
+Disk reads go through ``klotski.io``: a :class:`~klotski.io.DiskReader` (O_DIRECT when the file allows)
+into slots of a :class:`~klotski.io.PinnedRing`, then a copy into the destination (converting dtype).
+Bytes moved are counted per link in ``counters`` (``disk_read``, ``h2d``, ``d2h``).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from klotski.checkpoint import TensorInfo
+from klotski.io import DiskReader, PinnedRing, span_bytes
+from klotski.model.weights import CheckpointWeights
+from klotski.runtime.memory import TierMeter, nbytes
+from klotski.runtime.placement import Layout, tensor_class
+from klotski.runtime.pool import ExpertPool
+
+
+class Counters:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.values: dict[str, int] = {}
+
+    def add(self, key: str, amount: int) -> None:
+        with self._lock:
+            self.values[key] = self.values.get(key, 0) + int(amount)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.values.clear()
+
+    def get(self, key: str) -> int:
+        return self.values.get(key, 0)
+
+
+class PlacedWeights:
+    def __init__(self, weights: CheckpointWeights, layout: Layout, device: torch.device, dtype: torch.dtype,
+                 gpu: TierMeter, cpu: TierMeter, expert_order: list[list[int]] | None = None, ring_slots: int = 2,
+                 store=None):
+        self.weights, self.spec, self.layout = weights, weights.spec, layout
+        self.device, self.dtype = device, dtype
+        self.cuda = device.type == "cuda"
+        self.counters = Counters()
+        p = layout.placement
+        to_dev = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+        g = weights.read_global()
+        self.embed = to_dev(g["embed"])
+        self.norm = to_dev(g["norm"])
+        self.lm_head = to_dev(g["lm_head"]) if "lm_head" in g else self.embed
+        gpu.hold("embeddings+lm_head", sum(nbytes(t) for t in {id(x): x for x in (self.embed, self.norm, self.lm_head)}.values()))
+        self.resident: list[dict[str, torch.Tensor]] = []
+        self.host: list[dict[str, torch.Tensor]] = []
+        self.disk: list[dict[str, list[TensorInfo]]] = []
+        self.shapes: list[dict[str, tuple[int, ...]]] = []
+        pieces = []
+        for i, sources in enumerate(weights.layers):
+            res, host, disk, shapes = {}, {}, {}, {}
+            for key, src in sources.items():
+                cls = tensor_class(key)
+                tier = "gpu" if cls == "norm" else getattr(p, cls)
+                shape = (sum(s[0] for s in src.shapes), *src.shapes[0][1:])
+                if tier == "gpu":
+                    res[key] = to_dev(weights.read_source(src))
+                    gpu.hold(f"resident {cls}", nbytes(res[key]))
+                elif tier == "cpu":
+                    host[key] = self._pin(weights.read_source(src))
+                    cpu.hold(f"host {cls}", nbytes(host[key]))
+                else:
+                    disk[key] = [weights.index[n] for n in src.names]
+                    pieces += disk[key]
+                if tier != "gpu":
+                    shapes[key] = shape
+            self.resident.append(res)
+            self.host.append(host)
+            self.disk.append(disk)
+            self.shapes.append(shapes)
+        # routed experts
+        spec = self.spec
+        E = spec.num_experts if spec.moe_layers else 0
+        n_gpu, n_cpu = p.experts_on("gpu", E) if E else 0, p.experts_on("cpu", E) if E else 0
+        n_moe = len(spec.moe_layers)
+        self.pool = ExpertPool(n_moe * n_gpu + layout.expert_slots, n_moe * n_gpu, spec.moe_intermediate_size,
+                               spec.hidden_size, dtype, device) if E else None
+        if self.pool is not None:
+            gpu.hold("expert pool", self.pool.nbytes)
+        self.expert_home: dict[tuple[int, int], tuple[str, object]] = {}
+        slot = 0
+        for layer in spec.moe_layers:
+            order = expert_order[layer] if expert_order else list(range(E))
+            for rank, e in enumerate(order):
+                if rank < n_gpu:
+                    w13, w2 = weights.read_expert(layer, e)
+                    self.pool.w13[slot].copy_(w13)
+                    self.pool.w2[slot].copy_(w2)
+                    self.expert_home[(layer, e)] = ("gpu", slot)
+                    slot += 1
+                elif rank < n_gpu + n_cpu:
+                    w13, w2 = weights.read_expert(layer, e)
+                    w13, w2 = self._pin(w13), self._pin(w2)
+                    cpu.hold("host experts", nbytes(w13) + nbytes(w2))
+                    self.expert_home[(layer, e)] = ("cpu", (w13, w2))
+                elif store is not None:
+                    self.expert_home[(layer, e)] = ("store", store.expert(layer, e))
+                else:
+                    w13_pieces, w2_info = weights.expert_pieces(layer, e)
+                    self.expert_home[(layer, e)] = ("disk", (w13_pieces, w2_info))
+                    pieces += [*w13_pieces, w2_info]
+        # staging for disk reads
+        self.reader = self.ring = None
+        self.store, self._verified = store, set()
+        records = [w for t, w in self.expert_home.values() if t == "store"]
+        if pieces or records:
+            slot_bytes = max([span_bytes(x.offset, x.nbytes) for x in pieces]
+                             + [span_bytes(r.offset, r.nbytes) for r in records])
+            self.ring = PinnedRing(ring_slots, slot_bytes, pin="auto" if self.cuda else "none")
+            cpu.hold("disk staging ring", ring_slots * self.ring.slot_capacity)
+            self.reader = DiskReader(num_threads=4)
+
+    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+        return t.pin_memory() if self.cuda else t
+
+    # ---- copies ----------------------------------------------------------------------------------------
+    def fill(self, dst: torch.Tensor, src) -> int:
+        """Copy a host tensor, or disk pieces concatenated along dim 0, into ``dst`` (device). -> bytes."""
+        if isinstance(src, torch.Tensor):
+            dst.copy_(src.view(dst.shape), non_blocking=self.cuda)
+            self.counters.add("h2d", nbytes(src))
+            return nbytes(src)
+        row, total = 0, 0
+        for info in src:
+            rows = info.shape[0]
+            self._read_piece(info, dst[row : row + rows])
+            row += rows
+            total += info.nbytes
+        return total
+
+    def _read_piece(self, info: TensorInfo, dst: torch.Tensor) -> None:
+        slot = self.ring.acquire(timeout=120.0)
+        try:
+            ticket = self.reader.read(info.path, info.offset, info.nbytes, into=slot).wait()
+            src = slot.tensor(info.dtype, info.shape, offset=ticket.view_offset)
+            dst.copy_(src.view(dst.shape), non_blocking=self.cuda)
+            if self.cuda:
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()
+            del src
+        finally:
+            slot.release()
+        self.counters.add("disk_read", info.nbytes)
+        self.counters.add("h2d", info.nbytes)
+
+    def read_record(self, rec, w13: torch.Tensor, w2: torch.Tensor) -> int:
+        """One packed-store expert record (one read) into device ``w13`` / ``w2``; checksums are checked the
+        first time a record is read (ChecksumError names the tensor)."""
+        slot = self.ring.acquire(timeout=120.0)
+        try:
+            ticket = self.reader.read(rec.path, rec.offset, rec.nbytes, into=slot).wait()
+            if (rec.layer, rec.expert) not in self._verified:
+                raw = slot.tensor(torch.uint8, (rec.nbytes,), offset=ticket.view_offset)
+                self.store.verify_record(rec, raw)
+                del raw
+                self._verified.add((rec.layer, rec.expert))
+            src13, src2 = self.store.views(rec, slot, ticket.view_offset)
+            w13.copy_(src13, non_blocking=self.cuda)
+            w2.copy_(src2, non_blocking=self.cuda)
+            if self.cuda:
+                done = torch.cuda.Event()
+                done.record()
+                done.synchronize()
+            del src13, src2
+        finally:
+            slot.release()
+        self.counters.add("disk_read", rec.nbytes)
+        self.counters.add("h2d", rec.nbytes)
+        return rec.nbytes
+
+    def streamed_keys(self, layer: int) -> dict[str, tuple[int, ...]]:
+        return self.shapes[layer]
+
+    def source(self, layer: int, key: str):
+        return self.host[layer].get(key) if key in self.host[layer] else self.disk[layer][key]
+
+    def expert_tier(self, layer: int, e: int) -> str:
+        return self.expert_home[(layer, e)][0]
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def tier_bytes(self) -> dict:
+        """Weight bytes per tier as placed (for reports)."""
+        out = {"gpu": 0, "cpu": 0, "disk": 0}
+        for res, host, disk in zip(self.resident, self.host, self.disk):
+            out["gpu"] += sum(nbytes(t) for t in res.values())
+            out["cpu"] += sum(nbytes(t) for t in host.values())
+            out["disk"] += sum(i.nbytes for infos in disk.values() for i in infos)
+        for tier, what in self.expert_home.values():
+            if tier == "cpu":
+                out["cpu"] += nbytes(what[0]) + nbytes(what[1])
+            elif tier == "disk":
+                out["disk"] += sum(i.nbytes for i in what[0]) + what[1].nbytes
+            elif tier == "store":
+                out["disk"] += what.nbytes
+        if self.pool is not None:
+            out["gpu"] += self.pool.num_pinned * (self.pool.nbytes // max(self.pool.num_slots, 1))
+        return out
+
