@@ -71,7 +71,7 @@ def _count(value, default: int, name: str) -> int:
 def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: torch.dtype, policy: str,
                     gpu_memory, cpu_memory, offload_dir=None, num_batches="auto", batch_size="auto",
                     prefetcher: CorrelationPrefetcher | None = None, experts_fn=None, prompt_hint: int = 16,
-                    context_hint: int = 64                    ) -> OffloadedExecutor:
+                    context_hint: int = 64, kv: str = "auto"                    ) -> OffloadedExecutor:
     """Place ``weights`` under the budgets and return an executor for ``policy``.
 
     ``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited.
@@ -104,13 +104,19 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     size = torch.empty((), dtype=dtype).element_size()
     group = n * bs
     act = activation_bytes(spec, dtype, n, group, prompt_hint, context_hint)
-    kv = group * context_hint * sum(spec.kv_cache_elems_per_token(i) for i in range(spec.num_layers)) * size
+    kv_bytes = group * context_hint * sum(spec.kv_cache_elems_per_token(i) for i in range(spec.num_layers)) * size
     big = 1 << 62
     gpu_cap = gpu_budget if gpu_budget is not None else big
     cpu_cap = cpu_budget if cpu_budget is not None else big
     ring = 2 * (max(mb.expert_ckpt, max(max(c.values()) for c in mb.per_layer_ckpt)) + 8192)  # disk staging
-    reserve_cpu = min(kv, max(0, cpu_cap - ring) // 2) + ring
+    reserve_cpu = min(kv_bytes, max(0, cpu_cap - ring) // 2) + ring
     layout = auto_placement(mb, spec, policy, gpu_cap, cpu_cap, act, reserve_cpu)
+    if kv not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"kv must be 'auto', 'gpu' or 'cpu', got {kv!r}")
+    if kv == "cpu":
+        from dataclasses import replace
+
+        layout = replace(layout, placement=replace(layout.placement, kv="cpu"))
     expert_order = None
     if prefetcher is not None and prefetcher.popularity.sum() > 0:
         expert_order = [sorted(range(spec.num_experts), key=lambda e: (-prefetcher.popularity[layer][e], e))

@@ -92,7 +92,8 @@ class OffloadedExecutor:
         if old[0] is not None:
             (self.gpu if old[0] == "gpu" else self.cpu).free("kv cache", old[1])
         reserve = self.activation_bytes(batch_size, 1, capacity)
-        tier = "gpu" if (self.gpu.budget is None or self.gpu.used + need + reserve <= self.gpu.budget) else "cpu"
+        tier = "gpu" if self.layout.placement.kv == "gpu" and (
+            self.gpu.budget is None or self.gpu.used + need + reserve <= self.gpu.budget) else "cpu"
         if tier == "cpu":
             self.cpu.hold("kv cache", need)
         else:
@@ -397,6 +398,7 @@ class OffloadedExecutor:
             "gpu_budget": self.gpu.budget,
             "cpu_budget": self.cpu.budget,
             "placement": self.layout.describe(self.spec.num_experts),
+            "kv_tier": self._cache_bytes[0],
             "weights_per_tier": self.w.tier_bytes(),
         }
         out.update(self.stats.as_dict())
