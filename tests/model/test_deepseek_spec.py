@@ -157,3 +157,16 @@ def test_unsupported_router_settings():
         ModelSpec.from_config({**V2_LITE, "scoring_func": "sigmoid"})
     with pytest.raises(UnsupportedModelError, match="scoring_func"):
         ModelSpec.from_config({**V3, "scoring_func": "softmax"})
+
+
+@pytest.mark.parametrize("real", [V2_LITE, V3], ids=["v2-lite", "v3"])
+def test_cost_model_counts_the_mla_tensors_the_loader_reads(real):
+    """The planner's attention parameters per layer equal the elements of the MLA weight table."""
+    costs = pytest.importorskip("klotski.costs")
+    from klotski.model.mla import mla_sources
+
+    spec = ModelSpec.from_config(real)
+    table = sum(math.prod(shape) for src in mla_sources(spec, "p").values() for shape in src.shapes)
+    assert costs.ModelCosts.from_spec(spec).layers[0].attn_params == table
+    per_token = costs.ModelCosts.from_spec(spec).kv_bytes(1)
+    assert per_token == spec.kv_cache_elems_per_token() * 2 * spec.num_layers  # bf16 latent + rope key
