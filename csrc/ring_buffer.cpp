@@ -16,7 +16,9 @@ namespace klotski {
 struct SlotState {
   bool in_use = false;
   uint64_t generation = 0;
-  std::vector<std::shared_ptr<Completion>> inflight;
+  // Weak: a ticket/event must not keep the ring alive (no cycle through Slot). An expired entry is finished
+  // work whose owner dropped it (running reads hold their ticket; the Python layer holds copy events).
+  std::vector<std::weak_ptr<Completion>> inflight;
 };
 
 struct RingState {
@@ -38,10 +40,17 @@ struct RingState {
   // With mu held: prune finished work on slot i; return the descriptions of what is still in flight.
   std::vector<std::string> busy(size_t i) {
     auto& v = slots[i].inflight;
-    v.erase(std::remove_if(v.begin(), v.end(), [](const std::shared_ptr<Completion>& c) { return c->done(); }),
-            v.end());
     std::vector<std::string> out;
-    for (auto& c : v) out.push_back(c->describe());
+    std::vector<std::weak_ptr<Completion>> still;
+    for (auto& w : v) {
+      if (auto c = w.lock()) {
+        if (!c->done()) {
+          out.push_back(c->describe());
+          still.push_back(w);
+        }
+      }
+    }
+    v.swap(still);
     return out;
   }
 

@@ -6,6 +6,7 @@
   pool into a slot or an aligned host buffer, io mode AUTO / DIRECT / POSIX (argument or ``KLOTSKI_IO_MODE``).
 - :class:`CopyEngine` / :class:`CopyEvent` (``copy``): asynchronous slot -> device copies on a caller's
   CUDA stream, or host -> host in CPU mode with the same interface.
+- :class:`GdsFile` (``gds``): GPUDirect Storage reads through a dlopen'd cuFile, where present.
 
 Errors: ``OSError`` subclasses (FileNotFoundError, ...) and :class:`ShortReadError` for reads, naming path,
 offset and size; ``TimeoutError`` / :class:`RingExhaustedError` for waits; :class:`ReaderClosedError` for a
@@ -22,6 +23,7 @@ from klotski._C import (
     span_bytes,
 )
 from klotski.io.copy import CopyEngine, CopyEvent
+from klotski.io.gds import GdsFile, gds_available, gds_unavailable_reason
 from klotski.io.reader import DIRECT_ALIGNMENT, DiskReader, IOMode, ReadTicket, resolve_io_mode
 from klotski.io.ring import PinnedRing, Slot
 
@@ -31,6 +33,7 @@ __all__ = [
     "CudaError",
     "DIRECT_ALIGNMENT",
     "DiskReader",
+    "GdsFile",
     "IOMode",
     "PinnedRing",
     "ReadTicket",
@@ -41,6 +44,8 @@ __all__ = [
     "SlotStateError",
     "cuda_available",
     "cuda_info",
+    "gds_available",
+    "gds_unavailable_reason",
     "resolve_io_mode",
     "span_bytes",
 ]
