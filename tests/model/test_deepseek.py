@@ -166,3 +166,19 @@ def test_missing_mla_tensor_is_named(checkpoints, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.2.self_attn.kv_b_proj.weight' "
                                               r"\(expected shape \[128, 32\]\)"):
         LLM(path, device="cpu", dtype="float32")
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
+def test_offloaded_klotski_policy_matches_resident(checkpoints, tmp_path, arch):
+    """Latent KV cache and MLA weights through the offloaded runtime, experts streamed from disk."""
+    path, _ = checkpoints.get(arch)
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    ref = [o.token_ids for o in LLM(path, device="cpu").generate(prompt_token_ids=PROMPTS, sampling_params=sp)]
+    llm = LLM(path, device="cpu", policy="klotski", gpu_memory="700KiB", cpu_memory="200KiB",
+              offload_dir=str(tmp_path / "off"), num_batches=2, batch_size=2)
+    try:
+        out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=sp)]
+        assert llm.metrics.extra["weights_per_tier"]["disk"] > 0
+    finally:
+        llm.close()
+    assert out == ref
