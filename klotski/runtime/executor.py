@@ -106,19 +106,32 @@ class OffloadedExecutor:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: GroupCache, all_logits: bool = False) -> torch.Tensor:
-        """input_ids [B, S] (left-padded) -> fp32 logits [B, S, V] or [B, V]."""
+        """input_ids [B, S] (left-padded) -> fp32 logits [B, S, V] or [B, V].
+
+        When the group's activations for all S columns do not fit the device budget, the columns run in
+        chunks (chunked prefill over the same KV cache: the same result, more weight traffic)."""
         if self.closed:
             raise RuntimeError("executor is closed")
         B, S = input_ids.shape
-        act = self.activation_bytes(B, S, cache.length + S, all_logits)
-        if self.gpu.budget is not None and self.gpu.used + act > self.gpu.budget:
+        room = (self.gpu.budget - self.gpu.used) if self.gpu.budget is not None else None
+        chunk = S
+        while room is not None and chunk > 1 and self.activation_bytes(B, chunk, cache.length + chunk, all_logits) > room:
+            chunk = (chunk + 1) // 2
+        act = self.activation_bytes(B, chunk, cache.length + chunk, all_logits)
+        if room is not None and act > room:
             raise BudgetError(
                 f"gpu memory budget {format_bytes(self.gpu.budget)} is too small for this batch group "
-                f"({B} sequences x {S} tokens): activations need {format_bytes(act)} on top of "
+                f"({B} sequences): activations of one token column need {format_bytes(act)} on top of "
                 f"{format_bytes(self.gpu.used)} held; use fewer sequences per group or a larger gpu_memory "
                 f"(at least {format_bytes(self.gpu.used + act)})"
             )
-        self.gpu.hold("activations", act)
+        outs = []
+        for c in range(0, S, chunk):
+            outs.append(self._timed_forward(input_ids[:, c : c + chunk], cache, all_logits, act, prefill=S > 1))
+        return torch.cat(outs, dim=1) if all_logits else outs[-1]
+
+    def _timed_forward(self, input_ids, cache, all_logits, act: int, prefill: bool) -> torch.Tensor:
+        self.gpu.hold("activations", act, check=False)
         window = self.tracer.start_window()
         t0 = time.perf_counter()
         try:
@@ -129,8 +142,7 @@ class OffloadedExecutor:
         finally:
             self.gpu.free("activations", act)
         self.tracer.end_window(window)
-        key = "prefill_s" if S > 1 else "decode_s"
-        self.time[key] += time.perf_counter() - t0
+        self.time["prefill_s" if prefill else "decode_s"] += time.perf_counter() - t0
         self.time["forwards"] += 1
         return logits
 

@@ -11,8 +11,8 @@ from klotski.units import parse_bytes
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 3], [5, 6, 7, 8]]
 SP = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-# (gpu_memory, cpu_memory): unlimited; experts split gpu/cpu; nothing resident (experts from disk);
-BUDGETS = [(None, None), ("900KiB", "300KiB"), ("700KiB", "200KiB")]
+# (gpu_memory, cpu_memory): unlimited; experts split gpu/cpu; experts from disk; attention streamed too
+BUDGETS = [(None, None), ("900KiB", "300KiB"), ("700KiB", "200KiB"), ("560KiB", "120KiB")]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def run(path, policy, tmp_path, gpu=None, cpu=None, **kw):
 
 
 @pytest.mark.parametrize("policy", ["klotski", "flexgen", "layerwise"])
-@pytest.mark.parametrize("budget", BUDGETS, ids=["unlimited", "gpu+cpu", "disk"])
+@pytest.mark.parametrize("budget", BUDGETS, ids=["unlimited", "gpu+cpu", "disk", "tight"])
 def test_policy_matches_resident(mixtral, tmp_path, policy, budget):
     path, ref = mixtral
     llm, out = run(path, policy, tmp_path, *budget)
@@ -41,8 +41,10 @@ def test_policy_matches_resident(mixtral, tmp_path, policy, budget):
     for tier, b in zip(("gpu", "cpu"), budget):
         if b is not None:
             assert m[f"peak_{tier}_bytes"] <= parse_bytes(b)
-    if budget[1] == "200KiB":
+    if budget[1] in ("200KiB", "120KiB"):
         assert m["bytes_disk_read"] > 0 and m["weights_per_tier"]["disk"] > 0
+    if policy != "klotski" and budget[0] == "560KiB":  # one layer's attention streams from disk too
+        assert "attn=disk" in m["placement"]
     if policy == "klotski" and budget[0] is not None:
         assert m["prefetch_predictions"] > 0
 

@@ -1,0 +1,129 @@
+"""End-to-end offloaded generation: every policy on one random-weight checkpoint under a memory budget.
+
+    python bench/e2e/bench_offload.py                          # CPU: Mixtral-shaped small model, budget << model
+    python bench/e2e/bench_offload.py --hidden 4096 --inter 14336 --layers 4 --gpu-memory 24GB   # on a GPU
+
+Prints tokens/s, bubble fraction, bytes per tier and peak memory per policy, next to the planner's predicted
+tokens/s for the same placement (klotski.planner scored on a measured hardware profile), and writes JSON
+to bench/results/. Greedy tokens of every policy are checked against each other.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+
+def build_checkpoint(path: str, args) -> None:
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.inter,
+                           num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                           num_key_value_heads=max(1, args.heads // 4), num_local_experts=args.experts,
+                           num_experts_per_tok=args.top_k, max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            std = 1.0 if p.ndim == 1 else p.shape[-1] ** -0.5
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim == 1 else std) + (1.0 if p.ndim == 1 else 0.0))
+    model.to(getattr(torch, args.dtype)).save_pretrained(path)
+
+
+def predicted_tokens_per_s(llm, args, n: int, b: int) -> float | None:
+    try:
+        from klotski.costs import ModelCosts
+        from klotski.hardware import measure_profile
+        from klotski.planner import Planner
+
+        hw = measure_profile(device=llm.device.type, quick=True)
+        hw = hw.with_memory(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
+        dtype = str(llm.dtype).replace("torch.", "")
+        costs = ModelCosts.from_spec(llm.spec, weight_dtype=args.dtype, act_dtype=dtype)
+        plan = Planner(costs, hw, args.prompt_len, args.gen_len).score(
+            llm.policy, llm.executor.layout.placement, b, n)
+        return plan.tokens_per_s
+    except Exception as e:  # noqa: BLE001 - the prediction is informative only
+        print(f"  (planner prediction unavailable: {type(e).__name__}: {e})")
+        return None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="existing checkpoint (default: build a random Mixtral-shaped one)")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--gpu-memory", default="24MiB")
+    ap.add_argument("--cpu-memory", default="16MiB")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=16)
+    ap.add_argument("--num-batches", default="4")
+    ap.add_argument("--batch-size", default="2")
+    ap.add_argument("--policies", default="klotski,flexgen,layerwise")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    args = ap.parse_args()
+
+    from klotski import LLM, SamplingParams
+    from klotski.units import format_bytes
+
+    work = tempfile.mkdtemp(prefix="klotski-bench-")
+    model = args.model or os.path.join(work, "model")
+    if not args.model:
+        build_checkpoint(model, args)
+    size = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors"))
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, args.vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+    sp = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
+    print(f"checkpoint {format_bytes(size)} ({args.dtype}), budget gpu {args.gpu_memory} cpu {args.cpu_memory}, "
+          f"{args.num_prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated")
+    rows, tokens = [], {}
+    for policy in args.policies.split(","):
+        llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+                  offload_dir=os.path.join(work, "store"), num_batches=args.num_batches, batch_size=args.batch_size)
+        t = time.perf_counter()
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        wall = time.perf_counter() - t
+        m = llm.metrics
+        x = m.extra
+        tokens[policy] = [o.token_ids for o in outs]
+        pred = predicted_tokens_per_s(llm, args, x["num_batches"], x["batch_size"])
+        rows.append({"policy": policy, "tokens_per_s": m.tokens_per_s, "wall_s": wall,
+                     "predicted_tokens_per_s": pred, **{k: v for k, v in x.items() if k != "weights_per_tier"},
+                     "weights_per_tier": x["weights_per_tier"]})
+        llm.close()
+    same = all(v == next(iter(tokens.values())) for v in tokens.values())
+    head = f"{'policy':<10} {'tok/s':>8} {'pred':>8} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
+    print(head)
+    for r in rows:
+        pred = f"{r['predicted_tokens_per_s']:.2f}" if r["predicted_tokens_per_s"] else "-"
+        print(f"{r['policy']:<10} {r['tokens_per_s']:>8.2f} {pred:>8} {r['bubble_fraction']:>7.1%} "
+              f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
+              f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
+    print(f"greedy tokens identical across policies: {same}")
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "cpu"
+    path = os.path.join(args.out, f"e2e-offload-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "checkpoint_bytes": size, "device": device, "tokens_identical": same,
+                   "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
