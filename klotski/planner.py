@@ -59,7 +59,8 @@ class Plan:
 
     def describe(self, num_experts: int) -> str:
         lines = [
-            f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot experts)" if self.num_hot else ""),
+            f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot experts)" if self.num_hot else
+                                            " (FlexGen order chosen)" if self.policy == "klotski" else ""),
             f"batch       {self.batch_size} sequences x n={self.n} batches per group "
             f"= {self.batch_size * self.n} sequences",
             f"placement   {self.placement.describe(num_experts)}",
@@ -93,6 +94,8 @@ class Planner:
 
     def simulate(self, policy, placement, b, n, num_hot=None, overlap=True) -> tuple[SimResult, SimResult]:
         key = (policy, placement, b, n, num_hot, overlap)
+        if policy == "klotski" and num_hot is None:  # klotski with its features off runs FlexGen's order
+            policy = "flexgen"
         if key not in self._cache:
             pre, dec = self.shapes(b, n)
             self._cache[key] = tuple(
@@ -159,7 +162,6 @@ class Planner:
             return p
         window = p.disk_window
         other = cpu - sum(p.experts_on("cpu", lc.num_experts) * lc.expert_bytes for lc in moe)
-        layer_small = max(lc.attn_bytes + lc.gate_bytes + lc.shared_bytes for lc in costs.layers)
         if moe and eb:
             # other + M*c*eb (pinned) + window*(E-c)*eb (+ window slots of one layer) <= limit
             m = len(moe)
@@ -167,16 +169,16 @@ class Planner:
             c = int(room // ((m - window - 1) * eb)) if m > window + 1 else -1
             if c >= 0:
                 return replace(p, experts_cpu=min(E, c))
-        p = replace(p, experts_cpu=0, shared="disk", attn="disk", gate="disk")
-        cpu = static_memory(costs, p, shape, "")["cpu"] + (window + 1) * (E * eb + layer_small)
-        return p if cpu <= hw.cpu_memory else None
+        # everything streams from disk; the simulation decides whether the window fits
+        return replace(p, experts_cpu=0, shared="disk", attn="disk", gate="disk")
 
     # ---- search -------------------------------------------------------------------------------------------
     def variants(self, policy) -> list[tuple]:
         spec = self.costs.spec
         if policy == "klotski":
             k, E = max(spec.top_k, 1), max(spec.num_experts, 1)
-            return [(k, False), (E, True)]  # paper: K hot after the gates; wide: all experts, early
+            # paper: K hot after the gates; wide: all experts, early; None: FlexGen's order (features off)
+            return [(k, False), (E, True)]
         if policy == "flexgen":
             return [(None, True), (None, False)]
         return [(None, False)]
@@ -196,7 +198,8 @@ class Planner:
     def plan(self, policy: str = "klotski", seeds=()) -> Plan:
         """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits.
 
-        ``seeds``: extra (batch size, n, kv tier) starting points (e.g. another policy's best).
+        ``seeds``: extra (batch size, n, kv tier, overlap) starting points (another policy's best); there klotski
+        also tries FlexGen's order (its own features off), so it is never predicted slower than flexgen.
         """
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
@@ -218,11 +221,12 @@ class Planner:
                                 break  # larger batches need more memory still
                         if best is None or plan.tokens_per_s > best.tokens_per_s:
                             best, best_key = plan, (bi, ni, kv, hot, overlap)
-        for b, n, kv in seeds:
+        for b, n, kv, seed_overlap in seeds:
             if b not in BATCH_SIZES or kv not in kvs:
                 continue
             n = n if n in ns else 1
-            for hot, overlap in self.variants(policy):
+            extra = [(None, seed_overlap)] if policy in ("klotski", "flexgen") else []  # FlexGen's order
+            for hot, overlap in self.variants(policy) + extra:
                 plan = self.evaluate(policy, b, n, kv, hot, overlap)
                 if plan is not None and (best is None or plan.tokens_per_s > best.tokens_per_s):
                     best, best_key = plan, (BATCH_SIZES.index(b), ns.index(n), kv, hot, overlap)
@@ -248,7 +252,7 @@ class Planner:
         for policy in policies:  # each policy's search also starts from the earlier policies' best points
             try:
                 out[policy] = self.plan(policy, seeds)
-                seeds.append((out[policy].batch_size, out[policy].n, out[policy].placement.kv))
+                seeds.append((out[policy].batch_size, out[policy].n, out[policy].placement.kv, out[policy].overlap))
             except InfeasibleError:
                 out[policy] = None
         return out
@@ -256,8 +260,7 @@ class Planner:
     # ---- errors -------------------------------------------------------------------------------------------
     def min_memory(self, policy: str = "klotski") -> tuple[int, int]:
         """(GPU, CPU) bytes the leanest plan needs: batch 1, n 1, every weight streamed from disk."""
-        p = Placement(attn="disk", gate="disk", shared="disk", experts_gpu=0, experts_cpu=0, kv="cpu",
-                      disk_window=1)
+        p = Placement(attn="disk", gate="disk", shared="disk", experts_gpu=0, experts_cpu=0, kv="cpu")
         pol = "klotski" if policy == "resident" else policy
         pre, dec = self.simulate(pol, p, 1, 1, None if pol != "klotski" else self.costs.spec.top_k, False)
         gpu = max(pre.peak_mem["gpu"], dec.peak_mem["gpu"])

@@ -1,0 +1,88 @@
+import pytest
+
+from klotski import model as kmodel
+from klotski.costs import ModelCosts, calibrate, op_seconds, weight_dtype_of
+from klotski.hardware import preset
+from klotski.presets import MODEL_CONFIGS, model_config
+from klotski.schedule import Op
+
+GQA_MODELS = ["mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "olmoe-1b-7b"]
+DEEPSEEK = ["deepseek-v2-lite", "deepseek-v3"]
+needs_deepseek = pytest.mark.skipif("deepseek_v2" not in kmodel.PARSERS, reason="deepseek_v2 parser not registered")
+
+
+def test_mixtral_8x7b_bytes_match_design_numbers():
+    c = ModelCosts.from_config(model_config("mixtral-8x7b"))
+    lc = c.layers[0]
+    assert lc.expert_bytes == 3 * 4096 * 14336 * 2  # ~352 MB (design §1)
+    assert lc.num_experts * lc.expert_bytes == pytest.approx(2.82e9, rel=0.01)
+    assert lc.attn_bytes == (4096 * (4096 + 2 * 1024) + 4096 * 4096) * 2
+    assert lc.gate_bytes == 4096 * 8 * 2
+    assert lc.kv_bytes_per_token == 2 * 8 * 128 * 2
+    assert c.total_bytes == pytest.approx(93.4e9, rel=0.01)  # 46.7B parameters in bf16
+
+
+@pytest.mark.parametrize("name", GQA_MODELS)
+def test_builtin_gqa_models_parse(name):
+    c = ModelCosts.from_config(model_config(name), name=name)
+    assert c.num_layers == MODEL_CONFIGS[name]["num_hidden_layers"]
+    assert all(lc.expert_bytes > 0 for lc in c.layers if lc.kind == "moe")
+
+
+def test_total_params_of_known_models():
+    # public parameter counts: Qwen3-30B-A3B 30.5B, OLMoE 6.9B, Qwen1.5-MoE 14.3B, Mixtral-8x22B 141B
+    for name, params in [("qwen3-30b-a3b", 30.5e9), ("olmoe-1b-7b", 6.9e9), ("qwen1.5-moe-a2.7b", 14.3e9),
+                         ("mixtral-8x22b", 141e9)]:
+        c = ModelCosts.from_config(model_config(name))
+        assert c.total_bytes / 2 == pytest.approx(params, rel=0.03), name
+
+
+@needs_deepseek
+@pytest.mark.parametrize("name", DEEPSEEK)
+def test_builtin_deepseek_models_parse(name):
+    cfg = model_config(name)
+    c = ModelCosts.from_config(cfg, name=name)
+    spec = c.spec
+    assert spec.attention == "mla"
+    assert c.layers[0].kind == "dense" and c.layers[-1].kind == "moe"
+    assert c.layers[-1].kv_bytes_per_token == (spec.kv_lora_rank + spec.qk_rope_head_dim) * 2
+    assert c.layers[-1].shared_bytes == cfg["n_shared_experts"] * c.layers[-1].expert_bytes // (
+        1 if c.weight_dtype != "float8_e4m3" else 1)
+
+
+@needs_deepseek
+def test_deepseek_v3_size_and_mla_flops():
+    cfg = model_config("deepseek-v3")
+    assert weight_dtype_of(cfg) == "float8_e4m3"
+    c = ModelCosts.from_config(cfg)
+    # 671B parameters (+ the MTP layer, not modelled); fp8 weights, bf16 embeddings counted at 1 byte here
+    assert c.total_bytes == pytest.approx(671e9, rel=0.03)
+    spec = c.spec
+    proj, score, kv = c.attn_flops(10, seqs=1, q_len=1, past_len=99)
+    # absorbed decode: scores over the latent, per head (2 * kv_lora + rope) per key
+    assert score == pytest.approx(2 * 100 * spec.num_heads * (2 * spec.kv_lora_rank + spec.qk_rope_head_dim))
+    assert kv == 100 * (spec.kv_lora_rank + spec.qk_rope_head_dim) * 2
+    lite = ModelCosts.from_config(model_config("deepseek-v2-lite"))
+    assert lite.total_bytes / 2 == pytest.approx(15.7e9, rel=0.03)
+
+
+def test_attention_flops_gqa():
+    c = ModelCosts.from_config(model_config("mixtral-8x7b"))
+    proj, score, kv = c.attn_flops(0, seqs=2, q_len=1, past_len=9)
+    assert proj == 2 * 2 * c.layers[0].attn_params
+    assert score == 2 * 2 * 10 * 32 * 2 * 128
+    assert kv == 2 * 10 * 4096
+    _, score_prefill, _ = c.attn_flops(0, seqs=1, q_len=4, past_len=0)
+    assert score_prefill == 2 * 4 * 2.5 * 32 * 2 * 128  # causal: mean key count (4 + 1) / 2
+
+
+def test_op_seconds_and_calibration():
+    hw = preset("rtx3090")
+    copy = Op(0, "h2d", "prefetch", "gpu", 0, link="h2d", bytes=24 * 10**9)
+    assert op_seconds(copy, hw) == pytest.approx(1.0 + hw.transfer_latency_s)
+    mm = Op(1, "expert", "compute", "gpu", 0, flops=hw.matmul_flops["bfloat16"], calls=1)
+    assert op_seconds(mm, hw) == pytest.approx(1.0 + hw.op_overhead_s)
+    slow = calibrate(hw, [(copy, 2 * op_seconds(copy, hw)), (mm, 4.0 * op_seconds(mm, hw))])
+    assert slow.h2d_bandwidth == pytest.approx(hw.h2d_bandwidth / 2)
+    assert slow.matmul_flops["bfloat16"] == pytest.approx(hw.matmul_flops["bfloat16"] / 4)
+    assert slow.d2h_bandwidth == hw.d2h_bandwidth and "calibrated" in slow.source
