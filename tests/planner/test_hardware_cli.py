@@ -1,0 +1,65 @@
+import json
+import time
+
+import pytest
+
+from klotski.hardware import PRESETS, HardwareProfile, get_hardware, load_profile, measure_profile, preset
+
+
+def test_presets_are_labelled_and_complete():
+    for name in ("rtx3090-pcie4", "h800-pcie5", "t4", "l4", "a100-80gb", "h100-80gb"):
+        hw = PRESETS[name]
+        assert hw.source == "preset" and hw.device == "cuda"
+        assert hw.h2d_bandwidth > 0 and hw.disk_bandwidth > 0 and hw.attention_flops > 0
+        assert hw.matmul_rate("bfloat16") > 0 and hw.matmul_rate("float8_e4m3") > 0
+    assert preset("rtx3090").gpu_memory == 24 << 30
+    assert preset("T4").matmul_rate("float16") > preset("T4").matmul_rate("bfloat16")  # no bf16 tensor cores
+    with pytest.raises(KeyError, match="presets"):
+        preset("tpu-v9")
+
+
+def test_profile_json_roundtrip_and_default_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    hw = preset("l4").with_memory(gpu_memory="20GiB", cpu_memory="64GiB")
+    path = hw.save()
+    assert path == tmp_path / "klotski" / "hardware.json"
+    assert load_profile() == hw
+    assert get_hardware(str(path)) == hw
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**hw.to_dict(), "warp_drive": 1}))
+    with pytest.raises(ValueError, match="warp_drive"):
+        load_profile(bad)
+    with pytest.raises(FileNotFoundError, match="klotski profile"):
+        load_profile(tmp_path / "none.json")
+
+
+def test_measure_cpu_profile_is_quick(tmp_path):
+    t0 = time.perf_counter()
+    hw = measure_profile(device="cpu", disk_dir=str(tmp_path))
+    assert time.perf_counter() - t0 < 10.0
+    assert hw.source == "measured" and hw.device == "cpu"
+    assert hw.matmul_rate("float32") > 1e8 and hw.h2d_bandwidth > 1e8 and hw.disk_bandwidth > 1e6
+    assert 0 < hw.gpu_memory <= hw.cpu_memory
+    assert HardwareProfile.from_dict(hw.to_dict()) == hw
+
+
+def test_cli_plan_prints_plan_and_table(capsys, tmp_path):
+    from klotski.cli.plan import main
+
+    trace = tmp_path / "t.json"
+    rc = main(["--preset", "mixtral-8x7b", "--hardware", "rtx3090-pcie4", "--gpu-memory", "24GiB",
+               "--cpu-memory", "256GiB", "--prompt-len", "512", "--gen-len", "32", "--trace", str(trace)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "plan (klotski)" in out and "tokens/s" in out
+    for policy in ("layerwise", "flexgen", "klotski", "resident"):
+        assert policy in out
+    assert json.loads(trace.read_text())["traceEvents"]
+
+
+def test_cli_plan_impossible_limits(capsys):
+    from klotski.cli.plan import main
+
+    rc = main(["--preset", "olmoe-1b-7b", "--hardware", "t4", "--gpu-memory", "64MiB", "--cpu-memory", "1GiB"])
+    assert rc == 2
+    assert "needs GPU >=" in capsys.readouterr().err
