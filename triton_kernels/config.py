@@ -57,21 +57,25 @@ def check_config(config: dict, where: str = "config") -> dict:
     return {k: config[k] for k in CONFIG_KEYS}
 
 
-def default_config(num_tokens: int, num_experts: int, top_k: int, interpret: bool = False) -> dict:
+def default_config(
+    num_tokens: int, num_experts: int, top_k: int, interpret: bool = False, dtype_bytes: int = 2
+) -> dict:
     """Config for shapes and devices without a tuned file.
 
     The block height follows the expected pairs per expert (M*k/E): small groups waste less of a short block.
-    Tiles stay within ~100 KB of shared memory at 4 stages so they fit consumer GPUs too.
+    Tiles stay within ~100 KB of shared memory (gemm1 holds an x tile and two weight tiles per stage), so they
+    fit consumer GPUs too; fp32 gets fewer stages.
     """
     pairs_per_expert = num_tokens * top_k / max(num_experts, 1)
     if interpret:  # few, large programs: the interpreter's cost is per program and per loop step
         block_m = 16 if pairs_per_expert <= 16 else 32
-        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=1)
+    stages = 4 if dtype_bytes <= 2 else 2
     if pairs_per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=stages)
     if pairs_per_expert <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=stages)
+    return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=stages)
 
 
 def nearest_entry(table: dict[int, dict], num_tokens: int) -> dict:
@@ -113,14 +117,22 @@ class KernelConfigs:
         return table
 
     def lookup(
-        self, num_tokens: int, num_experts: int, intermediate_size: int, top_k: int, device_name: str
+        self, num_tokens: int, num_experts: int, intermediate_size: int, top_k: int, device_name: str,
+        dtype_bytes: int = 2,
     ) -> dict:
-        """Config for M = ``num_tokens`` on the (E, N, device) problem; see the module docstring for the order."""
-        for name in (config_file_name(num_experts, intermediate_size, device_name), device_file_name(device_name)):
-            table = self.table(name)
-            if table is not None:
-                return dict(nearest_entry(table, num_tokens))
-        return default_config(num_tokens, num_experts, top_k, interpret=device_name == INTERPRETER_DEVICE)
+        """Config for M = ``num_tokens`` on the (E, N, device) problem; see the module docstring for the order.
+
+        Tuned GPU files are for 16-bit weights; 4-byte (fp32) weights on a GPU take :func:`default_config`, whose
+        tiles are sized for them.
+        """
+        interpret = device_name == INTERPRETER_DEVICE
+        if interpret or dtype_bytes <= 2:
+            for name in (config_file_name(num_experts, intermediate_size, device_name),
+                         device_file_name(device_name)):
+                table = self.table(name)
+                if table is not None:
+                    return dict(nearest_entry(table, num_tokens))
+        return default_config(num_tokens, num_experts, top_k, interpret=interpret, dtype_bytes=dtype_bytes)
 
 
 @functools.lru_cache(maxsize=None)

@@ -133,7 +133,8 @@ def invoke_fused_moe(
     if config is None:
         device_name = device_name_of(hidden_states.device, interpret)
         config = packaged_configs().lookup(
-            shape.num_tokens, shape.num_experts, shape.intermediate_size, shape.top_k, device_name
+            shape.num_tokens, shape.num_experts, shape.intermediate_size, shape.top_k, device_name,
+            dtype_bytes=w13.element_size(),
         )
     else:
         config = check_config(config)

@@ -8,8 +8,11 @@ block's expert id goes through the ``expert_slots`` table to the weight-pool slo
     combine        out[m, h]  (+)= sum_j y[m*k + j, h] over resident choices j           (fp32 sum, one cast)
 
 The functions are plain Python; :func:`build_kernels` wraps them for the compiler or for the CPU interpreter
-(``TRITON_INTERPRET=1``), so one process can use either. Under the interpreter bf16 tiles are upcast to fp32
-on load (``UPCAST``): the interpreter has no bf16 arithmetic, and the rest of the code is the same.
+(``TRITON_INTERPRET=1``), so one process can use either. For that they call only Triton builtins, never the
+``@triton.jit`` helpers of ``triton.language.standard`` (``tl.zeros``, ``tl.cdiv``, ``tl.sigmoid``...): those
+are wrapped for one mode when Triton is first imported, and the interpreter re-patches them on every call.
+Under the interpreter bf16 tiles are upcast to fp32 on load (``UPCAST``): it has no bf16 arithmetic, and the
+rest of the code is the same.
 """
 from __future__ import annotations
 
@@ -59,8 +62,8 @@ def gemm1_act_kernel(
     gate_ptrs = w13_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
     up_ptrs = gate_ptrs + inter_size * stride_wn
 
-    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_gate = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    acc_up = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, (hidden_size + BLOCK_K - 1) // BLOCK_K):
         k_mask = offs_k < hidden_size - k0 * BLOCK_K
         x = tl.load(x_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
@@ -77,8 +80,7 @@ def gemm1_act_kernel(
         up_ptrs += BLOCK_K * stride_wk
 
     # Epilogue: activation-and-multiply in fp32.
-    # (sigmoid and cdiv are spelt out: the library versions are jit helpers, which the interpreter re-patches on
-    # every call, a large share of its time)
+    # (sigmoid spelt out: see the module docstring)
     if ACTIVATION == 0:  # silu: g * sigmoid(g)
         act = acc_gate / (1.0 + tl.exp(-acc_gate))
     else:  # gelu, tanh approximation: 0.5 g (1 + tanh(u)) = g * sigmoid(2u)
@@ -123,7 +125,7 @@ def gemm2_weight_kernel(
     a_ptrs = inter_ptr + pair[:, None] * stride_im + offs_k[None, :]
     w_ptrs = w2_ptr + slot * stride_ws + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk  # [BK, BN]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, (inter_size + BLOCK_K - 1) // BLOCK_K):
         k_mask = offs_k < inter_size - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=pair_mask[:, None] & k_mask[None, :], other=0.0)
@@ -153,7 +155,7 @@ def combine_kernel(
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     t_mask = offs_t < num_tokens
     h_mask = offs_h < hidden_size
-    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_H), 0.0, tl.float32)
     for j in tl.static_range(TOP_K):
         row_mask = t_mask
         if HAS_SLOTS:  # a non-resident choice was never computed: read nothing of it

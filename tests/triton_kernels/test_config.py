@@ -42,6 +42,8 @@ def test_fallback_order(tmp_path):
     assert configs.lookup(5, 8, 200, 2, "devA")["BLOCK_M"] == 16  # exact (E, N, device) file
     assert configs.lookup(5, 4, 200, 2, "devA")["BLOCK_M"] == 64  # per-device file
     assert configs.lookup(5, 4, 200, 2, "devB") == default_config(5, 4, 2)  # unknown device
+    assert configs.lookup(5, 8, 200, 2, "devA", dtype_bytes=4) == default_config(5, 8, 2, dtype_bytes=4)
+    assert default_config(5, 8, 2, dtype_bytes=4)["num_stages"] < default_config(5, 8, 2)["num_stages"]
 
 
 def test_default_config_follows_pairs_per_expert():
