@@ -126,9 +126,16 @@ def invoke_fused_moe(
     out: torch.Tensor | None = None,
     activation: str = "silu",
     config: dict | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
-    """The Triton path of :func:`fused_moe`, with an optional explicit kernel ``config`` (for the tuner)."""
-    shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
+    """The Triton path of :func:`fused_moe`, with an optional explicit kernel ``config`` (for the tuner).
+
+    ``check_values=False`` skips checking that expert ids and slots are in range, which costs one host sync per
+    call on a GPU (it is skipped anyway during CUDA-graph capture). Only for callers that built ``topk_ids`` and
+    ``expert_slots`` themselves: an out-of-range slot then reads outside the weight pool.
+    """
+    shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation,
+                             check_values=check_values)
     interpret = interpreter_enabled()
     if config is None:
         device_name = device_name_of(hidden_states.device, interpret)

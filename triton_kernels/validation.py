@@ -41,8 +41,12 @@ def check_routing(
     num_experts: int,
     expert_slots: torch.Tensor | None = None,
     num_slots: int | None = None,
+    check_values: bool = True,
 ) -> None:
-    """Check ``topk_ids`` [M, k] against ``num_experts`` and the optional slot table ``expert_slots`` [E]."""
+    """Check ``topk_ids`` [M, k] against ``num_experts`` and the optional slot table ``expert_slots`` [E].
+
+    ``check_values=False`` skips the value ranges (and so the host sync on a GPU) for callers that built the
+    routing and the slot table themselves."""
     if not isinstance(topk_ids, torch.Tensor):
         raise ValueError(f"topk_ids must be a torch.Tensor, got {type(topk_ids).__name__}")
     if topk_ids.dim() != 2:
@@ -69,7 +73,7 @@ def check_routing(
             raise ValueError(f"expert_slots must be contiguous, got strides {expert_slots.stride()}")
         if expert_slots.device != topk_ids.device:
             raise ValueError(f"expert_slots is on {expert_slots.device} but topk_ids is on {topk_ids.device}")
-    if topk_ids.numel() == 0 or _capturing(topk_ids):
+    if not check_values or topk_ids.numel() == 0 or _capturing(topk_ids):
         return
     bounds = [topk_ids.min(), topk_ids.max()]
     if expert_slots is not None:
@@ -98,6 +102,7 @@ def check_moe_inputs(
     expert_slots: torch.Tensor | None,
     out: torch.Tensor | None,
     activation: str,
+    check_values: bool = True,
 ) -> MoEShape:
     """Validate one fused_moe call and return its sizes.
 
@@ -169,5 +174,5 @@ def check_moe_inputs(
     else:
         got = tuple(expert_slots.shape) if isinstance(expert_slots, torch.Tensor) else type(expert_slots).__name__
         raise ValueError(f"expert_slots must be a 1-D [E] tensor or None, got {got}")
-    check_routing(topk_ids, num_experts, expert_slots, num_slots=S)
+    check_routing(topk_ids, num_experts, expert_slots, num_slots=S, check_values=check_values)
     return MoEShape(M, H, inter, S, num_experts, topk_ids.shape[1])

@@ -70,3 +70,16 @@ def test_bad_align_input_raises_value_error(align):
         align(ids, 16, 4, torch.zeros(3, dtype=torch.int32))
     with pytest.raises(ValueError, match="expert_slots must lie"):
         align(ids, 16, 4, torch.tensor([0, 1, 2, -3], dtype=torch.int32))
+
+
+def test_check_values_false_skips_only_the_value_ranges():
+    from klotski.triton_kernels import invoke_fused_moe
+
+    p = make_problem(5, 4, 2, H, I, slots="permuted", seed=0)
+    bad_slots = torch.tensor([0, 1, 2, 6], dtype=torch.int32)
+    with pytest.raises(ValueError, match="expert_slots must lie"):
+        invoke_fused_moe(*p.args(expert_slots=bad_slots))
+    with pytest.raises(ValueError, match="w13 dtype must match"):  # metadata checks still run
+        invoke_fused_moe(*p.args(w13=p.w13.half()), check_values=False)
+    got = invoke_fused_moe(*p.args(), check_values=False)
+    assert torch.allclose(got, fused_moe_torch(*p.args()), rtol=1e-5, atol=1e-5)
