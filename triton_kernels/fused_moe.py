@@ -137,6 +137,11 @@ def invoke_fused_moe(
     shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation,
                              check_values=check_values)
     interpret = interpreter_enabled()
+    if not (interpret or hidden_states.is_cuda):
+        raise ValueError(
+            f"the Triton path needs CUDA tensors or TRITON_INTERPRET=1, got tensors on {hidden_states.device}; "
+            "fused_moe falls back to fused_moe_torch there"
+        )
     if config is None:
         device_name = device_name_of(hidden_states.device, interpret)
         config = packaged_configs().lookup(

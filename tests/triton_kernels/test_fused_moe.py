@@ -124,3 +124,10 @@ def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
     monkeypatch.setattr(fused_moe_module, "invoke_fused_moe", no_triton)
     problem = make_problem(7, 8, 2, HIDDEN, INTER, torch.float32, slots="missing", seed=9)
     assert torch.equal(fused_moe(*problem.args()), fused_moe_torch(*problem.args()))
+
+
+def test_triton_path_on_plain_cpu_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    problem = make_problem(7, 8, 2, HIDDEN, INTER, torch.float32, seed=10)
+    with pytest.raises(ValueError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
+        invoke_fused_moe(*problem.args())
