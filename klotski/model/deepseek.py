@@ -21,7 +21,7 @@ import dataclasses
 import re
 
 from klotski.model.spec import ModelSpec, UnsupportedModelError, common_fields, parse_rope, register, require
-from klotski.model.weights import EXTRA_IGNORED
+from klotski.model.names import EXTRA_IGNORED
 
 
 def deepseek_layer_kinds(config: dict, num_layers: int, num_experts: int) -> tuple[str, ...]:

@@ -30,37 +30,10 @@ from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
 from klotski.model.rope import RotaryEmbedding, apply_rope
 from klotski.model.spec import ModelSpec
-from klotski.model.weights import ATTENTION_SOURCES, Source
 
 LATENT_NORM_EPS = 1e-6  # q_a_layernorm / kv_a_layernorm use RMSNorm's default eps, not rms_norm_eps
 
 
-def mla_sources(spec: ModelSpec, p: str) -> dict[str, Source]:
-    """Canonical MLA tensors of layer prefix ``p`` -> HF names and shapes."""
-    H, h = spec.hidden_size, spec.num_heads
-    a = f"{p}.self_attn"
-    qk, r, dr = spec.q_head_dim, spec.kv_lora_rank, spec.qk_rope_head_dim
-    out = {}
-    if spec.q_lora_rank:
-        ql = spec.q_lora_rank
-        out["q_a"] = Source((f"{a}.q_a_proj.weight",), ((ql, H),))
-        out["q_a_norm"] = Source((f"{a}.q_a_layernorm.weight",), ((ql,),))
-        out["q_b"] = Source((f"{a}.q_b_proj.weight",), ((h * qk, ql),))
-        if spec.attention_bias:
-            out["q_a_bias"] = Source((f"{a}.q_a_proj.bias",), ((ql,),))
-    else:
-        out["q"] = Source((f"{a}.q_proj.weight",), ((h * qk, H),))
-    out["kv_a"] = Source((f"{a}.kv_a_proj_with_mqa.weight",), ((r + dr, H),))
-    out["kv_a_norm"] = Source((f"{a}.kv_a_layernorm.weight",), ((r,),))
-    out["kv_b"] = Source((f"{a}.kv_b_proj.weight",), ((h * (spec.qk_nope_head_dim + spec.v_head_dim), r),))
-    out["o"] = Source((f"{a}.o_proj.weight",), ((H, h * spec.v_head_dim),))
-    if spec.attention_bias:
-        out["kv_a_bias"] = Source((f"{a}.kv_a_proj_with_mqa.bias",), ((r + dr,),))
-        out["o_bias"] = Source((f"{a}.o_proj.bias",), ((H,),))
-    return out
-
-
-ATTENTION_SOURCES["mla"] = mla_sources
 
 
 def softmax_scale(spec: ModelSpec) -> float:

@@ -1,9 +1,6 @@
-"""Map a checkpoint's HF tensor names to Klotski's canonical per-layer weights, validate, and load them.
+"""Validate a checkpoint against its spec and load Klotski's canonical per-layer weights from it.
 
-Canonical names of one layer (dict keys): ``input_norm``, ``post_attn_norm``; attention (``q``, ``k``, ``v``,
-``o``, ``q_bias``.., ``q_norm``, ``k_norm``; MLA names for DeepSeek); ``router`` [E, H] (+ ``router_bias``);
-``shared_w13`` [2Is, H], ``shared_w2`` [H, Is], ``shared_gate`` [1, H]; dense layers ``dense_w13``, ``dense_w2``.
-Routed experts are read one at a time: ``w13`` [2I, H] (gate rows, then up rows), ``w2`` [H, I].
+The canonical names and their HF sources are in :mod:`klotski.model.names`. Routed experts are read one at a time: ``w13`` [2I, H] (gate rows, then up rows), ``w2`` [H, I].
 
 Two expert key layouts are read:
 * per-expert: ``{moe}.experts.{e}.w1/w3/w2.weight`` (Mixtral) or ``.gate_proj/up_proj/down_proj.weight``;
@@ -13,37 +10,15 @@ Two expert key layouts are read:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from klotski.checkpoint import CheckpointError, SafetensorsIndex, TensorInfo
+from klotski.model.names import (  # noqa: F401  (re-exported)
+    ATTENTION_SOURCES, EXTRA_IGNORED, IGNORED, KEEP_FP32, ExpertLayout, Source, expert_names, global_sources,
+    layer_sources,
+)
 from klotski.model.spec import ModelSpec
-
-
-@dataclass(frozen=True)
-class Source:
-    """One canonical tensor: HF tensors concatenated along dim 0 (one name for most)."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    moe_prefix: str  # "mlp" or "block_sparse_moe"
-    fused: bool
-    proj: tuple[str, str, str]  # per-expert (gate, up, down) names: ("w1", "w3", "w2") or gate/up/down_proj
-
-
-IGNORED = (re.compile(r".*rotary_emb\.inv_freq$"),)
-# Canonical per-layer names loaded in fp32 whatever the compute dtype (transformers keeps DeepSeek-V3's
-# e_score_correction_bias in fp32: rounding it to bf16 can flip expert choices).
-KEEP_FP32 = frozenset({"router_bias"})
-# model_type -> function(spec) -> more patterns (objects with ``.match(name)``) of tensors a checkpoint may
-# carry that inference does not use (DeepSeek-V3's multi-token-prediction layers).
-EXTRA_IGNORED: dict[str, Callable[[ModelSpec], tuple]] = {}
 
 
 def detect_layout(index: SafetensorsIndex, spec: ModelSpec) -> ExpertLayout:
@@ -63,88 +38,6 @@ def detect_layout(index: SafetensorsIndex, spec: ModelSpec) -> ExpertLayout:
         f"'model.layers.{layer}.mlp.experts.gate_up_proj' (fused) or "
         f"'model.layers.{layer}.mlp.experts.0.w1.weight' / '...experts.0.gate_proj.weight' (per expert)"
     )
-
-
-def gqa_sources(spec: ModelSpec, p: str) -> dict[str, Source]:
-    H, D = spec.hidden_size, spec.head_dim
-    q_out, kv_out = spec.num_heads * D, spec.num_kv_heads * D
-    out = {
-        "q": Source((f"{p}.self_attn.q_proj.weight",), ((q_out, H),)),
-        "k": Source((f"{p}.self_attn.k_proj.weight",), ((kv_out, H),)),
-        "v": Source((f"{p}.self_attn.v_proj.weight",), ((kv_out, H),)),
-        "o": Source((f"{p}.self_attn.o_proj.weight",), ((H, q_out),)),
-    }
-    if spec.attention_bias:
-        out["q_bias"] = Source((f"{p}.self_attn.q_proj.bias",), ((q_out,),))
-        out["k_bias"] = Source((f"{p}.self_attn.k_proj.bias",), ((kv_out,),))
-        out["v_bias"] = Source((f"{p}.self_attn.v_proj.bias",), ((kv_out,),))
-    if spec.qk_norm != "none":
-        head = spec.qk_norm == "head"
-        out["q_norm"] = Source((f"{p}.self_attn.q_norm.weight",), ((D if head else q_out,),))
-        out["k_norm"] = Source((f"{p}.self_attn.k_norm.weight",), ((D if head else kv_out,),))
-    return out
-
-
-# Attention-kind -> function(spec, layer prefix) -> canonical sources. DeepSeek's MLA registers "mla".
-ATTENTION_SOURCES: dict[str, Callable[[ModelSpec, str], dict[str, Source]]] = {"gqa": gqa_sources}
-
-
-def mlp_sources(p: str, hidden: int, inter: int, key_prefix: str, names=("gate_proj", "up_proj", "down_proj")):
-    g, u, d = (f"{p}.{n}.weight" for n in names)
-    return {
-        f"{key_prefix}w13": Source((g, u), ((inter, hidden), (inter, hidden))),
-        f"{key_prefix}w2": Source((d,), ((hidden, inter),)),
-    }
-
-
-def layer_sources(spec: ModelSpec, layer: int, layout: ExpertLayout) -> dict[str, Source]:
-    """Canonical non-routed-expert tensors of one layer."""
-    p = f"model.layers.{layer}"
-    H = spec.hidden_size
-    out = {
-        "input_norm": Source((f"{p}.input_layernorm.weight",), ((H,),)),
-        "post_attn_norm": Source((f"{p}.post_attention_layernorm.weight",), ((H,),)),
-    }
-    out.update(ATTENTION_SOURCES[spec.attention](spec, p))
-    if not spec.is_moe(layer):
-        out.update(mlp_sources(f"{p}.mlp", H, spec.intermediate_size, "dense_"))
-        return out
-    m = f"{p}.{layout.moe_prefix}"
-    out["router"] = Source((f"{m}.gate.weight",), ((spec.num_experts, H),))
-    if spec.router_bias:
-        out["router_bias"] = Source((f"{m}.gate.e_score_correction_bias",), ((spec.num_experts,),))
-    if spec.shared_expert_intermediate_size:
-        name = "shared_experts" if spec.num_shared_experts else "shared_expert"
-        out.update(mlp_sources(f"{m}.{name}", H, spec.shared_expert_intermediate_size, "shared_"))
-    if spec.shared_expert_gate:
-        out["shared_gate"] = Source((f"{m}.shared_expert_gate.weight",), ((1, H),))
-    return out
-
-
-def global_sources(spec: ModelSpec, index: SafetensorsIndex | None = None) -> dict[str, Source]:
-    V, H = spec.vocab_size, spec.hidden_size
-    out = {
-        "embed": Source(("model.embed_tokens.weight",), ((V, H),)),
-        "norm": Source(("model.norm.weight",), ((H,),)),
-    }
-    if not spec.tie_word_embeddings or (index is not None and "lm_head.weight" in index):
-        out["lm_head"] = Source(("lm_head.weight",), ((V, H),))
-    return out
-
-
-def expert_names(spec: ModelSpec, layer: int, layout: ExpertLayout) -> dict[str, tuple[int, ...]]:
-    """HF names -> expected shapes of one layer's routed experts."""
-    E, H, I = spec.num_experts, spec.hidden_size, spec.moe_intermediate_size
-    base = f"model.layers.{layer}.{layout.moe_prefix}.experts"
-    if layout.fused:
-        return {f"{base}.gate_up_proj": (E, 2 * I, H), f"{base}.down_proj": (E, H, I)}
-    g, u, d = layout.proj
-    out = {}
-    for e in range(E):
-        out[f"{base}.{e}.{g}.weight"] = (I, H)
-        out[f"{base}.{e}.{u}.weight"] = (I, H)
-        out[f"{base}.{e}.{d}.weight"] = (H, I)
-    return out
 
 
 class CheckpointWeights:

@@ -163,7 +163,7 @@ def test_unsupported_router_settings():
 def test_cost_model_counts_the_mla_tensors_the_loader_reads(real):
     """The planner's attention parameters per layer equal the elements of the MLA weight table."""
     costs = pytest.importorskip("klotski.costs")
-    from klotski.model.mla import mla_sources
+    from klotski.model.names import mla_sources
 
     spec = ModelSpec.from_config(real)
     table = sum(math.prod(shape) for src in mla_sources(spec, "p").values() for shape in src.shapes)
