@@ -13,10 +13,25 @@ def demo_dir(tmp_path_factory):
     return build_demo_checkpoint(str(tmp_path_factory.mktemp("demo") / "m"), size="tiny")
 
 
-def test_demo_runs_and_reports_throughput(demo_dir, capsys):
-    assert main(["demo", "--size", "tiny", "--model-dir", demo_dir, "--max-tokens", "5", "--device", "cpu"]) == 0
+def test_demo_compares_offloaded_policies_under_a_budget(demo_dir, tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    rc = main(["demo", "--size", "tiny", "--model-dir", demo_dir, "--max-tokens", "4", "--device", "cpu",
+               "--gpu-memory", "2MiB", "--cpu-memory", "512KiB", "--offload-dir", str(tmp_path / "off"),
+               "--trace", str(trace)])
     out = capsys.readouterr().out
-    assert "tokens/s" in out and out.count("tokens: [") == 2
+    assert rc == 0, out
+    assert "greedy tokens identical across klotski, flexgen, layerwise" in out
+    table = out[out.index("policy  tokens/s"):]
+    assert all(p in table for p in ("klotski", "flexgen", "layerwise"))
+    for policy in ("klotski", "flexgen", "layerwise"):
+        assert json.loads((tmp_path / f"t-{policy}.json").read_text())
+
+
+def test_demo_single_resident_policy(demo_dir, capsys):
+    assert main(["demo", "--size", "tiny", "--model-dir", demo_dir, "--max-tokens", "3", "--device", "cpu",
+                 "--policy", "resident"]) == 0
+    out = capsys.readouterr().out
+    assert "policy resident:" in out and out.count("tokens: [") == 4
 
 
 def test_demo_tokenizer_round_trips_bytes(demo_dir):

@@ -1,29 +1,8 @@
 """``klotski generate --model DIR --prompt TEXT``: generate from a checkpoint and print the outputs."""
 from __future__ import annotations
 
-import argparse
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
-    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    p.add_argument("--policy", default="resident", help="weight placement policy (default: resident)")
-
-
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
-
-
-def sampling_params(args):
-    from klotski.sampling import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+from klotski.cli.metrics_table import format_table, metrics_row
+from klotski.cli.options import add_engine_args, add_sampling_args, build_llm, sampling_params, write_traces
 
 
 def add_parser(sub):
@@ -43,11 +22,16 @@ def print_outputs(prompts, outputs) -> None:
 
 
 def run(args) -> int:
-    from klotski.engine import LLM
-
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, policy=args.policy)
-    outputs = llm.generate(args.prompt, sampling_params(args), use_tqdm=True)
-    print_outputs(args.prompt, outputs)
-    m = llm.metrics
-    print(f"{m.generated_tokens} tokens in {m.total_s:.2f} s: {m.tokens_per_s:.1f} tokens/s ({llm.device}, {llm.dtype})")
+    llm = build_llm(args, args.model)
+    try:
+        outputs = llm.generate(args.prompt, sampling_params(args), use_tqdm=True)
+        print_outputs(args.prompt, outputs)
+        m = llm.metrics
+        print(f"{m.generated_tokens} tokens in {m.total_s:.2f} s: {m.tokens_per_s:.1f} tokens/s "
+              f"({llm.device}, {llm.dtype}, policy {llm.policy})")
+        if llm.policy != "resident":
+            print(format_table([metrics_row(llm.policy, m)]))
+        write_traces(llm, args)
+    finally:
+        llm.close()
     return 0
