@@ -65,3 +65,14 @@ def test_demo_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # nothing that looks like a checkpoint is left behind
     cfg = demo.demo_config("tiny")
     assert json.loads(json.dumps(cfg))["model_type"] == "mixtral"
+
+
+def test_bench_writes_json_per_policy(demo_dir, tmp_path, capsys):
+    out_json = tmp_path / "bench.json"
+    rc = main(["bench", "--model", demo_dir, "--num-prompts", "3", "--prompt-len", "6", "--gen-len", "3",
+               "--device", "cpu", "--policy", "klotski,layerwise", "--gpu-memory", "4MiB", "--json", str(out_json)])
+    assert rc == 0, capsys.readouterr().out
+    result = json.loads(out_json.read_text())
+    assert set(result["results"]) == {"klotski", "layerwise"} and result["tokens_agree"]
+    assert result["results"]["klotski"]["generated_tokens"] == 9
+    assert result["results"]["klotski"]["tokens_per_s"] > 0

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("demo", "generate", "plan", "profile", "convert")
+VERBS = ("demo", "generate", "bench", "plan", "profile", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

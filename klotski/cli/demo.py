@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 
-from klotski.cli.metrics_table import format_table, metrics_row
-from klotski.cli.options import add_engine_args, build_llm, write_traces
+from klotski.cli.compare import compare_policies
 from klotski.cli.generate import print_outputs
+from klotski.cli.metrics_table import format_table
+from klotski.cli.options import add_engine_args
 
 DEFAULT_PROMPTS = ["The expert-aware pipeline", "Klotski moves blocks", "Experts stream in while",
                    "A batch group shares"]
@@ -30,7 +31,6 @@ def add_parser(sub):
 
 def run(args) -> int:
     from klotski.demo import ensure_demo_checkpoint
-    from klotski.sampling import SamplingParams
     from klotski.units import format_bytes
 
     path = ensure_demo_checkpoint(args.size, args.model_dir)
@@ -42,23 +42,11 @@ def run(args) -> int:
     policies = DEMO_POLICIES if args.policy == "all" else (args.policy,)
     if any(p != "resident" for p in policies):
         print(f"budgets: device {args.gpu_memory}, host {args.cpu_memory}; disk tier in {args.offload_dir}")
-    params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    rows, tokens = [], {}
-    for policy in policies:
-        llm = build_llm(args, path, policy)
-        try:
-            outputs = llm.generate(prompts, params)
-            tokens[policy] = [o.token_ids for o in outputs]
-            if policy == policies[0]:
-                print_outputs(prompts, outputs)
-            rows.append(metrics_row(policy, llm.metrics))
-            print(f"policy {policy}: {llm.metrics.tokens_per_s:.1f} tokens/s ({llm.device}, {llm.dtype})")
-            write_traces(llm, args, suffix=policy if len(policies) > 1 else "")
-        finally:
-            llm.close()
+    rows, _, agree = compare_policies(args, path, policies, prompts=prompts, max_tokens=args.max_tokens,
+                                      on_first=lambda outputs: print_outputs(prompts, outputs))
     print()
     print(format_table(rows))
-    if len({str(t) for t in tokens.values()}) > 1:
+    if not agree:
         print("error: policies disagree on the greedy tokens")
         return 1
     if len(policies) > 1:
