@@ -74,6 +74,8 @@ class ModelCosts:
     layers: tuple[LayerCosts, ...]
     embed_bytes: int
     lm_head_bytes: int
+    device_dtype: str | None = None  # dtype of weights once on the device (None: weight_dtype); the runtime
+    # upcasts bf16 checkpoints to fp32 on CPU, doubling what a placed or streamed weight holds on the device
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
@@ -123,6 +125,31 @@ class ModelCosts:
     @property
     def act_bytes(self) -> float:
         return dtype_bytes(self.act_dtype)
+
+    @property
+    def device_scale(self) -> float:
+        """Device bytes per stored weight byte (1.0 unless ``device_dtype`` differs from ``weight_dtype``)."""
+        if self.device_dtype is None:
+            return 1.0
+        return dtype_bytes(self.device_dtype) / dtype_bytes(self.weight_dtype)
+
+    def device_bytes(self, stored_bytes: int) -> int:
+        """Device memory of weights that take ``stored_bytes`` on the host / disk."""
+        return int(math.ceil(stored_bytes * self.device_scale))
+
+    def activation_bytes(self, seqs: int, n: int, q_len: int, kv_len: int, all_logits: bool = False) -> int:
+        """Transient device memory of one step of a group of ``seqs`` sequences in ``n`` batches, ``q_len``
+        new tokens each over ``kv_len`` keys: hidden states and residuals, the widest FFN intermediate, one
+        batch's attention scores and the logits. The runtime checks a forward against this same estimate
+        (an upper bound: CPU mode cannot measure its allocations, see ``klotski.runtime``)."""
+        spec, size = self.spec, self.act_bytes
+        T, H = seqs * q_len, spec.hidden_size
+        mb = -(-seqs // max(1, min(n, seqs)))
+        width = max(spec.moe_intermediate_size * spec.top_k, spec.intermediate_size,
+                    spec.shared_expert_intermediate_size)
+        attn = mb * spec.num_heads * q_len * kv_len * 4 * 2 + mb * q_len * spec.num_heads * max(spec.q_head_dim, 1) * size * 4
+        logits = seqs * (q_len if all_logits else 1) * spec.vocab_size * 4
+        return int(T * H * (6 * size + 8) + T * 2 * width * size + attn + logits)
 
     @property
     def total_bytes(self) -> int:

@@ -143,11 +143,11 @@ class Planner:
             return None
         p = lean
         for cls in ("gate", "attn", "shared"):  # small, used by every batch: resident first
-            need = sum(getattr(lc, f"{cls}_bytes") for lc in costs.layers)
+            need = costs.device_bytes(sum(getattr(lc, f"{cls}_bytes") for lc in costs.layers))
             if need <= free and getattr(p, cls) != "gpu":
                 p, free = replace(p, **{cls: "gpu"}), free - need
         if moe and eb:
-            g = min(E, int(free // (len(moe) * eb)))
+            g = min(E, int(free // (len(moe) * costs.device_bytes(eb))))
             p = replace(p, experts_gpu=g, experts_cpu=None if p.experts_cpu is None else min(p.experts_cpu, E - g))
         return p
 

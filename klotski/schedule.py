@@ -124,16 +124,24 @@ class Schedule:
 def static_memory(costs: ModelCosts, placement: Placement, shape: StepShape, policy: str) -> dict:
     """Bytes each tier holds for the whole run: placed weights, the KV cache, the group's hidden states."""
     mem = {t: 0 for t in TIERS}
-    mem["gpu"] += costs.embed_bytes + costs.lm_head_bytes
+    gpu_weights = costs.embed_bytes + costs.lm_head_bytes
     seqs = shape.batch_size * shape.n
     for lc in costs.layers:
-        mem["gpu"] += lc.norm_bytes
+        gpu_weights += lc.norm_bytes
         for cls, tier in (("attn", placement.attn), ("gate", placement.gate), ("shared", placement.shared)):
-            mem[tier] += getattr(lc, f"{cls}_bytes")
-        for tier in TIERS:
+            if tier == "gpu":
+                gpu_weights += getattr(lc, f"{cls}_bytes")
+            else:
+                mem[tier] += getattr(lc, f"{cls}_bytes")
+        gpu_weights += placement.experts_on("gpu", lc.num_experts) * lc.expert_bytes
+        for tier in ("cpu", "disk"):
             mem[tier] += placement.experts_on(tier, lc.num_experts) * lc.expert_bytes
+    mem["gpu"] += costs.device_bytes(gpu_weights)  # weights on the device are in its dtype
     mem[placement.kv] += costs.kv_bytes(seqs * shape.context_len)
-    mem["gpu"] += 2 * costs.hidden_bytes(seqs * shape.q_len)  # hidden states + residual of the group
+    # the group's transient activations: the same estimate the runtime checks a forward against
+    n = 1 if policy in ("layerwise", "resident") else shape.n
+    mem["gpu"] += max(2 * costs.hidden_bytes(seqs * shape.q_len),
+                      costs.activation_bytes(seqs, n, shape.q_len, shape.past_len + shape.q_len))
     return mem
 
 
@@ -267,17 +275,17 @@ def _h2d(b: _Builder, ctx: _Context, layer: int, stream: str, tensor: str, nbyte
     if tier == "disk":
         deps += (_disk_read(b, ctx, layer),)
     op = b.add("h2d", stream, "gpu", layer, tensor=tensor, expert=expert, link="h2d", bytes=nbytes, deps=deps,
-               mem_alloc={"gpu": nbytes})
+               mem_alloc={"gpu": ctx.costs.device_bytes(nbytes)})
     if tier == "disk":
         ctx.h2d_from_disk.setdefault(layer, []).append(op.id)
     return op.id
 
 
-def _release(b: _Builder, layer: int, tensor: str, nbytes: int, deps=(), expert=None) -> int | None:
+def _release(b: _Builder, ctx: _Context, layer: int, tensor: str, nbytes: int, deps=(), expert=None) -> int | None:
     if nbytes == 0:
         return None
     return b.add("release", "compute", "gpu", layer, tensor=tensor, expert=expert, deps=deps,
-                 mem_free={"gpu": nbytes}).id
+                 mem_free={"gpu": ctx.costs.device_bytes(nbytes)}).id
 
 
 def _attention(b: _Builder, ctx: _Context, layer: int, batch: int, weights_id: int | None) -> int:
@@ -358,7 +366,7 @@ def _flexgen_layer(b: _Builder, ctx: _Context, layer: int, overlap: bool) -> Non
         else:
             ctx.last_compute = _shared(b, ctx, layer, tokens, k, None)
     loaded = sum(nbytes[t] for t in ("cpu", "disk"))
-    rel = _release(b, layer, "layer", loaded)
+    rel = _release(b, ctx, layer, "layer", loaded)
     ctx.layer_release[layer] = rel if rel is not None else ctx.last_compute
 
 
@@ -403,19 +411,19 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
         ctx.last_compute = attn if routing is None else last_gate
     ctx.layer_issue[layer] = last_gate if last_gate is not None else ctx.last_compute
     if attn_w is not None:
-        _release(b, layer, "attn", lc.attn_bytes, deps=())
+        _release(b, ctx, layer, "attn", lc.attn_bytes, deps=())
     if gate_w is not None:
-        _release(b, layer, "gate", lc.gate_bytes)
+        _release(b, ctx, layer, "gate", lc.gate_bytes)
     total = shape.tokens_per_batch * shape.n
     sh = _shared(b, ctx, layer, total, None, shared_w)
     if sh is not None:
         ctx.last_compute = sh
         if shared_w is not None:
-            _release(b, layer, "shared", lc.shared_bytes)
+            _release(b, ctx, layer, "shared", lc.shared_bytes)
     if routing is None:
         return
     for e in routing.hot_unused:  # prefetched but not selected: give the buffer back at once
-        _release(b, layer, "expert", lc.expert_bytes if hot_w.get(e) is not None else 0, expert=e)
+        _release(b, ctx, layer, "expert", lc.expert_bytes if hot_w.get(e) is not None else 0, expert=e)
     runs = [(e, t, None) for e, t in routing.resident] + [(e, t, hot_w.get(e)) for e, t in routing.hot]
     runs += [(e, t, cold_w.get(e)) for e, t, _ in routing.cold]
     width = spec.moe_intermediate_size
@@ -425,6 +433,6 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
                                  tokens=tok, flops=costs.expert_flops(layer, tok), bytes=lc.expert_bytes,
                                  mem_alloc=ws, mem_free=ws).id
         if w is not None:
-            rel = _release(b, layer, "expert", lc.expert_bytes, expert=e)
+            rel = _release(b, ctx, layer, "expert", lc.expert_bytes, expert=e)
             ctx.layer_release[layer] = rel
     ctx.layer_release.setdefault(layer, ctx.last_compute)
