@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from klotski.costs import ModelCosts
+from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
 from klotski.simulate import SimResult, simulate_model_step
@@ -85,6 +86,7 @@ class Planner:
         spec = costs.spec
         self.routing = routing or RoutingStats.uniform(max(spec.num_experts, 1), max(spec.top_k, 1))
         self._cache: dict = {}
+        self.prune = True  # skip candidates whose tokens/s bound cannot beat the incumbent (same decisions)
 
     # ---- one candidate ----------------------------------------------------------------------------------
     def shapes(self, b: int, n: int) -> tuple[StepShape, StepShape]:
@@ -93,9 +95,9 @@ class Planner:
                 StepShape("decode", b, n, 1, self.prompt_len + self.gen_len // 2, ctx))
 
     def simulate(self, policy, placement, b, n, num_hot=None, overlap=True) -> tuple[SimResult, SimResult]:
-        key = (policy, placement, b, n, num_hot, overlap)
         if policy == "klotski" and num_hot is None:  # klotski with its features off runs FlexGen's order
             policy = "flexgen"
+        key = (policy, placement, b, n, num_hot, overlap)
         if key not in self._cache:
             pre, dec = self.shapes(b, n)
             self._cache[key] = tuple(
@@ -135,8 +137,10 @@ class Planner:
         lean = self._cpu_fit(Placement(attn="cpu", gate="cpu", shared="cpu", experts_gpu=0, kv=kv), pre)
         if lean is None:
             return None
-        pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap)
         static = static_memory(costs, lean, pre, policy)["gpu"]
+        if static > hw.gpu_memory:  # the simulated peak is static + dynamic >= static: no need to simulate
+            return None
+        pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap)
         dyn = max(pre_sim.peak_mem["gpu"], dec_sim.peak_mem["gpu"]) - static
         free = hw.gpu_memory - static - dyn
         if free < 0:
@@ -183,6 +187,25 @@ class Planner:
             return [(None, True), (None, False)]
         return [(None, False)]
 
+    def upper_bound(self, policy, b, n, kv, num_hot, overlap) -> float:
+        """Tokens/s no placement of this candidate can exceed (``klotski.plan_bounds``; no simulation)."""
+        key = ("bound", policy, b, n, kv, num_hot, overlap)
+        if key not in self._cache:
+            total = 0.0
+            for shape, steps in zip(self.shapes(b, n), (1, self.gen_len - 1)):
+                static = lean_static_gpu(self.costs, shape, kv, policy)
+                total += steps * step_time_lower_bound(self.costs, self.hw, self.routing, policy, shape, kv,
+                                                       num_hot, static)
+            n_eff = 1 if policy in ("layerwise", "resident") else n
+            self._cache[key] = b * n_eff * self.gen_len / total if total > 0 else float("inf")
+        return self._cache[key]
+
+    def cannot_beat(self, rate: float | None, policy, b, n, kv, num_hot, overlap) -> bool:
+        """True when the candidate's tokens/s is certainly <= ``rate`` (None: nothing to beat)."""
+        if rate is None or not self.prune:
+            return False
+        return self.upper_bound(policy, b, n, kv, num_hot, overlap) * (1 + 1e-9) <= rate
+
     def evaluate(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
         key = ("eval", policy, b, n, kv, num_hot, overlap)
         if key not in self._cache:
@@ -209,17 +232,29 @@ class Planner:
         best_key = None
         coarse_b = [i for i, b in enumerate(BATCH_SIZES) if b in (2, 16, 128)]
         coarse_n = [i for i, n in enumerate(ns) if n in (1, 4, 16)]
+        rate = lambda: None if best is None else best.tokens_per_s  # noqa: E731
         for kv in kvs:
             for hot, overlap in self.variants(policy):
                 for ni in coarse_n:
+                    # bound-pruned batch sizes of this run; the scan stops at the first infeasible one, so
+                    # their feasibility is settled (simulated) only before a later batch size is taken
+                    skipped: list[int] = []
                     for bi in coarse_b:
-                        plan = self.evaluate(policy, BATCH_SIZES[bi], ns[ni], kv, hot, overlap)
+                        n = ns[ni]
+                        if self.cannot_beat(rate(), policy, BATCH_SIZES[bi], n, kv, hot, overlap) and (
+                                bi != coarse_b[0] or self.cannot_beat(rate(), policy, BATCH_SIZES[0], n, kv, hot,
+                                                                      overlap)):
+                            skipped.append(bi)
+                            continue
+                        plan = self.evaluate(policy, BATCH_SIZES[bi], n, kv, hot, overlap)
                         if plan is None:
                             if bi == coarse_b[0]:  # nothing this small fits: try the smallest batch
-                                plan = self.evaluate(policy, BATCH_SIZES[0], ns[ni], kv, hot, overlap)
+                                plan = self.evaluate(policy, BATCH_SIZES[0], n, kv, hot, overlap)
                             if plan is None:
                                 break  # larger batches need more memory still
                         if best is None or plan.tokens_per_s > best.tokens_per_s:
+                            if any(self._stops_scan(policy, i, coarse_b[0], n, kv, hot, overlap) for i in skipped):
+                                break
                             best, best_key = plan, (bi, ni, kv, hot, overlap)
         for b, n, kv, seed_overlap in seeds:
             if b not in BATCH_SIZES or kv not in kvs:
@@ -227,6 +262,8 @@ class Planner:
             n = n if n in ns else 1
             extra = [(None, seed_overlap)] if policy in ("klotski", "flexgen") else []  # FlexGen's order
             for hot, overlap in self.variants(policy) + extra:
+                if self.cannot_beat(rate(), policy, b, n, kv, hot, overlap):
+                    continue
                 plan = self.evaluate(policy, b, n, kv, hot, overlap)
                 if plan is not None and (best is None or plan.tokens_per_s > best.tokens_per_s):
                     best, best_key = plan, (BATCH_SIZES.index(b), ns.index(n), kv, hot, overlap)
@@ -242,10 +279,18 @@ class Planner:
             for c in cands:
                 if not (0 <= c[0] < len(BATCH_SIZES) and 0 <= c[1] < len(ns)) or c == best_key:
                     continue
+                if self.cannot_beat(best.tokens_per_s * (1 + 1e-9), policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:]):
+                    continue
                 plan = self.evaluate(policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:])
                 if plan is not None and plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
                     best, best_key, improved = plan, c, True
         return best
+
+    def _stops_scan(self, policy, bi, first_bi, n, kv, hot, overlap) -> bool:
+        """Whether the unpruned coarse scan would have stopped at the skipped batch size ``BATCH_SIZES[bi]``."""
+        if self.evaluate(policy, BATCH_SIZES[bi], n, kv, hot, overlap) is not None:
+            return False
+        return bi != first_bi or self.evaluate(policy, BATCH_SIZES[0], n, kv, hot, overlap) is None
 
     def compare(self, policies=POLICIES) -> dict[str, Plan | None]:
         out, seeds = {}, []

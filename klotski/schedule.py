@@ -32,7 +32,7 @@ COMPUTE_KINDS = ("attn", "gate", "expert", "experts", "shared", "lm_head")
 COPY_KINDS = ("read", "h2d", "kv_load", "kv_store")
 
 
-@dataclass
+@dataclass(slots=True)  # slots: the planner builds hundreds of thousands of ops per search
 class Op:
     """One step of a schedule. ``mem_alloc`` is taken at start, ``mem_free`` given back at the end."""
 
@@ -152,7 +152,8 @@ class _Builder:
         self.ops: list[Op] = []
 
     def add(self, kind, stream, device, layer, **kw) -> Op:
-        deps = tuple(sorted({d for d in kw.pop("deps", ()) if d is not None}))
+        deps = kw.pop("deps", ())
+        deps = tuple(sorted({d for d in deps if d is not None})) if deps else ()
         op = Op(id=len(self.ops), kind=kind, stream=stream, device=device, layer=layer, deps=deps, **kw)
         self.ops.append(op)
         return op

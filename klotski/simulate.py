@@ -58,61 +58,74 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     n = len(ops)
     start = [0.0] * n
     finish = [0.0] * n
-    pending = [len(op.deps) for op in ops]
+    pending = [0] * n
     succ: list[list[int]] = [[] for _ in range(n)]
+    names: dict[str, int] = {}  # stream -> index
+    op_stream = [0] * n
+    queues: list[list[int]] = []
     for op in ops:
+        oid = op.id
+        pending[oid] = len(op.deps)
         for d in op.deps:
-            if d >= op.id:
-                raise ValueError(f"op {op.id} ({op.kind}) depends on a later op {d}: deps must point backwards")
-            succ[d].append(op.id)
-    queues: dict[str, list[int]] = {}
-    for op in ops:
-        queues.setdefault(op.stream, []).append(op.id)
-    head = {s: 0 for s in queues}
-    stream_free = {s: 0.0 for s in queues}
+            if d >= oid:
+                raise ValueError(f"op {oid} ({op.kind}) depends on a later op {d}: deps must point backwards")
+            succ[d].append(oid)
+        si = names.get(op.stream)
+        if si is None:
+            si = names[op.stream] = len(queues)
+            queues.append([])
+        op_stream[oid] = si
+        queues[si].append(oid)
+    head = [0] * len(queues)
+    stream_free = [0.0] * len(queues)
     link_free: dict[str, float] = {}
     ready_at = [0.0] * n  # max finish of deps
     heap: list[tuple[float, int, float, int]] = []  # (time, priority, ready time, op id)
     prio = [LINK_PRIORITY.get(op.stream, 4) for op in ops]
-    uses_link = [op.link is not None and d > 0 for op, d in zip(ops, dur)]
+    link = [op.link if op.link is not None and d > 0 else None for op, d in zip(ops, dur)]  # None: no link
     queued = [False] * n
+    push, pop = heapq.heappush, heapq.heappop
 
-    def consider(stream: str) -> None:
-        i = head[stream]
-        q = queues[stream]
-        if i < len(q) and pending[q[i]] == 0 and not queued[q[i]]:
+    def consider(si: int) -> None:
+        i = head[si]
+        q = queues[si]
+        if i < len(q):
             oid = q[i]
-            queued[oid] = True
-            t = max(stream_free[stream], ready_at[oid])
-            heapq.heappush(heap, (t, prio[oid], t, oid))
+            if pending[oid] == 0 and not queued[oid]:
+                queued[oid] = True
+                t = max(stream_free[si], ready_at[oid])
+                push(heap, (t, prio[oid], t, oid))
 
-    for s in queues:
-        consider(s)
+    for si in range(len(queues)):
+        consider(si)
     done = 0
     while heap:
-        t, p, ready, oid = heapq.heappop(heap)
-        op = ops[oid]
-        if uses_link[oid]:
-            t_link = link_free.get(op.link, 0.0)
+        t, p, ready, oid = pop(heap)
+        lk = link[oid]
+        if lk is not None:
+            t_link = link_free.get(lk, 0.0)
             if t_link > t:
-                heapq.heappush(heap, (t_link, p, ready, oid))
+                push(heap, (t_link, p, ready, oid))
                 continue
         start[oid] = t
-        finish[oid] = t + dur[oid]
-        if uses_link[oid]:
-            link_free[op.link] = finish[oid]
-        stream_free[op.stream] = finish[oid]
-        head[op.stream] += 1
+        f = finish[oid] = t + dur[oid]
+        if lk is not None:
+            link_free[lk] = f
+        si = op_stream[oid]
+        stream_free[si] = f
+        head[si] += 1
         done += 1
         for s_id in succ[oid]:
             pending[s_id] -= 1
-            if finish[oid] > ready_at[s_id]:
-                ready_at[s_id] = finish[oid]
-            if pending[s_id] == 0 and queues[ops[s_id].stream][head[ops[s_id].stream]] == s_id:
-                consider(ops[s_id].stream)
-        consider(op.stream)
+            if f > ready_at[s_id]:
+                ready_at[s_id] = f
+            if pending[s_id] == 0:
+                sj = op_stream[s_id]
+                if queues[sj][head[sj]] == s_id:
+                    consider(sj)
+        consider(si)
     if done != n:
-        stuck = [queues[s][head[s]] for s in queues if head[s] < len(queues[s])]
+        stuck = [q[head[si]] for si, q in enumerate(queues) if head[si] < len(q)]
         raise ValueError(f"schedule deadlocks: ops {stuck[:5]} wait on dependencies that never run "
                          f"(a dependency is queued behind its dependant on the same stream)")
     busy: dict[str, float] = {}
@@ -126,15 +139,21 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
 
 
 def _peak_memory(schedule: Schedule, start: list, finish: list) -> dict:
+    events: dict[str, tuple[list, list]] = {tier: ([], []) for tier in TIERS}  # tier -> (times, deltas)
+    for op in schedule.ops:
+        if op.mem_alloc:
+            for tier, a in op.mem_alloc.items():
+                if a:
+                    ev = events.setdefault(tier, ([], []))
+                    ev[0].append(start[op.id]); ev[1].append(a)
+        if op.mem_free:
+            for tier, f in op.mem_free.items():
+                if f:
+                    ev = events.setdefault(tier, ([], []))
+                    ev[0].append(finish[op.id]); ev[1].append(-f)
     peaks = {}
     for tier in TIERS:
-        times, deltas = [], []
-        for op in schedule.ops:
-            a, f = op.mem_alloc.get(tier, 0), op.mem_free.get(tier, 0)
-            if a:
-                times.append(start[op.id]); deltas.append(a)
-            if f:
-                times.append(finish[op.id]); deltas.append(-f)
+        times, deltas = events[tier]
         dyn = 0
         if times:
             t, d = np.asarray(times), np.asarray(deltas, dtype=np.int64)
