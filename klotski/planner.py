@@ -232,7 +232,22 @@ class Planner:
         best_key = None
         coarse_b = [i for i, b in enumerate(BATCH_SIZES) if b in (2, 16, 128)]
         coarse_n = [i for i, n in enumerate(ns) if n in (1, 4, 16)]
-        rate = lambda: None if best is None else best.tokens_per_s  # noqa: E731
+        # the seeds are evaluated below anyway: their best rate is a floor for pruning the coarse grid (a
+        # candidate strictly below it can never be the search's best, so the same plan is found)
+        floor = None
+        for b, n, kv, seed_overlap in seeds:
+            if b in BATCH_SIZES and kv in kvs:
+                extra = [(None, seed_overlap)] if policy in ("klotski", "flexgen") else []
+                for hot, overlap in self.variants(policy) + extra:
+                    plan = self.evaluate(policy, b, n if n in ns else 1, kv, hot, overlap)
+                    if plan is not None and (floor is None or plan.tokens_per_s > floor):
+                        floor = plan.tokens_per_s
+
+        def rate():
+            if best is None:
+                return floor
+            return best.tokens_per_s if floor is None else max(floor, best.tokens_per_s)
+
         for kv in kvs:
             for hot, overlap in self.variants(policy):
                 for ni in coarse_n:
