@@ -143,6 +143,12 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(p.max_tokens for p in params), desc="generating", unit="tok")
+        offloaded = self.policy != "resident"
+        if offloaded:  # the runtime re-plans for this workload if it differs a lot, warms the prefetcher up
+            from klotski.runtime import prepare_run
+
+            self.executor = prepare_run(self.executor, ids, [p.max_tokens for p in params])
+            self.max_num_seqs = self.executor.group_size
         if hasattr(self.executor, "reset_metrics"):
             self.executor.reset_metrics()
         start = time.perf_counter()
@@ -156,6 +162,10 @@ class LLM:
             outputs += [RequestOutput(p, t, self.tokenizer.decode(t)) for p, t in zip(chunk, new)]
         if bar:
             bar.close()
+        if offloaded:  # save the learned prefetch table next to the model / in offload_dir
+            from klotski.runtime import finish_run
+
+            finish_run(self.executor)
         self.metrics = RunMetrics(
             generated_tokens=sum(len(o.token_ids) for o in outputs),
             prompt_tokens=sum(len(p) for p in ids),

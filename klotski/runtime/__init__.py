@@ -16,18 +16,19 @@ import torch
 
 from klotski.model.weights import CheckpointWeights
 from klotski.prefetch import CorrelationPrefetcher
-from klotski.runtime.executor import OffloadedExecutor, activation_bytes
+from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.memory import BudgetError, TierMeter
-from klotski.runtime.placement import ModelBytes, auto_placement
+from klotski.runtime.placement import ModelBytes, streamed_bytes
+from klotski.schedule import Placement
+from klotski.runtime.planning import (DEFAULT_WORKLOAD, REPLAN_FACTOR, InfeasibleError, layout_for_plan,
+                                      machine_profile, make_plan, minimum_layout, model_costs)
 from klotski.units import format_bytes, parse_bytes
 
 OFFLOAD_POLICIES = ("layerwise", "flexgen", "klotski")
 PREFETCH_TABLE = "klotski_prefetch.npz"
-DEFAULT_BATCHES = {"layerwise": 1, "flexgen": 4, "klotski": 4}
-DEFAULT_BATCH_SIZE = 4
 
 __all__ = ["OFFLOAD_POLICIES", "BudgetError", "OffloadedExecutor", "build_offloaded", "run_policy",
-           "check_offload_dir"]
+           "check_offload_dir", "prepare_run", "finish_run", "warm_up"]
 
 
 def check_offload_dir(offload_dir: str | os.PathLike) -> str:
@@ -60,63 +61,109 @@ def open_store(model_dir: str, offload_dir: str):
         return ExpertStore(offload_dir)
 
 
-def _count(value, default: int, name: str) -> int:
+def _count(value, name: str) -> int | None:
+    """None for "auto" (the planner decides), else a positive int."""
     if value in (None, "auto"):
-        return default
+        return None
     if int(value) < 1:
         raise ValueError(f"{name} must be >= 1 or 'auto', got {value!r}")
     return int(value)
 
 
+def _load_table(prefetcher: CorrelationPrefetcher, dirs) -> str | None:
+    for d in dirs:
+        path = os.path.join(d, PREFETCH_TABLE) if d else None
+        if path and os.path.isfile(path):
+            prefetcher.load(path)
+            return path
+    return None
+
+
 def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: torch.dtype, policy: str,
                     gpu_memory, cpu_memory, offload_dir=None, num_batches="auto", batch_size="auto",
-                    prefetcher: CorrelationPrefetcher | None = None, experts_fn=None, prompt_hint: int = 16,
-                    context_hint: int = 64, kv: str = "auto"                    ) -> OffloadedExecutor:
-    """Place ``weights`` under the budgets and return an executor for ``policy``.
+                    prefetcher: CorrelationPrefetcher | None = None, experts_fn=None,
+                    workload: tuple[int, int] = DEFAULT_WORKLOAD, kv: str = "auto", hardware=None) -> OffloadedExecutor:
+    """Plan with :mod:`klotski.planner` and return an executor for ``policy`` that runs the plan.
 
     ``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited.
     ``offload_dir``: where the disk tier lives (the packed expert store, converted on first use, and the
-    prefetch table); None streams disk-tier weights from the checkpoint files. ``context_hint``: tokens per
-    sequence to reserve KV space for when placing weights in host memory; ``prompt_hint``: prompt tokens
-    per sequence to reserve device activations for.
+    prefetch table); None streams disk-tier weights from the checkpoint files. ``num_batches`` /
+    ``batch_size``: "auto" = the planner's choice, an int fixes it (the planner still places the weights).
+    ``workload``: (prompt tokens, generated tokens) per sequence to plan for. ``hardware``: a
+    HardwareProfile (default: this machine's cached measured profile, :func:`~klotski.runtime.planning.machine_profile`).
+    ``kv="cpu"`` forces the KV cache into host memory whatever the plan says.
     """
+    from dataclasses import replace
+
     if policy not in OFFLOAD_POLICIES:
         raise ValueError(f"unknown offloading policy {policy!r}; available: {', '.join(OFFLOAD_POLICIES)}")
+    if kv not in ("auto", "gpu", "cpu"):
+        raise ValueError(f"kv must be 'auto', 'gpu' or 'cpu', got {kv!r}")
     device = torch.device(device)
     spec = weights.spec
     gpu_budget = None if gpu_memory is None else parse_bytes(gpu_memory)
     cpu_budget = None if cpu_memory is None else parse_bytes(cpu_memory)
     if device.type == "cuda" and gpu_budget is None:
         gpu_budget = torch.cuda.get_device_properties(device).total_memory - (1 << 30)
-    n = _count(num_batches, DEFAULT_BATCHES[policy], "num_batches")
-    bs = _count(batch_size, DEFAULT_BATCH_SIZE, "batch_size")
-    if policy == "layerwise" and num_batches in (None, "auto"):
-        n = 1
+    n_fixed, b_fixed = _count(num_batches, "num_batches"), _count(batch_size, "batch_size")
     store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
+    table = None
     if prefetcher is None and spec.moe_layers:
         prefetcher = CorrelationPrefetcher(spec.num_layers, spec.num_experts)
-        for d in (store_dir, weights.index.model_dir):
-            path = os.path.join(d, PREFETCH_TABLE) if d else None
-            if path and os.path.isfile(path):
-                prefetcher.load(path)
-                break
+        table = _load_table(prefetcher, (store_dir, weights.index.model_dir))
     mb = ModelBytes.of(weights, dtype)
-    size = torch.empty((), dtype=dtype).element_size()
-    group = n * bs
-    act = activation_bytes(spec, dtype, n, group, prompt_hint, context_hint)
-    kv_bytes = group * context_hint * sum(spec.kv_cache_elems_per_token(i) for i in range(spec.num_layers)) * size
+    costs = model_costs(spec, spec.torch_dtype or "bfloat16", dtype)
     big = 1 << 62
     gpu_cap = gpu_budget if gpu_budget is not None else big
     cpu_cap = cpu_budget if cpu_budget is not None else big
-    ring = 2 * (max(mb.expert_ckpt, max(max(c.values()) for c in mb.per_layer_ckpt)) + 8192)  # disk staging
-    reserve_cpu = min(kv_bytes, max(0, cpu_cap - ring) // 2) + ring
-    layout = auto_placement(mb, spec, policy, gpu_cap, cpu_cap, act, reserve_cpu)
-    if kv not in ("auto", "gpu", "cpu"):
-        raise ValueError(f"kv must be 'auto', 'gpu' or 'cpu', got {kv!r}")
+    # the runtime's own floor: one layer streamed from disk, the fewest expert slots, one token's activations
+    minimum = minimum_layout(mb, spec, policy)
+    act_min = costs.activation_bytes(1, 1, 1, 2)
+    if minimum.device_bytes + act_min > gpu_cap:
+        lo = minimum.expert_slots
+        one_layer = streamed_bytes(mb, minimum.placement) + lo * mb.expert
+        raise BudgetError(
+            f"gpu_memory {format_bytes(gpu_cap)} is too small for one layer's working set under policy "
+            f"{policy!r}: needs at least {format_bytes(minimum.device_bytes + act_min)} "
+            f"(embeddings/LM head/norms {format_bytes(mb.globals + sum(d['norm'] for d in mb.per_layer))}, "
+            f"one layer's attention+gate+shared and {lo} expert slot(s) {format_bytes(one_layer)}, "
+            f"activations {format_bytes(act_min)})"
+        )
+    piece = max(mb.expert_ckpt, max(max(c.values()) for c in mb.per_layer_ckpt))
+    ring = 2 * (-(-(piece + 16384) // 4096) * 4096)  # disk staging ring: 2 aligned slots
+    hw = hardware if hardware is not None else machine_profile(device)
+    prompt_len, gen_len = workload
+    # The runtime reads disk-tier weights straight into device slots through the small staging ring; the
+    # schedule stages them in a CPU window of ``disk_window`` layers. Give the planner that window back.
+    window = Placement().disk_window * max(sum(c.values()) - c["norm"] for c in mb.per_layer_ckpt)
+    window += Placement().disk_window * len(mb.moe_layers and (0,)) * mb.num_experts * mb.expert_ckpt
+    cpu_plan = None if cpu_budget is None else max(0, cpu_budget - ring) + window
+    # A prompt whose activations do not fit runs in chunks (chunked prefill): plan for the longest chunk
+    # that fits; the prediction then counts every chunk (klotski.runtime.planning.predict).
+    q = prompt_len
+    while True:
+        try:
+            plan = make_plan(costs, hw, policy, gpu_budget, cpu_plan, q, gen_len, n_fixed, b_fixed)
+            break
+        except InfeasibleError as e:
+            if q == 1:
+                raise BudgetError(str(e)) from None
+            q = (q + 1) // 2
     if kv == "cpu":
-        from dataclasses import replace
-
-        layout = replace(layout, placement=replace(layout.placement, kv="cpu"))
+        plan = replace(plan, placement=replace(plan.placement, kv="cpu"))
+    group = plan.batch_size * (n_fixed or plan.n)
+    n = n_fixed or plan.n
+    # what the plan's schedule reserves too (the runtime's forward re-checks with the real lengths: a longer
+    # prompt chunks, a KV cache that does not fit the device goes to host memory)
+    planned = plan.batch_size * plan.n  # layerwise: the plan's one batch (explicit n splits a larger group)
+    reserve = costs.activation_bytes(planned, plan.n, q, q + gen_len)
+    if plan.placement.kv == "gpu":
+        reserve += costs.kv_bytes(planned * (q + gen_len))
+    host_cap = cpu_cap - ring - (costs.kv_bytes(planned * (q + gen_len)) if plan.placement.kv == "cpu" else 0)
+    try:
+        layout = layout_for_plan(mb, spec, plan, gpu_cap, reserve, host_cap)
+    except BudgetError:  # the pools fit with less room for activations: the forward runs in smaller chunks
+        layout = layout_for_plan(mb, spec, plan, gpu_cap, act_min, host_cap)
     expert_order = None
     if prefetcher is not None and prefetcher.popularity.sum() > 0:
         expert_order = [sorted(range(spec.num_experts), key=lambda e: (-prefetcher.popularity[layer][e], e))
@@ -128,10 +175,64 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     gpu, cpu = TierMeter("gpu", gpu_budget), TierMeter("cpu", cpu_budget)
     if experts_fn is None:
         from klotski.triton_kernels import fused_moe as experts_fn
-    ex = OffloadedExecutor(weights, layout, device, dtype, policy, gpu, cpu, n, bs, prefetcher, experts_fn,
-                           expert_order, store=store)
+    ex = OffloadedExecutor(weights, layout, device, dtype, policy, gpu, cpu, n, plan.batch_size, prefetcher,
+                           experts_fn, expert_order, store=store, costs=costs, plan=plan)
     ex.offload_dir = store_dir
+    ex.hardware = hw
+    ex.workload = (prompt_len, gen_len)
+    ex.table_path = table
+    ex.build_args = dict(weights=weights, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory,
+                         cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
+                         batch_size=batch_size, experts_fn=experts_fn, kv=kv, hardware=hardware)
     return ex
+
+
+def prepare_run(ex: OffloadedExecutor, prompt_token_ids: list[list[int]], max_tokens: list[int]) -> OffloadedExecutor:
+    """Before a generate call: re-plan when the workload differs from the planned one by more than
+    ``REPLAN_FACTOR`` (only when num_batches or batch_size is "auto"; the executor is rebuilt and the old one
+    closed), warm the prefetcher up when it has no table yet, and set the plan's prediction for this run.
+    Returns the executor to use."""
+    prompt = max(1, round(sum(len(p) for p in prompt_token_ids) / max(1, len(prompt_token_ids))))
+    gen = max(1, max(max_tokens, default=1))
+    args = ex.build_args
+    auto = args and "auto" in (args.get("num_batches"), args.get("batch_size"))
+    p0, g0 = ex.workload
+    far = lambda a, b: max(a, b) > REPLAN_FACTOR * min(a, b)  # noqa: E731
+    if auto and (far(prompt, p0) or far(gen, g0)):
+        table = None
+        if ex.prefetcher is not None:
+            table = ex.prefetcher
+        ex.close()
+        ex = build_offloaded(**args, prefetcher=table, workload=(prompt, gen))
+    if ex.prefetcher is not None and ex.prefetcher.popularity.sum() == 0 and ex.policy == "klotski":
+        ex.warmup_s = warm_up(ex, prompt_token_ids)
+    ex.run_workload = {"prompt_len": prompt, "gen_len": gen, "sequences": len(prompt_token_ids)}
+    return ex
+
+
+def warm_up(ex: OffloadedExecutor, prompt_token_ids: list[list[int]], max_tokens: int = 32) -> float:
+    """Design §2's warm-up run: one prefill of (up to) a batch group's prompts, truncated to ``max_tokens``,
+    through the executor so the prefetcher records routing (popularity and the layer-to-layer table); it is
+    updated online afterwards. Returns its seconds (reported as ``warmup_s``; not part of a run's time)."""
+    import time
+
+    from klotski.generation import left_pad
+
+    t0 = time.perf_counter()
+    chunk = [p[:max_tokens] for p in prompt_token_ids[: ex.group_size]]
+    batch, pad = left_pad(chunk)
+    cache = ex.new_cache(len(chunk), batch.shape[1], pad)
+    ex.forward(batch, cache)
+    return time.perf_counter() - t0
+
+
+def finish_run(ex: OffloadedExecutor) -> str | None:
+    """After a generate call: save the prefetch table in ``offload_dir`` (reloaded by the next
+    ``build_offloaded``, which also reads one shipped in the model directory; the model directory itself is
+    never written). Returns the path written, or None (no offload_dir)."""
+    if ex.prefetcher is None or ex.prefetcher.popularity.sum() == 0 or not ex.offload_dir:
+        return None
+    return save_prefetch_table(ex, ex.offload_dir)
 
 
 def save_prefetch_table(ex: OffloadedExecutor, directory: str) -> str:

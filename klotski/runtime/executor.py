@@ -35,15 +35,15 @@ from klotski.runtime.trace import Tracer
 from klotski.runtime.weights import PlacedWeights
 from klotski.units import format_bytes
 
+SEQ_DIM = -2  # the sequence (capacity) dim of every KV cache tensor: [B, kv_heads, cap, D] / MLA [B, cap, r]
 
-def activation_bytes(spec, dtype, num_batches: int, B: int, S: int, kv_len: int, all_logits: bool = False) -> int:
-    """Estimate of a forward's transient device memory: hidden states, attention, experts, logits."""
-    size = torch.empty((), dtype=dtype).element_size()
-    T, H = B * S, spec.hidden_size
-    mb = -(-B // max(1, min(num_batches, B)))
-    width = max(spec.moe_intermediate_size * spec.top_k, spec.intermediate_size, spec.shared_expert_intermediate_size)
-    attn = mb * spec.num_heads * S * kv_len * 4 * 2 + mb * S * spec.num_heads * max(spec.q_head_dim, 1) * size * 4
-    return T * H * (6 * size + 8) + T * 2 * width * size + attn + B * (S if all_logits else 1) * spec.vocab_size * 4
+
+def activation_bytes(costs, num_batches: int, B: int, S: int, kv_len: int, all_logits: bool = False) -> int:
+    """A forward's transient device memory: :meth:`klotski.costs.ModelCosts.activation_bytes`, the estimate
+    the planner's schedule reserves too. It is an estimate, not a measurement: on CPU torch exposes no
+    allocator statistics, so ``peak_gpu_bytes`` counts it as held for the whole forward (an upper bound of
+    what the forward allocates: hidden states, the widest FFN intermediate, one batch's attention scores)."""
+    return costs.activation_bytes(B, num_batches, S, kv_len, all_logits)
 
 
 def ready(result) -> Ticket:
@@ -55,8 +55,18 @@ def ready(result) -> Ticket:
 class OffloadedExecutor:
     def __init__(self, weights, layout: Layout, device: torch.device, dtype: torch.dtype, policy: str,
                  gpu: TierMeter, cpu: TierMeter, num_batches: int, batch_size: int,
-                 prefetcher: CorrelationPrefetcher | None, experts_fn, expert_order=None, store=None):
+                 prefetcher: CorrelationPrefetcher | None, experts_fn, expert_order=None, store=None, costs=None,
+                 plan=None):
         self.spec = weights.spec
+        if costs is None:
+            from klotski.runtime.planning import model_costs
+
+            costs = model_costs(self.spec, weights.spec.torch_dtype or "bfloat16", dtype)
+        self.costs = costs  # bytes / FLOPs per op (traced with each span, for calibration)
+        self.plan = plan  # the planner's Plan this executor runs (None: built by hand)
+        self.num_hot = (plan.num_hot if plan is not None and plan.num_hot else None) or max(self.spec.top_k, 1)
+        self.prediction: dict = {}  # set by klotski.runtime.prepare_run: the plan's prediction for this run
+        self.build_args: dict = {}  # how build_offloaded made this executor (for re-planning)
         self.device, self.dtype, self.policy = device, dtype, policy
         self.cuda = device.type == "cuda"
         self.layout = layout
@@ -77,7 +87,7 @@ class OffloadedExecutor:
         self.stats = PrefetchStats()
         self.act = expert_activation(self.spec) if self.spec.moe_layers else "silu"
         self._cache_bytes = (None, 0)
-        self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0}
+        self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0, "prefill_chunks": 0}
         self.closed = False
         from klotski.runtime.policies import POLICY_RUNNERS
 
@@ -102,7 +112,7 @@ class OffloadedExecutor:
         return GroupCache(self.spec.num_layers, pad, self.num_batches, capacity, tier, self.device)
 
     def activation_bytes(self, B: int, S: int, kv_len: int, all_logits: bool = False) -> int:
-        return activation_bytes(self.spec, self.dtype, self.num_batches, B, S, kv_len, all_logits) + self.kv_staging_bytes
+        return activation_bytes(self.costs, self.num_batches, B, S, kv_len, all_logits) + self.kv_staging_bytes
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: GroupCache, all_logits: bool = False) -> torch.Tensor:
@@ -126,6 +136,8 @@ class OffloadedExecutor:
                 f"(at least {format_bytes(self.gpu.used + act)})"
             )
         outs = []
+        if S > 1:
+            self.time["prefill_chunks"] = max(self.time["prefill_chunks"], -(-S // chunk))
         for c in range(0, S, chunk):
             outs.append(self._timed_forward(input_ids[:, c : c + chunk], cache, all_logits, act, prefill=S > 1))
         return torch.cat(outs, dim=1) if all_logits else outs[-1]
@@ -171,7 +183,7 @@ class OffloadedExecutor:
         x = st.x if all_logits else st.x[:, -1:]
         start = self.tracer.begin()
         logits = F.linear(rms_norm(x, self.w.norm, self.spec.rms_norm_eps), self.w.lm_head).float()
-        self.tracer.end("compute", "lm_head", start)
+        self.tracer.end("compute", "lm_head", start, op="lm_head", flops=self.costs.lm_head_flops(x.shape[0] * x.shape[1]))
         return logits if all_logits else logits[:, 0]
 
     # ---- loads -----------------------------------------------------------------------------------------
@@ -192,10 +204,12 @@ class OffloadedExecutor:
                 del buf[k]
             moved = 0
             for key, shape in keys.items():
-                if key not in buf or tuple(buf[key].shape) != shape:
-                    buf[key] = torch.empty(shape, dtype=self.dtype, device=self.device)
+                dt = self.w.buffer_dtype(key)
+                if key not in buf or tuple(buf[key].shape) != shape or buf[key].dtype != dt:
+                    buf[key] = torch.empty(shape, dtype=dt, device=self.device)
                 moved += self.w.fill(buf[key], self.w.source(layer, key))
-            self.tracer.end(lane, f"L{layer} weights", start, ln.stream, bytes=moved)
+            tier = "disk" if any(not isinstance(self.w.source(layer, k), torch.Tensor) for k in keys) else "cpu"
+            self.tracer.end(lane, f"L{layer} weights", start, ln.stream, bytes=moved, tier=tier)
             return idx, {**self.w.resident[layer], **{k: buf[k] for k in keys}}
 
         return self.lanes[lane].submit(f"L{layer} weights", job)
@@ -257,6 +271,7 @@ class OffloadedExecutor:
             view = KVCache(self.spec.num_layers, rows, cache.capacity, cache.device_pads[k])
             view.length = cache.length
             moved = 0
+            filled = cache.length  # columns written by earlier steps; this step appends after them
             for name, host in cache.micro[k].layers[layer].items():
                 buf = self.kv_bufs[idx].get(name)
                 if buf is None or buf.shape[1:] != host.shape[1:] or buf.shape[0] < rows:
@@ -267,8 +282,9 @@ class OffloadedExecutor:
                     self.gpu.hold("kv staging", nbytes(buf), check=False)
                     self.kv_bufs[idx][name] = buf
                 view.layers[layer][name] = buf[:rows]
-                view.layers[layer][name].copy_(host, non_blocking=self.cuda)
-                moved += nbytes(host)
+                src = host.narrow(SEQ_DIM, 0, filled)  # the filled columns only, not the whole capacity
+                view.layers[layer][name].narrow(SEQ_DIM, 0, filled).copy_(src, non_blocking=self.cuda)
+                moved += src.numel() * src.element_size()
             self.w.counters.add("kv_h2d", moved)
             self.tracer.end("kv_load", f"L{layer} b{k} kv", start, ln.stream, bytes=moved)
             return idx, view
@@ -278,6 +294,7 @@ class OffloadedExecutor:
     def store_kv(self, st: "StepState", layer: int, k: int, idx: int, view: KVCache) -> Ticket:
         cache = st.cache
         after = self._compute_event()
+        first, count = cache.length, st.S  # the columns this step appended
 
         def job(ln):
             if after is not None:
@@ -287,9 +304,10 @@ class OffloadedExecutor:
             home = cache.micro[k].layers[layer]
             for name, t in view.layers[layer].items():
                 if name not in home:
-                    home[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
-                home[name].copy_(t, non_blocking=self.cuda)
-                moved += nbytes(t)
+                    home[name] = torch.zeros(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+                new = t.narrow(SEQ_DIM, first, count)
+                home[name].narrow(SEQ_DIM, first, count).copy_(new, non_blocking=self.cuda)
+                moved += new.numel() * new.element_size()
             done = None
             if self.cuda:
                 done = torch.cuda.Event()
@@ -317,7 +335,8 @@ class OffloadedExecutor:
             kv = cache.micro[k]
         start = self.tracer.begin()
         st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
-        self.tracer.end("compute", f"L{layer} attn b{k}", start)
+        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, cache.length)
+        self.tracer.end("compute", f"L{layer} attn b{k}", start, op="attn", flops=proj, score_flops=score)
         if cache.tier == "cpu":
             st.kv_stores.append(self.store_kv(st, layer, k, idx, kv))
 
@@ -334,7 +353,8 @@ class OffloadedExecutor:
     def gate(self, w: dict, h: torch.Tensor, layer: int, k) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.tracer.begin()
         out = route(self.spec, w, h)
-        self.tracer.end("compute", f"L{layer} gate b{k}", start)
+        self.tracer.end("compute", f"L{layer} gate b{k}", start, op="gate",
+                        flops=self.costs.gate_flops(layer, h.shape[0]))
         return out
 
     def experts(self, h, topk_weights, topk_ids, slots: dict[int, int], out, layer: int, name: str) -> None:
@@ -344,10 +364,12 @@ class OffloadedExecutor:
         table = torch.full((self.spec.num_experts,), -1, dtype=torch.int32)
         for e, slot in slots.items():
             table[e] = slot
+        tokens = int((table.to(topk_ids.device)[topk_ids.long()] >= 0).sum())  # token-expert pairs served
         start = self.tracer.begin()
         self.experts_fn(h, self.w.pool.w13, self.w.pool.w2, topk_weights, topk_ids,
                         expert_slots=table.to(self.device), out=out, activation=self.act)
-        self.tracer.end("compute", f"L{layer} {name}", start, experts=len(slots))
+        self.tracer.end("compute", f"L{layer} {name}", start, experts=len(slots), op="experts", calls=len(slots),
+                        flops=self.costs.expert_flops(layer, tokens))
 
     def finish_mlp(self, st: "StepState", w: dict, layer: int, rows, h, routed_out) -> None:
         """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
@@ -361,7 +383,8 @@ class OffloadedExecutor:
                 y = y + shared
         B, S, H = st.x.shape
         st.x = st.x.reshape(B * S, H).index_add(0, rows, y.to(st.x.dtype)).view(B, S, H)
-        self.tracer.end("compute", f"L{layer} {'shared' if routed_out is not None else 'mlp'}", start)
+        self.tracer.end("compute", f"L{layer} {'shared' if routed_out is not None else 'mlp'}", start, op="shared",
+                        flops=self.costs.shared_flops(layer, h.shape[0]))
 
     def record_routing(self, layer: int, topk_ids: torch.Tensor, predicted: list[int] | None) -> None:
         if self.prefetcher is not None:
@@ -385,7 +408,7 @@ class OffloadedExecutor:
         self.w.counters.reset()
         self.tracer.reset()
         self.stats = PrefetchStats()
-        self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0}
+        self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0, "prefill_chunks": 0}
         self.gpu.reset_peak()
         self.cpu.reset_peak()
         if self.cuda:
@@ -412,8 +435,13 @@ class OffloadedExecutor:
             "placement": self.layout.describe(self.spec.num_experts),
             "kv_tier": self._cache_bytes[0],
             "weights_per_tier": self.w.tier_bytes(),
+            "prefill_chunks": self.time["prefill_chunks"],
         }
         out.update(self.stats.as_dict())
+        if self.plan is not None:
+            from klotski.runtime.planning import prediction_metrics
+
+            out.update(prediction_metrics(self))
         return out
 
     def write_trace(self, path: str) -> None:

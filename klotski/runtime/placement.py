@@ -7,8 +7,8 @@ Tensor classes of one layer (by canonical weight name): ``norm`` (always on the 
 :func:`layout_memory` turns a placement into device/host byte needs plus pool sizes: ``dense_buffers`` (device
 copies of a layer's streamed attn/gate/shared weights: 2 lets the next layer load during this one) and
 ``expert_slots`` (streaming expert slots; flexgen and layerwise need a whole layer, klotski only one).
-:func:`auto_placement` fills the device, then host memory, greedily and raises :class:`BudgetError` with the
-minimum when the device cannot hold one layer's working set.
+The placement itself comes from the planner (:mod:`klotski.runtime.planning`); this module only measures
+what a placement needs in bytes.
 """
 from __future__ import annotations
 
@@ -120,77 +120,21 @@ def layout_memory(mb: ModelBytes, placement: Placement, dense_buffers: int, expe
     return Layout(placement, buffers, expert_slots, dev, host)
 
 
-def slot_targets(policy: str, spec: ModelSpec) -> tuple[int, int, int]:
-    """(minimum streaming expert slots, target slots, target dense buffers) of a policy."""
+def slot_targets(policy: str, spec: ModelSpec, experts_gpu: int = 0, num_hot: int | None = None,
+                 overlap: bool = True) -> tuple[int, int, int]:
+    """(minimum streaming expert slots, target slots, target dense buffers) of a policy when ``experts_gpu``
+    experts of every MoE layer are resident: only the others stream (none when all are resident)."""
     E, K = spec.num_experts, max(spec.top_k, 1)
     if not spec.moe_layers:
         return 0, 0, 2 if policy != "layerwise" else 1
+    streamed = max(0, E - experts_gpu)
+    if streamed == 0:
+        return 0, 0, 2 if policy != "layerwise" else 1
     if policy == "klotski":
-        return 1, min(2 * E, 2 * K + 2), 2
+        hot = K if num_hot is None else num_hot
+        return 1, min(2 * streamed, hot + K + 2), 2
     if policy == "flexgen":
-        return E, 2 * E, 2
+        return streamed, (2 if overlap else 1) * streamed, 2 if overlap else 1
     if policy == "layerwise":
-        return E, E, 1
+        return streamed, streamed, 1
     raise ValueError(f"unknown offloading policy {policy!r}; available: layerwise, flexgen, klotski")
-
-
-def auto_placement(mb: ModelBytes, spec: ModelSpec, policy: str, gpu_budget: int, cpu_budget: int,
-                   reserve_gpu: int, reserve_cpu: int) -> Layout:
-    """Greedy placement: device first (working set, then buffers, slots, attn/gate/shared, hot experts),
-    then host memory (attn/gate/shared, then experts), the rest on disk.
-
-    ``reserve_gpu`` / ``reserve_cpu``: bytes kept free for activations / KV and staging buffers.
-    """
-    E = mb.num_experts
-    min_slots, target_slots, target_buffers = slot_targets(policy, spec)
-    off = Placement(attn="disk", gate="disk", shared="disk", experts_gpu=0, experts_cpu=0, kv="gpu")
-    minimum = layout_memory(mb, off, 1, min_slots)
-    if minimum.device_bytes + reserve_gpu > gpu_budget:
-        one_layer = streamed_bytes(mb, off) + min_slots * mb.expert
-        raise BudgetError(
-            f"gpu_memory {format_bytes(gpu_budget)} is too small for one layer's working set under policy "
-            f"{policy!r}: needs at least {format_bytes(minimum.device_bytes + reserve_gpu)} "
-            f"(embeddings/LM head/norms {format_bytes(mb.globals + sum(d['norm'] for d in mb.per_layer))}, "
-            f"one layer's attention+gate+shared and {min_slots} expert slot(s) {format_bytes(one_layer)}, "
-            f"activations {format_bytes(reserve_gpu)})"
-        )
-
-    def fits(p: Placement, buffers: int, slots: int) -> bool:
-        lay = layout_memory(mb, p, buffers, slots)
-        return lay.device_bytes + reserve_gpu <= gpu_budget
-
-    p, buffers, slots = off, 1, min_slots
-    if target_buffers > 1 and fits(p, 2, slots):
-        buffers = 2
-    while slots < target_slots and fits(p, buffers, slots + 1):
-        slots += 1
-    for cls in ("gate", "attn", "shared"):
-        cand = _replace(p, **{cls: "gpu"})
-        if fits(cand, buffers, slots):
-            p = cand
-    n_moe = len(mb.moe_layers)
-    if n_moe and policy != "layerwise":
-        g = 0
-        while g < E and fits(_replace(p, experts_gpu=g + 1), buffers, slots):
-            g += 1
-        p = _replace(p, experts_gpu=g)
-    # host memory
-    host_left = cpu_budget - reserve_cpu
-    for cls in ("gate", "attn", "shared"):
-        if getattr(p, cls) == "gpu":
-            continue
-        need = sum(c[cls] for c in mb.per_layer_ckpt)
-        if need <= host_left:
-            p = _replace(p, **{cls: "cpu"})
-            host_left -= need
-    c = 0
-    if n_moe and mb.expert_ckpt:
-        c = min(E - p.experts_gpu, max(0, host_left) // (n_moe * mb.expert_ckpt))
-    p = _replace(p, experts_cpu=int(c))
-    return layout_memory(mb, p, buffers, slots)
-
-
-def _replace(p: Placement, **kw) -> Placement:
-    from dataclasses import replace
-
-    return replace(p, **kw)

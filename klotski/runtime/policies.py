@@ -95,8 +95,8 @@ class KlotskiRunner:
                          for layer in range(-1, spec.num_layers)}
 
     def hot_budget(self) -> int:
-        pool = self.ex.w.pool
-        return min(self.ex.spec.top_k, pool.streaming_slots) if pool is not None else 0
+        pool = self.ex.w.pool  # the plan's prefetch width (top_k by default), bounded by the streaming slots
+        return min(self.ex.num_hot, pool.streaming_slots) if pool is not None else 0
 
     def _issue_hot(self, st, layer: int | None, prev_topk) -> None:
         """Predict and prefetch ``layer``'s hot experts (after its weights, on the prefetch lane)."""

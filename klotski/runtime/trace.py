@@ -99,6 +99,36 @@ class Tracer:
             self.compute_busy = 0.0
             self.wall = 0.0
 
+    def observations(self) -> list:
+        """(op, measured seconds) of every traced span, as :class:`klotski.schedule.Op` s the cost model can
+        time: compute spans carry their FLOPs (``op``, ``flops``, ``score_flops``, ``calls``); a weight load
+        from disk (``tier`` "disk"/"store": read + copy into the slot, serial on its lane) is a ``disk`` copy,
+        one from host memory an ``h2d`` copy, KV loads / stores ``h2d`` / ``d2h`` copies.
+        For :func:`klotski.costs.calibrate`."""
+        from klotski.schedule import Op
+
+        out = []
+        with self._lock:
+            spans = list(self.spans)
+        for stream, name, start, end, args in spans:
+            sec = end - start
+            if sec <= 0:
+                continue
+            if stream == "compute" and "op" in args:
+                op = Op(0, args["op"], "compute", "gpu", 0, flops=float(args.get("flops", 0.0)),
+                        score_flops=float(args.get("score_flops", 0.0)), calls=int(args.get("calls", 1)))
+            elif stream in ("kv_load", "kv_store"):
+                link = "h2d" if stream == "kv_load" else "d2h"
+                op = Op(0, stream, stream, "gpu", 0, link=link, bytes=int(args.get("bytes", 0)))
+            elif "bytes" in args:
+                link = "disk" if args.get("tier") in ("disk", "store") else "h2d"
+                op = Op(0, "read" if link == "disk" else "h2d", stream, "gpu", 0, link=link,
+                        bytes=int(args["bytes"]))
+            else:
+                continue
+            out.append((op, sec))
+        return out
+
     # ---- output ----------------------------------------------------------------------------------------
     def write_chrome(self, path: str) -> None:
         """Chrome trace event format (open in chrome://tracing or ui.perfetto.dev)."""

@@ -15,6 +15,7 @@ import torch
 
 from klotski.checkpoint import TensorInfo
 from klotski.io import DiskReader, PinnedRing, span_bytes
+from klotski.model.names import KEEP_FP32
 from klotski.model.weights import CheckpointWeights
 from klotski.runtime.memory import TierMeter, nbytes
 from klotski.runtime.placement import Layout, tensor_class
@@ -65,7 +66,8 @@ class PlacedWeights:
                 tier = "gpu" if cls == "norm" else getattr(p, cls)
                 shape = (sum(s[0] for s in src.shapes), *src.shapes[0][1:])
                 if tier == "gpu":
-                    res[key] = to_dev(weights.read_source(src))
+                    t = weights.read_source(src)
+                    res[key] = t.to(device=device, dtype=torch.float32) if key in KEEP_FP32 else to_dev(t)
                     gpu.hold(f"resident {cls}", nbytes(res[key]))
                 elif tier == "cpu":
                     host[key] = self._pin(weights.read_source(src))
@@ -182,6 +184,11 @@ class PlacedWeights:
 
     def streamed_keys(self, layer: int) -> dict[str, tuple[int, ...]]:
         return self.shapes[layer]
+
+    def buffer_dtype(self, key: str) -> torch.dtype:
+        """The device dtype of a streamed weight: the compute dtype, fp32 for ``KEEP_FP32`` names (the
+        DeepSeek-V3 router bias must not be rounded, as in the resident engine)."""
+        return torch.float32 if key in KEEP_FP32 else self.dtype
 
     def source(self, layer: int, key: str):
         return self.host[layer].get(key) if key in self.host[layer] else self.disk[layer][key]

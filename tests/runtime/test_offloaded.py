@@ -43,8 +43,8 @@ def test_policy_matches_resident(mixtral, tmp_path, policy, budget):
             assert m[f"peak_{tier}_bytes"] <= parse_bytes(b)
     if budget[1] in ("200KiB", "120KiB"):
         assert m["bytes_disk_read"] > 0 and m["weights_per_tier"]["disk"] > 0
-    if policy != "klotski" and budget[0] == "560KiB":  # one layer's attention streams from disk too
-        assert "attn=disk" in m["placement"]
+    if budget[0] is not None:  # the planner's plan ran, with its prediction next to the measurement
+        assert m["predicted_tokens_per_s"] > 0 and "experts(gpu/cpu/disk)" in m["plan"]["placement"]
     if policy == "klotski" and budget[0] is not None:
         assert m["prefetch_predictions"] > 0
 

@@ -1,0 +1,245 @@
+"""The runtime's bridge to :mod:`klotski.planner`: the machine's profile, the plan, the device pools it implies.
+
+* :func:`machine_profile` -- this machine's measured :class:`~klotski.hardware.HardwareProfile`, measured once
+  and cached as JSON (``$XDG_CACHE_HOME/klotski/hardware-<device>.json``); when a run has been calibrated
+  (:func:`calibrate_from_run`) the calibrated profile beside it (``...-calibrated.json``) is used instead.
+* :func:`make_plan` -- the planner's plan for (policy, budgets, model, workload). ``num_batches`` /
+  ``batch_size`` given explicitly are fixed and the planner picks the rest (placement, KV tier, prefetch
+  width) for them. The placement is the planner's; the runtime only sizes its fixed device pools around it
+  (:func:`layout_for_plan`).
+* :func:`calibrate_from_run` -- fit the profile's rates to the per-op timings of a measured run (the
+  executor's trace) with :func:`klotski.costs.calibrate`, and cache the result with the profile.
+
+Workload: the engine plans at construction for a default workload (:data:`DEFAULT_WORKLOAD`) and re-plans
+(rebuilding the executor) when a ``generate`` call's mean prompt length or generation length differs from the
+planned one by more than :data:`REPLAN_FACTOR`; otherwise it only re-scores the plan's prediction for the
+actual lengths.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from klotski.costs import ModelCosts, calibrate
+from klotski.hardware import HardwareProfile, default_profile_path, load_profile, measure_profile
+from klotski.planner import BATCH_SIZES, GROUP_SIZES, InfeasibleError, Plan, Planner
+from klotski.runtime.memory import BudgetError
+from klotski.runtime.placement import Layout, ModelBytes, layout_memory, slot_targets, streamed_bytes
+from klotski.schedule import Placement, StepShape
+from klotski.simulate import simulate_model_step
+from klotski.units import format_bytes
+
+DEFAULT_WORKLOAD = (128, 16)  # (prompt tokens, generated tokens) planned for before the first generate
+REPLAN_FACTOR = 2.0
+UNLIMITED = 1 << 50
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def profile_path(device: str, calibrated: bool = False) -> Path:
+    base = default_profile_path().parent
+    return base / f"hardware-{device}{'-calibrated' if calibrated else ''}.json"
+
+
+def machine_profile(device: torch.device | str, calibrated: bool = True) -> HardwareProfile:
+    """This machine's profile for ``device`` ("cuda" | "cpu"): cached, measured on first use."""
+    dev = torch.device(device).type
+    if calibrated and profile_path(dev, True).is_file():
+        return load_profile(profile_path(dev, True))
+    path = profile_path(dev)
+    if path.is_file():
+        return load_profile(path)
+    shared = default_profile_path()  # `klotski profile` writes here
+    if shared.is_file():
+        hw = load_profile(shared)
+        if hw.device == dev and hw.source == "measured":
+            return hw
+    hw = measure_profile(device=dev, quick=True)
+    hw.save(path)
+    return hw
+
+
+def model_costs(spec, checkpoint_dtype: str, dtype: torch.dtype) -> ModelCosts:
+    """Stored bytes in the checkpoint's dtype, device copies and activations in the compute dtype."""
+    name = _dtype_name(dtype)
+    costs = ModelCosts.from_spec(spec, weight_dtype=checkpoint_dtype, act_dtype=name)
+    return replace(costs, device_dtype=name)
+
+
+def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: int | None, cpu_budget: int | None,
+              prompt_len: int, gen_len: int, num_batches: int | None = None, batch_size: int | None = None) -> Plan:
+    """The planner's plan; ``num_batches`` / ``batch_size`` (None = the planner's choice) fix the group shape."""
+    hw = replace(hw, gpu_memory=gpu_budget if gpu_budget is not None else UNLIMITED,
+                 cpu_memory=cpu_budget if cpu_budget is not None else UNLIMITED)
+    planner = Planner(costs, hw, prompt_len, gen_len)
+    if num_batches is None and batch_size is None:
+        return planner.plan(policy)
+    ns = [num_batches] if num_batches is not None else ([1] if policy == "layerwise" else list(GROUP_SIZES))
+    bs = [batch_size] if batch_size is not None else list(BATCH_SIZES)
+    if policy == "layerwise":
+        ns = [1]  # layerwise runs micro-batches one after another; n only splits the group
+    best = None
+    for n in ns:
+        for b in bs:
+            for kv in ("gpu", "cpu"):
+                for hot, overlap in planner.variants(policy):
+                    p = planner.evaluate(policy, b, n, kv, hot, overlap)
+                    if p is not None and (best is None or p.tokens_per_s > best.tokens_per_s):
+                        best = p
+    if best is None:
+        raise planner.infeasible(policy)
+    return best
+
+
+def predict(plan: Plan, costs: ModelCosts, hw: HardwareProfile, prompt_len: int, gen_len: int,
+            sequences: int | None = None, prefill_chunks: int = 1) -> float:
+    """Tokens/s the plan's schedule predicts for the given workload (``sequences`` <= the group: a partial
+    group runs with smaller batches; ``prefill_chunks`` > 1: the prompt ran in that many chunks)."""
+    b, n = plan.batch_size, plan.n
+    seqs = sequences if sequences is not None else b * n
+    if plan.placement.kv not in ("gpu", "cpu"):
+        raise ValueError(f"plan placement kv must be gpu or cpu, got {plan.placement.kv!r}")
+    if policy_uses_group(plan.policy):
+        b = max(1, -(-seqs // n))
+    else:
+        b, n = max(1, min(b, seqs)), 1
+    ctx = prompt_len + gen_len
+    total = 0.0
+    chunk = -(-prompt_len // max(1, prefill_chunks))
+    past = 0
+    while past < prompt_len:
+        q = min(chunk, prompt_len - past)
+        shape = StepShape("prefill", b, n, q, past, ctx)
+        total += _step(plan, costs, hw, shape)
+        past += q
+    if gen_len > 1:
+        shape = StepShape("decode", b, n, 1, prompt_len + gen_len // 2, ctx)
+        total += (gen_len - 1) * _step(plan, costs, hw, shape)
+    if not policy_uses_group(plan.policy):
+        total *= -(-seqs // b)  # layerwise: each micro-batch runs the whole model on its own
+    return seqs * gen_len / total if total > 0 else 0.0
+
+
+def policy_uses_group(policy: str) -> bool:
+    return policy in ("flexgen", "klotski")
+
+
+def _step(plan: Plan, costs, hw, shape: StepShape) -> float:
+    policy = plan.policy
+    if policy == "klotski" and plan.num_hot is None:
+        policy = "flexgen"
+    return simulate_model_step(policy, costs, plan.placement, shape, hw, num_hot=plan.num_hot,
+                               overlap=plan.overlap).makespan
+
+
+def layout_for_plan(mb: ModelBytes, spec, plan: Plan, gpu_cap: int, reserve_gpu: int, host_cap: int | None = None) -> Layout:
+    """Device pools around the plan's placement: dense buffers (2 when the policy overlaps the next layer's
+    load) and streaming expert slots (klotski: at least one, up to its prefetch width plus the cold queue;
+    flexgen/layerwise: every streamed expert of a layer, twice with overlap). The runtime's pools are fixed-size,
+    so when the slots the policy needs do not fit next to the plan's GPU-resident experts (the simulation
+    allocates them only while in use), GPU-resident experts give way one at a time."""
+    p = plan.placement
+    E = mb.num_experts
+    policy = plan.policy
+    def host_fit(p: Placement) -> Placement:  # what host memory cannot hold goes to disk
+        if host_cap is None:
+            return p
+        while layout_memory(mb, p, 1, 0).host_bytes > host_cap and E and p.experts_on("cpu", E) > 0:
+            p = replace(p, experts_cpu=p.experts_on("cpu", E) - 1)
+        for cls in ("shared", "attn", "gate"):
+            if layout_memory(mb, p, 1, 0).host_bytes > host_cap and getattr(p, cls) == "cpu":
+                p = replace(p, **{cls: "disk"})
+        return p
+
+    p = host_fit(p)  # the planner's CPU side counted a disk window the runtime does not keep
+    while True:
+        lo, hi, buffers = slot_targets(policy, spec, p.experts_on("gpu", E) if E else 0, plan.num_hot,
+                                       plan.overlap)
+        if not streamed_bytes(mb, p):
+            buffers = 0
+        for slots in range(hi, lo - 1, -1):
+            lay = layout_memory(mb, p, buffers, slots)
+            if lay.device_bytes + reserve_gpu <= gpu_cap:
+                return layout_memory(mb, host_fit(p), buffers, slots)
+        if buffers == 2:
+            for slots in range(hi, lo - 1, -1):
+                lay = layout_memory(mb, p, 1, slots)
+                if lay.device_bytes + reserve_gpu <= gpu_cap:
+                    return layout_memory(mb, host_fit(p), 1, slots)
+        if E and p.experts_gpu > 0:
+            p = replace(p, experts_gpu=p.experts_on("gpu", E) - 1,
+                        experts_cpu=None if p.experts_cpu is None else p.experts_cpu + 1)
+            continue
+        demote = next((c for c in ("shared", "attn", "gate") if getattr(p, c) == "gpu"), None)
+        if demote is not None:  # then resident classes stream (from host memory when it has room)
+            host = layout_memory(mb, replace(p, **{demote: "cpu"}), 1, 0).host_bytes
+            p = replace(p, **{demote: "cpu" if host_cap is None or host <= host_cap else "disk"})
+            continue
+        lay = layout_memory(mb, p, 1, lo)
+        raise BudgetError(
+            f"gpu_memory {format_bytes(gpu_cap)} cannot hold the runtime's pools for the {policy} plan "
+            f"({plan.placement.describe(E)}): needs {format_bytes(lay.device_bytes + reserve_gpu)} "
+            f"including activations {format_bytes(reserve_gpu)}")
+
+
+def minimum_layout(mb: ModelBytes, spec, policy: str) -> Layout:
+    """Everything streamed from disk, one dense buffer, the fewest expert slots: one layer's working set."""
+    off = Placement(attn="disk", gate="disk", shared="disk", experts_gpu=0, experts_cpu=0, kv="gpu")
+    lo, _, _ = slot_targets(policy, spec, 0, None, False)
+    return layout_memory(mb, off, 1, lo)
+
+
+def calibrate_from_run(ex, hw: HardwareProfile | None = None, save: bool = True) -> HardwareProfile:
+    """Fit ``hw`` (default: this machine's uncalibrated profile) to the executor's last run: every traced
+    op (compute spans with their FLOPs, copies with their bytes and link) is paired with its measured seconds
+    and :func:`klotski.costs.calibrate` rescales the rates. Saved beside the profile when ``save``."""
+    dev = ex.device.type
+    hw = hw or machine_profile(dev, calibrated=False)
+    obs = ex.tracer.observations()
+    if not obs:
+        raise ValueError("calibrate_from_run: the executor has no traced ops (run generate first)")
+    cal = calibrate(hw, obs, dtype=_dtype_name(ex.dtype))
+    cal = replace(cal, source=hw.source + "+calibrated",
+                  notes=(hw.notes + f"; calibrated on {len(obs)} ops of a {ex.policy} run").lstrip("; "))
+    if save:
+        cal.save(profile_path(dev, True))
+    return cal
+
+
+__all__ = ["DEFAULT_WORKLOAD", "REPLAN_FACTOR", "InfeasibleError", "calibrate_from_run", "layout_for_plan",
+           "machine_profile", "make_plan", "minimum_layout", "model_costs", "predict", "profile_path"]
+
+
+def prediction_metrics(ex) -> dict:
+    """The plan's figures for ``LLM.metrics.extra``: ``predicted_tokens_per_s`` for the workload the last
+    ``generate`` ran (its sequences split into batch groups, its prompt / generation lengths, the prefill
+    chunks the executor actually used), the plan as made, and the profile it was made on."""
+    plan = ex.plan
+    out = {"planned_tokens_per_s": plan.tokens_per_s, "planned_workload": list(ex.workload),
+           "plan": {"batch_size": plan.batch_size, "n": plan.n, "num_hot": plan.num_hot, "overlap": plan.overlap,
+                    "placement": plan.placement.describe(ex.spec.num_experts)},
+           "hardware_profile": f"{ex.hardware.name} [{ex.hardware.source}]"}
+    run = getattr(ex, "run_workload", None)
+    if getattr(ex, "warmup_s", None) is not None:
+        out["warmup_s"] = ex.warmup_s
+    if not run:
+        out["predicted_tokens_per_s"] = plan.tokens_per_s
+        return out
+    key = (run["prompt_len"], run["gen_len"], run["sequences"], ex.time["prefill_chunks"])
+    if ex.prediction.get("key") != key:
+        total_s, tokens = 0.0, 0
+        left = run["sequences"]
+        chunks = max(1, ex.time["prefill_chunks"])
+        while left > 0:
+            seqs = min(left, ex.group_size)
+            rate = predict(plan, ex.costs, ex.hardware, run["prompt_len"], run["gen_len"], seqs, chunks)
+            total_s += seqs * run["gen_len"] / rate if rate > 0 else 0.0
+            tokens += seqs * run["gen_len"]
+            left -= seqs
+        ex.prediction = {"key": key, "predicted_tokens_per_s": tokens / total_s if total_s > 0 else 0.0}
+    out["predicted_tokens_per_s"] = ex.prediction["predicted_tokens_per_s"]
+    return out
