@@ -38,24 +38,6 @@ def build_checkpoint(path: str, args) -> None:
     model.to(getattr(torch, args.dtype)).save_pretrained(path)
 
 
-def predicted_tokens_per_s(llm, args, n: int, b: int) -> float | None:
-    try:
-        from klotski.costs import ModelCosts
-        from klotski.hardware import measure_profile
-        from klotski.planner import Planner
-
-        hw = measure_profile(device=llm.device.type, quick=True)
-        hw = hw.with_memory(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
-        dtype = str(llm.dtype).replace("torch.", "")
-        costs = ModelCosts.from_spec(llm.spec, weight_dtype=args.dtype, act_dtype=dtype)
-        plan = Planner(costs, hw, args.prompt_len, args.gen_len).score(
-            llm.policy, llm.executor.layout.placement, b, n)
-        return plan.tokens_per_s
-    except Exception as e:  # noqa: BLE001 - the prediction is informative only
-        print(f"  (planner prediction unavailable: {type(e).__name__}: {e})")
-        return None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="existing checkpoint (default: build a random Mixtral-shaped one)")
@@ -70,11 +52,15 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--gpu-memory", default="24MiB")
     ap.add_argument("--cpu-memory", default="16MiB")
-    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--num-prompts", default="group", help="'group' = one batch group of the plan")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=16)
-    ap.add_argument("--num-batches", default="4")
-    ap.add_argument("--batch-size", default="2")
+    ap.add_argument("--num-batches", default="auto", help="'auto' = the planner's n")
+    ap.add_argument("--batch-size", default="auto", help="'auto' = the planner's batch size")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="after each policy's run, fit the cached profile to its traced per-op timings "
+                         "(klotski.runtime.planning.calibrate_from_run) and report the re-scored prediction")
+    ap.add_argument("--label", default="", help="machine label written into the JSON")
     ap.add_argument("--policies", default="klotski,flexgen,layerwise")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
@@ -87,32 +73,46 @@ def main() -> None:
     if not args.model:
         build_checkpoint(model, args)
     size = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors"))
-    g = torch.Generator().manual_seed(1)
-    prompts = torch.randint(0, args.vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
     sp = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
     print(f"checkpoint {format_bytes(size)} ({args.dtype}), budget gpu {args.gpu_memory} cpu {args.cpu_memory}, "
-          f"{args.num_prompts} prompts x {args.prompt_len} tokens, {args.gen_len} generated")
+          f"prompts of {args.prompt_len} tokens, {args.gen_len} generated")
     rows, tokens = [], {}
     for policy in args.policies.split(","):
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-                  offload_dir=os.path.join(work, "store"), num_batches=args.num_batches, batch_size=args.batch_size)
+                  offload_dir=os.path.join(work, f"store-{policy}"), num_batches=args.num_batches,
+                  batch_size=args.batch_size)
+        count = llm.executor.group_size if args.num_prompts == "group" else int(args.num_prompts)
+        g = torch.Generator().manual_seed(1)
+        prompts = torch.randint(0, args.vocab, (count, args.prompt_len), generator=g).tolist()
+        llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
         t = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
         wall = time.perf_counter() - t
         m = llm.metrics
-        x = m.extra
+        x = dict(m.extra)
         tokens[policy] = [o.token_ids for o in outs]
-        pred = predicted_tokens_per_s(llm, args, x["num_batches"], x["batch_size"])
-        rows.append({"policy": policy, "tokens_per_s": m.tokens_per_s, "wall_s": wall,
-                     "predicted_tokens_per_s": pred, **{k: v for k, v in x.items() if k != "weights_per_tier"},
-                     "weights_per_tier": x["weights_per_tier"]})
+        row = {"policy": policy, "tokens_per_s": m.tokens_per_s, "wall_s": wall, "num_prompts": count,
+               **{k: v for k, v in x.items()}}
+        if args.calibrate:
+            from klotski.runtime.planning import calibrate_from_run, prediction_metrics
+
+            ex = llm.executor
+            ex.hardware = calibrate_from_run(ex)
+            ex.prediction = {}
+            row["predicted_tokens_per_s_uncalibrated"] = row["predicted_tokens_per_s"]
+            row["predicted_tokens_per_s"] = prediction_metrics(ex)["predicted_tokens_per_s"]
+            row["calibrated_profile"] = {k: v for k, v in ex.hardware.to_dict().items() if k != "notes"}
+        rows.append(row)
         llm.close()
-    same = all(v == next(iter(tokens.values())) for v in tokens.values())
-    head = f"{'policy':<10} {'tok/s':>8} {'pred':>8} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
+    n0 = min(len(v) for v in tokens.values())
+    same = all(v[:n0] == next(iter(tokens.values()))[:n0] for v in tokens.values())
+    head = f"{'policy':<10} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
     print(head)
     for r in rows:
-        pred = f"{r['predicted_tokens_per_s']:.2f}" if r["predicted_tokens_per_s"] else "-"
-        print(f"{r['policy']:<10} {r['tokens_per_s']:>8.2f} {pred:>8} {r['bubble_fraction']:>7.1%} "
+        pred = r.get("predicted_tokens_per_s") or 0.0
+        err = r["tokens_per_s"] / pred - 1 if pred else float("nan")
+        print(f"{r['policy']:<10} {r['num_prompts']:>5} {r['batch_size']:>3}x{r['num_batches']:<3} "
+              f"{r['tokens_per_s']:>8.2f} {pred:>8.2f} {err:>+6.0%} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
               f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
               f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
     print(f"greedy tokens identical across policies: {same}")
@@ -120,7 +120,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "cpu"
     path = os.path.join(args.out, f"e2e-offload-{time.strftime('%Y%m%d-%H%M%S')}.json")
     with open(path, "w") as f:
-        json.dump({"args": vars(args), "checkpoint_bytes": size, "device": device, "tokens_identical": same,
+        json.dump({"args": vars(args), "label": args.label, "checkpoint_bytes": size, "device": device,
+                   "tokens_identical": same,
                    "rows": rows}, f, indent=1)
     print(f"wrote {path}")
 
