@@ -10,7 +10,8 @@ schedule's static memory. Result: makespan, busy time per stream, bubble fractio
 peak memory per tier, and every op's start / finish (for traces).
 
 :func:`simulate_model_step` simulates a window of the first layers and extrapolates the rest when the
-window has reached a periodic steady state (checked; otherwise it simulates more layers, up to all).
+window has reached a periodic steady state of every stream, not only compute (checked; otherwise it simulates
+more layers, up to all).
 """
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
 
     Layers after the last change of layer kind are identical; the window covers the first layers up to that
     point plus ``window`` more. If the finish times of the window's last three layers are evenly spaced the
-    pipeline is periodic and the remaining layers each add one period (and their ops' busy time);
+    pipeline is periodic (and every stream's last finish per layer keeps that period: a prefetch stream that
+    still runs further ahead each layer holds more weights each layer) and the remaining layers each add one period (and their ops' busy time);
     otherwise the window doubles, up to the whole model.
     """
     L = costs.num_layers
@@ -189,13 +191,37 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
             return res
         # the window's last layer has no successor (like the model's last); steady state is checked before it
         c = [res.finish[i] for i in sched.layer_last_compute]
+        # every stream's last finish per layer (prefetches may run ahead of a periodic compute stream and keep
+        # more weights in flight layer after layer: then the window's peak memory is not the model's). Releases
+        # are left out: they take no time and follow the copies / computes checked here, and the disk stream's
+        # release of a layer is issued with the read ``disk_window`` layers later, so the window's last layers
+        # lack theirs (an artefact of the window, not a drift)
+        last: dict = {}
+        for op in sched.ops:
+            if op.layer < span and op.kind != "release":
+                row = last.setdefault(op.stream, {})
+                if res.finish[op.id] > row.get(op.layer, -1.0):
+                    row[op.layer] = res.finish[op.id]
         for period in (1, 2):  # flexgen's two weight buffers alternate: a period of two layers
             if len(c) < 2 * period + 2:
                 continue
             a, b, d = c[-2 - 2 * period], c[-2 - period], c[-2]
-            if abs((d - b) - (b - a)) <= 1e-9 * max(1.0, abs(d - b)) + 1e-12:
+            if abs((d - b) - (b - a)) > 1e-9 * max(1.0, abs(d - b)) + 1e-12:
+                continue
+            layers = (span - 2 - 2 * period, span - 2 - period, span - 2)
+            if all(_same_period([row.get(i) for i in layers], (d - b)) for row in last.values()
+                   if any(i in row for i in layers)):
                 return _extrapolate(sched, res, hw, dtype, L - span, (d - b) / period)
         w *= 2
+
+
+def _same_period(times: list, step: float) -> bool:
+    """Whether three per-layer times are evenly spaced by ``step`` (None: a layer without such ops)."""
+    if None in times:
+        return False
+    a, b, d = times
+    tol = 1e-9 * max(1.0, abs(step)) + 1e-12
+    return abs((d - b) - step) <= tol and abs((b - a) - step) <= tol
 
 
 def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, period: float) -> SimResult:
