@@ -116,3 +116,27 @@ def hf_logits(model, prompt: list[int]) -> torch.Tensor:
 
 def files(path: str) -> list[str]:
     return sorted(os.listdir(path))
+
+
+# ---- comparison against transformers, shared by the architecture tests -----------------------------------
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_against_transformers(path: str, hf, prompts=PROMPTS, new_tokens: int = 16):
+    """fp32 LLM at ``path`` vs transformers model ``hf``: greedy tokens identical, logits within 1e-4 relative."""
+    from klotski import LLM, SamplingParams
+
+    llm = LLM(path, device="cpu", dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=greedy)
+    assert [o.token_ids for o in outs] == [hf_greedy(hf, p, new_tokens) for p in prompts]
+    for ours, prompt in zip(llm.logits(prompts), prompts):
+        ref = hf_logits(hf, prompt)
+        assert ours.dtype == torch.float32 and ours.shape == ref.shape
+        assert rel_err(ours, ref) < 1e-4
+    return llm

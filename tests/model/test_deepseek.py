@@ -12,7 +12,7 @@ from klotski.checkpoint import CheckpointError
 from klotski.model import decoder
 from klotski.model.mla import mla_attention
 
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+PROMPTS = hf_models.PROMPTS
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 # (arch, overrides): q_lora on/off, grouped routing on/off; every variant has a dense first layer (of 3) and
@@ -27,19 +27,8 @@ VARIANTS = {
 }
 
 
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max())
-
-
-def check_against_transformers(path, hf):
-    llm = LLM(path, device="cpu", dtype="float32")
-    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
-    assert [o.token_ids for o in outs] == [hf_models.hf_greedy(hf, p, 16) for p in PROMPTS]
-    for ours, prompt in zip(llm.logits(PROMPTS), PROMPTS):
-        ref = hf_models.hf_logits(hf, prompt)
-        assert ours.dtype == torch.float32 and ours.shape == ref.shape
-        assert rel_err(ours, ref) < 1e-4
-    return llm
+rel_err = hf_models.rel_err
+check_against_transformers = hf_models.check_against_transformers
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["per-expert", "fused"])

@@ -6,12 +6,11 @@ import hf_models
 from klotski import LLM, SamplingParams
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]
-PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]]
+PROMPTS = hf_models.PROMPTS
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
-def rel_err(a, b):
-    return float((a - b).abs().max() / b.abs().max())
+rel_err = hf_models.rel_err
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -21,13 +20,7 @@ def rel_err(a, b):
 )
 def test_greedy_and_logits_match_transformers(checkpoints, arch, dtype, fused, sharded):
     path, hf = checkpoints.get(arch, dtype=dtype, fused=fused, sharded=sharded)
-    llm = LLM(path, device="cpu", dtype="float32")
-    outs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=GREEDY)
-    assert [o.token_ids for o in outs] == [hf_models.hf_greedy(hf, p, 16) for p in PROMPTS]
-    for ours, prompt in zip(llm.logits(PROMPTS), PROMPTS):
-        ref = hf_models.hf_logits(hf, prompt)
-        assert ours.dtype == torch.float32 and ours.shape == ref.shape
-        assert rel_err(ours, ref) < 1e-4
+    hf_models.check_against_transformers(path, hf)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
