@@ -266,24 +266,70 @@ def _category(op) -> str | None:
     return "matmul"
 
 
-def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):
-    """A profile whose rates are rescaled so predicted op times match measured ones.
+def fit_compute(rows: list[tuple[int, float, float, float]]) -> tuple[float, float, float | None] | None:
+    """Least squares ``seconds = calls * overhead + flops / rate + score_flops / attn_rate`` over compute ops.
 
-    ``observations``: ``(op, measured_seconds)`` pairs from a real run. Per category (matmul, attention,
-    h2d, d2h, disk) the scale is ``sum(predicted) / sum(measured)``; rates are multiplied by it (GPU-side
-    rates for GPU ops, CPU-side for CPU ops). Categories without observations are left unchanged.
+    ``rows``: (calls, flops, score_flops, measured seconds). -> (overhead s per call, matmul FLOP/s,
+    attention FLOP/s or None when no op had score FLOPs), or None when the rows cannot separate a positive
+    overhead from positive rates (too few distinct ops, or a non-positive coefficient).
+    """
+    import numpy as np
+
+    has_scores = any(r[2] > 0 for r in rows)
+    cols = [0, 1, 2] if has_scores else [0, 1]
+    A = np.array([[r[c] for c in cols] for r in rows], dtype=float)
+    if len(rows) < len(cols) + 1 or np.linalg.matrix_rank(A) < len(cols):
+        return None
+    y = np.array([r[3] for r in rows], dtype=float)
+    scale = A.max(axis=0)
+    coef, *_ = np.linalg.lstsq(A / scale, y, rcond=None)
+    coef = coef / scale
+    if (coef <= 0).any():
+        return None
+    return float(coef[0]), float(1.0 / coef[1]), (float(1.0 / coef[2]) if has_scores else None)
+
+
+def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):
+    """A profile whose parameters are fitted so predicted op times match measured ones.
+
+    ``observations``: ``(op, measured_seconds)`` pairs from a real run. Compute ops of each side (device or
+    CPU) are fitted jointly as ``calls * overhead + flops / rate + score_flops / attention rate``
+    (:func:`fit_compute`), which sets the per-call overhead and both rates: folding a per-call cost into the
+    rate would mispredict ops of other sizes (a decode-step fit then triples prefill). Where the rows cannot
+    separate the terms, and for copies (h2d, d2h, disk), the scale is ``sum(predicted) / sum(measured)`` per
+    category and rates are multiplied by it. Categories without observations are left unchanged.
     """
     pred: dict[tuple[str, str], float] = {}
     meas: dict[tuple[str, str], float] = {}
+    compute_rows: dict[str, list[tuple[int, float, float, float]]] = {}
     for op, seconds in observations:
         cat = _category(op)
         if cat is None or seconds <= 0:
             continue
-        key = (cat, "cpu" if (op.link is None and op.device == "cpu") else "gpu")
-        pred[key] = pred.get(key, 0.0) + op_seconds(op, hw, dtype)
-        meas[key] = meas.get(key, 0.0) + seconds
+        dev = "cpu" if (op.link is None and op.device == "cpu") else "gpu"
+        pred[(cat, dev)] = pred.get((cat, dev), 0.0) + op_seconds(op, hw, dtype)
+        meas[(cat, dev)] = meas.get((cat, dev), 0.0) + seconds
+        if cat in ("matmul", "attention"):
+            compute_rows.setdefault(dev, []).append((max(1, op.calls), op.flops, op.score_flops, seconds))
     changes: dict = {}
+    fitted: set[str] = set()
+    for dev, rows in compute_rows.items():
+        fit = fit_compute(rows)
+        if fit is None:
+            continue
+        overhead, rate, attn_rate = fit
+        on_cpu = dev == "cpu"
+        mm_field = "cpu_matmul_flops" if on_cpu else "matmul_flops"
+        old = getattr(hw, mm_field)
+        ratio = rate / hw.matmul_rate(dtype, dev)
+        changes[mm_field] = {k: v * ratio for k, v in old.items()} | {dtype: rate}
+        changes["cpu_op_overhead_s" if on_cpu else "op_overhead_s"] = overhead
+        if attn_rate is not None:
+            changes["cpu_attention_flops" if on_cpu else "attention_flops"] = attn_rate
+        fitted.add(dev)
     for (cat, dev), p in pred.items():
+        if cat in ("matmul", "attention") and dev in fitted:
+            continue
         s = p / meas[(cat, dev)]
         if cat == "matmul":
             field = "cpu_matmul_flops" if dev == "cpu" else "matmul_flops"

@@ -86,3 +86,25 @@ def test_op_seconds_and_calibration():
     assert slow.h2d_bandwidth == pytest.approx(hw.h2d_bandwidth / 2)
     assert slow.matmul_flops["bfloat16"] == pytest.approx(hw.matmul_flops["bfloat16"] / 4)
     assert slow.d2h_bandwidth == hw.d2h_bandwidth and "calibrated" in slow.source
+
+
+def test_calibration_separates_per_call_overhead_from_rate():
+    """Ops of several sizes timed as calls * 1 ms + flops / 80 GFLOP/s: the fit recovers both terms, so it
+    predicts a much larger (prefill-sized) op correctly, which a rate-only rescale would not."""
+    hw = preset("rtx3090")
+    true_overhead, true_rate, true_attn = 1e-3, 80e9, 20e9
+    ops = [Op(i, "expert", "compute", "gpu", 0, flops=f, calls=c)
+           for i, (f, c) in enumerate([(1e6, 1), (5e6, 3), (2e7, 2), (4e7, 5), (1e8, 1)])]
+    ops += [Op(10 + i, "attn", "compute", "gpu", 0, flops=f, score_flops=sf, calls=2)
+            for i, (f, sf) in enumerate([(1e6, 1e6), (3e6, 8e6), (1e7, 2e6)])]
+
+    def measured(op):
+        return op.calls * true_overhead + op.flops / true_rate + op.score_flops / true_attn
+
+    fit = calibrate(hw, [(op, measured(op)) for op in ops])
+    assert fit.op_overhead_s == pytest.approx(true_overhead, rel=1e-6)
+    assert fit.matmul_flops["bfloat16"] == pytest.approx(true_rate, rel=1e-6)
+    assert fit.attention_flops == pytest.approx(true_attn, rel=1e-6)
+    big = Op(99, "expert", "compute", "gpu", 0, flops=5e10, calls=1)
+    assert op_seconds(big, fit) == pytest.approx(measured(big), rel=1e-6)
+    assert fit.h2d_bandwidth == hw.h2d_bandwidth  # no copies observed: untouched
