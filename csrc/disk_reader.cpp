@@ -1,7 +1,6 @@
 #include "disk_reader.h"
 
 #include <fcntl.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +10,7 @@
 
 #include "bindings.h"
 #include "errors.h"
+#include "uring_engine.h"
 
 namespace py = pybind11;
 
@@ -37,107 +37,14 @@ static uint64_t round_down(uint64_t x) { return x / kDirectAlignment * kDirectAl
 static uint64_t round_up(uint64_t x) { return (x + kDirectAlignment - 1) / kDirectAlignment * kDirectAlignment; }
 size_t span_bytes(uint64_t offset, uint64_t nbytes) { return round_up(offset % kDirectAlignment + nbytes); }
 
-// One file's descriptors: an O_DIRECT one (when the file system accepts it) and a buffered one (opened on
-// first need). `direct` turns false for good if an O_DIRECT read is refused with EINVAL in AUTO mode.
-struct OpenFile {
-  std::string path;
-  int direct_fd = -1;
-  int posix_fd = -1;
-  std::atomic<bool> direct{false};
-  std::mutex mu;
-
-  ~OpenFile() {
-    if (direct_fd >= 0) ::close(direct_fd);
-    if (posix_fd >= 0) ::close(posix_fd);
-  }
-  int buffered_fd() {
-    std::lock_guard<std::mutex> g(mu);
-    if (posix_fd < 0) {
-      int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-      if (fd < 0) throw OSErrorWithPath(errno, "cannot reopen '" + path + "' for buffered reads: " +
-                                                   std::strerror(errno), path);
-      posix_fd = fd;
-    }
-    return posix_fd;
-  }
-  uint64_t size() const {
-    struct stat st;
-    int fd = direct_fd >= 0 ? direct_fd : posix_fd;
-    return (fd >= 0 && fstat(fd, &st) == 0) ? static_cast<uint64_t>(st.st_size) : 0;
-  }
-};
-
-ReadTicket::ReadTicket(std::string path, uint64_t offset, uint64_t nbytes, bool direct, size_t pieces)
-    : path_(std::move(path)), offset_(offset), nbytes_(nbytes), direct_(direct), pending_(pieces) {}
-
-bool ReadTicket::done() {
-  std::lock_guard<std::mutex> g(mu_);
-  return pending_ == 0;
-}
-
-std::string ReadTicket::describe() const { return "read of " + describe_request(path_, offset_, nbytes_); }
-
-void ReadTicket::finish_piece(std::exception_ptr error) {
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    if (error && !error_) error_ = error;
-    if (pending_ > 0) --pending_;
-  }
-  cv_.notify_all();
-}
-
-void ReadTicket::wait(double timeout_s) {
-  std::unique_lock<std::mutex> lk(mu_);
-  if (!wait_interruptibly(lk, cv_, timeout_s, [&] { return pending_ == 0; })) {
-    throw WaitTimeout(describe() + " not finished after " + std::to_string(timeout_s) + " s");
-  }
-  if (error_) std::rethrow_exception(error_);
-}
-
-void ReadTicket::rethrow_if_failed() {
-  std::lock_guard<std::mutex> g(mu_);
-  if (pending_ == 0 && error_) std::rethrow_exception(error_);
-}
-
-// Read [off, off + len) into dst; `need` of those bytes must arrive (the rest may lie past end of file).
-static void read_piece(ReadTicket& t, OpenFile& f, bool allow_fallback, bool direct, uint64_t off, size_t len,
-                       uint8_t* dst, size_t need) {
-  int fd = direct ? f.direct_fd : f.buffered_fd();
-  size_t got = 0;
-  while (got < len) {
-    ssize_t r = ::pread(fd, dst + got, len - got, static_cast<off_t>(off + got));
-    if (r < 0) {
-      int err = errno;
-      if (err == EINTR) continue;
-      if (direct && err == EINVAL && allow_fallback && got == 0) {
-        f.direct.store(false);  // this file refuses O_DIRECT reads: buffered from now on
-        t.fell_back_to_posix();
-        fd = f.buffered_fd();
-        direct = false;
-        continue;
-      }
-      throw OSErrorWithPath(err, t.describe() + " failed: " + std::strerror(err) + " (pread of " +
-                                     std::to_string(len - got) + " bytes at " + std::to_string(off + got) + ")",
-                            t.path());
-    }
-    if (r == 0) break;  // end of file
-    got += static_cast<size_t>(r);
-  }
-  if (got < need) {
-    uint64_t size = f.size();
-    throw ShortReadError("short read: " + t.describe() + " reaches past end of file (file is " +
-                         std::to_string(size) + " bytes, request ends at " +
-                         std::to_string(t.offset() + t.nbytes()) + "); got " + std::to_string(got) + " of " +
-                         std::to_string(need) + " bytes at " + std::to_string(off));
-  }
-}
-
-DiskReader::DiskReader(IOMode mode, size_t num_threads, size_t chunk_bytes)
-    : mode_(mode), num_threads_(num_threads), chunk_bytes_(chunk_bytes) {
+DiskReader::DiskReader(IOMode mode, size_t num_threads, size_t chunk_bytes, EngineKind engine, size_t queue_depth)
+    : mode_(mode), chunk_bytes_(chunk_bytes) {
   if (chunk_bytes == 0 || chunk_bytes % kDirectAlignment != 0) {
     throw std::invalid_argument("chunk_bytes must be a positive multiple of 4096, got " + std::to_string(chunk_bytes));
   }
-  pool_ = std::make_unique<ThreadPool>(num_threads);
+  if (num_threads == 0) throw std::invalid_argument("num_threads must be >= 1, got 0");
+  if (queue_depth == 0) throw std::invalid_argument("queue_depth must be >= 1, got 0");
+  engine_ = make_engine(engine, num_threads, queue_depth, &engine_note_);
 }
 
 DiskReader::~DiskReader() { close(true); }
@@ -218,34 +125,23 @@ std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t
     slot->track(ticket);
   }
   const uint64_t req_end = offset + nbytes;
-  std::vector<Task> tasks;
-  tasks.reserve(pieces.size());
+  std::vector<ReadPiece> reads;
+  reads.reserve(pieces.size());
   for (auto [s, e] : pieces) {
-    const size_t len = static_cast<size_t>(e - s);
-    const size_t need = static_cast<size_t>(std::min<uint64_t>(len, req_end > s ? req_end - s : 0));
-    uint8_t* dst = out + (s - base);
-    Task task;
-    task.run = [ticket, file, allow_fallback, direct, s, len, dst, need] {
-      if (ticket->cancelled()) {
-        ticket->finish_piece(std::make_exception_ptr(ReaderClosed(ticket->describe() + " cancelled")));
-        return;
-      }
-      try {
-        read_piece(*ticket, *file, allow_fallback, direct && file->direct.load(), s, len, dst, need);
-        ticket->finish_piece(nullptr);
-      } catch (...) {
-        ticket->finish_piece(std::current_exception());
-      }
-    };
-    task.drop = [ticket] {
-      ticket->cancel();
-      ticket->finish_piece(std::make_exception_ptr(
-          ReaderClosed(ticket->describe() + " was cancelled: the reader was closed before it ran")));
-    };
-    tasks.push_back(std::move(task));
+    ReadPiece p;
+    p.ticket = ticket;
+    p.file = file;
+    p.allow_fallback = allow_fallback;
+    p.direct = direct;
+    p.off = s;
+    p.len = static_cast<size_t>(e - s);
+    p.need = static_cast<size_t>(std::min<uint64_t>(p.len, req_end > s ? req_end - s : 0));
+    p.dst = out + (s - base);
+    reads.push_back(std::move(p));
   }
-  if (!pool_->submit_all(tasks)) {
-    for (auto& t : tasks) t.drop();
+  if (!engine_->submit(reads)) {
+    ticket->cancel();
+    for (auto& p : reads) p.ticket->finish_piece(p.dropped());
     throw ReaderClosed(ticket->describe() + ": the reader is closed");
   }
   return ticket;
@@ -254,7 +150,7 @@ std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t
 void DiskReader::close(bool cancel) {
   std::lock_guard<std::mutex> g(close_mu_);
   closed_.store(true);
-  if (pool_) pool_->shutdown(cancel);
+  if (engine_) engine_->shutdown(cancel);
   std::lock_guard<std::mutex> f(files_mu_);
   files_.clear();
 }
@@ -283,11 +179,23 @@ void register_disk_reader(py::module_& m) {
       .def_property_readonly("view_offset", &ReadTicket::view_offset)
       .def_property_readonly("mode", &ReadTicket::mode)
       .def("__repr__", [](const ReadTicket& t) { return "<klotski._C.ReadTicket " + t.describe() + ">"; });
-  py::class_<DiskReader>(m, "DiskReader", "Disk reads on a native thread pool (O_DIRECT / buffered POSIX).")
-      .def(py::init([](const std::string& mode, size_t num_threads, size_t chunk_bytes) {
-             return std::make_unique<DiskReader>(parse_io_mode(mode), num_threads, chunk_bytes);
+  m.def("io_uring_info", [] {
+        UringSupport s = probe_io_uring();
+        py::dict d;
+        d["available"] = s.available;
+        d["reason"] = s.reason;
+        return d;
+      },
+      "Whether this kernel lets us set up an io_uring with IORING_OP_READ: {'available': bool, 'reason': str}.");
+  py::class_<DiskReader>(m, "DiskReader",
+                         "Disk reads (O_DIRECT / buffered POSIX) on a thread pool or an io_uring (engine=).")
+      .def(py::init([](const std::string& mode, size_t num_threads, size_t chunk_bytes, const std::string& engine,
+                       size_t queue_depth) {
+             return std::make_unique<DiskReader>(parse_io_mode(mode), num_threads, chunk_bytes, parse_engine(engine),
+                                                 queue_depth);
            }),
-           py::arg("mode") = "AUTO", py::arg("num_threads") = 8, py::arg("chunk_bytes") = 4 << 20)
+           py::arg("mode") = "AUTO", py::arg("num_threads") = 8, py::arg("chunk_bytes") = 4 << 20,
+           py::arg("engine") = "auto", py::arg("queue_depth") = 32, py::call_guard<py::gil_scoped_release>())
       .def("read", [](DiskReader& r, const std::string& path, uint64_t offset, uint64_t nbytes, uintptr_t address,
                       size_t capacity) {
              return r.read(path, offset, nbytes, reinterpret_cast<uint8_t*>(address), capacity);
@@ -303,6 +211,9 @@ void register_disk_reader(py::module_& m) {
       .def_property_readonly("closed", &DiskReader::closed)
       .def_property_readonly("mode", [](const DiskReader& r) { return io_mode_name(r.mode()); })
       .def_property_readonly("num_threads", &DiskReader::num_threads)
+      .def_property_readonly("queue_depth", &DiskReader::queue_depth)
+      .def_property_readonly("engine", &DiskReader::engine)
+      .def_property_readonly("engine_note", &DiskReader::engine_note)
       .def_property_readonly("chunk_bytes", &DiskReader::chunk_bytes);
 }
 

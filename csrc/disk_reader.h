@@ -1,5 +1,6 @@
-// Disk reads on a native thread pool, straight into ring slots or aligned host buffers, bypassing the page
-// cache with O_DIRECT where the file system allows it.
+// Disk reads straight into ring slots or aligned host buffers, bypassing the page cache with O_DIRECT where
+// the file system allows it, on one of two engines (read_engine.h): a thread pool of blocking pread()s or an
+// io_uring driven by one thread.
 //
 // IO modes (as kvikio's compat mode): DIRECT (O_DIRECT; an error where it is refused), POSIX (buffered pread),
 // AUTO (O_DIRECT per file, decided once per file: falls back to buffered POSIX for files that refuse it,
@@ -11,18 +12,15 @@
 // Large requests are split into chunk_bytes pieces that run in parallel; one ticket tracks all pieces.
 #pragma once
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
 
-#include "completion.h"
+#include "read_engine.h"
+#include "read_request.h"
 #include "ring_buffer.h"
-#include "thread_pool.h"
 
 namespace klotski {
 
@@ -30,47 +28,13 @@ enum class IOMode { Auto, Direct, Posix };
 IOMode parse_io_mode(const std::string& s);
 std::string io_mode_name(IOMode m);
 
-constexpr size_t kDirectAlignment = 4096;
 size_t span_bytes(uint64_t offset, uint64_t nbytes);  // round_up(offset % 4096 + nbytes, 4096)
-
-struct OpenFile;
-
-class ReadTicket : public Completion {
- public:
-  ReadTicket(std::string path, uint64_t offset, uint64_t nbytes, bool direct, size_t pieces);
-  bool done() override;
-  std::string describe() const override;
-  // Blocks (GIL released by the binding) until every piece finished; rethrows the first error.
-  // timeout_s < 0: no limit; on timeout throws WaitTimeout (the read keeps going).
-  void wait(double timeout_s);
-  // Re-raises the error of a finished ticket, if any (no waiting).
-  void rethrow_if_failed();
-  void finish_piece(std::exception_ptr error);
-  void fell_back_to_posix() { direct_ = false; }
-
-  const std::string& path() const { return path_; }
-  uint64_t offset() const { return offset_; }
-  uint64_t nbytes() const { return nbytes_; }
-  size_t view_offset() const { return static_cast<size_t>(offset_ % kDirectAlignment); }
-  std::string mode() const { return direct_ ? "DIRECT" : "POSIX"; }
-  bool cancelled() const { return cancelled_.load(); }
-  void cancel() { cancelled_.store(true); }
-  std::optional<Slot> slot;  // keeps the ring's memory alive while the read runs
-
- private:
-  std::string path_;
-  uint64_t offset_, nbytes_;
-  std::atomic<bool> direct_;
-  std::atomic<bool> cancelled_{false};
-  std::mutex mu_;
-  std::condition_variable cv_;
-  size_t pending_;
-  std::exception_ptr error_;
-};
 
 class DiskReader {
  public:
-  DiskReader(IOMode mode, size_t num_threads, size_t chunk_bytes);
+  // engine: see read_engine.h; num_threads sizes the thread pool, queue_depth the io_uring.
+  DiskReader(IOMode mode, size_t num_threads, size_t chunk_bytes, EngineKind engine = EngineKind::Threads,
+             size_t queue_depth = 32);
   ~DiskReader();
   // Queue a read of [offset, offset + nbytes) of path into dest (capacity bytes). Opens the file on first
   // use (a missing file raises here, naming path, offset and size). Errors of the read itself surface
@@ -88,7 +52,10 @@ class DiskReader {
   // The mode a file was opened in ("DIRECT" or "POSIX"); opens it if needed.
   std::string file_mode(const std::string& path);
   IOMode mode() const { return mode_; }
-  size_t num_threads() const { return num_threads_; }
+  size_t num_threads() const { return engine_->num_threads(); }
+  size_t queue_depth() const { return engine_->queue_depth(); }
+  std::string engine() const { return engine_->name(); }
+  const std::string& engine_note() const { return engine_note_; }
   size_t chunk_bytes() const { return chunk_bytes_; }
 
  private:
@@ -96,8 +63,9 @@ class DiskReader {
   std::shared_ptr<ReadTicket> submit(const std::string& path, uint64_t offset, uint64_t nbytes, uint8_t* dest,
                                      size_t capacity, const Slot* slot);
   IOMode mode_;
-  size_t num_threads_, chunk_bytes_;
-  std::unique_ptr<ThreadPool> pool_;
+  size_t chunk_bytes_;
+  std::unique_ptr<ReadEngine> engine_;
+  std::string engine_note_;
   std::mutex files_mu_, close_mu_;
   std::map<std::string, std::shared_ptr<OpenFile>> files_;
   std::atomic<bool> closed_{false};

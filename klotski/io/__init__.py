@@ -3,7 +3,8 @@
 - :class:`PinnedRing` / :class:`Slot` (``ring``): N page-aligned host slots, pinned through CUDA when it can
   be loaded, else mlock'd; explicit acquire/release; misuse raises :class:`SlotStateError`.
 - :class:`DiskReader` / :class:`ReadTicket` (``reader``): (path, offset, nbytes) reads on a native thread
-  pool into a slot or an aligned host buffer, io mode AUTO / DIRECT / POSIX (argument or ``KLOTSKI_IO_MODE``).
+  pool or an io_uring (``engine=`` / ``KLOTSKI_IO_ENGINE``) into a slot or an aligned host buffer, io mode
+  AUTO / DIRECT / POSIX (argument or ``KLOTSKI_IO_MODE``).
 - :class:`CopyEngine` / :class:`CopyEvent` (``copy``): asynchronous slot -> device copies on a caller's
   CUDA stream, or host -> host in CPU mode with the same interface.
 - :class:`GdsFile` (``gds``): GPUDirect Storage reads through a dlopen'd cuFile, where present.
@@ -24,7 +25,8 @@ from klotski._C import (
 )
 from klotski.io.copy import CopyEngine, CopyEvent
 from klotski.io.gds import GdsFile, gds_available, gds_unavailable_reason
-from klotski.io.reader import DIRECT_ALIGNMENT, DiskReader, IOMode, ReadTicket, resolve_io_mode
+from klotski.io.reader import (DIRECT_ALIGNMENT, DiskReader, IOMode, ReadTicket, io_uring_info, resolve_engine,
+                               resolve_io_mode)
 from klotski.io.ring import PinnedRing, Slot
 
 __all__ = [
@@ -46,6 +48,8 @@ __all__ = [
     "cuda_info",
     "gds_available",
     "gds_unavailable_reason",
+    "io_uring_info",
+    "resolve_engine",
     "resolve_io_mode",
     "span_bytes",
 ]

@@ -1,6 +1,7 @@
-"""Disk reader: (path, offset, nbytes) reads on a native thread pool, into a ring slot or aligned host memory.
+"""Disk reader: (path, offset, nbytes) reads on native threads or an io_uring, into a ring slot or aligned
+host memory.
 
-    with DiskReader(mode="AUTO") as reader:                 # or KLOTSKI_IO_MODE=DIRECT|POSIX|AUTO
+    with DiskReader(mode="AUTO", engine="auto") as reader:  # or KLOTSKI_IO_MODE / KLOTSKI_IO_ENGINE
         t = reader.read(path, offset, nbytes, into=slot)    # returns at once; the GIL is free meanwhile
         t.wait(timeout=10)                                  # raises the read's error, naming path/offset/size
         data = slot.numpy(t.view_offset, nbytes)
@@ -10,6 +11,13 @@ fails where that is refused; POSIX reads buffered; AUTO tries O_DIRECT per file 
 reads for files (or unaligned destinations) that cannot take it. In every mode the requested bytes land at
 ``into + view_offset`` with ``view_offset = offset % 4096``; a direct read fills the aligned superset, so
 its destination must be 4096-aligned and hold ``span_bytes(offset, nbytes)`` bytes (slots always are).
+
+Engines (``engine=`` or ``KLOTSKI_IO_ENGINE``): "threads" runs blocking pread()s on ``num_threads`` native
+threads; "uring" has one native thread submit reads to an io_uring (raw syscalls, no liburing) with at most
+``queue_depth`` pieces in flight and reap them; "auto" takes the one measured faster on this kind of machine
+(bench/results/disk_read_cpu.md) and falls back to threads where the kernel refuses io_uring (old kernel,
+seccomp, ``kernel.io_uring_disabled``). ``reader.engine`` says which one runs, ``reader.engine_note`` why.
+Both engines give the same results, tickets and errors.
 
 Closing drains queued reads (``close()``) or cancels them (``close(cancel=True)``: their tickets raise
 ReaderClosedError); reads already running finish either way, so no destination is written after close.
@@ -26,6 +34,8 @@ from klotski.io.ring import Slot
 
 DIRECT_ALIGNMENT = _C.DIRECT_ALIGNMENT
 ENV_IO_MODE = "KLOTSKI_IO_MODE"
+ENV_IO_ENGINE = "KLOTSKI_IO_ENGINE"
+ENGINES = ("auto", "uring", "threads")
 
 
 class IOMode(str, enum.Enum):
@@ -44,6 +54,22 @@ def resolve_io_mode(mode: str | IOMode | None = None) -> IOMode:
         return IOMode(value)
     except ValueError:
         raise ValueError(f"io mode ({source}) must be AUTO, DIRECT or POSIX, got {mode!r}") from None
+
+
+def resolve_engine(engine: str | None = None) -> str:
+    """The engine to ask for: ``engine`` if given, else ``$KLOTSKI_IO_ENGINE``, else "auto" (case-insensitive)."""
+    source = "argument"
+    if engine is None:
+        engine, source = os.environ.get(ENV_IO_ENGINE, "auto"), ENV_IO_ENGINE
+    value = str(engine).strip().lower()
+    if value not in ENGINES:
+        raise ValueError(f"io engine ({source}) must be auto, uring or threads, got {engine!r}")
+    return value
+
+
+def io_uring_info() -> dict:
+    """{'available': bool, 'reason': str}: whether this kernel lets the reader use io_uring, and why not."""
+    return dict(_C.io_uring_info())
 
 
 def host_span(into) -> tuple[int, int]:
@@ -94,15 +120,21 @@ class ReadTicket:
 
 
 class DiskReader:
-    """Reads on ``num_threads`` native threads; requests larger than ``chunk_bytes`` run as parallel pieces."""
+    """Reads on an engine ("threads": ``num_threads`` native threads; "uring": one thread, at most
+    ``queue_depth`` reads in flight); requests larger than ``chunk_bytes`` run as parallel pieces.
+    ``engine="uring"`` raises RuntimeError where the kernel refuses io_uring; "auto" falls back to threads."""
 
-    def __init__(self, mode: str | IOMode | None = None, num_threads: int = 8, chunk_bytes: int = 4 << 20):
+    def __init__(self, mode: str | IOMode | None = None, num_threads: int = 8, chunk_bytes: int = 4 << 20,
+                 engine: str | None = None, queue_depth: int = 32):
         self.mode = resolve_io_mode(mode)
+        engine = resolve_engine(engine)
         if int(num_threads) < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if not 1 <= int(queue_depth) <= 4096:
+            raise ValueError(f"queue_depth must be in 1..4096, got {queue_depth}")
         if int(chunk_bytes) <= 0 or int(chunk_bytes) % DIRECT_ALIGNMENT:
             raise ValueError(f"chunk_bytes must be a positive multiple of {DIRECT_ALIGNMENT}, got {chunk_bytes}")
-        self._native = _C.DiskReader(self.mode.value, int(num_threads), int(chunk_bytes))
+        self._native = _C.DiskReader(self.mode.value, int(num_threads), int(chunk_bytes), engine, int(queue_depth))
         self._inflight: list[ReadTicket] = []  # destinations of unfinished reads stay alive here
 
     def read(self, path: str | os.PathLike, offset: int, nbytes: int, into) -> ReadTicket:
@@ -147,7 +179,10 @@ class DiskReader:
     def closed(self) -> bool:
         return self._native.closed
 
-    num_threads = property(lambda self: self._native.num_threads)
+    num_threads = property(lambda self: self._native.num_threads)  # threads doing reads (1 for "uring")
+    queue_depth = property(lambda self: self._native.queue_depth)  # reads in flight at most
+    engine = property(lambda self: self._native.engine)  # "threads" or "uring": the engine in use
+    engine_note = property(lambda self: self._native.engine_note)  # why (e.g. auto's fallback reason)
     chunk_bytes = property(lambda self: self._native.chunk_bytes)
 
     def __enter__(self) -> "DiskReader":
@@ -157,4 +192,5 @@ class DiskReader:
         self.close(cancel=exc[0] is not None)
 
     def __repr__(self) -> str:
-        return f"DiskReader(mode={self.mode.value}, num_threads={self.num_threads}, closed={self.closed})"
+        return (f"DiskReader(mode={self.mode.value}, engine={self.engine}, num_threads={self.num_threads}, "
+                f"closed={self.closed})")

@@ -1,7 +1,11 @@
-"""The native module's contract as seen from Python: error types, import without CUDA."""
+"""The native module's contract as seen from Python: error types, import without CUDA or io_uring."""
+import errno
 import os
+import platform
 import subprocess
 import sys
+
+import pytest
 
 from klotski import _C
 
@@ -36,3 +40,48 @@ def test_imports_and_reads_with_cuda_disabled(tmp_path):
     env = dict(os.environ, KLOTSKI_DISABLE_CUDA="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# Installs a seccomp filter that makes io_uring_setup (syscall 425 on x86_64 and aarch64) fail with ERRNO,
+# as container runtimes do, before klotski is imported.
+SECCOMP_REFUSE_IO_URING = """
+import ctypes, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def insn(code, k, jt=0, jf=0):
+    return struct.pack("HBBI", code, jt, jf, k)
+prog = (insn(0x20, 0)                      # A = seccomp_data.nr
+        + insn(0x15, 425, 0, 1)            # if A == __NR_io_uring_setup
+        + insn(0x06, 0x00050000 | ERRNO)   #   return SECCOMP_RET_ERRNO | ERRNO
+        + insn(0x06, 0x7FFF0000))          # return SECCOMP_RET_ALLOW
+code = ctypes.create_string_buffer(prog, len(prog))
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+fprog = SockFprog(len(prog) // 8, ctypes.addressof(code))
+assert libc.prctl(38, 1, 0, 0, 0) == 0                                  # PR_SET_NO_NEW_PRIVS
+assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0, ctypes.get_errno()  # PR_SET_SECCOMP, FILTER
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "aarch64") or not sys.platform.startswith("linux"),
+                    reason="the filter names io_uring_setup by its x86_64/aarch64 syscall number")
+@pytest.mark.parametrize("errno_name", ["ENOSYS", "EPERM"])
+def test_io_uring_refused_by_seccomp_falls_back_to_threads(tmp_path, errno_name):
+    path = tmp_path / "x.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    code = SECCOMP_REFUSE_IO_URING.replace("ERRNO", str(getattr(errno, errno_name))) + (
+        "from klotski import _C\n"
+        "from klotski.io import DiskReader, io_uring_info\n"
+        "info = io_uring_info(); assert not info['available'] and 'io_uring_setup failed' in info['reason'], info\n"
+        "r = DiskReader(mode='AUTO', num_threads=2)\n"
+        "assert r.engine == 'threads' and 'io_uring unavailable' in r.engine_note, (r.engine, r.engine_note)\n"
+        f"assert r.read_bytes({str(path)!r}, 100, 1000, timeout=5) == open({str(path)!r}, 'rb').read()[100:1100]\n"
+        "r.close()\n"
+        "try:\n"
+        "    DiskReader(engine='uring')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'io_uring unavailable: io_uring_setup failed' in str(e), e\n"
+        "    print('refused:', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("refused:") and os.strerror(getattr(errno, errno_name)) in out.stdout, out.stdout

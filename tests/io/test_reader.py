@@ -5,10 +5,20 @@ import numpy as np
 import pytest
 
 from klotski import _C
-from klotski.io import (DiskReader, IOMode, PinnedRing, ReaderClosedError, ShortReadError, resolve_io_mode,
-                        span_bytes)
+from klotski.io import (DiskReader, IOMode, PinnedRing, ReaderClosedError, ShortReadError, io_uring_info,
+                        resolve_engine, resolve_io_mode, span_bytes)
 
 MODES = ["AUTO", "DIRECT", "POSIX"]
+URING = io_uring_info()
+needs_uring = pytest.mark.skipif(not URING["available"], reason=f"io_uring unavailable: {URING['reason']}")
+ENGINES = ["threads", pytest.param("uring", marks=needs_uring)]
+
+
+def make_reader(engine, mode="AUTO", threads=8, **kw):
+    """A reader on `engine`; `threads` bounds the reads in flight for either engine."""
+    reader = DiskReader(mode=mode, engine=engine, num_threads=threads, queue_depth=threads, **kw)
+    assert reader.engine == engine
+    return reader
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +39,12 @@ def python_read(path, offset, nbytes):
         return f.read(nbytes)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
-def test_random_reads_equal_python_reads(files, mode):
-    rng = random.Random(hash(mode) & 0xFFFF)
+def test_random_reads_equal_python_reads(files, mode, engine):
+    rng = random.Random(sum(map(ord, mode + engine)))
     ring = PinnedRing(4, 1 << 20)
-    with DiskReader(mode=mode, num_threads=4, chunk_bytes=64 << 10) as reader:
+    with make_reader(engine, mode, threads=4, chunk_bytes=64 << 10) as reader:
         for _ in range(60):
             path = rng.choice(files)
             size = os.path.getsize(path)
@@ -50,12 +61,13 @@ def test_random_reads_equal_python_reads(files, mode):
             slot.release()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
-def test_reads_into_aligned_buffers_numpy_and_torch(files, mode):
+def test_reads_into_aligned_buffers_numpy_and_torch(files, mode, engine):
     import torch
 
     path, offset, nbytes = files[0], 5000, 300_001
-    with DiskReader(mode=mode) as reader:
+    with make_reader(engine, mode) as reader:
         buf = _C.AlignedHostBuffer(span_bytes(offset, nbytes))
         t = reader.read(path, offset, nbytes, into=buf).wait()
         assert bytes(memoryview(buf)[t.view_offset:t.view_offset + nbytes]) == python_read(path, offset, nbytes)
@@ -72,9 +84,10 @@ def test_reads_into_aligned_buffers_numpy_and_torch(files, mode):
         assert reader.read_bytes(path, 7, 9) == python_read(path, 7, 9)
 
 
-def test_many_concurrent_requests_across_files(files):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_many_concurrent_requests_across_files(files, engine):
     rng = random.Random(1)
-    with DiskReader(mode="AUTO", num_threads=8, chunk_bytes=16 << 10) as reader:
+    with make_reader(engine, "AUTO", threads=8, chunk_bytes=16 << 10) as reader:
         jobs = []
         for _ in range(300):
             path = rng.choice(files)
@@ -88,22 +101,24 @@ def test_many_concurrent_requests_across_files(files):
             assert bytes(memoryview(buf)[t.view_offset:t.view_offset + nbytes]) == python_read(path, offset, nbytes)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
-def test_missing_file_names_path_offset_and_size(tmp_path, mode):
+def test_missing_file_names_path_offset_and_size(tmp_path, mode, engine):
     missing = str(tmp_path / "nope.bin")
     buf = _C.AlignedHostBuffer(8192)
-    with DiskReader(mode=mode) as reader:
+    with make_reader(engine, mode) as reader:
         with pytest.raises(FileNotFoundError, match=r"nope\.bin' at offset 12, 34 bytes") as info:
             reader.read(missing, 12, 34, into=buf)
         assert info.value.filename == missing
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", MODES)
-def test_read_past_eof_and_truncated_file_raise_short_read(tmp_path, mode):
+def test_read_past_eof_and_truncated_file_raise_short_read(tmp_path, mode, engine):
     path = tmp_path / "short.bin"
     path.write_bytes(b"x" * 10_000)
     buf = _C.AlignedHostBuffer(1 << 20)
-    with DiskReader(mode=mode, chunk_bytes=4096) as reader:
+    with make_reader(engine, mode, chunk_bytes=4096) as reader:
         t = reader.read(str(path), 9_000, 2_000, into=buf)  # crosses EOF
         with pytest.raises(ShortReadError, match=r"short\.bin' at offset 9000, 2000 bytes.*file is 10000 bytes"):
             t.wait(timeout=10)
@@ -112,7 +127,7 @@ def test_read_past_eof_and_truncated_file_raise_short_read(tmp_path, mode):
             t.wait(timeout=10)
         t = reader.read(str(path), 0, 10_000, into=buf).wait(timeout=10)  # exactly to EOF is fine
         assert bytes(memoryview(buf)[:10_000]) == b"x" * 10_000
-    with DiskReader(mode=mode) as reader:
+    with make_reader(engine, mode) as reader:
         path.write_bytes(b"y" * 100_000)
         first = reader.read(str(path), 0, 100_000, into=buf)
         first.wait(timeout=10)
@@ -121,15 +136,17 @@ def test_read_past_eof_and_truncated_file_raise_short_read(tmp_path, mode):
             reader.read(str(path), 20_000, 50_000, into=buf).wait(timeout=10)
 
 
-def test_os_error_from_pread_is_an_oserror_naming_the_request(tmp_path):
-    with DiskReader(mode="POSIX") as reader:
+@pytest.mark.parametrize("engine", ENGINES)
+def test_os_error_from_pread_is_an_oserror_naming_the_request(tmp_path, engine):
+    with make_reader(engine, "POSIX") as reader:
         t = reader.read(str(tmp_path), 0, 10, into=_C.AlignedHostBuffer(4096))  # a directory: EISDIR
         with pytest.raises(IsADirectoryError, match="at offset 0, 10 bytes"):
             t.wait(timeout=10)
 
 
-def test_closed_reader_raises_and_cancel_never_hangs(files):
-    reader = DiskReader(mode="AUTO", num_threads=1, chunk_bytes=4096)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_closed_reader_raises_and_cancel_never_hangs(files, engine):
+    reader = make_reader(engine, "AUTO", threads=1, chunk_bytes=4096)
     buf = _C.AlignedHostBuffer(span_bytes(0, 3 << 20))
     tickets = [reader.read(files[0], 0, 3 << 20, into=buf) for _ in range(20)]  # 768 pieces each
     reader.close(cancel=True)
@@ -148,8 +165,9 @@ def test_closed_reader_raises_and_cancel_never_hangs(files):
     reader.close()  # idempotent
 
 
-def test_close_drains_queued_reads(files):
-    reader = DiskReader(mode="AUTO", num_threads=2, chunk_bytes=64 << 10)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_drains_queued_reads(files, engine):
+    reader = make_reader(engine, "AUTO", threads=2, chunk_bytes=64 << 10)
     bufs = [_C.AlignedHostBuffer(span_bytes(0, 1 << 20)) for _ in range(8)]
     tickets = [reader.read(files[0], 0, 1 << 20, into=b) for b in bufs]
     reader.close()
@@ -188,3 +206,48 @@ def test_posix_mode_opens_files_buffered(files):
         assert reader.file_mode(files[0]) == "POSIX"
     with DiskReader(mode="AUTO") as reader:
         assert reader.file_mode(files[0]) == "DIRECT"
+
+
+def test_engine_from_argument_and_environment(monkeypatch):
+    monkeypatch.delenv("KLOTSKI_IO_ENGINE", raising=False)
+    assert resolve_engine() == "auto"
+    auto = DiskReader()
+    assert auto.engine in ("uring", "threads") and auto.engine_note.startswith("auto")
+    if not URING["available"]:
+        assert auto.engine == "threads"
+    auto.close()
+    monkeypatch.setenv("KLOTSKI_IO_ENGINE", "Threads")
+    assert resolve_engine() == "threads"
+    with DiskReader() as reader:
+        assert reader.engine == "threads" and reader.num_threads == 8
+    assert resolve_engine("URING") == "uring"  # the argument wins
+    monkeypatch.setenv("KLOTSKI_IO_ENGINE", "spdk")
+    with pytest.raises(ValueError, match="KLOTSKI_IO_ENGINE.*auto, uring or threads.*'spdk'"):
+        DiskReader()
+    with pytest.raises(ValueError, match=r"io engine \(argument\) must be auto, uring or threads, got 'aio'"):
+        DiskReader(engine="aio")
+    with pytest.raises(ValueError, match="io engine must be auto, uring or threads"):
+        _C.DiskReader("AUTO", 2, 4096, "aio")
+    with pytest.raises(ValueError, match="queue_depth"):
+        DiskReader(engine="threads", queue_depth=0)
+
+
+@needs_uring
+def test_uring_engine_reports_itself_and_keeps_a_bounded_queue(files):
+    expect = python_read(files[0], 17, 3 << 20)  # ends exactly at end of file
+    with DiskReader(engine="uring", queue_depth=2, chunk_bytes=4096) as reader:
+        assert (reader.engine, reader.num_threads, reader.queue_depth) == ("uring", 1, 2)
+        assert "uring" in repr(reader)
+        bufs = [_C.AlignedHostBuffer(span_bytes(17, 3 << 20)) for _ in range(4)]
+        tickets = [reader.read(files[0], 17, 3 << 20, into=b) for b in bufs]  # 769 pieces each, 2 in flight
+        for t, b in zip(tickets, bufs):
+            t.wait(timeout=30)
+            assert t.mode == "DIRECT"
+            assert bytes(memoryview(b)[t.view_offset:t.view_offset + (3 << 20)]) == expect
+
+
+def test_uring_engine_unavailable_is_a_clear_error_not_a_fallback():
+    if URING["available"]:
+        pytest.skip("io_uring works here; tests/csrc/test_native_io.py checks the refusal under seccomp")
+    with pytest.raises(RuntimeError, match="io_uring unavailable"):
+        DiskReader(engine="uring")
