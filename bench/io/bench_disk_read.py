@@ -1,5 +1,6 @@
-"""Disk -> host read throughput of klotski's DiskReader, per io mode, request size and queue depth,
-side by side with fio (O_DIRECT, libaio, same block size and iodepth) and safetensors ``safe_open``.
+"""Disk -> host read throughput of klotski's DiskReader, per engine (thread pool / io_uring), io mode, request
+size and queue depth, side by side with fio (O_DIRECT, libaio, same block size and iodepth) and safetensors
+``safe_open``.
 
     python bench/io/bench_disk_read.py --file /work/bench_io.safetensors --size-gib 4 \
         --out bench/results/disk_read_cpu.json
@@ -11,6 +12,12 @@ before every run, so POSIX (buffered) numbers are cold reads too. GB/s = 1e9 byt
 
 fio comes from Debian: ``apt-get update && apt-get install -y fio``; without it the fio columns are skipped.
 The file is deleted at the end unless --keep-file.
+
+Engines (``--engines``): ``threads`` (``--threads`` native threads of blocking pread), ``uring`` (one thread
+driving an io_uring, at most ``--uring-depth`` reads in flight), ``threadsN`` (the thread pool with N threads).
+Columns are keyed ``klotski_<MODE>_<engine>_GBps``; ``cpu_us_per_request_<MODE>_<engine>`` is the process's CPU
+time (caller and engine threads) per request, less noisy than GB/s on a shared disk. ``--overhead`` adds per-request round trips on page-cached
+data (QD 1), which isolates the engines' own cost from the disk.
 """
 from __future__ import annotations
 
@@ -80,12 +87,22 @@ def offsets_for(data_bytes: int, size: int, total: int, seed: int) -> list[int]:
     return [DATA_START + b * size for b in picked]
 
 
-def run_klotski(path, mode, size, depth, offsets, threads, chunk) -> float:
+def parse_engine(spec: str, threads: int, uring_depth: int) -> dict:
+    """'threads' | 'uring' | 'threadsN' -> DiskReader keyword arguments."""
+    if spec == "uring":
+        return {"engine": "uring", "queue_depth": uring_depth}
+    if spec.startswith("threads"):
+        return {"engine": "threads", "num_threads": int(spec[len("threads"):] or threads)}
+    raise ValueError(f"engine must be threads, threadsN or uring, got {spec!r}")
+
+
+def run_klotski(path, mode, size, depth, offsets, engine_kw, chunk) -> tuple[float, float]:
+    """(GB/s, CPU microseconds of this process per request: caller + engine threads)."""
     ring = PinnedRing(depth, size)
     drop_cache(path)
-    with DiskReader(mode=mode, num_threads=threads, chunk_bytes=chunk) as reader:
+    with DiskReader(mode=mode, chunk_bytes=chunk, **engine_kw) as reader:
         inflight: deque = deque()
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         for off in offsets:
             if len(inflight) == depth:
                 ticket, slot = inflight.popleft()
@@ -97,8 +114,24 @@ def run_klotski(path, mode, size, depth, offsets, threads, chunk) -> float:
             ticket, slot = inflight.popleft()
             ticket.wait()
             slot.release()
-        elapsed = time.perf_counter() - t0
-    return len(offsets) * size / elapsed / 1e9
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return len(offsets) * size / elapsed / 1e9, cpu / len(offsets) * 1e6
+
+
+def overhead_us(path, engine_kw, nbytes, n=2000) -> float:
+    """Median-of-5 microseconds per read+wait of nbytes of page-cached data (POSIX mode, QD 1)."""
+    from klotski import _C
+
+    buf = _C.AlignedHostBuffer(max(4096, nbytes))
+    times = []
+    with DiskReader(mode="POSIX", **engine_kw) as reader:
+        reader.read(path, DATA_START, nbytes, into=buf).wait()  # opens the file, warms the cache
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                reader.read(path, DATA_START, nbytes, into=buf).wait()
+            times.append((time.perf_counter() - t0) / n * 1e6)
+    return statistics.median(times)
 
 
 def run_fio(path, data_bytes, size, depth, total) -> float | None:
@@ -143,7 +176,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3,
                    help="measurements per cell, readers interleaved; the median is reported (shared disks are noisy)")
     p.add_argument("--safetensors-bytes", default="128M", help="bytes per safe_open measurement (it is slow)")
-    p.add_argument("--threads", type=int, default=16, help="DiskReader threads")
+    p.add_argument("--engines", default="threads,uring", help="threads, uring, threadsN (N threads)")
+    p.add_argument("--threads", type=int, default=16, help="DiskReader threads of the 'threads' engine")
+    p.add_argument("--uring-depth", type=int, default=32, help="DiskReader queue_depth of the 'uring' engine")
+    p.add_argument("--overhead", action="store_true", help="also time cached QD-1 round trips per engine")
     p.add_argument("--chunk", default="4M", help="DiskReader chunk_bytes (large requests split into pieces)")
     p.add_argument("--no-fio", action="store_true")
     p.add_argument("--no-safetensors", action="store_true")
@@ -155,6 +191,7 @@ def main(argv=None) -> int:
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     depths = [int(d) for d in args.depths.split(",")]
     modes = [m.strip().upper() for m in args.modes.split(",")]
+    engines = {e.strip(): parse_engine(e.strip(), args.threads, args.uring_depth) for e in args.engines.split(",")}
     total = parse_size(args.bytes_per_run)
     data_bytes = int(args.size_gib * (1 << 30)) // (64 << 20) * (64 << 20)
     have_fio = shutil.which("fio") is not None and not args.no_fio
@@ -174,8 +211,10 @@ def main(argv=None) -> int:
                     offsets = offsets_for(data_bytes, size, total, seed=size * 31 + depth * 7 + rep)
                     row["bytes"] = len(offsets) * size
                     for mode in modes:
-                        samples.setdefault(f"klotski_{mode}_GBps", []).append(
-                            run_klotski(args.file, mode, size, depth, offsets, args.threads, parse_size(args.chunk)))
+                        for name, kw in engines.items():
+                            gbps, cpu_us = run_klotski(args.file, mode, size, depth, offsets, kw, parse_size(args.chunk))
+                            samples.setdefault(f"klotski_{mode}_{name}_GBps", []).append(gbps)
+                            samples.setdefault(f"cpu_us_per_request_{mode}_{name}", []).append(cpu_us)
                     if have_fio:
                         samples.setdefault("fio_direct_GBps", []).append(
                             run_fio(args.file, data_bytes, size, depth, total))
@@ -186,10 +225,19 @@ def main(argv=None) -> int:
                     vals = [v for v in vals if v is not None]
                     row[key] = statistics.median(vals) if vals else None
                 row["samples"] = samples
-                if row.get("fio_direct_GBps") and "klotski_DIRECT_GBps" in row:
-                    row["DIRECT_vs_fio"] = row["klotski_DIRECT_GBps"] / row["fio_direct_GBps"]
+                for name in engines:
+                    if row.get("fio_direct_GBps") and f"klotski_DIRECT_{name}_GBps" in row:
+                        row[f"DIRECT_{name}_vs_fio"] = row[f"klotski_DIRECT_{name}_GBps"] / row["fio_direct_GBps"]
                 rows.append(row)
-                print_row(row, modes, have_fio, first=len(rows) == 1)
+                print_row(row, modes, list(engines), have_fio, first=len(rows) == 1)
+        overhead = []
+        if args.overhead:
+            print(f"{'engine':>10} {'bytes':>9} {'us/read (cached, QD 1)':>24}")
+            for name, kw in engines.items():
+                for nbytes in (0, 4096, 256 << 10):
+                    us = overhead_us(args.file, kw, nbytes, n=2000 if nbytes < (256 << 10) else 500)
+                    overhead.append({"engine": name, "bytes": nbytes, "us_per_read": us})
+                    print(f"{name:>10} {nbytes:>9} {us:>24.1f}", flush=True)
     finally:
         if not args.keep_file:
             os.remove(args.file)
@@ -201,10 +249,12 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "file_data_bytes": data_bytes, "threads": args.threads, "chunk_bytes": parse_size(args.chunk),
+        "engines": engines, "uring_depth": args.uring_depth,
         "repeat": args.repeat, "bytes_per_run": total,
         "access": "random request-sized blocks, each at most once per run; page cache dropped before each run; "
                   "each cell is the median of `repeat` runs, readers interleaved",
         "rows": rows,
+        "overhead_cached_qd1": overhead,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -213,18 +263,24 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_row(row, modes, have_fio, first):
-    cols = [f"klotski {m}" for m in modes] + (["fio direct", "DIRECT/fio"] if have_fio else []) + ["safe_open"]
-    if first:
-        print(f"{'request':>9} {'QD':>3} " + " ".join(f"{c:>14}" for c in cols) + "   (GB/s)")
-    vals = [row.get(f"klotski_{m}_GBps") for m in modes]
+def print_row(row, modes, engines, have_fio, first):
+    keys = [(f"{m} {e}", f"klotski_{m}_{e}_GBps") for m in modes for e in engines]
     if have_fio:
-        vals += [row.get("fio_direct_GBps"), row.get("DIRECT_vs_fio")]
-    vals.append(row.get("safetensors_GBps"))
+        keys += [("fio direct", "fio_direct_GBps")] + [(f"DIRECT {e}/fio", f"DIRECT_{e}_vs_fio") for e in engines]
+    keys.append(("safe_open", "safetensors_GBps"))
+    keys += [(f"cpu us/req {e}", f"cpu_us_per_request_{modes[0]}_{e}") for e in engines]
+    if first:
+        print(f"{'request':>9} {'QD':>3} " + " ".join(f"{c:>16}" for c, _ in keys)
+              + f"   (GB/s; CPU us per request in {modes[0]} mode)")
     cells = []
-    for i, v in enumerate(vals):
-        is_ratio = have_fio and i == len(modes) + 1
-        cells.append(f"{'-':>14}" if v is None else (f"{v:>13.0%} " if is_ratio else f"{v:>14.2f}"))
+    for _, key in keys:
+        v = row.get(key)
+        if v is None:
+            cells.append(f"{'-':>16}")
+        elif key.endswith("_vs_fio"):
+            cells.append(f"{v:>15.0%} ")
+        else:
+            cells.append(f"{v:>16.0f}" if key.startswith("cpu_") else f"{v:>16.2f}")
     print(f"{human(row['request_bytes']):>9} {row['queue_depth']:>3} " + " ".join(cells), flush=True)
 
 
