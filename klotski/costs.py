@@ -296,12 +296,14 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
     CPU) are fitted jointly as ``calls * overhead + flops / rate + score_flops / attention rate``
     (:func:`fit_compute`), which sets the per-call overhead and both rates: folding a per-call cost into the
     rate would mispredict ops of other sizes (a decode-step fit then triples prefill). Where the rows cannot
-    separate the terms, and for copies (h2d, d2h, disk), the scale is ``sum(predicted) / sum(measured)`` per
-    category and rates are multiplied by it. Categories without observations are left unchanged.
+    separate the terms, the scale is ``sum(predicted) / sum(measured)`` per category and rates are multiplied
+    by it. A link's bandwidth (h2d, d2h, disk) is set so its copies' predicted seconds (latency + bytes /
+    bandwidth each) sum to the measured ones. Categories without observations are left unchanged.
     """
     pred: dict[tuple[str, str], float] = {}
     meas: dict[tuple[str, str], float] = {}
     compute_rows: dict[str, list[tuple[int, float, float, float]]] = {}
+    copies: dict[str, list[int]] = {}  # link -> [copies with bytes, bytes]
     for op, seconds in observations:
         cat = _category(op)
         if cat is None or seconds <= 0:
@@ -309,6 +311,10 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
         dev = "cpu" if (op.link is None and op.device == "cpu") else "gpu"
         pred[(cat, dev)] = pred.get((cat, dev), 0.0) + op_seconds(op, hw, dtype)
         meas[(cat, dev)] = meas.get((cat, dev), 0.0) + seconds
+        if op.link is not None and op.bytes > 0:
+            c = copies.setdefault(cat, [0, 0])
+            c[0] += 1
+            c[1] += op.bytes
         if cat in ("matmul", "attention"):
             compute_rows.setdefault(dev, []).append((max(1, op.calls), op.flops, op.score_flops, seconds))
     changes: dict = {}
@@ -339,5 +345,7 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
             changes[field] = getattr(hw, field) * s
         else:
             field = {"h2d": "h2d_bandwidth", "d2h": "d2h_bandwidth", "disk": "disk_bandwidth"}[cat]
-            changes[field] = getattr(hw, field) * s
+            count, nbytes = copies.get(cat, (0, 0))
+            transfer = meas[(cat, dev)] - count * hw.transfer_latency_s  # the latency term stays as profiled
+            changes[field] = nbytes / transfer if nbytes and transfer > 0 else getattr(hw, field) * s
     return replace(hw, source=f"{hw.source}+calibrated" if changes else hw.source, **changes)

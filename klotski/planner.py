@@ -164,16 +164,14 @@ class Planner:
         cpu = static_memory(costs, p, shape, "")["cpu"]
         if cpu <= hw.cpu_memory:
             return p
-        window = p.disk_window
-        other = cpu - sum(p.experts_on("cpu", lc.num_experts) * lc.expert_bytes for lc in moe)
         if moe and eb:
-            # other + M*c*eb (pinned) + window*(E-c)*eb (+ window slots of one layer) <= limit
-            m = len(moe)
-            room = hw.cpu_memory - other - (window + 1) * E * eb
-            c = int(room // ((m - window - 1) * eb)) if m > window + 1 else -1
+            # everything but the pinned experts (the staging ring included: experts now go to disk)
+            # + M * c * eb for c pinned experts per layer <= limit
+            other = static_memory(costs, replace(p, experts_cpu=0), shape, "")["cpu"]
+            c = int((hw.cpu_memory - other) // (len(moe) * eb))
             if c >= 0:
                 return replace(p, experts_cpu=min(E, c))
-        # everything streams from disk; the simulation decides whether the window fits
+        # everything streams from disk
         return replace(p, experts_cpu=0, shared="disk", attn="disk", gate="disk")
 
     # ---- search -------------------------------------------------------------------------------------------

@@ -12,9 +12,14 @@ Policies (:func:`build_schedule`):
   layer computes batch by batch (``overlap=False``: load just in time).
 * ``klotski`` (design §2): the gate and hot experts prefetch during the n attentions; each gate starts the
   loads of the cold experts it discovers; experts run expert by expert over all n batches, GPU-resident and
-  hot first, then cold in arrival order, each released after use. Disk-resident weights stream through a
-  rolling window of CPU buffers ``disk_window`` layers deep.
+  hot first, then cold in arrival order, each released after use.
 * ``resident``: everything on the GPU, no weight traffic.
+
+Disk-resident weights are read by the stream that loads them, tensor by tensor, into a small staging ring in
+pinned memory and copied to the device from there (a ``read`` then an ``h2d`` op on that stream), as the
+runtime's loader lanes do: only the experts a step selects are read, nothing is staged layers ahead. The
+paper's alternative (a CPU window reading whole layers ahead) reads unselected experts too and needs
+window-sized host memory; the runtime does not implement it, so the schedule does not model it.
 
 Memory tiers: ``gpu`` (the device, also the RAM pool in CPU mode), ``cpu`` (pinned host), ``disk``.
 Hidden states of the group stay on the device; norms, embeddings and the LM head are always resident.
@@ -74,7 +79,6 @@ class Placement:
     experts_gpu: int = 0
     experts_cpu: int | None = None
     kv: str = "gpu"
-    disk_window: int = 2
 
     def experts_on(self, tier: str, num_experts: int) -> int:
         gpu = min(self.experts_gpu, num_experts)
@@ -84,8 +88,7 @@ class Placement:
     def describe(self, num_experts: int) -> str:
         e = "/".join(str(self.experts_on(t, num_experts)) for t in TIERS)
         return (f"attn={self.attn} gate={self.gate} shared={self.shared} experts(gpu/cpu/disk)={e} "
-                f"kv={self.kv}" + (f" disk_window={self.disk_window}" if self.experts_on("disk", num_experts)
-                                   or "disk" in (self.attn, self.gate, self.shared) else ""))
+                f"kv={self.kv}")
 
 
 @dataclass(frozen=True)
@@ -137,12 +140,33 @@ def static_memory(costs: ModelCosts, placement: Placement, shape: StepShape, pol
         for tier in ("cpu", "disk"):
             mem[tier] += placement.experts_on(tier, lc.num_experts) * lc.expert_bytes
     mem["gpu"] += costs.device_bytes(gpu_weights)  # weights on the device are in its dtype
+    mem["cpu"] += staging_bytes(costs, placement)
     mem[placement.kv] += costs.kv_bytes(seqs * shape.context_len)
     # the group's transient activations: the same estimate the runtime checks a forward against
     n = 1 if policy in ("layerwise", "resident") else shape.n
     mem["gpu"] += max(2 * costs.hidden_bytes(seqs * shape.q_len),
                       costs.activation_bytes(seqs, n, shape.q_len, shape.past_len + shape.q_len))
     return mem
+
+
+STAGING_SLOTS = 2  # the runtime's staging ring: one slot per loader lane that reads from disk
+STAGING_PAD = 16384  # per slot: room to round an unaligned read out to 4 KiB pages at both ends
+
+
+def staging_bytes(costs: ModelCosts, placement: Placement) -> int:
+    """Pinned host memory of the staging ring disk reads land in: ``STAGING_SLOTS`` slots, each the largest
+    disk-resident piece (an expert, or a layer's attention / gate / shared weights) rounded out to pages;
+    0 when nothing lives on disk."""
+    piece = 0
+    for lc in costs.layers:
+        if placement.experts_on("disk", lc.num_experts):
+            piece = max(piece, lc.expert_bytes)
+        for cls in ("attn", "gate", "shared"):
+            if getattr(placement, cls) == "disk":
+                piece = max(piece, getattr(lc, f"{cls}_bytes"))
+    if piece == 0:
+        return 0
+    return STAGING_SLOTS * (-(-(piece + STAGING_PAD) // 4096) * 4096)
 
 
 class _Builder:
@@ -210,9 +234,6 @@ class _Context:
         self.last_compute: int | None = None
         self.layer_release: dict[int, int] = {}  # flexgen: layer -> id of its weight release
         self.layer_issue: dict[int, int] = {}  # klotski: layer -> op after which the next layer prefetches
-        self.disk_reads: dict[int, int] = {}
-        self.disk_release: dict[int, int] = {}
-        self.h2d_from_disk: dict[int, list[int]] = {}
         self._routing_cache: dict = {}
 
     def group_routing(self, layer: int) -> GroupRouting:
@@ -225,61 +246,27 @@ class _Context:
                                                         self.shape.n, g, hot)
         return self._routing_cache[key]
 
-    def disk_bytes(self, layer: int) -> int:
-        lc, p = self.costs.layers[layer], self.placement
-        total = p.experts_on("disk", lc.num_experts) * lc.expert_bytes
-        for cls in ("attn", "gate", "shared"):
-            if getattr(p, cls) == "disk":
-                total += getattr(lc, f"{cls}_bytes")
-        return total
-
 
 # ---- shared pieces ---------------------------------------------------------------------------------------
 
-def _disk_read(b: _Builder, ctx: _Context, layer: int, after: int | None = None) -> int | None:
-    """Disk -> CPU read of the layer's disk-resident weights into a rolling window slot (once per layer).
+def _load(b: _Builder, ctx: _Context, layer: int, stream: str, tensor: str, nbytes: int, tier: str,
+          deps=(), expert: int | None = None) -> int | None:
+    """Load a weight living on ``tier`` into a device buffer, on ``stream`` -> id of the op that completes it.
 
-    The read of layer l waits for layer l - window to have left its slot (its CPU->GPU copies done);
-    ``after`` adds a dependency (layerwise: read only when the previous layer is done).
+    Host-resident (``cpu``): one CPU->GPU copy. Disk-resident: a read (``disk`` link) into a slot of the
+    staging ring, then the CPU->GPU copy, one after the other on the same stream -- as the runtime's loader
+    lane does it, reading only the tensors it loads (no whole-layer CPU window). The device buffer is taken
+    when the load starts.
     """
-    nbytes = ctx.disk_bytes(layer)
-    if nbytes == 0:
-        return None
-    if layer in ctx.disk_reads:
-        return ctx.disk_reads[layer]
-    window = max(1, ctx.placement.disk_window)
-    for prev in range(max(0, layer - window + 1), layer):  # earlier layers of the window read first
-        if prev not in ctx.disk_reads:
-            _disk_read(b, ctx, prev)
-    freed = layer - window
-    if freed >= 0 and freed in ctx.disk_reads and freed not in ctx.disk_release:
-        _disk_release(b, ctx, freed)
-    op = b.add("read", "disk", "cpu", layer, tensor="layer", link="disk", bytes=nbytes,
-               deps=(ctx.disk_release.get(freed), after), mem_alloc={"cpu": nbytes})
-    ctx.disk_reads[layer] = op.id
-    return op.id
-
-
-def _disk_release(b: _Builder, ctx: _Context, layer: int) -> None:
-    nbytes = ctx.disk_bytes(layer)
-    op = b.add("release", "disk", "cpu", layer, tensor="layer", deps=tuple(ctx.h2d_from_disk.get(layer, ())),
-               mem_free={"cpu": nbytes})
-    ctx.disk_release[layer] = op.id
-
-
-def _h2d(b: _Builder, ctx: _Context, layer: int, stream: str, tensor: str, nbytes: int, tier: str,
-         deps=(), expert: int | None = None) -> int | None:
-    """CPU->GPU copy of a weight living on ``tier`` (disk-resident ones come from the window slot)."""
     if tier == "gpu" or nbytes == 0:
         return None
-    deps = tuple(deps)
+    alloc = {"gpu": ctx.costs.device_bytes(nbytes)}
     if tier == "disk":
-        deps += (_disk_read(b, ctx, layer),)
-    op = b.add("h2d", stream, "gpu", layer, tensor=tensor, expert=expert, link="h2d", bytes=nbytes, deps=deps,
-               mem_alloc={"gpu": ctx.costs.device_bytes(nbytes)})
-    if tier == "disk":
-        ctx.h2d_from_disk.setdefault(layer, []).append(op.id)
-    return op.id
+        read = b.add("read", stream, "cpu", layer, tensor=tensor, expert=expert, link="disk", bytes=nbytes,
+                     deps=tuple(deps), mem_alloc=alloc)
+        deps, alloc = (read.id,), {}
+    return b.add("h2d", stream, "gpu", layer, tensor=tensor, expert=expert, link="h2d", bytes=nbytes,
+                 deps=tuple(deps), mem_alloc=alloc).id
 
 
 def _release(b: _Builder, ctx: _Context, layer: int, tensor: str, nbytes: int, deps=(), expert=None) -> int | None:
@@ -346,9 +333,7 @@ def _flexgen_layer(b: _Builder, ctx: _Context, layer: int, overlap: bool) -> Non
         nbytes[tier] += getattr(lc, f"{cls}_bytes")
     for tier in ("cpu", "disk"):
         nbytes[tier] += p.experts_on(tier, lc.num_experts) * lc.expert_bytes
-    if not overlap and nbytes["disk"]:
-        _disk_read(b, ctx, layer, after=free_after)
-    loads = [_h2d(b, ctx, layer, "prefetch", "layer", nbytes[t], t, deps=(free_after,)) for t in ("cpu", "disk")]
+    loads = [_load(b, ctx, layer, "prefetch", "layer", nbytes[t], t, deps=(free_after,)) for t in ("cpu", "disk")]
     loads = tuple(x for x in loads if x is not None)
     routing = ctx.group_routing(layer) if lc.kind == "moe" else None
     tokens = shape.tokens_per_batch
@@ -380,8 +365,8 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
         issue = ctx.layer_release.get(layer - 2)
     else:  # design §2: once layer-1's gates have issued its cold loads
         issue = ctx.layer_issue.get(layer - 1)
-    attn_w = _h2d(b, ctx, layer, "prefetch", "attn", lc.attn_bytes, p.attn, deps=(issue,))
-    gate_w = _h2d(b, ctx, layer, "prefetch", "gate", lc.gate_bytes, p.gate, deps=(issue,))
+    attn_w = _load(b, ctx, layer, "prefetch", "attn", lc.attn_bytes, p.attn, deps=(issue,))
+    gate_w = _load(b, ctx, layer, "prefetch", "gate", lc.gate_bytes, p.gate, deps=(issue,))
     routing = ctx.group_routing(layer) if lc.kind == "moe" else None
     hot_w: dict[int, int | None] = {}
     if routing is not None:
@@ -391,8 +376,8 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
         ranks = {int(e): r for r, e in enumerate(ctx.routing.hot_experts(layer, lc.num_experts))}
         for e in sorted(hot_ids, key=lambda e: ranks[e]):
             tier = "cpu" if ranks[e] < g + p.experts_on("cpu", lc.num_experts) else "disk"
-            hot_w[e] = _h2d(b, ctx, layer, "prefetch", "expert", lc.expert_bytes, tier, deps=(issue,), expert=e)
-    shared_w = _h2d(b, ctx, layer, "prefetch", "shared", lc.shared_bytes, p.shared, deps=(issue,))
+            hot_w[e] = _load(b, ctx, layer, "prefetch", "expert", lc.expert_bytes, tier, deps=(issue,), expert=e)
+    shared_w = _load(b, ctx, layer, "prefetch", "shared", lc.shared_bytes, p.shared, deps=(issue,))
     cold_w: dict[int, int | None] = {}
     cold_by_batch: dict[int, list] = {}
     if routing is not None:
@@ -407,7 +392,7 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
             last_gate = _gate(b, ctx, layer, k, gate_w)
             for e, _ in cold_by_batch.get(k, ()):
                 tier = "cpu" if ranks[e] < g_cpu else "disk"
-                cold_w[e] = _h2d(b, ctx, layer, "expert_io", "expert", lc.expert_bytes, tier, deps=(last_gate,),
+                cold_w[e] = _load(b, ctx, layer, "expert_io", "expert", lc.expert_bytes, tier, deps=(last_gate,),
                                  expert=e)
         ctx.last_compute = attn if routing is None else last_gate
     ctx.layer_issue[layer] = last_gate if last_gate is not None else ctx.last_compute

@@ -25,7 +25,7 @@ from klotski.costs import op_seconds
 from klotski.schedule import TIERS, Op, Schedule, build_schedule
 
 
-LINK_PRIORITY = {"kv_load": 0, "kv_store": 0, "expert_io": 1, "prefetch": 2, "disk": 3}
+LINK_PRIORITY = {"kv_load": 0, "kv_store": 0, "expert_io": 1, "prefetch": 2}
 
 
 @dataclass
@@ -193,9 +193,7 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         c = [res.finish[i] for i in sched.layer_last_compute]
         # every stream's last finish per layer (prefetches may run ahead of a periodic compute stream and keep
         # more weights in flight layer after layer: then the window's peak memory is not the model's). Releases
-        # are left out: they take no time and follow the copies / computes checked here, and the disk stream's
-        # release of a layer is issued with the read ``disk_window`` layers later, so the window's last layers
-        # lack theirs (an artefact of the window, not a drift)
+        # are left out: they take no time and follow the copies / computes checked here
         last: dict = {}
         for op in sched.ops:
             if op.layer < span and op.kind != "release":

@@ -10,9 +10,11 @@ to bench/results/. Greedy tokens of every policy are checked against each other.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 
@@ -38,6 +40,14 @@ def build_checkpoint(path: str, args) -> None:
     model.to(getattr(torch, args.dtype)).save_pretrained(path)
 
 
+def timed_run(llm, prompts, sp):
+    t = time.perf_counter()
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+    wall = time.perf_counter() - t
+    m = llm.metrics
+    return outs, {"tokens_per_s": m.tokens_per_s, "wall_s": wall, **dict(m.extra)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="existing checkpoint (default: build a random Mixtral-shaped one)")
@@ -58,8 +68,9 @@ def main() -> None:
     ap.add_argument("--num-batches", default="auto", help="'auto' = the planner's n")
     ap.add_argument("--batch-size", default="auto", help="'auto' = the planner's batch size")
     ap.add_argument("--calibrate", action="store_true",
-                    help="after each policy's run, fit the cached profile to its traced per-op timings "
-                         "(klotski.runtime.planning.calibrate_from_run) and report the re-scored prediction")
+                    help="held-out check: fit the profile to each policy's run (per-op timings from its trace, "
+                         "klotski.runtime.planning.calibrate_from_run; the cached profile is not changed), then "
+                         "run the policy again on other prompts and compare it with the calibrated prediction")
     ap.add_argument("--label", default="", help="machine label written into the JSON")
     ap.add_argument("--policies", default="klotski,flexgen,layerwise")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
@@ -69,6 +80,7 @@ def main() -> None:
     from klotski.units import format_bytes
 
     work = tempfile.mkdtemp(prefix="klotski-bench-")
+    atexit.register(shutil.rmtree, work, True)  # the checkpoint and the stores: removed however the run ends
     model = args.model or os.path.join(work, "model")
     if not args.model:
         build_checkpoint(model, args)
@@ -83,36 +95,39 @@ def main() -> None:
                   batch_size=args.batch_size)
         count = llm.executor.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
-        prompts = torch.randint(0, args.vocab, (count, args.prompt_len), generator=g).tolist()
+        prompts = torch.randint(0, args.vocab, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
-        t = time.perf_counter()
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
-        wall = time.perf_counter() - t
-        m = llm.metrics
-        x = dict(m.extra)
+        outs, row = timed_run(llm, prompts[:count], sp)
         tokens[policy] = [o.token_ids for o in outs]
-        row = {"policy": policy, "tokens_per_s": m.tokens_per_s, "wall_s": wall, "num_prompts": count,
-               **{k: v for k, v in x.items()}}
+        row = {"policy": policy, "num_prompts": count, **row}
         if args.calibrate:
             from klotski.runtime.planning import calibrate_from_run, prediction_metrics
 
             ex = llm.executor
-            ex.hardware = calibrate_from_run(ex)
-            ex.prediction = {}
-            row["predicted_tokens_per_s_uncalibrated"] = row["predicted_tokens_per_s"]
-            row["predicted_tokens_per_s"] = prediction_metrics(ex)["predicted_tokens_per_s"]
-            row["calibrated_profile"] = {k: v for k, v in ex.hardware.to_dict().items() if k != "notes"}
+            cal = calibrate_from_run(ex, ex.hardware, save=False)  # fitted on the first run ...
+            ex.hardware, ex.prediction = cal, {}
+            in_sample = prediction_metrics(ex)["predicted_tokens_per_s"]
+            outs2, row2 = timed_run(llm, prompts[count:], sp)  # ... predicts a second run on other prompts
+            row = {"policy": policy, "num_prompts": count, **row2,
+                   "predicted_tokens_per_s_uncalibrated": row["predicted_tokens_per_s"],
+                   "first_run": {k: row[k] for k in ("tokens_per_s", "wall_s", "predicted_tokens_per_s")},
+                   "predicted_first_run_in_sample": in_sample,
+                   "calibrated_profile": {k: v for k, v in cal.to_dict().items() if k != "notes"}}
         rows.append(row)
         llm.close()
     n0 = min(len(v) for v in tokens.values())
     same = all(v[:n0] == next(iter(tokens.values()))[:n0] for v in tokens.values())
-    head = f"{'policy':<10} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
+    if args.calibrate:
+        print("tok/s: the second run; pred: predicted from the profile calibrated on the first run (held out); "
+              "uncal: predicted from the profile the plan was made on")
+    head = f"{'policy':<10} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'uncal':>8} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
     print(head)
     for r in rows:
         pred = r.get("predicted_tokens_per_s") or 0.0
         err = r["tokens_per_s"] / pred - 1 if pred else float("nan")
         print(f"{r['policy']:<10} {r['num_prompts']:>5} {r['batch_size']:>3}x{r['num_batches']:<3} "
-              f"{r['tokens_per_s']:>8.2f} {pred:>8.2f} {err:>+6.0%} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
+              f"{r['tokens_per_s']:>8.2f} {pred:>8.2f} {err:>+6.0%} "
+              f"{r.get('predicted_tokens_per_s_uncalibrated', pred):>8.2f} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
               f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
               f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
     print(f"greedy tokens identical across policies: {same}")

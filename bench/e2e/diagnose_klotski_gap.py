@@ -13,8 +13,10 @@ decode step of the executor's own plan (``klotski.simulate.simulate_model_step``
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib.util
 import json
+import shutil
 import os
 import tempfile
 import time
@@ -156,6 +158,7 @@ def main() -> None:
     from klotski.units import format_bytes
 
     work = tempfile.mkdtemp(prefix="klotski-diag-")
+    atexit.register(shutil.rmtree, work, True)
     model = os.path.join(work, "model")
     _bench_module().build_checkpoint(model, args)
     llm = LLM(model, device="cpu", policy="klotski", gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,

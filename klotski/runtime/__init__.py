@@ -133,11 +133,8 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     ring = 2 * (-(-(piece + 16384) // 4096) * 4096)  # disk staging ring: 2 aligned slots
     hw = hardware if hardware is not None else machine_profile(device)
     prompt_len, gen_len = workload
-    # The runtime reads disk-tier weights straight into device slots through the small staging ring; the
-    # schedule stages them in a CPU window of ``disk_window`` layers. Give the planner that window back.
-    window = Placement().disk_window * max(sum(c.values()) - c["norm"] for c in mb.per_layer_ckpt)
-    window += Placement().disk_window * len(mb.moe_layers and (0,)) * mb.num_experts * mb.expert_ckpt
-    cpu_plan = None if cpu_budget is None else max(0, cpu_budget - ring) + window
+    # the plan's schedule counts the staging ring itself (klotski.schedule.staging_bytes)
+    cpu_plan = cpu_budget
     # A prompt whose activations do not fit runs in chunks (chunked prefill): plan for the longest chunk
     # that fits; the prediction then counts every chunk (klotski.runtime.planning.predict).
     q = prompt_len

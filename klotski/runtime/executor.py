@@ -199,17 +199,21 @@ class OffloadedExecutor:
             if ev is not None:
                 ln.stream.wait_event(ev)
             start = self.tracer.begin(ln.stream)
+            self.w.take_read_seconds()
             buf = self.dense_bufs[idx]
             for k in [k for k in buf if k not in keys]:
                 del buf[k]
-            moved = 0
+            moved = read = 0
             for key, shape in keys.items():
                 dt = self.w.buffer_dtype(key)
                 if key not in buf or tuple(buf[key].shape) != shape or buf[key].dtype != dt:
                     buf[key] = torch.empty(shape, dtype=dt, device=self.device)
-                moved += self.w.fill(buf[key], self.w.source(layer, key))
-            tier = "disk" if any(not isinstance(self.w.source(layer, k), torch.Tensor) for k in keys) else "cpu"
-            self.tracer.end(lane, f"L{layer} weights", start, ln.stream, bytes=moved, tier=tier)
+                src = self.w.source(layer, key)
+                n = self.w.fill(buf[key], src)
+                moved += n
+                read += 0 if isinstance(src, torch.Tensor) else n
+            self.tracer.end(lane, f"L{layer} weights", start, ln.stream, bytes=moved, tier="disk" if read else "cpu",
+                            read_bytes=read, read_s=self.w.take_read_seconds())
             return idx, {**self.w.resident[layer], **{k: buf[k] for k in keys}}
 
         return self.lanes[lane].submit(f"L{layer} weights", job)
@@ -231,6 +235,7 @@ class OffloadedExecutor:
             if ev is not None:
                 ln.stream.wait_event(ev)
             start = self.tracer.begin(ln.stream)
+            self.w.take_read_seconds()
             try:
                 if tier == "cpu":
                     moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], what[1])
@@ -241,7 +246,8 @@ class OffloadedExecutor:
             except BaseException:
                 pool.slots.release(slot)
                 raise
-            self.tracer.end(lane, f"L{layer} e{e}", start, ln.stream, bytes=moved, tier=tier)
+            self.tracer.end(lane, f"L{layer} e{e}", start, ln.stream, bytes=moved, tier=tier,
+                            read_bytes=moved if tier in ("disk", "store") else 0, read_s=self.w.take_read_seconds())
             return slot
 
         return self.lanes[lane].submit(f"L{layer} e{e}", job)
@@ -364,11 +370,13 @@ class OffloadedExecutor:
         table = torch.full((self.spec.num_experts,), -1, dtype=torch.int32)
         for e, slot in slots.items():
             table[e] = slot
-        tokens = int((table.to(topk_ids.device)[topk_ids.long()] >= 0).sum())  # token-expert pairs served
+        served = table.to(topk_ids.device)[topk_ids.long()] >= 0  # token-expert pairs these slots serve
+        tokens = int(served.sum())
+        used = int(torch.unique(topk_ids[served]).numel())  # experts with work: the calls the kernel makes
         start = self.tracer.begin()
         self.experts_fn(h, self.w.pool.w13, self.w.pool.w2, topk_weights, topk_ids,
                         expert_slots=table.to(self.device), out=out, activation=self.act)
-        self.tracer.end("compute", f"L{layer} {name}", start, experts=len(slots), op="experts", calls=len(slots),
+        self.tracer.end("compute", f"L{layer} {name}", start, experts=used, op="experts", calls=max(1, used),
                         flops=self.costs.expert_flops(layer, tokens))
 
     def finish_mlp(self, st: "StepState", w: dict, layer: int, rows, h, routed_out) -> None:

@@ -102,8 +102,9 @@ class Tracer:
     def observations(self) -> list:
         """(op, measured seconds) of every traced span, as :class:`klotski.schedule.Op` s the cost model can
         time: compute spans carry their FLOPs (``op``, ``flops``, ``score_flops``, ``calls``); a weight load
-        from disk (``tier`` "disk"/"store": read + copy into the slot, serial on its lane) is a ``disk`` copy,
-        one from host memory an ``h2d`` copy, KV loads / stores ``h2d`` / ``d2h`` copies.
+        from disk (``tier`` "disk"/"store", serial on its lane) is a ``disk`` read of ``read_bytes`` in ``read_s`` seconds
+        (the time spent waiting on the reads) and an ``h2d`` copy of all its bytes in the rest, as the schedule models it; one
+        from host memory an ``h2d`` copy, KV loads / stores ``h2d`` / ``d2h`` copies.
         For :func:`klotski.costs.calibrate`."""
         from klotski.schedule import Op
 
@@ -121,9 +122,15 @@ class Tracer:
                 link = "h2d" if stream == "kv_load" else "d2h"
                 op = Op(0, stream, stream, "gpu", 0, link=link, bytes=int(args.get("bytes", 0)))
             elif "bytes" in args:
-                link = "disk" if args.get("tier") in ("disk", "store") else "h2d"
-                op = Op(0, "read" if link == "disk" else "h2d", stream, "gpu", 0, link=link,
-                        bytes=int(args["bytes"]))
+                nbytes = int(args["bytes"])
+                read_s = float(args.get("read_s", 0.0)) if args.get("tier") in ("disk", "store") else 0.0
+                if read_s > 0:  # a load from disk: the read, then the copy out of the staging ring
+                    read = Op(0, "read", stream, "cpu", 0, link="disk", bytes=int(args.get("read_bytes", nbytes)))
+                    out.append((read, min(read_s, sec)))
+                    sec -= read_s
+                    if sec <= 0:
+                        continue
+                op = Op(0, "h2d", stream, "gpu", 0, link="h2d", bytes=nbytes)
             else:
                 continue
             out.append((op, sec))

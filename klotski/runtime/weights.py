@@ -10,6 +10,7 @@ Bytes moved are counted per link in ``counters`` (``disk_read``, ``h2d``, ``d2h`
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
@@ -47,6 +48,7 @@ class PlacedWeights:
         self.device, self.dtype = device, dtype
         self.cuda = device.type == "cuda"
         self.counters = Counters()
+        self._local = threading.local()  # per loader thread: seconds spent waiting on disk reads
         p = layout.placement
         to_dev = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
         g = weights.read_global()
@@ -144,7 +146,7 @@ class PlacedWeights:
     def _read_piece(self, info: TensorInfo, dst: torch.Tensor) -> None:
         slot = self.ring.acquire(timeout=120.0)
         try:
-            ticket = self.reader.read(info.path, info.offset, info.nbytes, into=slot).wait()
+            ticket = self._timed_read(info.path, info.offset, info.nbytes, slot)
             src = slot.tensor(info.dtype, info.shape, offset=ticket.view_offset)
             dst.copy_(src.view(dst.shape), non_blocking=self.cuda)
             if self.cuda:
@@ -162,7 +164,7 @@ class PlacedWeights:
         first time a record is read (ChecksumError names the tensor)."""
         slot = self.ring.acquire(timeout=120.0)
         try:
-            ticket = self.reader.read(rec.path, rec.offset, rec.nbytes, into=slot).wait()
+            ticket = self._timed_read(rec.path, rec.offset, rec.nbytes, slot)
             if (rec.layer, rec.expert) not in self._verified:
                 raw = slot.tensor(torch.uint8, (rec.nbytes,), offset=ticket.view_offset)
                 self.store.verify_record(rec, raw)
@@ -181,6 +183,18 @@ class PlacedWeights:
         self.counters.add("disk_read", rec.nbytes)
         self.counters.add("h2d", rec.nbytes)
         return rec.nbytes
+
+    def _timed_read(self, path: str, offset: int, nbytes: int, slot):
+        t0 = time.perf_counter()
+        ticket = self.reader.read(path, offset, nbytes, into=slot).wait()
+        self._local.read_s = getattr(self._local, "read_s", 0.0) + time.perf_counter() - t0
+        return ticket
+
+    def take_read_seconds(self) -> float:
+        """Seconds this thread waited on disk reads since the last call (the read part of a traced load;
+        the rest of the load is the copy into the device buffer)."""
+        s, self._local.read_s = getattr(self._local, "read_s", 0.0), 0.0
+        return s
 
     def streamed_keys(self, layer: int) -> dict[str, tuple[int, ...]]:
         return self.shapes[layer]

@@ -82,8 +82,10 @@ def test_op_seconds_and_calibration():
     assert op_seconds(copy, hw) == pytest.approx(1.0 + hw.transfer_latency_s)
     mm = Op(1, "expert", "compute", "gpu", 0, flops=hw.matmul_flops["bfloat16"], calls=1)
     assert op_seconds(mm, hw) == pytest.approx(1.0 + hw.op_overhead_s)
-    slow = calibrate(hw, [(copy, 2 * op_seconds(copy, hw)), (mm, 4.0 * op_seconds(mm, hw))])
+    # the copy took its latency plus twice its transfer time: half the bandwidth, the latency as profiled
+    slow = calibrate(hw, [(copy, 2.0 + hw.transfer_latency_s), (mm, 4.0 * op_seconds(mm, hw))])
     assert slow.h2d_bandwidth == pytest.approx(hw.h2d_bandwidth / 2)
+    assert op_seconds(copy, slow) == pytest.approx(2.0 + hw.transfer_latency_s)
     assert slow.matmul_flops["bfloat16"] == pytest.approx(hw.matmul_flops["bfloat16"] / 4)
     assert slow.d2h_bandwidth == hw.d2h_bandwidth and "calibrated" in slow.source
 

@@ -4,7 +4,7 @@ import pytest
 from klotski.costs import ModelCosts
 from klotski.hardware import preset
 from klotski.routing_stats import RoutingStats
-from klotski.schedule import Placement, StepShape, build_schedule
+from klotski.schedule import Placement, StepShape, build_schedule, staging_bytes
 from klotski.simulate import simulate, simulate_model_step
 from klotski.trace import chrome_trace, write_timeline_png
 
@@ -15,6 +15,8 @@ def unit_duration(expert_bytes):
     def f(op):
         if op.kind == "h2d":
             return 3.0 * op.bytes / expert_bytes  # one expert: 3
+        if op.kind == "read":
+            return 2.0 * op.bytes / expert_bytes  # one expert from disk: 2, then its h2d copy
         if op.kind == "experts":
             return 2.0 * op.calls
         return UNITS[op.kind]
@@ -66,6 +68,34 @@ def test_klotski(setup):
     assert all(op.device == "gpu" for op in sched.ops if op.is_compute)
 
 
+def test_klotski_experts_from_disk(setup):
+    # every disk load is a read (disk link, 2) then its copy (h2d link, 3) on the stream that loads it.
+    # L0: prefetch e0 read [0,2] h2d [2,5]; attn [0,1] gate [1,2] -> expert_io e1 read [2,4], h2d waits for
+    #     the h2d link: [5,8]; attn [2,3] gate [3,4]; e0 [5,7], e1 [8,10].
+    # L1: prefetch e0 (after L0's gates; its stream is free at 5) read [5,7], h2d waits for the link: [8,11];
+    #     attn [10,11] gate [11,12] -> e1 read [12,14] h2d [14,17]; attn [12,13] gate [13,14]; e0 [14,16],
+    #     e1 [17,19].
+    costs, placement, shape, routing, dur = setup
+    disk = Placement(attn="gpu", gate="gpu", shared="gpu", experts_gpu=0, experts_cpu=0, kv="gpu")
+    sched = build_schedule("klotski", costs, disk, shape, routing)
+    res = simulate(sched, duration=dur)
+    assert res.makespan == pytest.approx(19.0)
+    reads = [op for op in sched.ops if op.kind == "read"]
+    assert [(op.stream, op.layer, op.expert) for op in reads] == [
+        ("prefetch", 0, 0), ("expert_io", 0, 1), ("prefetch", 1, 0), ("expert_io", 1, 1)]
+    assert res.bytes_moved["disk"] == res.bytes_moved["h2d"] == 4 * costs.layers[0].expert_bytes
+    assert not [op for op in sched.ops if op.mem_alloc.get("cpu")]  # staged in the static ring only
+
+
+def test_flexgen_layers_from_disk(setup):
+    # a layer's load reads both experts (4) then copies them (6), serially on the prefetch stream:
+    # L0 [0,4] [4,10]; L1 [10,14] [14,20]; L0 batches [10,16] [16,22]; L1 batches [22,28] [28,34]
+    costs, placement, shape, routing, dur = setup
+    disk = Placement(attn="gpu", gate="gpu", shared="gpu", experts_gpu=0, experts_cpu=0, kv="gpu")
+    res = simulate(build_schedule("flexgen", costs, disk, shape, routing), duration=dur)
+    assert res.makespan == pytest.approx(34.0)
+
+
 def test_klotski_wide_early_prefetch(setup):
     # both experts prefetched: L0 [0,3] [3,6], L1 [6,9] [9,12]; compute 8 per layer back to back
     sched, res = run("klotski", setup, num_hot=2, overlap=True)
@@ -87,15 +117,14 @@ def test_resident_has_no_weight_traffic(setup):
 def test_memory_is_released(tiny_costs):
     shape = StepShape("decode", 4, 3, 1, 16, 20)
     for policy in ("layerwise", "flexgen", "klotski"):
-        p = Placement(attn="cpu", gate="cpu", shared="cpu", experts_cpu=1, kv="cpu", disk_window=1)
+        p = Placement(attn="cpu", gate="cpu", shared="cpu", experts_cpu=1, kv="cpu")
         sched = build_schedule(policy, tiny_costs, p, shape)
-        for tier in ("gpu", "cpu"):
+        assert any(op.link == "disk" for op in sched.ops), policy
+        for tier in ("gpu", "cpu"):  # disk reads stage in the static ring: no dynamic host memory
             alloc = sum(op.mem_alloc.get(tier, 0) for op in sched.ops)
             freed = sum(op.mem_free.get(tier, 0) for op in sched.ops)
-            if tier == "gpu":
-                assert alloc == freed, policy
-            else:  # the last window slots stay until the next step
-                assert freed <= alloc
+            assert alloc == freed, (policy, tier)
+        assert sched.static_mem["cpu"] >= staging_bytes(tiny_costs, p) > 0
 
 
 @pytest.mark.parametrize("policy", ["layerwise", "flexgen", "klotski"])

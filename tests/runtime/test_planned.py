@@ -60,3 +60,30 @@ def test_v3_router_bias_fp32_bf16_routes_like_resident(checkpoints, tmp_path):
         out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
         llm.close()
         assert out == ref, gpu
+
+
+def test_disk_loads_calibrate_as_read_then_copy(checkpoints, tmp_path):
+    """A load from disk is traced as its read (the seconds spent waiting on the reader) and the copy out of the
+    staging ring, the two ops the schedule models; calibrating on the run fits both links from them."""
+    from klotski.hardware import preset
+    from klotski.runtime.planning import calibrate_from_run
+
+    path, _ = checkpoints.get("mixtral")
+    llm = LLM(path, device="cpu", policy="klotski", gpu_memory="700KiB", cpu_memory="200KiB", num_batches=2,
+              batch_size=2)
+    llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)
+    ex = llm.executor
+    spans = [sp for sp in ex.tracer.spans if sp[4].get("tier") in ("disk", "store")]
+    assert spans and all(0 < sp[4]["read_s"] <= sp[3] - sp[2] for sp in spans)
+    assert sum(sp[4]["read_bytes"] for sp in spans) == ex.w.counters.get("disk_read")
+    obs = ex.tracer.observations()
+    reads = [(op, s) for op, s in obs if op.link == "disk"]
+    assert len(reads) == len(spans) and sum(op.bytes for op, _ in reads) == ex.w.counters.get("disk_read")
+    hw = preset("rtx3090")
+    cal = calibrate_from_run(ex, hw, save=False)
+    measured = sum(op.bytes for op, _ in reads) / sum(s for _, s in reads)
+    latency = hw.transfer_latency_s * len(reads)  # the fit keeps the latency term: compare rates loosely
+    assert cal.disk_bandwidth == pytest.approx(
+        sum(op.bytes for op, _ in reads) / (sum(s for _, s in reads) - latency), rel=1e-6)
+    assert cal.disk_bandwidth != hw.disk_bandwidth and measured > 0
+    llm.close()
