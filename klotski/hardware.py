@@ -189,6 +189,27 @@ def _measure_attention(torch, device, dtype, sync, budget_s, big: bool) -> float
     return 2.0 * bs * heads * q * (q + 1) / 2 * 2 * d / t
 
 
+def _measure_call_overhead(torch, device, sync, budget_s) -> float:
+    """Seconds per call of the runtime's expert function (``klotski.triton_kernels.fused_moe``: Triton on
+    CUDA, the torch reference on CPU) on a one-token, one-expert problem too small to cost FLOPs: the fixed
+    cost every compute op of a schedule pays (Python dispatch, kernel launches)."""
+    from klotski.triton_kernels import fused_moe
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x = torch.randn(1, 64, device=device, dtype=dtype)
+    w13 = torch.randn(1, 128, 64, device=device, dtype=dtype)
+    w2 = torch.randn(1, 64, 64, device=device, dtype=dtype)
+    weights = torch.ones(1, 1, device=device, dtype=torch.float32)
+    ids = torch.zeros(1, 1, device=device, dtype=torch.int32)
+    calls = 20
+
+    def run():  # back to back, one sync: launches overlap the device work as they do in a step
+        for _ in range(calls):
+            fused_moe(x, w13, w2, weights, ids)
+
+    return _best_time(run, sync, 5, budget_s) / calls
+
+
 def _measure_disk(directory: str | None, nbytes: int) -> float:
     """Cold-cache sequential read rate of a temporary file (page cache dropped with fadvise)."""
     with tempfile.NamedTemporaryFile(dir=directory, prefix="klotski-disk-", delete=False) as f:
@@ -246,15 +267,21 @@ def measure_profile(device: str | None = None, disk_dir: str | None = None, quic
     cpu_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     cpu_avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if device == "cpu":
-        copy_bw = nbytes / _best_time(lambda: dst.copy_(src), cpu_sync, 5, budget)
+        # "H2D" in CPU mode: host weights (bf16 checkpoints) copied into the fp32 device pool, a converting
+        # copy; rate in source bytes/s
+        half = torch.empty(nbytes // 2, dtype=torch.bfloat16)
+        full = torch.empty(nbytes // 2, dtype=torch.float32)
+        copy_bw = nbytes / _best_time(lambda: full.copy_(half), cpu_sync, 5, budget)
+        overhead = _measure_call_overhead(torch, "cpu", cpu_sync, budget)
         return HardwareProfile(
             name=name or "this-machine-cpu", source="measured", device="cpu",
             device_name=f"CPU ({os.cpu_count()} cores, torch {torch.__version__})",
             gpu_memory=cpu_avail // 2, cpu_memory=cpu_total, h2d_bandwidth=copy_bw, d2h_bandwidth=copy_bw,
             disk_bandwidth=disk, device_mem_bandwidth=cpu_bw, matmul_flops=dict(cpu_mm),
             attention_flops=cpu_attn, cpu_matmul_flops=dict(cpu_mm), cpu_attention_flops=cpu_attn,
-            cpu_mem_bandwidth=cpu_bw, op_overhead_s=20e-6, cpu_op_overhead_s=20e-6, transfer_latency_s=5e-6,
-            notes="CPU mode: device = bounded RAM pool (half the available memory), H2D = memcpy",
+            cpu_mem_bandwidth=cpu_bw, op_overhead_s=overhead, cpu_op_overhead_s=overhead, transfer_latency_s=5e-6,
+            notes="CPU mode: device = bounded RAM pool (half the available memory), H2D = bf16 -> fp32 copy, "
+                  "op overhead = one tiny expert call",
         )
     sync = torch.cuda.synchronize
     n = 2048 if quick else 8192
@@ -273,5 +300,7 @@ def measure_profile(device: str | None = None, disk_dir: str | None = None, quic
         device_name=torch.cuda.get_device_name(), gpu_memory=int(total), cpu_memory=cpu_total,
         h2d_bandwidth=h2d, d2h_bandwidth=d2h, disk_bandwidth=disk, device_mem_bandwidth=dev_bw,
         matmul_flops=gpu_mm, attention_flops=gpu_attn, cpu_matmul_flops=cpu_mm, cpu_attention_flops=cpu_attn,
-        cpu_mem_bandwidth=cpu_bw, notes=f"measured with torch {torch.__version__}; free GPU memory {free} B",
+        cpu_mem_bandwidth=cpu_bw, op_overhead_s=_measure_call_overhead(torch, "cuda", sync, budget),
+        notes=f"measured with torch {torch.__version__}; free GPU memory {free} B; op overhead = one tiny "
+              f"expert call",
     )

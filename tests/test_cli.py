@@ -76,3 +76,17 @@ def test_bench_writes_json_per_policy(demo_dir, tmp_path, capsys):
     assert set(result["results"]) == {"klotski", "layerwise"} and result["tokens_agree"]
     assert result["results"]["klotski"]["generated_tokens"] == 9
     assert result["results"]["klotski"]["tokens_per_s"] > 0
+
+
+def test_bench_calibrate_saves_the_fitted_profile(demo_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from klotski.hardware import load_profile
+    from klotski.runtime.planning import profile_path
+
+    rc = main(["bench", "--model", demo_dir, "--num-prompts", "2", "--prompt-len", "6", "--gen-len", "3",
+               "--device", "cpu", "--policy", "klotski", "--gpu-memory", "4MiB", "--calibrate"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "calibrated on the klotski run" in out
+    saved = load_profile(profile_path("cpu", calibrated=True))
+    assert "calibrated" in saved.source and saved.source != load_profile(profile_path("cpu")).source

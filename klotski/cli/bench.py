@@ -21,6 +21,9 @@ def add_parser(sub):
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit this machine's hardware profile to the per-op timings of the first offloaded "
+                        "policy's run and save it; later plans (and their predictions) use it")
     add_engine_args(p, policy_default="klotski,flexgen,layerwise")
     return p
 
@@ -44,7 +47,23 @@ def run(args) -> int:
     g = torch.Generator().manual_seed(args.seed)
     prompts = torch.randint(0, spec.vocab_size, (args.num_prompts, args.prompt_len), generator=g).tolist()
     policies = tuple(p.strip() for p in args.policy.split(",") if p.strip())
-    rows, raw, agree = compare_policies(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len)
+    calibrated = []
+
+    def calibrate(llm, policy):
+        ex = llm.executor
+        if not args.calibrate or calibrated or getattr(ex, "tracer", None) is None:
+            return
+        from klotski.runtime.planning import calibrate_from_run, prediction_metrics, profile_path
+
+        before = prediction_metrics(ex)["predicted_tokens_per_s"]
+        ex.hardware, ex.prediction = calibrate_from_run(ex), {}
+        after = prediction_metrics(ex)["predicted_tokens_per_s"]
+        calibrated.append(policy)
+        print(f"calibrated on the {policy} run ({len(ex.tracer.observations())} ops): predicted "
+              f"{before:.1f} -> {after:.1f} tokens/s; saved {profile_path(ex.device.type, True)}", flush=True)
+
+    rows, raw, agree = compare_policies(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len,
+                                        after_run=calibrate)
     print(format_table(rows))
     print("greedy tokens identical across policies" if agree else "error: policies disagree on the greedy tokens")
     if args.json:

@@ -9,8 +9,9 @@ from klotski.cli.options import build_llm, write_traces
 
 
 def compare_policies(args, model_dir: str, policies, prompts=None, prompt_token_ids=None, max_tokens: int = 16,
-                     on_first=None) -> tuple[list[dict], dict, bool]:
-    """-> (table rows, raw metrics per policy, whether every policy produced the same tokens)."""
+                     on_first=None, after_run=None) -> tuple[list[dict], dict, bool]:
+    """-> (table rows, raw metrics per policy, whether every policy produced the same tokens).
+    ``after_run(llm, policy)`` runs after each policy's generate, before the LLM is closed."""
     from klotski.sampling import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -29,6 +30,8 @@ def compare_policies(args, model_dir: str, policies, prompts=None, prompt_token_
                            **{k: v for k, v in m.extra.items() if isinstance(v, (int, float, str, type(None)))}}
             print(f"policy {policy}: {m.tokens_per_s:.1f} tokens/s ({llm.device}, {llm.dtype})", flush=True)
             write_traces(llm, args, suffix=policy if len(policies) > 1 else "")
+            if after_run is not None:
+                after_run(llm, policy)
         finally:
             llm.close()
     return rows, raw, len({str(t) for t in tokens.values()}) <= 1
