@@ -40,12 +40,29 @@ def build_checkpoint(path: str, args) -> None:
     model.to(getattr(torch, args.dtype)).save_pretrained(path)
 
 
-def timed_run(llm, prompts, sp):
+def timed_run(llm, prompts, sp, hw):
     t = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
     wall = time.perf_counter() - t
     m = llm.metrics
-    return outs, {"tokens_per_s": m.tokens_per_s, "wall_s": wall, **dict(m.extra)}
+    row = {"tokens_per_s": m.tokens_per_s, "wall_s": wall, **dict(m.extra)}
+    row["roofline"] = roofline(llm.executor, hw, row, m.generated_tokens, m.total_s)
+    return outs, row
+
+
+def roofline(ex, hw, row: dict, tokens: int, seconds: float) -> dict:
+    """The run's roofline on the profile the plan was made on (measured rates, not calibrated): the longest
+    of its disk reads / disk bandwidth, its CPU->GPU bytes / H2D bandwidth and its FLOPs / matmul and
+    attention rates (FLOPs summed over the traced compute ops). ``fraction`` = roofline time / measured time."""
+    dtype = str(ex.dtype).replace("torch.", "")
+    flops = sum(a.get("flops", 0.0) for st, _, _, _, a in ex.tracer.spans if st == "compute")
+    score = sum(a.get("score_flops", 0.0) for st, _, _, _, a in ex.tracer.spans if st == "compute")
+    t = {"disk_s": row["bytes_disk_read"] / hw.disk_bandwidth,
+         "h2d_s": (row["bytes_h2d"] + row["bytes_kv_h2d"]) / hw.h2d_bandwidth,
+         "compute_s": flops / hw.matmul_rate(dtype) + score / hw.attention_flops}
+    bound = max(t, key=t.get)
+    return {**t, "bound": bound.removesuffix("_s"), "fraction": t[bound] / seconds if seconds else 0.0,
+            "roofline_tokens_per_s": tokens / t[bound] if t[bound] else 0.0}
 
 
 def main() -> None:
@@ -97,7 +114,8 @@ def main() -> None:
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, args.vocab, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
-        outs, row = timed_run(llm, prompts[:count], sp)
+        plan_hw = llm.executor.hardware
+        outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
         tokens[policy] = [o.token_ids for o in outs]
         row = {"policy": policy, "num_prompts": count, **row}
         if args.calibrate:
@@ -107,7 +125,7 @@ def main() -> None:
             cal = calibrate_from_run(ex, ex.hardware, save=False)  # fitted on the first run ...
             ex.hardware, ex.prediction = cal, {}
             in_sample = prediction_metrics(ex)["predicted_tokens_per_s"]
-            outs2, row2 = timed_run(llm, prompts[count:], sp)  # ... predicts a second run on other prompts
+            outs2, row2 = timed_run(llm, prompts[count:], sp, plan_hw)  # ... predicts a second run on other prompts
             row = {"policy": policy, "num_prompts": count, **row2,
                    "predicted_tokens_per_s_uncalibrated": row["predicted_tokens_per_s"],
                    "first_run": {k: row[k] for k in ("tokens_per_s", "wall_s", "predicted_tokens_per_s")},
@@ -120,14 +138,15 @@ def main() -> None:
     if args.calibrate:
         print("tok/s: the second run; pred: predicted from the profile calibrated on the first run (held out); "
               "uncal: predicted from the profile the plan was made on")
-    head = f"{'policy':<10} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'uncal':>8} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
+    head = f"{'policy':<10} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'uncal':>8} {'roofline':>13} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
     print(head)
     for r in rows:
         pred = r.get("predicted_tokens_per_s") or 0.0
         err = r["tokens_per_s"] / pred - 1 if pred else float("nan")
         print(f"{r['policy']:<10} {r['num_prompts']:>5} {r['batch_size']:>3}x{r['num_batches']:<3} "
               f"{r['tokens_per_s']:>8.2f} {pred:>8.2f} {err:>+6.0%} "
-              f"{r.get('predicted_tokens_per_s_uncalibrated', pred):>8.2f} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
+              f"{r.get('predicted_tokens_per_s_uncalibrated', pred):>8.2f} "
+              f"{r['roofline']['fraction']:>6.0%} {r['roofline']['bound']:<6} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
               f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
               f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
     print(f"greedy tokens identical across policies: {same}")
