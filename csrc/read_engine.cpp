@@ -8,8 +8,10 @@
 
 namespace klotski {
 
-// AUTO's choice where io_uring works. Set from bench/results/disk_read_cpu.md (see "Engines" there).
-constexpr bool kAutoPrefersUring = true;
+// AUTO's choice where io_uring works, set from bench/results/disk_read_cpu.md ("Engines"): on the machine
+// measured so far io_uring was not faster in GB/s than the thread pool at any request size or depth (it used
+// less CPU per request at depth >= 4), so AUTO stays on the thread pool until a machine shows otherwise.
+constexpr bool kAutoPrefersUring = false;
 
 EngineKind parse_engine(const std::string& s) {
   std::string u = s;
@@ -79,7 +81,9 @@ std::unique_ptr<ReadEngine> make_engine(EngineKind kind, size_t num_threads, siz
     return make_uring_engine(queue_depth);  // throws where io_uring is unavailable
   }
   if (!kAutoPrefersUring) {
-    *note = "auto: the thread pool measured at least as fast as io_uring";
+    UringSupport s = probe_io_uring();
+    *note = std::string("auto: the thread pool (measured as fast as io_uring; io_uring ") +
+            (s.available ? "available" : "unavailable: " + s.reason) + ")";
     return make_thread_engine(num_threads);
   }
   try {

@@ -14,9 +14,10 @@ its destination must be 4096-aligned and hold ``span_bytes(offset, nbytes)`` byt
 
 Engines (``engine=`` or ``KLOTSKI_IO_ENGINE``): "threads" runs blocking pread()s on ``num_threads`` native
 threads; "uring" has one native thread submit reads to an io_uring (raw syscalls, no liburing) with at most
-``queue_depth`` pieces in flight and reap them; "auto" takes the one measured faster on this kind of machine
-(bench/results/disk_read_cpu.md) and falls back to threads where the kernel refuses io_uring (old kernel,
-seccomp, ``kernel.io_uring_disabled``). ``reader.engine`` says which one runs, ``reader.engine_note`` why.
+``queue_depth`` pieces in flight and reap them; "auto" takes the one measured faster (bench/results/
+disk_read_cpu.md: so far the thread pool, io_uring was not faster in GB/s) and would fall back to threads where
+the kernel refuses io_uring (old kernel, seccomp, ``kernel.io_uring_disabled``; ``engine="uring"`` raises
+there). ``reader.engine`` says which one runs, ``reader.engine_note`` why.
 Both engines give the same results, tickets and errors.
 
 Closing drains queued reads (``close()``) or cancels them (``close(cancel=True)``: their tickets raise

@@ -212,7 +212,7 @@ def test_engine_from_argument_and_environment(monkeypatch):
     monkeypatch.delenv("KLOTSKI_IO_ENGINE", raising=False)
     assert resolve_engine() == "auto"
     auto = DiskReader()
-    assert auto.engine in ("uring", "threads") and auto.engine_note.startswith("auto")
+    assert auto.engine in ("uring", "threads") and auto.engine_note.startswith("auto") and "io_uring" in auto.engine_note
     if not URING["available"]:
         assert auto.engine == "threads"
     auto.close()
