@@ -8,7 +8,10 @@ max_memory=..., offload_folder=..., dtype=...)``: accelerate fills the accelerat
 memory, then puts the remaining modules on "disk" (safetensors files it reads back in every forward pass), and
 hooks every offloaded module so that its weights are loaded right before it runs and dropped after. Then
 greedy ``generate`` on a left-padded batch of token-id prompts (attention mask; EOS ignored, exactly
-``gen_len`` new tokens per prompt), timed after one warm-up call.
+``gen_len`` new tokens per prompt), timed after one warm-up call (one token for the first prompt: one forward
+pass, which runs every hook and reads every offloaded weight once). All prompts run as one batch, as a user
+of ``generate`` would run them; ``max_memory`` bounds where accelerate puts *weights*, not the activations and
+KV cache of that batch, so the measured peak can exceed the budget.
 
 Budgets:
 - CUDA: ``max_memory={0: gpu_memory, "cpu": cpu_memory}``; the rest goes to disk.
@@ -59,8 +62,8 @@ class AccelerateResult:
     device_map: dict               # model.hf_device_map (module -> 0 / "cpu" / "disk")
     tiers: dict                    # tier -> {"modules": n, "bytes": parameter bytes placed there}
     forward_calls: int             # model forward passes in the timed call (prefill + decode steps)
-    bytes_disk_read: int           # disk-tier parameter bytes x forward calls: what the hooks load from disk
-    bytes_h2d: int                 # CUDA: (cpu + disk tier bytes) x forward calls; 0 on CPU
+    bytes_disk_read: int           # disk-tier bytes as stored x forward calls: what the hooks read from disk
+    bytes_h2d: int                 # CUDA: (cpu + disk tier parameter bytes) x forward calls; 0 on CPU
     storage_read_bytes: int        # /proc/self/io read_bytes delta: bytes really fetched from storage
     peak_gpu_bytes: int | None     # torch.cuda.max_memory_allocated over the timed call (CUDA only)
     peak_rss_growth_bytes: int | None  # peak RSS during the call minus RSS before it (Linux), see module doc
@@ -137,6 +140,43 @@ def tier_summary(model: torch.nn.Module, device_map: dict) -> dict:
     return out
 
 
+def _safetensors_sizes(path: str) -> dict[str, int]:
+    """Tensor name -> bytes stored, from a safetensors file's header (8-byte length, then JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
+
+
+def disk_bytes_per_forward(model: torch.nn.Module) -> int:
+    """Bytes accelerate's hooks read from disk in one forward pass of the model: every tensor in the offload
+    index (the disk tier), as stored (a tensor read from the checkpoint's own file keeps the checkpoint's
+    dtype; one accelerate re-saved into the offload folder has the compute dtype)."""
+    from accelerate.hooks import AlignDevicesHook
+
+    index = {}
+    for mod in model.modules():
+        hook = getattr(mod, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", [hook])  # SequentialHook wraps several
+        for h in hooks:
+            if isinstance(h, AlignDevicesHook) and h.offload and h.weights_map is not None:
+                loader = getattr(h.weights_map, "dataset", h.weights_map)  # PrefixedDataset -> loader
+                index.update(getattr(loader, "index", {}) or {})
+    headers, total = {}, 0
+    for name, info in index.items():
+        if "safetensors_file" in info:
+            file = info["safetensors_file"]
+            if file not in headers:
+                headers[file] = _safetensors_sizes(file)
+            total += headers[file][info.get("weight_name", name)]
+        else:  # a raw .dat memmap: shape and dtype are in the index
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            total += numel * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size()
+    return total
+
+
 def run_accelerate(model_dir: str, prompts: list[list[int]], gen_len: int, device: str = "auto",
                    gpu_memory: int | str = "24GB", cpu_memory: int | str = "64GB", dtype: str | None = None,
                    offload_dir: str | None = None) -> AccelerateResult:
@@ -183,6 +223,7 @@ def run_accelerate(model_dir: str, prompts: list[list[int]], gen_len: int, devic
         # Without hf_device_map everything fitted on one device and no hook was attached.
         device_map = dict(getattr(model, "hf_device_map", None) or {"": index if cuda else "cpu"})
         tiers = tier_summary(model, device_map)
+        disk_b = disk_bytes_per_forward(model)
 
         pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else 0
         gen_cfg = copy.deepcopy(model.generation_config)
@@ -194,7 +235,9 @@ def run_accelerate(model_dir: str, prompts: list[list[int]], gen_len: int, devic
         calls = [0]
         hook = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
         with torch.inference_mode():
-            model.generate(input_ids=ids[:1], attention_mask=mask[:1], generation_config=gen_cfg)  # warm-up
+            warm = copy.deepcopy(gen_cfg)
+            warm.update(max_new_tokens=1)  # one forward pass: every hook and weight touched once
+            model.generate(input_ids=ids[:1], attention_mask=mask[:1], generation_config=warm)
             if cuda:
                 torch.cuda.synchronize(run_on)
                 torch.cuda.reset_peak_memory_stats(run_on)
@@ -211,8 +254,7 @@ def run_accelerate(model_dir: str, prompts: list[list[int]], gen_len: int, devic
         if any(len(t) != gen_len for t in new):
             raise RuntimeError(f"accelerate generated {[len(t) for t in new]} tokens, expected {gen_len} each")
         generated = len(prompts) * gen_len
-        disk_b = tiers.get("disk", {}).get("bytes", 0)
-        host_b = disk_b + tiers.get("cpu", {}).get("bytes", 0)
+        host_b = tiers.get("disk", {}).get("bytes", 0) + tiers.get("cpu", {}).get("bytes", 0)
         return AccelerateResult(
             tokens_per_s=generated / wall, wall_s=wall, load_s=load_s, generated_tokens=generated, token_ids=new,
             device=torch.cuda.get_device_name(run_on) if cuda else "cpu", dtype=dtype, max_memory=max_memory,

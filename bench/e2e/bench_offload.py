@@ -6,6 +6,11 @@
 Prints tokens/s, bubble fraction, bytes per tier and peak memory per policy, next to the planner's predicted
 tokens/s for the same placement (klotski.planner scored on a measured hardware profile), and writes JSON
 to bench/results/. Greedy tokens of every policy are checked against each other.
+
+``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
+offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
+more row, a "klotski / accelerate" speedup and whether its greedy tokens match. It needs the ``bench`` extra
+(``pip install -e ".[bench]"``, accelerate==1.15.0); the package and its tests do not.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 
@@ -65,6 +71,63 @@ def roofline(ex, hw, row: dict, tokens: int, seconds: float) -> dict:
             "roofline_tokens_per_s": tokens / t[bound] if t[bound] else 0.0}
 
 
+def accelerate_row(model: str, runs: dict, args, tokens: dict, work: str) -> dict:
+    """HF transformers + accelerate offloading on klotski's prompts (the first policy's without klotski),
+    budgets, device and compute dtype; its greedy tokens compared with that policy's."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "accelerate_baseline.py")
+    spec = importlib.util.spec_from_file_location("accelerate_baseline", path)
+    baseline = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = baseline  # its dataclass looks its module up there
+    spec.loader.exec_module(baseline)
+    ref_policy = "klotski" if "klotski" in runs else next(iter(runs))
+    run, ref = runs[ref_policy], tokens[ref_policy]
+    r = baseline.run_accelerate(model, run["prompts"], args.gen_len, device=run["device"],
+                                gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, dtype=run["dtype"],
+                                offload_dir=work)
+    matching = sum(a == b for a, b in zip(r.token_ids, ref))
+    first = next(((i, j) for i, (a, b) in enumerate(zip(r.token_ids, ref)) for j, (x, y) in enumerate(zip(a, b))
+                  if x != y), None)
+    return {"policy": "accelerate", "baseline": True, "num_prompts": len(run["prompts"]), **r.to_dict(),
+            "tokens_compared_with": ref_policy, "tokens_match": matching == len(ref) == len(r.token_ids),
+            "sequences_matching": matching, "first_mismatch": first}
+
+
+def print_baseline(b: dict, rows: list[dict]) -> None:
+    """The accelerate row under the policies' table (columns that have no meaning for it are '-'), the
+    klotski / accelerate speedup and the token check."""
+    from klotski.units import format_bytes
+
+    dash = "-"
+    tiers = " ".join(f"{t}:{v['modules']}({format_bytes(v['bytes'])})" for t, v in b["tiers"].items())
+    peak_gpu = format_bytes(b["peak_gpu_bytes"]) if b["peak_gpu_bytes"] is not None else dash
+    peak_cpu = format_bytes(b["peak_rss_growth_bytes"]) + "*" if b["peak_rss_growth_bytes"] is not None else dash
+    print(f"{'accelerate':<10} {b['num_prompts']:>5} {b['num_prompts']:>3}x{1:<3} {b['tokens_per_s']:>8.2f} "
+          f"{dash:>8} {dash:>6} {dash:>8} {dash:>13} {dash:>6} {dash:>7} "
+          f"{format_bytes(b['bytes_disk_read']):>10} {format_bytes(b['bytes_h2d']):>10} "
+          f"{peak_gpu:>10} {peak_cpu:>10}  device_map {tiers}")
+    print(f"accelerate: {b['dtype']} on {b['device']}, max_memory {b['max_memory']}, {b['forward_calls']} forward "
+          f"passes, wall {b['wall_s']:.2f} s (load {b['load_s']:.1f} s); disk read / h2d = offloaded bytes x "
+          f"forward passes (accelerate's hooks load every offloaded module in every pass); * peak RSS growth over the timed call (not the resident weights)")
+    for r in rows:
+        if r["policy"] == "klotski" and b["tokens_per_s"] > 0:
+            print(f"klotski / accelerate: {r['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s "
+                  f"({b['num_prompts']} prompts each, of the same lengths; accelerate runs them as one batch)")
+    if b["tokens_match"]:
+        print(f"accelerate greedy tokens match {b['tokens_compared_with']}: True "
+              f"({b['sequences_matching']}/{b['num_prompts']} sequences)")
+    else:
+        why = ("in half precision the two implementations round in a different order (HF's expert matmuls and "
+               "SDPA attention vs klotski's fused kernels) and one flipped argmax changes every later token"
+               if b["dtype"] != "float32" else
+               "in float32 only a near-tie between two logits can flip with summation order: look at the logit gap "
+               "at that position before suspecting either implementation")
+        print(f"accelerate greedy tokens match {b['tokens_compared_with']}: False ({b['sequences_matching']}/"
+              f"{b['num_prompts']} sequences identical, first difference at (sequence, token) {b['first_mismatch']}); "
+              f"both computed in {b['dtype']}: {why}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="existing checkpoint (default: build a random Mixtral-shaped one)")
@@ -90,6 +153,10 @@ def main() -> None:
                          "run the policy again on other prompts and compare it with the calibrated prediction")
     ap.add_argument("--label", default="", help="machine label written into the JSON")
     ap.add_argument("--policies", default="klotski,flexgen,layerwise")
+    ap.add_argument("--baseline", choices=("none", "accelerate"), default="none",
+                    help="also run HF transformers + accelerate device_map offloading on klotski's prompts (the "
+                         "first policy's without klotski); a row with policy 'accelerate' in the table and the "
+                         "JSON's rows; needs the bench extra: accelerate==1.15.0")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
 
@@ -105,7 +172,7 @@ def main() -> None:
     sp = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
     print(f"checkpoint {format_bytes(size)} ({args.dtype}), budget gpu {args.gpu_memory} cpu {args.cpu_memory}, "
           f"prompts of {args.prompt_len} tokens, {args.gen_len} generated")
-    rows, tokens = [], {}
+    rows, tokens, runs = [], {}, {}
     for policy in args.policies.split(","):
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                   offload_dir=os.path.join(work, f"store-{policy}"), num_batches=args.num_batches,
@@ -117,6 +184,8 @@ def main() -> None:
         plan_hw = llm.executor.hardware
         outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
         tokens[policy] = [o.token_ids for o in outs]
+        runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
+                        "dtype": str(llm.executor.dtype).replace("torch.", "")}
         row = {"policy": policy, "num_prompts": count, **row}
         if args.calibrate:
             from klotski.runtime.planning import calibrate_from_run, prediction_metrics
@@ -135,6 +204,9 @@ def main() -> None:
         llm.close()
     n0 = min(len(v) for v in tokens.values())
     same = all(v[:n0] == next(iter(tokens.values()))[:n0] for v in tokens.values())
+    baseline = None
+    if args.baseline == "accelerate":
+        baseline = accelerate_row(model, runs, args, tokens, work)
     if args.calibrate:
         print("tok/s: the second run; pred: predicted from the profile calibrated on the first run (held out); "
               "uncal: predicted from the profile the plan was made on")
@@ -149,6 +221,8 @@ def main() -> None:
               f"{r['roofline']['fraction']:>6.0%} {r['roofline']['bound']:<6} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
               f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
               f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
+    if baseline is not None:
+        print_baseline(baseline, rows)
     print(f"greedy tokens identical across policies: {same}")
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "cpu"
@@ -156,7 +230,7 @@ def main() -> None:
     with open(path, "w") as f:
         json.dump({"args": vars(args), "label": args.label, "checkpoint_bytes": size, "device": device,
                    "tokens_identical": same,
-                   "rows": rows}, f, indent=1)
+                   "rows": rows + ([baseline] if baseline else [])}, f, indent=1)
     print(f"wrote {path}")
 
 
