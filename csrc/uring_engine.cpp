@@ -1,5 +1,6 @@
 #include "uring_engine.h"
 
+#if __has_include(<linux/io_uring.h>)
 #include <linux/io_uring.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -16,6 +17,22 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+// Syscall numbers and setup flags are stable kernel ABI; older headers may lack the newer ones.
+#ifndef __NR_io_uring_setup
+#define __NR_io_uring_setup 425
+#define __NR_io_uring_enter 426
+#define __NR_io_uring_register 427
+#endif
+#ifndef IORING_SETUP_COOP_TASKRUN
+#define IORING_SETUP_COOP_TASKRUN (1U << 8)
+#endif
+#ifndef IORING_SETUP_SINGLE_ISSUER
+#define IORING_SETUP_SINGLE_ISSUER (1U << 12)
+#endif
+#ifndef IORING_SETUP_DEFER_TASKRUN
+#define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#endif
 
 namespace klotski {
 
@@ -421,3 +438,19 @@ std::unique_ptr<ReadEngine> make_uring_engine(size_t queue_depth) {
 }
 
 }  // namespace klotski
+
+#else  // no <linux/io_uring.h>: the extension still builds; io_uring is reported unavailable
+
+#include <stdexcept>
+
+namespace klotski {
+
+UringSupport probe_io_uring() { return {false, "klotski._C was built without <linux/io_uring.h>"}; }
+
+std::unique_ptr<ReadEngine> make_uring_engine(size_t) {
+  throw std::runtime_error("io_uring unavailable: klotski._C was built without <linux/io_uring.h>");
+}
+
+}  // namespace klotski
+
+#endif
