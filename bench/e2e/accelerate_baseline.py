@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import json
 import os
 import shutil
@@ -186,10 +187,8 @@ def run_accelerate(model_dir: str, prompts: list[list[int]], gen_len: int, devic
     ``dtype``: compute dtype ("float32", "bfloat16", "float16"; default float32 on CPU, the checkpoint's dtype
     on CUDA). ``offload_dir``: parent of the offload folder (a fresh temporary folder in it is used and
     removed afterwards). Needs ``accelerate`` (the ``bench`` extra)."""
-    try:
-        import accelerate  # noqa: F401  (transformers needs it for device_map; fail with a clear message)
-    except ImportError as e:
-        raise ImportError("the accelerate baseline needs accelerate: pip install -e '.[bench]'") from e
+    if importlib.util.find_spec("accelerate") is None:  # transformers needs it for device_map
+        raise ImportError("the accelerate baseline needs accelerate: pip install -e '.[bench]' (accelerate==1.15.0)")
     import transformers as tf
     from klotski.units import parse_bytes
 
