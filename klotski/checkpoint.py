@@ -38,7 +38,8 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor's bytes live. ``offset`` is absolute in ``path``."""
+    """Where one tensor's bytes live. ``offset`` is absolute in ``path``. An fp8 block-scaled weight carries
+    where its scales live in ``scale_inv`` (attached by :class:`klotski.model.weights.CheckpointWeights`)."""
 
     name: str
     path: str
@@ -46,6 +47,12 @@ class TensorInfo:
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    scale_inv: "TensorInfo | None" = None
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes of the tensor plus its block scales (what reading it moves)."""
+        return self.nbytes + (self.scale_inv.nbytes if self.scale_inv is not None else 0)
 
     @property
     def itemsize(self) -> int:
@@ -56,7 +63,9 @@ class TensorInfo:
         if not self.shape or not 0 <= index < self.shape[0]:
             raise IndexError(f"{self.name}: index {index} out of range for shape {list(self.shape)}")
         per = self.nbytes // self.shape[0]
-        return TensorInfo(f"{self.name}[{index}]", self.path, self.offset + index * per, per, self.dtype, self.shape[1:])
+        scale = self.scale_inv.row_slice(index) if self.scale_inv is not None else None
+        return TensorInfo(f"{self.name}[{index}]", self.path, self.offset + index * per, per, self.dtype,
+                          self.shape[1:], scale)
 
 
 def read_header(path: str) -> tuple[dict, int]:

@@ -30,3 +30,11 @@ class CheckpointFactory:
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     return CheckpointFactory(str(tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoints(tmp_path_factory, checkpoints):
+    """fp8 block-scaled tiny checkpoints and their dequantized twins (tests/fp8_models.py)."""
+    import fp8_models
+
+    return fp8_models.Fp8Factory(str(tmp_path_factory.mktemp("fp8")), checkpoints)

@@ -40,9 +40,9 @@ class ResidentModel:
         self.layers: list[dict[str, torch.Tensor]] = []
         for i in range(self.spec.num_layers):
             w = {k: v.to(device=device, dtype=torch.float32) if k in KEEP_FP32 else to(v)
-                 for k, v in weights.read_layer(i).items()}
+                 for k, v in weights.read_layer(i, dtype).items()}  # fp8 weights: dequantized into dtype
             if self.spec.is_moe(i):
-                w13, w2 = weights.read_experts(i)
+                w13, w2 = weights.read_experts(i, dtype)
                 w["w13"], w["w2"] = to(w13), to(w2)
             self.layers.append(w)
         self.rotary = make_rotary(self.spec, device)

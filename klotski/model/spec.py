@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, field, asdict, replace
 from typing import Any, Callable
 
 
@@ -80,6 +80,9 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    # fp8 block-scaled checkpoint (quantization_config quant_method "fp8"): the (rows, cols) weight block of
+    # every ``*_scale_inv`` tensor; None for unquantized checkpoints. See :mod:`klotski.model.quant`.
+    fp8_block: tuple[int, int] | None = None
 
     # ---- derived -------------------------------------------------------------------------------------
     @property
@@ -103,6 +106,11 @@ class ModelSpec:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.num_kv_heads * self.head_dim
 
+    @property
+    def weight_dtype(self) -> str:
+        """Storage dtype of the linear weights: "float8_e4m3" for fp8 checkpoints, else ``torch_dtype``."""
+        return "float8_e4m3" if self.fp8_block else self.torch_dtype
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -115,7 +123,9 @@ class ModelSpec:
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(PARSERS))}"
             )
-        return parser(config)
+        spec = parser(config)
+        block = parse_quantization(config)
+        return replace(spec, fp8_block=block) if block else spec
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelSpec":
@@ -145,6 +155,36 @@ def register(*model_types: str):
 
 
 # ---- shared parsing helpers ---------------------------------------------------------------------------
+
+def parse_quantization(config: dict) -> tuple[int, int] | None:
+    """The fp8 weight block of ``quantization_config`` (None when the config declares none).
+
+    Supported: ``quant_method`` "fp8", ``fmt`` "e4m3", 2-D ``weight_block_size``, ``activation_scheme``
+    "dynamic" (activations are never quantized here: weights are dequantized to the compute dtype).
+    Anything else raises :class:`UnsupportedModelError` naming the field.
+    """
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    where = f"config.json ({config.get('model_type')}) quantization_config"
+    method = str(q.get("quant_method", "")).lower()
+    if method != "fp8":
+        raise UnsupportedModelError(f"{where}: quant_method {q.get('quant_method')!r} is not supported; "
+                                    f"supported: 'fp8' (block-scaled e4m3, as DeepSeek-V3)")
+    fmt = str(q.get("fmt", "e4m3")).lower()
+    if fmt != "e4m3":
+        raise UnsupportedModelError(f"{where}: fp8 fmt {q.get('fmt')!r} is not supported; supported: 'e4m3'")
+    block = q.get("weight_block_size")
+    if (not isinstance(block, (list, tuple)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise UnsupportedModelError(f"{where}: weight_block_size must be two positive ints [rows, cols] "
+                                    f"(per-block scales), got {block!r}; per-tensor / per-channel fp8 is not supported")
+    scheme = str(q.get("activation_scheme", "dynamic")).lower()
+    if scheme != "dynamic":
+        raise UnsupportedModelError(f"{where}: activation_scheme {q.get('activation_scheme')!r} is not supported; "
+                                    f"supported: 'dynamic'")
+    return (int(block[0]), int(block[1]))
+
 
 def require(config: dict, key: str):
     if key not in config or config[key] is None:

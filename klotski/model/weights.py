@@ -6,10 +6,18 @@ Two expert key layouts are read:
 * per-expert: ``{moe}.experts.{e}.w1/w3/w2.weight`` (Mixtral) or ``.gate_proj/up_proj/down_proj.weight``;
 * fused 3-D: ``{moe}.experts.gate_up_proj`` [E, 2I, H] and ``{moe}.experts.down_proj`` [E, H, I].
 ``{moe}`` is ``model.layers.{i}.mlp`` or ``model.layers.{i}.block_sparse_moe``.
+
+fp8 block-scaled checkpoints (``quantization_config`` quant_method "fp8", :mod:`klotski.model.quant`): any
+weight may be stored as ``float8_e4m3fn`` with ``<name>_scale_inv`` beside it (DeepSeek-V3: every linear weight
+but the embeddings, LM head and router). The ``read_*`` methods return such weights dequantized (fp32, or the
+given dtype); ``read_*_stored`` return them as stored (:class:`~klotski.model.quant.Fp8Weight`) for the host
+tier and the packed store; :meth:`CheckpointWeights.info` / :meth:`expert_pieces` attach the scales' byte
+locations to a weight's :class:`~klotski.checkpoint.TensorInfo` for the disk tier.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import torch
 
@@ -18,7 +26,10 @@ from klotski.model.names import (  # noqa: F401  (re-exported)
     ATTENTION_SOURCES, EXTRA_IGNORED, IGNORED, KEEP_FP32, ExpertLayout, Source, expert_names, global_sources,
     layer_sources,
 )
+from klotski.model.quant import FP8_DTYPE, SCALE_SUFFIX, Fp8Weight, concat, scale_name, scale_shape
 from klotski.model.spec import ModelSpec
+
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def detect_layout(index: SafetensorsIndex, spec: ModelSpec) -> ExpertLayout:
@@ -46,6 +57,8 @@ class CheckpointWeights:
     def __init__(self, index: SafetensorsIndex, spec: ModelSpec, extra_ignored: tuple[re.Pattern, ...] = ()):
         self.index = index
         self.spec = spec
+        self.block = spec.fp8_block
+        self.scales: dict[str, TensorInfo] = {}  # fp8 weight name -> its block scale
         self.layout = detect_layout(index, spec)
         self.globals = global_sources(spec, index)
         self.layers = [layer_sources(spec, i, self.layout) for i in range(spec.num_layers)]
@@ -69,49 +82,131 @@ class CheckpointWeights:
                 problems.append(
                     f"tensor {name!r} in {info.path}: expected shape {list(shape)}, got {list(info.shape)}"
                 )
-        extra = [n for n in self.index.names() if n not in expected and not any(p.match(n) for p in ignored)]
-        problems += [f"unexpected tensor {n!r} in {self.index[n].path}" for n in sorted(extra)]
+        problems += self._check_scales(expected)
+        fp8 = [n for n in expected if n in self.index and self.index[n].dtype in FLOAT8]
+        used = set(expected) | {scale_name(n) for n in fp8}  # checked by _check_scales
+        extra = [n for n in self.index.names() if n not in used and not any(p.match(n) for p in ignored)]
+        for n in sorted(extra):
+            problems.append(self._stray_scale(n) or f"unexpected tensor {n!r} in {self.index[n].path}")
         if problems:
             head = f"checkpoint {self.index.model_dir} does not match its config ({self.spec.model_type}):"
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise CheckpointError("\n  ".join([head, *shown]))
 
+    def _check_scales(self, expected: dict[str, tuple[int, ...]]) -> list[str]:
+        """fp8 weights need a scale of the right shape, and only fp8 checkpoints may hold them; fills
+        ``self.scales``."""
+        fp8 = [n for n in expected if n in self.index and self.index[n].dtype in FLOAT8]
+        if fp8 and self.block is None:
+            return [f"{len(fp8)} tensor(s) stored as fp8 (e.g. {fp8[0]!r} in {self.index[fp8[0]].path}) but "
+                    f"config.json declares no fp8 quantization_config (quant_method 'fp8' with weight_block_size)"]
+        problems = []
+        for name in fp8:
+            info = self.index[name]
+            where = f"tensor {name!r} in {info.path}"
+            if info.dtype != FP8_DTYPE:
+                problems.append(f"{where}: expected {FP8_DTYPE} (quantization_config fmt 'e4m3'), got {info.dtype}")
+                continue
+            sname = scale_name(name)
+            if sname not in self.index:
+                problems.append(f"{where} is fp8 but its block scale {sname!r} is missing (expected shape "
+                                f"{list(scale_shape(info.shape, self.block))}, float32)")
+                continue
+            sinfo = self.index[sname]
+            want = scale_shape(info.shape, self.block)
+            if tuple(sinfo.shape) != want:
+                problems.append(f"block scale {sname!r} in {sinfo.path} of {list(info.shape)} weight {name!r} "
+                                f"(weight_block_size {list(self.block)}): expected shape {list(want)}, "
+                                f"got {list(sinfo.shape)}")
+            elif not sinfo.dtype.is_floating_point or sinfo.dtype in FLOAT8:
+                problems.append(f"block scale {sname!r} in {sinfo.path}: expected float32, got {sinfo.dtype}")
+            else:
+                self.scales[name] = sinfo
+        return problems
+
+    def _stray_scale(self, name: str) -> str | None:
+        """Why ``name`` (not used by any weight) looks like a block scale, or None if it does not."""
+        if not name.endswith(SCALE_SUFFIX):
+            return None
+        where = f"tensor {name!r} in {self.index[name].path}"
+        if self.block is None:
+            return (f"{where} is an fp8 block scale but config.json declares no quantization_config "
+                    f"(quant_method 'fp8'); refusing to ignore it")
+        weight = name[: -len(SCALE_SUFFIX)]
+        if weight in self.index:
+            return (f"{where} is a block scale of {weight!r}, which is stored as {self.index[weight].dtype}, "
+                    f"not {FP8_DTYPE}")
+        return None
+
     # ---- reading ---------------------------------------------------------------------------------------
-    def read_source(self, src: Source) -> torch.Tensor:
-        parts = [self.index.read(n) for n in src.names]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    def info(self, name: str) -> TensorInfo:
+        """Where tensor ``name``'s bytes live, with its block scale's location attached if it is fp8."""
+        info = self.index[name]
+        scale = self.scales.get(name)
+        return info if scale is None else replace(info, scale_inv=scale)
+
+    def read_stored(self, info: TensorInfo) -> "torch.Tensor | Fp8Weight":
+        """One tensor as stored: a CPU tensor, or an :class:`Fp8Weight` when ``info`` carries a scale."""
+        if info.scale_inv is None:
+            return self.index.read(info)
+        return Fp8Weight(self.index.read(info), self.index.read(info.scale_inv).float(), (info.shape[0],),
+                         self.block)
+
+    def read_info(self, info: TensorInfo, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, dequantized if fp8 (into fp32, or ``dtype``); unquantized tensors as stored."""
+        t = self.read_stored(info)
+        return dequantized(t, dtype)
+
+    def read_source_stored(self, src: Source) -> "torch.Tensor | Fp8Weight":
+        return concat([self.read_stored(self.info(n)) for n in src.names])
+
+    def read_source(self, src: Source, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A canonical tensor (CPU): checkpoint dtype, or dequantized (fp32 / ``dtype``) if stored in fp8."""
+        return dequantized(self.read_source_stored(src), dtype)
 
     def read_global(self) -> dict[str, torch.Tensor]:
         return {k: self.read_source(s) for k, s in self.globals.items()}
 
-    def read_layer(self, layer: int) -> dict[str, torch.Tensor]:
-        """The layer's non-routed-expert tensors (CPU, checkpoint dtype)."""
-        return {k: self.read_source(s) for k, s in self.layers[layer].items()}
+    def read_layer(self, layer: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The layer's non-routed-expert tensors (CPU, checkpoint dtype; fp8 ones dequantized)."""
+        return {k: self.read_source(s, dtype) for k, s in self.layers[layer].items()}
 
     def expert_pieces(self, layer: int, expert: int) -> tuple[list[TensorInfo], TensorInfo]:
-        """Byte locations of one expert: (w13 pieces in row order, w2). Fused layouts give one w13 piece."""
+        """Byte locations of one expert: (w13 pieces in row order, w2). Fused layouts give one w13 piece.
+        fp8 pieces carry their scales' locations (``TensorInfo.scale_inv``)."""
         base = f"model.layers.{layer}.{self.layout.moe_prefix}.experts"
         if self.layout.fused:
             return (
-                [self.index[f"{base}.gate_up_proj"].row_slice(expert)],
-                self.index[f"{base}.down_proj"].row_slice(expert),
+                [self.info(f"{base}.gate_up_proj").row_slice(expert)],
+                self.info(f"{base}.down_proj").row_slice(expert),
             )
         g, u, d = self.layout.proj
         return (
-            [self.index[f"{base}.{expert}.{g}.weight"], self.index[f"{base}.{expert}.{u}.weight"]],
-            self.index[f"{base}.{expert}.{d}.weight"],
+            [self.info(f"{base}.{expert}.{g}.weight"), self.info(f"{base}.{expert}.{u}.weight")],
+            self.info(f"{base}.{expert}.{d}.weight"),
         )
 
-    def read_expert(self, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H], w2 [H, I]) of one expert, reading only its bytes."""
+    def read_expert_stored(self, layer: int, expert: int):
+        """(w13 [2I, H], w2 [H, I]) of one expert as stored (tensors, or :class:`Fp8Weight` for fp8)."""
         w13_pieces, w2_info = self.expert_pieces(layer, expert)
-        w13 = torch.cat([self.index.read(p) for p in w13_pieces], dim=0)
-        return w13, self.index.read(w2_info)
+        return concat([self.read_stored(p) for p in w13_pieces]), self.read_stored(w2_info)
 
-    def read_experts(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [2I, H], w2 [H, I]) of one expert, reading only its bytes (fp8: dequantized, fp32 or ``dtype``)."""
+        w13, w2 = self.read_expert_stored(layer, expert)
+        return dequantized(w13, dtype), dequantized(w2, dtype)
+
+    def read_experts(self, layer: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All experts of a layer: (w13 [E, 2I, H], w2 [E, H, I])."""
         base = f"model.layers.{layer}.{self.layout.moe_prefix}.experts"
-        if self.layout.fused:
+        if self.layout.fused and not self.scales:
             return self.index.read(f"{base}.gate_up_proj"), self.index.read(f"{base}.down_proj")
-        pairs = [self.read_expert(layer, e) for e in range(self.spec.num_experts)]
+        pairs = [self.read_expert(layer, e, dtype) for e in range(self.spec.num_experts)]
         return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def dequantized(t: "torch.Tensor | Fp8Weight", dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` itself if unquantized, else its dequantized values (fp32, or rounded once to ``dtype``)."""
+    if isinstance(t, torch.Tensor):
+        return t
+    return t.dequantize(None if dtype is None else torch.empty(tuple(t.shape), dtype=dtype))
