@@ -81,7 +81,7 @@ class ModelCosts:
     @classmethod
     def from_spec(cls, spec: ModelSpec, weight_dtype: str | None = None, act_dtype: str | None = None,
                   name: str = "") -> "ModelCosts":
-        weight_dtype = weight_dtype or spec.torch_dtype or "bfloat16"
+        weight_dtype = weight_dtype or spec.weight_dtype or "bfloat16"  # fp8 checkpoints: "float8_e4m3"
         if act_dtype is None:
             act_dtype = weight_dtype if dtype_bytes(weight_dtype) >= 2 else "bfloat16"
         wb, ab = dtype_bytes(weight_dtype), dtype_bytes(act_dtype)
@@ -109,8 +109,11 @@ class ModelCosts:
             ))
         embed = _nbytes(spec.vocab_size * h, wb)
         head = 0 if spec.tie_word_embeddings else embed
+        head += _nbytes(h, wb)
+        if spec.fp8_block and weight_dtype.startswith("float8"):
+            layers, embed, head = _fp8_stored_bytes(spec, layers)
         return cls(name=name or spec.model_type, spec=spec, weight_dtype=weight_dtype, act_dtype=act_dtype,
-                   layers=tuple(layers), embed_bytes=embed, lm_head_bytes=head + _nbytes(h, wb))
+                   layers=tuple(layers), embed_bytes=embed, lm_head_bytes=head)
 
     @classmethod
     def from_config(cls, config: dict, name: str = "", weight_dtype: str | None = None) -> "ModelCosts":
@@ -202,6 +205,49 @@ class ModelCosts:
 
 def _nbytes(params: float, bytes_per: float) -> int:
     return int(math.ceil(params * bytes_per))
+
+
+def _fp8_stored_bytes(spec: ModelSpec, layers: list[LayerCosts]) -> tuple[list[LayerCosts], int, int]:
+    """Stored bytes of an fp8 block-scaled checkpoint (DeepSeek-V3): every 2-D linear weight but the router
+    takes 1 byte per parameter plus 4 bytes per (b0 x b1) block scale (partial edge blocks included); norms,
+    biases, the router (and V3's fp32 e_score_correction_bias), embeddings and LM head stay in the config's
+    ``torch_dtype``. -> (layers, embed_bytes, lm_head_bytes incl. the final norm).
+
+    The device keeps every weight in the compute dtype; :meth:`ModelCosts.device_bytes` scales stored bytes
+    by compute / 1 byte, which is exact for fp8 matrices (up to the scales) and over-counts the few
+    unquantized tensors (embeddings, norms, router): a conservative bound, never an under-estimate.
+    """
+    from klotski.model.names import ExpertLayout, layer_sources
+    from klotski.model.quant import scale_shape
+
+    ub = dtype_bytes(spec.torch_dtype) if spec.torch_dtype in DTYPE_BYTES else 2.0
+    block = spec.fp8_block
+
+    def matrix(shape) -> int:
+        return math.prod(shape) + 4 * math.prod(scale_shape(shape, block))
+
+    layout = ExpertLayout("mlp", False, ("gate_proj", "up_proj", "down_proj"))
+    out = []
+    for lc in layers:
+        by_class = {"attn": 0, "norm": 0, "gate": 0, "shared": 0}
+        for key, src in layer_sources(spec, lc.index, layout).items():
+            cls = ("norm" if key in ("input_norm", "post_attn_norm") else
+                   "gate" if key.startswith("router") else
+                   "shared" if key.startswith(("shared_", "dense_")) else "attn")
+            for shape in src.shapes:
+                if key == "router_bias":
+                    by_class[cls] += 4 * math.prod(shape)  # fp32 in V3 checkpoints
+                elif len(shape) == 2 and key not in ("router", "shared_gate"):
+                    by_class[cls] += matrix(shape)
+                else:
+                    by_class[cls] += _nbytes(math.prod(shape), ub)
+        I, H = spec.moe_intermediate_size, spec.hidden_size
+        expert = 2 * matrix((I, H)) + matrix((H, I)) if lc.kind == "moe" else 0
+        out.append(replace(lc, attn_bytes=by_class["attn"], norm_bytes=by_class["norm"], gate_bytes=by_class["gate"],
+                           expert_bytes=expert, shared_bytes=by_class["shared"]))
+    embed = _nbytes(spec.vocab_size * spec.hidden_size, ub)
+    head = (0 if spec.tie_word_embeddings else embed) + _nbytes(spec.hidden_size, ub)
+    return out, embed, head
 
 
 def _attn_params(spec: ModelSpec) -> int:
