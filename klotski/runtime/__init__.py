@@ -112,7 +112,7 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
         prefetcher = CorrelationPrefetcher(spec.num_layers, spec.num_experts)
         table = _load_table(prefetcher, (store_dir, weights.index.model_dir))
     mb = ModelBytes.of(weights, dtype)
-    costs = model_costs(spec, spec.torch_dtype or "bfloat16", dtype)
+    costs = model_costs(spec, spec.weight_dtype or "bfloat16", dtype)
     big = 1 << 62
     gpu_cap = gpu_budget if gpu_budget is not None else big
     cpu_cap = cpu_budget if cpu_budget is not None else big
@@ -169,6 +169,10 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     p = layout.placement
     if store_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
         store = open_store(weights.index.model_dir, store_dir)
+        if store.fp8_block != spec.fp8_block:
+            raise ValueError(f"expert store {store_dir} holds fp8_block {store.fp8_block} but the checkpoint "
+                             f"{weights.index.model_dir} has {spec.fp8_block}: it was converted from another "
+                             f"checkpoint; use another offload_dir or convert again")
     gpu, cpu = TierMeter("gpu", gpu_budget), TierMeter("cpu", cpu_budget)
     if experts_fn is None:
         from klotski.triton_kernels import fused_moe as experts_fn

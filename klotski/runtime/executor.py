@@ -211,7 +211,7 @@ class OffloadedExecutor:
                 src = self.w.source(layer, key)
                 n = self.w.fill(buf[key], src)
                 moved += n
-                read += 0 if isinstance(src, torch.Tensor) else n
+                read += n if isinstance(src, list) else 0  # disk pieces (host copies are tensors / Fp8Weight)
             self.tracer.end(lane, f"L{layer} weights", start, ln.stream, bytes=moved, tier="disk" if read else "cpu",
                             read_bytes=read, read_s=self.w.take_read_seconds())
             return idx, {**self.w.resident[layer], **{k: buf[k] for k in keys}}

@@ -19,7 +19,10 @@ class BudgetError(ValueError):
     """A memory budget is too small for what the plan needs on that tier."""
 
 
-def nbytes(t: torch.Tensor) -> int:
+def nbytes(t) -> int:
+    """Bytes of a tensor, or of an fp8 weight with its scales (:class:`~klotski.model.quant.Fp8Weight`)."""
+    if not isinstance(t, torch.Tensor):
+        return int(t.nbytes)
     return t.numel() * t.element_size()
 
 

@@ -51,20 +51,20 @@ class ModelBytes:
     @classmethod
     def of(cls, weights: CheckpointWeights, dtype: torch.dtype) -> "ModelBytes":
         size = torch.empty((), dtype=dtype).element_size()
-        index, spec = weights.index, weights.spec
+        spec = weights.spec
         glob = sum(_numel(s.shapes) for s in weights.globals.values()) * size
         per, per_ckpt = [], []
         for sources in weights.layers:
             d, c = {k: 0 for k in ("norm", *CLASSES)}, {k: 0 for k in ("norm", *CLASSES)}
             for key, src in sources.items():
                 d[tensor_class(key)] += _numel(src.shapes) * size
-                c[tensor_class(key)] += sum(index[n].nbytes for n in src.names)
+                c[tensor_class(key)] += sum(weights.info(n).stored_nbytes for n in src.names)  # fp8: + scales
             per.append(d)
             per_ckpt.append(c)
         expert = expert_ckpt = 0
         if spec.moe_layers:
             w13, w2 = weights.expert_pieces(spec.moe_layers[0], 0)
-            expert_ckpt = sum(p.nbytes for p in w13) + w2.nbytes
+            expert_ckpt = sum(p.stored_nbytes for p in w13) + w2.stored_nbytes
             expert = 3 * spec.hidden_size * spec.moe_intermediate_size * size
         return cls(glob, tuple(per), tuple(per_ckpt), expert, expert_ckpt, tuple(spec.moe_layers),
                    spec.num_experts if spec.moe_layers else 0)

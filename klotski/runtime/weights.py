@@ -5,6 +5,10 @@
 "disk" classes; per routed expert its home: a permanent device pool slot, a host copy, or its bytes on disk.
 Disk reads go through ``klotski.io``: a :class:`~klotski.io.DiskReader` (O_DIRECT when the file allows)
 into slots of a :class:`~klotski.io.PinnedRing`, then a copy into the destination (converting dtype).
+fp8 block-scaled weights stay fp8 + scales on the host and disk tiers (host copies are
+:class:`~klotski.model.quant.Fp8Weight`; a disk piece's scale is read beside it, a store record holds its
+scales): the fp8 bytes and scales cross the link and are dequantized into the device buffer
+(:meth:`PlacedWeights.copy`), exactly as the resident engine dequantizes them at load.
 Bytes moved are counted per link in ``counters`` (``disk_read``, ``h2d``, ``d2h``).
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from klotski.checkpoint import TensorInfo
 from klotski.io import DiskReader, PinnedRing, span_bytes
 from klotski.model.names import KEEP_FP32
+from klotski.model.quant import Fp8Weight
 from klotski.model.weights import CheckpointWeights
 from klotski.runtime.memory import TierMeter, nbytes
 from klotski.runtime.placement import Layout, tensor_class
@@ -68,14 +73,14 @@ class PlacedWeights:
                 tier = "gpu" if cls == "norm" else getattr(p, cls)
                 shape = (sum(s[0] for s in src.shapes), *src.shapes[0][1:])
                 if tier == "gpu":
-                    t = weights.read_source(src)
+                    t = weights.read_source(src, self.buffer_dtype(key))
                     res[key] = t.to(device=device, dtype=torch.float32) if key in KEEP_FP32 else to_dev(t)
                     gpu.hold(f"resident {cls}", nbytes(res[key]))
                 elif tier == "cpu":
-                    host[key] = self._pin(weights.read_source(src))
+                    host[key] = self._pin(weights.read_source_stored(src))
                     cpu.hold(f"host {cls}", nbytes(host[key]))
                 else:
-                    disk[key] = [weights.index[n] for n in src.names]
+                    disk[key] = [weights.info(n) for n in src.names]
                     pieces += disk[key]
                 if tier != "gpu":
                     shapes[key] = shape
@@ -98,13 +103,13 @@ class PlacedWeights:
             order = expert_order[layer] if expert_order else list(range(E))
             for rank, e in enumerate(order):
                 if rank < n_gpu:
-                    w13, w2 = weights.read_expert(layer, e)
+                    w13, w2 = weights.read_expert(layer, e, dtype)
                     self.pool.w13[slot].copy_(w13)
                     self.pool.w2[slot].copy_(w2)
                     self.expert_home[(layer, e)] = ("gpu", slot)
                     slot += 1
                 elif rank < n_gpu + n_cpu:
-                    w13, w2 = weights.read_expert(layer, e)
+                    w13, w2 = weights.read_expert_stored(layer, e)
                     w13, w2 = self._pin(w13), self._pin(w2)
                     cpu.hold("host experts", nbytes(w13) + nbytes(w2))
                     self.expert_home[(layer, e)] = ("cpu", (w13, w2))
@@ -125,14 +130,27 @@ class PlacedWeights:
             cpu.hold("disk staging ring", ring_slots * self.ring.slot_capacity)
             self.reader = DiskReader(num_threads=4)
 
-    def _pin(self, t: torch.Tensor) -> torch.Tensor:
+    def _pin(self, t):
         return t.pin_memory() if self.cuda else t
 
     # ---- copies ----------------------------------------------------------------------------------------
-    def fill(self, dst: torch.Tensor, src) -> int:
-        """Copy a host tensor, or disk pieces concatenated along dim 0, into ``dst`` (device). -> bytes."""
-        if isinstance(src, torch.Tensor):
+    def copy(self, dst: torch.Tensor, src: "torch.Tensor | Fp8Weight") -> None:
+        """Host ``src`` (a tensor, or fp8 + scales) into device ``dst`` in ``dst``'s dtype. fp8: the fp8 bytes
+        and scales are copied to the device (a transient of the fp8 bytes) and dequantized there, so the link
+        carries 1 byte per weight; the values are the resident engine's (:func:`dequantize_fp8_block`)."""
+        if isinstance(src, Fp8Weight):
+            if self.cuda:
+                src = Fp8Weight(src.weight.to(dst.device, non_blocking=True),
+                                src.scale_inv.to(dst.device, non_blocking=True), src.rows, src.block)
+            src.dequantize(out=dst.view(tuple(src.shape)))
+        else:
             dst.copy_(src.view(dst.shape), non_blocking=self.cuda)
+
+    def fill(self, dst: torch.Tensor, src) -> int:
+        """Copy a host tensor / Fp8Weight, or disk pieces concatenated along dim 0, into ``dst`` (device).
+        -> bytes moved (fp8: weight + scale bytes)."""
+        if not isinstance(src, list):
+            self.copy(dst, src)
             self.counters.add("h2d", nbytes(src))
             return nbytes(src)
         row, total = 0, 0
@@ -140,7 +158,7 @@ class PlacedWeights:
             rows = info.shape[0]
             self._read_piece(info, dst[row : row + rows])
             row += rows
-            total += info.nbytes
+            total += info.stored_nbytes
         return total
 
     def _read_piece(self, info: TensorInfo, dst: torch.Tensor) -> None:
@@ -148,7 +166,12 @@ class PlacedWeights:
         try:
             ticket = self._timed_read(info.path, info.offset, info.nbytes, slot)
             src = slot.tensor(info.dtype, info.shape, offset=ticket.view_offset)
-            dst.copy_(src.view(dst.shape), non_blocking=self.cuda)
+            if info.scale_inv is not None:  # its block scales: a small read beside the weight
+                t0 = time.perf_counter()
+                scale = self.weights.index.read(info.scale_inv).float()
+                self._local.read_s = getattr(self._local, "read_s", 0.0) + time.perf_counter() - t0
+                src = Fp8Weight(src, scale, (info.shape[0],), self.weights.block)
+            self.copy(dst, src)
             if self.cuda:
                 done = torch.cuda.Event()
                 done.record()
@@ -156,8 +179,8 @@ class PlacedWeights:
             del src
         finally:
             slot.release()
-        self.counters.add("disk_read", info.nbytes)
-        self.counters.add("h2d", info.nbytes)
+        self.counters.add("disk_read", info.stored_nbytes)
+        self.counters.add("h2d", info.stored_nbytes)
 
     def read_record(self, rec, w13: torch.Tensor, w2: torch.Tensor) -> int:
         """One packed-store expert record (one read) into device ``w13`` / ``w2``; checksums are checked the
@@ -170,9 +193,9 @@ class PlacedWeights:
                 self.store.verify_record(rec, raw)
                 del raw
                 self._verified.add((rec.layer, rec.expert))
-            src13, src2 = self.store.views(rec, slot, ticket.view_offset)
-            w13.copy_(src13, non_blocking=self.cuda)
-            w2.copy_(src2, non_blocking=self.cuda)
+            src13, src2 = self.store.views(rec, slot, ticket.view_offset)  # Fp8Weight views for fp8 stores
+            self.copy(w13, src13)
+            self.copy(w2, src2)
             if self.cuda:
                 done = torch.cuda.Event()
                 done.record()
@@ -221,12 +244,12 @@ class PlacedWeights:
         for res, host, disk in zip(self.resident, self.host, self.disk):
             out["gpu"] += sum(nbytes(t) for t in res.values())
             out["cpu"] += sum(nbytes(t) for t in host.values())
-            out["disk"] += sum(i.nbytes for infos in disk.values() for i in infos)
+            out["disk"] += sum(i.stored_nbytes for infos in disk.values() for i in infos)
         for tier, what in self.expert_home.values():
             if tier == "cpu":
                 out["cpu"] += nbytes(what[0]) + nbytes(what[1])
             elif tier == "disk":
-                out["disk"] += sum(i.nbytes for i in what[0]) + what[1].nbytes
+                out["disk"] += sum(i.stored_nbytes for i in what[0]) + what[1].stored_nbytes
             elif tier == "store":
                 out["disk"] += what.nbytes
         if self.pool is not None:

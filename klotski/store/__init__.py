@@ -2,7 +2,8 @@
 
 ``convert_checkpoint(model_dir, out_dir)`` (CLI: ``klotski convert MODEL_DIR OUT_DIR``) writes, per MoE layer,
 ``experts-layerLLL.bin`` with every expert's ``w13`` [2I, H] (gate rows, then up rows) immediately followed
-by its ``w2`` [H, I], each expert record starting on a 4096-byte boundary; the non-expert tensors go to
+by its ``w2`` [H, I] (fp8 checkpoints: the fp8 bytes as stored, then the w13 and w2 block scales, fp32,
+16-byte aligned), each expert record starting on a 4096-byte boundary; the non-expert tensors go to
 ``non_expert.safetensors`` under their original names; ``config.json`` and tokenizer files are copied; and
 ``manifest.json`` (layer, expert, offset, nbytes, dtype, shape, checksum per tensor) is written last.
 

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from klotski.checkpoint import DTYPES, SafetensorsIndex, TensorInfo
+from klotski.model.quant import Fp8Weight, scale_name
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights, expert_names
 from klotski.store.manifest import (ALIGNMENT, CHECKSUM_ALGO, FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERSION,
@@ -60,26 +61,45 @@ class _AtomicFile:
         return size
 
 
+SCALE_ALIGNMENT = 16  # fp32 scales start on an aligned offset inside the record
+
+
 def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[list[ExpertRecord], int]:
     name = layer_file_name(layer)
     out = _AtomicFile(os.path.join(out_dir, name))
     records = []
     for e in range(weights.spec.num_experts):
-        w13, w2 = weights.read_expert(layer, e)
+        w13, w2 = weights.read_expert_stored(layer, e)  # fp8 weights stay fp8 (+ scales)
         start = out.tell()
         assert start % ALIGNMENT == 0
-        b13, b2 = _as_bytes(w13), _as_bytes(w2)
-        out.write(b13)
-        out.write(b2)
-        nbytes = len(b13) + len(b2)
-        pad = -nbytes % ALIGNMENT
+        pos = 0
+
+        def put(label: str, t: torch.Tensor, align: int = 1) -> PackedTensor:
+            nonlocal pos
+            pad = -pos % align
+            out.write(b"\0" * pad)
+            pos += pad
+            data = _as_bytes(t)
+            out.write(data)
+            packed = PackedTensor(f"layer {layer} expert {e} {label}", pos, len(data), t.dtype, tuple(t.shape),
+                                  checksum(data))
+            pos += len(data)
+            return packed
+
+        fp8 = isinstance(w13, Fp8Weight)
+        if fp8 != isinstance(w2, Fp8Weight):
+            raise ValueError(f"layer {layer} expert {e}: w13 and w2 must both be fp8 or both unquantized")
+        p13 = put("w13", w13.weight if fp8 else w13)
+        p2 = put("w2", w2.weight if fp8 else w2)
+        extra = {}
+        if fp8:
+            extra = dict(w13_scale=put("w13_scale", w13.scale_inv, SCALE_ALIGNMENT),
+                         w2_scale=put("w2_scale", w2.scale_inv, SCALE_ALIGNMENT),
+                         w13_rows=w13.rows, block=w13.block)
+        pad = -pos % ALIGNMENT
         if pad:
             out.write(b"\0" * pad)
-        records.append(ExpertRecord(
-            layer, e, out.path, start, nbytes,
-            PackedTensor(f"layer {layer} expert {e} w13", 0, len(b13), w13.dtype, tuple(w13.shape), checksum(b13)),
-            PackedTensor(f"layer {layer} expert {e} w2", len(b13), len(b2), w2.dtype, tuple(w2.shape), checksum(b2)),
-        ))
+        records.append(ExpertRecord(layer, e, out.path, start, pos, p13, p2, **extra))
     return records, out.commit()
 
 
@@ -130,7 +150,9 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     expert_keys = set()
     for layer in layers:
-        expert_keys.update(expert_names(spec, layer, weights.layout))
+        names = expert_names(spec, layer, weights.layout)
+        expert_keys.update(names)
+        expert_keys.update(scale_name(n) for n in names)  # fp8 scales travel in the expert records
     others = [index[n] for n in sorted(index.names()) if n not in expert_keys]
     report("non-expert tensors", 0, 1)
     size = _write_safetensors(index, others, os.path.join(out_dir, NON_EXPERT_NAME))
@@ -152,6 +174,7 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "model_type": spec.model_type, "num_experts": spec.num_experts, "moe_layers": list(layers),
         "hidden_size": spec.hidden_size, "moe_intermediate_size": spec.moe_intermediate_size,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+        "fp8_block": list(spec.fp8_block) if spec.fp8_block else None,
         "source": {"model_dir": os.path.abspath(model_dir), "expert_layout": "fused" if weights.layout.fused
                    else "per-expert"},
         "non_expert": NON_EXPERT_NAME,

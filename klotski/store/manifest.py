@@ -11,6 +11,11 @@
                               "w2":  {"offset": <w13 nbytes>, ...}}}, ...]}
 
 A record's ``offset`` is absolute in its file and 4096-aligned; tensor offsets are relative to the record.
+
+fp8 block-scaled checkpoints keep their fp8 bytes: the manifest has ``"fp8_block": [b0, b1]`` and each record
+also holds ``w13_scale`` / ``w2_scale`` (fp32) after ``w2``, plus ``"w13_rows"`` (rows of each w13 piece: the
+gate and up scales are stacked, each piece with its own blocks); :meth:`ExpertRecord.views` then gives
+:class:`~klotski.model.quant.Fp8Weight` views that the runtime dequantizes into device buffers.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ import zlib
 from dataclasses import dataclass
 
 import torch
+
+from klotski.model.quant import Fp8Weight
 
 FORMAT = "klotski-expert-store"
 VERSION = 1
@@ -95,18 +102,49 @@ class ExpertRecord:
     nbytes: int
     w13: PackedTensor
     w2: PackedTensor
+    # fp8 stores: the block scales, the rows of each w13 piece and the block (None / () otherwise)
+    w13_scale: PackedTensor | None = None
+    w2_scale: PackedTensor | None = None
+    w13_rows: tuple[int, ...] = ()
+    block: tuple[int, int] | None = None
+
+    @property
+    def tensors(self) -> list[PackedTensor]:
+        return [t for t in (self.w13, self.w2, self.w13_scale, self.w2_scale) if t is not None]
+
+    def views(self, record_bytes: torch.Tensor):
+        """(w13, w2) over a uint8 tensor holding the whole record: tensors, or Fp8Weight for fp8 records."""
+        w13, w2 = self.w13.view(record_bytes), self.w2.view(record_bytes)
+        if self.block is None:
+            return w13, w2
+        return (Fp8Weight(w13, self.w13_scale.view(record_bytes), self.w13_rows, self.block),
+                Fp8Weight(w2, self.w2_scale.view(record_bytes), (self.w2.shape[0],), self.block))
 
     def to_json(self, file_name: str) -> dict:
-        return {"layer": self.layer, "expert": self.expert, "file": file_name, "offset": self.offset,
-                "nbytes": self.nbytes, "tensors": {"w13": self.w13.to_json(), "w2": self.w2.to_json()}}
+        tensors = {"w13": self.w13.to_json(), "w2": self.w2.to_json()}
+        out = {"layer": self.layer, "expert": self.expert, "file": file_name, "offset": self.offset,
+               "nbytes": self.nbytes, "tensors": tensors}
+        if self.block is not None:
+            tensors["w13_scale"], tensors["w2_scale"] = self.w13_scale.to_json(), self.w2_scale.to_json()
+            out["w13_rows"] = list(self.w13_rows)
+        return out
 
     @classmethod
-    def from_json(cls, root: str, d: dict) -> "ExpertRecord":
+    def from_json(cls, root: str, d: dict, block: tuple[int, int] | None = None) -> "ExpertRecord":
         layer, expert = int(d["layer"]), int(d["expert"])
         t = d["tensors"]
+        name = f"layer {layer} expert {expert}"
+        scales = {}
+        if block is not None:
+            if "w13_scale" not in t or "w2_scale" not in t or "w13_rows" not in d:
+                raise StoreError(f"{name}: the store is fp8 (fp8_block {list(block)}) but the record has no "
+                                 f"w13_scale / w2_scale / w13_rows")
+            scales = dict(w13_scale=PackedTensor.from_json(f"{name} w13_scale", t["w13_scale"]),
+                          w2_scale=PackedTensor.from_json(f"{name} w2_scale", t["w2_scale"]),
+                          w13_rows=tuple(int(r) for r in d["w13_rows"]), block=tuple(block))
         return cls(layer, expert, os.path.join(root, d["file"]), int(d["offset"]), int(d["nbytes"]),
-                   PackedTensor.from_json(f"layer {layer} expert {expert} w13", t["w13"]),
-                   PackedTensor.from_json(f"layer {layer} expert {expert} w2", t["w2"]))
+                   PackedTensor.from_json(f"{name} w13", t["w13"]), PackedTensor.from_json(f"{name} w2", t["w2"]),
+                   **scales)
 
 
 def write_json_atomic(path: str, obj) -> None:

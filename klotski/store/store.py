@@ -50,7 +50,7 @@ class ExpertStore:
                                  f"or replaced)")
         self._records: dict[tuple[int, int], ExpertRecord] = {}
         for d in self.manifest["experts"]:
-            rec = ExpertRecord.from_json(self.root, d)
+            rec = ExpertRecord.from_json(self.root, d, self.fp8_block)
             self._records[(rec.layer, rec.expert)] = rec
 
     # ---- lookup -------------------------------------------------------------------------------------
@@ -61,6 +61,12 @@ class ExpertStore:
     @property
     def num_experts(self) -> int:
         return int(self.manifest["num_experts"])
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The weight block of an fp8 store (records hold fp8 weights + block scales), else None."""
+        block = self.manifest.get("fp8_block")
+        return tuple(int(b) for b in block) if block else None
 
     @property
     def non_expert_path(self) -> str:
@@ -84,15 +90,16 @@ class ExpertStore:
 
     # ---- reading ------------------------------------------------------------------------------------
     @staticmethod
-    def views(rec: ExpertRecord, slot, view_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 [2I, H], w2 [H, I]) as views of a :class:`klotski.io.Slot` the record was read into."""
-        return (slot.tensor(rec.w13.dtype, rec.w13.shape, view_offset + rec.w13.offset),
-                slot.tensor(rec.w2.dtype, rec.w2.shape, view_offset + rec.w2.offset))
+    def views(rec: ExpertRecord, slot, view_offset: int = 0):
+        """(w13 [2I, H], w2 [H, I]) as views of a :class:`klotski.io.Slot` the record was read into
+        (:class:`~klotski.model.quant.Fp8Weight` views of fp8 + scales for an fp8 store)."""
+        return rec.views(slot.tensor(torch.uint8, (rec.nbytes,), view_offset))
 
     def read_expert(self, layer: int, expert: int, reader=None, verify: bool = False,
-                    timeout: float | None = 60.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13, w2) of one expert as new CPU tensors, read with one request through ``reader``
-        (a :class:`klotski.io.DiskReader`; a temporary one if None)."""
+                    timeout: float | None = 60.0):
+        """(w13, w2) of one expert as new CPU tensors (fp8 stores: :class:`~klotski.model.quant.Fp8Weight`,
+        as stored), read with one request through ``reader`` (a :class:`klotski.io.DiskReader`; a temporary
+        one if None)."""
         from klotski import _C
         from klotski.io import DiskReader
 
@@ -108,14 +115,14 @@ class ExpertStore:
         raw = torch.frombuffer(buf, dtype=torch.uint8)[t.view_offset:t.view_offset + rec.nbytes]
         if verify:
             self.verify_record(rec, raw)
-        return rec.w13.view(raw).clone(), rec.w2.view(raw).clone()
+        return rec.views(raw.clone())
 
     # ---- integrity ----------------------------------------------------------------------------------
     @staticmethod
     def verify_record(rec: ExpertRecord, record_bytes) -> None:
         """Check w13 and w2 of one record's bytes (uint8 tensor / buffer of ``rec.nbytes``)."""
         raw = record_bytes if isinstance(record_bytes, torch.Tensor) else torch.frombuffer(record_bytes, dtype=torch.uint8)
-        for t in (rec.w13, rec.w2):
+        for t in rec.tensors:
             got = checksum(raw[t.offset:t.offset + t.nbytes])
             if got != t.checksum:
                 raise ChecksumError(f"checksum mismatch for {t.name} ({os.path.basename(rec.path)} at offset "
