@@ -20,10 +20,15 @@ out[m] (+)= sum_j  topk_weights[m, j] * w2[s] @ (act(w13[s, :I] @ x_m) * (w13[s,
 
 Because the result is added into ``out``, the runtime can call once for the resident (hot) experts and again
 for each cold expert as it lands (with the others' slots at -1): every (token, choice) is counted exactly once.
+
+Memory: a call over more than ``chunk_tokens`` tokens (default :data:`CHUNK_TOKENS`) runs in token chunks, so
+its workspace (per pair: the intermediate row [I] and the fp32 output row [H]) is bounded by a chunk, not by
+the prompt: a long prefill of a large batch group needs no more transient memory than one chunk.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +37,23 @@ from .config import device_name_of, packaged_configs, check_config
 from .moe_align import align_unchecked
 from .validation import ACTIVATIONS, MoEShape, check_moe_inputs
 
-__all__ = ["fused_moe", "fused_moe_torch", "invoke_fused_moe", "interpreter_enabled", "ACTIVATIONS"]
+__all__ = ["fused_moe", "fused_moe_torch", "invoke_fused_moe", "interpreter_enabled", "ACTIVATIONS",
+           "CHUNK_TOKENS", "workspace_bytes"]
+
+CHUNK_TOKENS = 16384  # tokens per chunk of one call (vLLM's fused_moe chunks at 32768)
+
+
+def workspace_bytes(num_tokens: int, top_k: int, hidden_size: int, intermediate_size: int, dtype_bytes: int,
+                    chunk_tokens: int = CHUNK_TOKENS) -> int:
+    """Transient device bytes of one ``fused_moe`` call: per (token, choice) pair of one chunk the
+    intermediate row [I] in the input dtype and the weighted output row [H] in fp32."""
+    pairs = min(num_tokens, max(1, chunk_tokens)) * top_k
+    return pairs * (intermediate_size * dtype_bytes + hidden_size * 4)
+
+
+def _chunks(num_tokens: int, chunk_tokens: int | None):
+    step = max(1, CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens))
+    return [(a, min(a + step, num_tokens)) for a in range(0, num_tokens, step)]
 
 
 def apply_activation(gate: torch.Tensor, activation: str) -> torch.Tensor:
@@ -59,14 +80,34 @@ def fused_moe_torch(
     expert_slots: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     activation: str = "silu",
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Reference grouped-expert MoE: a loop over the slots that have tokens. Returns ``out`` ([M, H]).
 
     Matmuls run in the weights' dtype (as transformers does); the combine across the k choices accumulates
-    in fp32 and is cast once to the output dtype.
+    in fp32 and is cast once to the output dtype. Tokens run in chunks of ``chunk_tokens``.
     """
     shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
-    M, H, inter, k = shape.num_tokens, shape.hidden_size, shape.intermediate_size, shape.top_k
+    M = shape.num_tokens
+    if out is None:
+        out = torch.empty_like(hidden_states)
+        accumulate = False
+    else:
+        accumulate = True
+    for a, b in _chunks(M, chunk_tokens):
+        acc = _moe_chunk_torch(hidden_states[a:b], w13, w2, topk_weights[a:b], topk_ids[a:b], expert_slots,
+                               shape.intermediate_size, activation)
+        if accumulate:
+            out[a:b].add_(acc.to(out.dtype))
+        else:
+            out[a:b].copy_(acc)
+    return out
+
+
+def _moe_chunk_torch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, inter: int,
+                     activation: str) -> torch.Tensor:
+    """fp32 [M, H]: the MoE output of one chunk of tokens (inputs already checked)."""
+    M, H, k = hidden_states.shape[0], hidden_states.shape[1], topk_ids.shape[1]
     slots = resolve_slots(topk_ids, expert_slots)  # [M, k]
     acc = torch.zeros(M, H, dtype=torch.float32, device=hidden_states.device)
     flat_slots = slots.reshape(-1)
@@ -86,10 +127,7 @@ def fused_moe_torch(
         y = h @ w2[slot].t()  # [n, H]
         y = y * topk_weights.reshape(-1)[pairs, None].to(y.dtype)
         acc.index_add_(0, token_idx, y.float())
-    if out is None:
-        return acc.to(hidden_states.dtype)
-    out.add_(acc.to(out.dtype))
-    return out
+    return acc
 
 
 def interpreter_enabled() -> bool:
@@ -106,14 +144,17 @@ def fused_moe(
     expert_slots: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     activation: str = "silu",
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """Fused grouped-GEMM MoE (see the module docstring). Returns ``out`` ([M, H]).
 
     Runs the Triton kernels on CUDA tensors or under ``TRITON_INTERPRET=1``; otherwise ``fused_moe_torch``.
     """
     if not (hidden_states.is_cuda or interpreter_enabled()):
-        return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
-    return invoke_fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
+        return fused_moe_torch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation,
+                               chunk_tokens=chunk_tokens)
+    return invoke_fused_moe(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation,
+                            chunk_tokens=chunk_tokens)
 
 
 def invoke_fused_moe(
@@ -127,6 +168,7 @@ def invoke_fused_moe(
     activation: str = "silu",
     config: dict | None = None,
     check_values: bool = True,
+    chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """The Triton path of :func:`fused_moe`, with an optional explicit kernel ``config`` (for the tuner).
 
@@ -142,10 +184,12 @@ def invoke_fused_moe(
             f"the Triton path needs CUDA tensors or TRITON_INTERPRET=1, got tensors on {hidden_states.device}; "
             "fused_moe falls back to fused_moe_torch there"
         )
+    chunks = _chunks(shape.num_tokens, chunk_tokens)
     if config is None:
         device_name = device_name_of(hidden_states.device, interpret)
+        longest = max((b - a for a, b in chunks), default=0)
         config = packaged_configs().lookup(
-            shape.num_tokens, shape.num_experts, shape.intermediate_size, shape.top_k, device_name,
+            longest, shape.num_experts, shape.intermediate_size, shape.top_k, device_name,
             dtype_bytes=w13.element_size(),
         )
     else:
@@ -155,10 +199,10 @@ def invoke_fused_moe(
         accumulate = False
     else:
         out_tensor, accumulate = out, True
-    if shape.num_tokens == 0:
-        return out_tensor
-    _launch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out_tensor, accumulate,
-            activation, shape, config, interpret)
+    for a, b in chunks:
+        part = replace(shape, num_tokens=b - a)
+        _launch(hidden_states[a:b], w13, w2, topk_weights[a:b], topk_ids[a:b], expert_slots, out_tensor[a:b],
+                accumulate, activation, part, config, interpret)
     return out_tensor
 
 

@@ -131,3 +131,27 @@ def test_triton_path_on_plain_cpu_is_refused(monkeypatch):
     problem = make_problem(7, 8, 2, HIDDEN, INTER, torch.float32, seed=10)
     with pytest.raises(ValueError, match="needs CUDA tensors or TRITON_INTERPRET=1"):
         invoke_fused_moe(*problem.args())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_token_chunks_equal_one_pass(dtype):
+    """A call over more tokens than ``chunk_tokens`` runs chunk by chunk (bounded workspace) and gives the
+    one-pass result, with and without accumulation into ``out``; so does the torch reference."""
+    problem = make_problem(33, 8, 2, HIDDEN, INTER, dtype, slots="missing", seed=5)
+    whole = fused_moe(*problem.args())
+    chunked = fused_moe(*problem.args(), chunk_tokens=8)  # 5 chunks, the last of 1 token
+    assert rel_error(chunked, whole) <= TOLERANCE[dtype]
+    start = torch.randn(33, HIDDEN).to(dtype)
+    acc = fused_moe(*problem.args(), out=start.clone(), chunk_tokens=10)
+    assert rel_error(acc, fused_moe(*problem.args(), out=start.clone())) <= TOLERANCE[dtype]
+    ref = problem.upcast().args()
+    assert torch.equal(fused_moe_torch(*ref, chunk_tokens=7), fused_moe_torch(*ref, chunk_tokens=7))
+    assert rel_error(fused_moe_torch(*ref, chunk_tokens=7), fused_moe_torch(*ref)) <= 1e-6
+
+
+def test_workspace_is_bounded_by_one_chunk():
+    from klotski.triton_kernels import CHUNK_TOKENS, workspace_bytes
+
+    small = workspace_bytes(100, 2, HIDDEN, INTER, 2)
+    assert small == 100 * 2 * (INTER * 2 + HIDDEN * 4)
+    assert workspace_bytes(10 * CHUNK_TOKENS, 2, HIDDEN, INTER, 2) == workspace_bytes(CHUNK_TOKENS, 2, HIDDEN, INTER, 2)
