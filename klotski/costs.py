@@ -142,17 +142,27 @@ class ModelCosts:
 
     def activation_bytes(self, seqs: int, n: int, q_len: int, kv_len: int, all_logits: bool = False) -> int:
         """Transient device memory of one step of a group of ``seqs`` sequences in ``n`` batches, ``q_len``
-        new tokens each over ``kv_len`` keys: hidden states and residuals, the widest FFN intermediate, one
-        batch's attention scores and the logits. The runtime checks a forward against this same estimate
-        (an upper bound: CPU mode cannot measure its allocations, see ``klotski.runtime``)."""
+        new tokens each over ``kv_len`` keys: hidden states and residuals, the widest FFN workspace (expert
+        and MLP calls run in chunks of ``FFN_CHUNK_TOKENS`` tokens), one batch's attention scores and the
+        logits. The runtime checks a forward against this same estimate (an upper bound: CPU mode cannot
+        measure its allocations, see ``klotski.runtime``)."""
         spec, size = self.spec, self.act_bytes
         T, H = seqs * q_len, spec.hidden_size
         mb = -(-seqs // max(1, min(n, seqs)))
-        width = max(spec.moe_intermediate_size * spec.top_k, spec.intermediate_size,
-                    spec.shared_expert_intermediate_size)
         attn = mb * spec.num_heads * q_len * kv_len * 4 * 2 + mb * q_len * spec.num_heads * max(spec.q_head_dim, 1) * size * 4
         logits = seqs * (q_len if all_logits else 1) * spec.vocab_size * 4
-        return int(T * H * (6 * size + 8) + T * 2 * width * size + attn + logits)
+        return int(T * H * (6 * size + 8) + self.ffn_workspace_bytes(T) + attn + logits)
+
+    def ffn_workspace_bytes(self, tokens: int) -> int:
+        """The widest FFN workspace of a call over ``tokens`` tokens, run in chunks of ``FFN_CHUNK_TOKENS``:
+        fused_moe's per-pair intermediate [I] and fp32 output [H] rows (``klotski.triton_kernels.workspace_bytes``),
+        or a dense / shared MLP's gate and up projections [2 x width]."""
+        spec, size = self.spec, self.act_bytes
+        chunk = min(tokens, FFN_CHUNK_TOKENS)
+        moe = chunk * spec.top_k * (spec.moe_intermediate_size * size + spec.hidden_size * 4) if spec.moe_layers else 0
+        dense = spec.intermediate_size if len(spec.moe_layers) < spec.num_layers else 0
+        mlp = chunk * 2 * max(dense, spec.shared_expert_intermediate_size) * size
+        return int(max(moe, mlp))
 
     @property
     def total_bytes(self) -> int:
@@ -201,6 +211,9 @@ class ModelCosts:
 
     def lm_head_flops(self, tokens: int) -> float:
         return 2.0 * tokens * self.spec.hidden_size * self.spec.vocab_size
+
+
+FFN_CHUNK_TOKENS = 16384  # tokens per expert / MLP call chunk: klotski.triton_kernels.CHUNK_TOKENS
 
 
 def _nbytes(params: float, bytes_per: float) -> int:

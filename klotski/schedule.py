@@ -303,23 +303,13 @@ def _gate(b: _Builder, ctx: _Context, layer: int, batch: int, weights_id: int | 
                  flops=ctx.costs.gate_flops(layer, tokens), bytes=lc.gate_bytes).id
 
 
-FFN_CHUNK_TOKENS = 16384  # an expert / MLP call over more tokens runs in chunks of this many
-
-
-def _ffn_workspace(ctx: _Context, layer: int, tokens: int, width: int) -> dict:
-    """Intermediate [min(tokens, FFN_CHUNK_TOKENS), 2 * width] of an expert / MLP call."""
-    return {"gpu": int(min(tokens, FFN_CHUNK_TOKENS) * 2 * width * ctx.costs.act_bytes)}
-
-
 def _shared(b: _Builder, ctx: _Context, layer: int, tokens: int, batch: int | None, weights_id) -> int | None:
     lc = ctx.costs.layers[layer]
     if lc.shared_bytes == 0:
         return None
-    width = lc.shared_params // (3 * ctx.costs.spec.hidden_size)
-    ws = _ffn_workspace(ctx, layer, tokens, width)
+    # its workspace is in the static activation estimate (ModelCosts.ffn_workspace_bytes): one compute stream
     return b.add("shared", "compute", "gpu", layer, batch=batch, tensor="shared", deps=(weights_id,),
-                 tokens=tokens, flops=ctx.costs.shared_flops(layer, tokens), bytes=lc.shared_bytes,
-                 mem_alloc=ws, mem_free=ws).id
+                 tokens=tokens, flops=ctx.costs.shared_flops(layer, tokens), bytes=lc.shared_bytes).id
 
 
 # ---- flexgen / layerwise / resident ----------------------------------------------------------------------
@@ -342,13 +332,10 @@ def _flexgen_layer(b: _Builder, ctx: _Context, layer: int, overlap: bool) -> Non
         if lc.kind == "moe":
             _gate(b, ctx, layer, k, loads[-1] if loads else None)
             _shared(b, ctx, layer, tokens, k, None)
-            width = ctx.costs.spec.moe_intermediate_size
             per = routing.per_batch
-            ws = _ffn_workspace(ctx, layer, tokens * lc.top_k // max(per, 1), width)
             ctx.last_compute = b.add(
                 "experts", "compute", "gpu", layer, batch=k, tensor="expert", tokens=tokens * lc.top_k,
-                calls=per, flops=ctx.costs.expert_flops(layer, tokens * lc.top_k), bytes=per * lc.expert_bytes,
-                mem_alloc=ws, mem_free=ws).id
+                calls=per, flops=ctx.costs.expert_flops(layer, tokens * lc.top_k), bytes=per * lc.expert_bytes).id
         else:
             ctx.last_compute = _shared(b, ctx, layer, tokens, k, None)
     loaded = sum(nbytes[t] for t in ("cpu", "disk"))
@@ -360,7 +347,6 @@ def _flexgen_layer(b: _Builder, ctx: _Context, layer: int, overlap: bool) -> Non
 
 def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
     costs, lc, p, shape = ctx.costs, ctx.costs.layers[layer], ctx.placement, ctx.shape
-    spec = costs.spec
     if ctx.early_prefetch:  # flexgen-like: as soon as layer-2 has released its weights (two layers in flight)
         issue = ctx.layer_release.get(layer - 2)
     else:  # design §2: once layer-1's gates have issued its cold loads
@@ -412,12 +398,9 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
         _release(b, ctx, layer, "expert", lc.expert_bytes if hot_w.get(e) is not None else 0, expert=e)
     runs = [(e, t, None) for e, t in routing.resident] + [(e, t, hot_w.get(e)) for e, t in routing.hot]
     runs += [(e, t, cold_w.get(e)) for e, t, _ in routing.cold]
-    width = spec.moe_intermediate_size
     for e, tok, w in runs:
-        ws = _ffn_workspace(ctx, layer, tok, width)
         ctx.last_compute = b.add("expert", "compute", "gpu", layer, expert=e, tensor="expert", deps=(w,),
-                                 tokens=tok, flops=costs.expert_flops(layer, tok), bytes=lc.expert_bytes,
-                                 mem_alloc=ws, mem_free=ws).id
+                                 tokens=tok, flops=costs.expert_flops(layer, tok), bytes=lc.expert_bytes).id
         if w is not None:
             rel = _release(b, ctx, layer, "expert", lc.expert_bytes, expert=e)
             ctx.layer_release[layer] = rel

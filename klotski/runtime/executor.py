@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from klotski.costs import FFN_CHUNK_TOKENS
 from klotski.model.decoder import attention_step, make_rotary
 from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
@@ -44,6 +45,15 @@ def activation_bytes(costs, num_batches: int, B: int, S: int, kv_len: int, all_l
     allocator statistics, so ``peak_gpu_bytes`` counts it as held for the whole forward (an upper bound of
     what the forward allocates: hidden states, the widest FFN intermediate, one batch's attention scores)."""
     return costs.activation_bytes(B, num_batches, S, kv_len, all_logits)
+
+
+def _in_chunks(fn, h: torch.Tensor):
+    """fn over row chunks of h [T, H] (at most FFN_CHUNK_TOKENS rows each: the MLP workspace the plan
+    reserves, ``ModelCosts.ffn_workspace_bytes``), concatenated; None when fn returns None."""
+    if h.shape[0] <= FFN_CHUNK_TOKENS:
+        return fn(h)
+    parts = [fn(h[a : a + FFN_CHUNK_TOKENS]) for a in range(0, h.shape[0], FFN_CHUNK_TOKENS)]
+    return None if parts[0] is None else torch.cat(parts)
 
 
 def ready(result) -> Ticket:
@@ -383,10 +393,10 @@ class OffloadedExecutor:
         """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
         start = self.tracer.begin()
         if routed_out is None:
-            y = dense_mlp(self.spec, w, h)
+            y = _in_chunks(lambda hc: dense_mlp(self.spec, w, hc), h)
         else:
             y = routed_out.to(h.dtype)
-            shared = shared_expert(self.spec, w, h)
+            shared = _in_chunks(lambda hc: shared_expert(self.spec, w, hc), h)
             if shared is not None:
                 y = y + shared
         B, S, H = st.x.shape

@@ -110,3 +110,18 @@ def test_calibration_separates_per_call_overhead_from_rate():
     big = Op(99, "expert", "compute", "gpu", 0, flops=5e10, calls=1)
     assert op_seconds(big, fit) == pytest.approx(measured(big), rel=1e-6)
     assert fit.h2d_bandwidth == hw.h2d_bandwidth  # no copies observed: untouched
+
+
+def test_ffn_workspace_is_chunked_like_the_kernels():
+    """The activation estimate bounds the FFN workspace by one chunk of tokens, the chunk fused_moe runs."""
+    from klotski.costs import FFN_CHUNK_TOKENS
+    from klotski.triton_kernels import CHUNK_TOKENS, workspace_bytes
+
+    assert FFN_CHUNK_TOKENS == CHUNK_TOKENS
+    c = ModelCosts.from_config(model_config("mixtral-8x7b"))
+    s = c.spec
+    assert c.ffn_workspace_bytes(100) == workspace_bytes(100, s.top_k, s.hidden_size, s.moe_intermediate_size, 2)
+    big = c.ffn_workspace_bytes(10 * FFN_CHUNK_TOKENS)
+    assert big == c.ffn_workspace_bytes(FFN_CHUNK_TOKENS)
+    # a prefill of 96 sequences x 512 tokens: hidden states grow with the tokens, the FFN workspace does not
+    assert c.activation_bytes(96, 6, 512, 512) - c.activation_bytes(48, 6, 512, 512) < 48 * 512 * s.hidden_size * 40
