@@ -373,16 +373,20 @@ class OffloadedExecutor:
                         flops=self.costs.gate_flops(layer, h.shape[0]))
         return out
 
-    def experts(self, h, topk_weights, topk_ids, slots: dict[int, int], out, layer: int, name: str) -> None:
-        """Accumulate the experts in ``slots`` (expert -> pool slot) over all tokens into ``out`` [T, H] fp32."""
+    def experts(self, h, topk_weights, topk_ids, slots: dict[int, int], out, layer: int, name: str,
+                ids_host: torch.Tensor | None = None) -> None:
+        """Accumulate the experts in ``slots`` (expert -> pool slot) over all tokens into ``out`` [T, H] fp32.
+        ``ids_host``: topk_ids in host memory when the caller has them (the traced counts then need no
+        device sync)."""
         if not slots:
             return
         table = torch.full((self.spec.num_experts,), -1, dtype=torch.int32)
         for e, slot in slots.items():
             table[e] = slot
-        served = table.to(topk_ids.device)[topk_ids.long()] >= 0  # token-expert pairs these slots serve
+        ids = (topk_ids.cpu() if ids_host is None else ids_host).long()
+        served = table[ids] >= 0  # token-expert pairs these slots serve
         tokens = int(served.sum())
-        used = int(torch.unique(topk_ids[served]).numel())  # experts with work: the calls the kernel makes
+        used = int(torch.unique(ids[served]).numel())  # experts with work: the calls the kernel makes
         start = self.tracer.begin()
         self.experts_fn(h, self.w.pool.w13, self.w.pool.w2, topk_weights, topk_ids,
                         expert_slots=table.to(self.device), out=out, activation=self.act)

@@ -135,12 +135,13 @@ class KlotskiRunner:
         hot = st.hot.pop(layer, [])
         pending = {e for e, _ in hot}
         cold: list[tuple[int, object]] = []
-        hs, tws, tids, rows_all = [], [], [], []
+        hs, tws, tids, rows_all, tids_host = [], [], [], [], []
         for k in range(st.cache.num_batches):
             ex.attention(st, w, layer, k)
             rows, h = ex.tokens(st, w, k)
             topk_w, topk_ids = ex.gate(w, h, layer, k)
-            counts = torch.bincount(topk_ids.reshape(-1).cpu(), minlength=E)
+            tids_host.append(topk_ids.cpu())  # the host decides which experts to load
+            counts = torch.bincount(tids_host[-1].reshape(-1).long(), minlength=E)
             for e in sorted(torch.nonzero(counts).flatten().tolist(), key=lambda e: (-int(counts[e]), e)):
                 if e in pending or ex.w.expert_tier(layer, e) == "gpu":
                     continue
@@ -152,10 +153,11 @@ class KlotskiRunner:
             rows_all.append(rows)
         h, topk_w, topk_ids = torch.cat(hs), torch.cat(tws), torch.cat(tids)
         rows = torch.cat(rows_all)
+        ids_host = torch.cat(tids_host)
         ex.record_routing(layer, topk_ids, st.predicted.pop(layer, None))
         st.prev_topk = topk_ids
         self._issue_hot(st, self.next_moe[layer], topk_ids)
-        used = set(torch.unique(topk_ids).tolist())
+        used = set(torch.unique(ids_host).tolist())
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         # resident and hot experts first, in one grouped call
         first = {e: ex.w.expert_home[(layer, e)][1] for e in used if ex.w.expert_tier(layer, e) == "gpu"}
@@ -164,7 +166,7 @@ class KlotskiRunner:
         for e, s in hot_slots.items():
             if e not in used:
                 ex.release_expert(s)
-        ex.experts(h, topk_w, topk_ids, first, out, layer, "hot experts")
+        ex.experts(h, topk_w, topk_ids, first, out, layer, "hot experts", ids_host)
         for s in first.values():
             ex.release_expert(s)
         # cold experts in arrival order, grouping those that already arrived
@@ -175,7 +177,7 @@ class KlotskiRunner:
             while i < len(cold) and cold[i][1].done():
                 batch[cold[i][0]] = cold[i][1].wait()
                 i += 1
-            ex.experts(h, topk_w, topk_ids, batch, out, layer, f"cold x{len(batch)}")
+            ex.experts(h, topk_w, topk_ids, batch, out, layer, f"cold x{len(batch)}", ids_host)
             for s in batch.values():
                 ex.release_expert(s)
         ex.finish_mlp(st, w, layer, rows, h, out)
