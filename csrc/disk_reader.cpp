@@ -88,9 +88,8 @@ std::shared_ptr<ReadTicket> DiskReader::read_into_slot(const std::string& path, 
   return submit(path, offset, nbytes, dest, slot.capacity(), &slot);
 }
 
-std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t offset, uint64_t nbytes,
-                                               uint8_t* dest, size_t capacity, const Slot* slot) {
-  if (closed_.load()) throw ReaderClosed("read of " + describe_request(path, offset, nbytes) + ": the reader is closed");
+DiskReader::Layout DiskReader::layout(const std::string& path, uint64_t offset, uint64_t nbytes, uint8_t* dest,
+                                      size_t capacity) {
   const size_t view = offset % kDirectAlignment;
   const size_t span = span_bytes(offset, nbytes);
   if (view + nbytes > capacity) {
@@ -106,20 +105,27 @@ std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t
                                 std::to_string(reinterpret_cast<uintptr_t>(dest)) + ", " +
                                 std::to_string(capacity) + " bytes)");
   }
-  std::shared_ptr<OpenFile> file = open(path, offset, nbytes);
-  const bool direct = file->direct.load() && aligned_dest;
-  const bool allow_fallback = mode_ == IOMode::Auto;
+  Layout l;
+  l.file = open(path, offset, nbytes);
+  l.direct = l.file->direct.load() && aligned_dest;
+  l.base = l.direct ? round_down(offset) : offset;
+  l.end = l.direct ? round_down(offset) + span : offset + nbytes;
+  l.out = l.direct ? dest : dest + view;
+  return l;
+}
 
-  // Pieces: [start, end) in file coordinates, written at dest + (start - base).
-  const uint64_t base = direct ? round_down(offset) : offset;
-  const uint64_t end = direct ? round_down(offset) + span : offset + nbytes;
-  uint8_t* const out = direct ? dest : dest + view;
+std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t offset, uint64_t nbytes,
+                                               uint8_t* dest, size_t capacity, const Slot* slot) {
+  if (closed_.load()) throw ReaderClosed("read of " + describe_request(path, offset, nbytes) + ": the reader is closed");
+  const Layout l = layout(path, offset, nbytes, dest, capacity);
+
+  // Pieces: [start, end) in file coordinates, written at l.out + (start - l.base).
   std::vector<std::pair<uint64_t, uint64_t>> pieces;
-  for (uint64_t s = base; s < end || pieces.empty(); s += chunk_bytes_) {
-    pieces.emplace_back(s, std::min<uint64_t>(end, s + chunk_bytes_));
-    if (end == base) break;  // nbytes == 0: one empty piece
+  for (uint64_t s = l.base; s < l.end || pieces.empty(); s += chunk_bytes_) {
+    pieces.emplace_back(s, std::min<uint64_t>(l.end, s + chunk_bytes_));
+    if (l.end == l.base) break;  // nbytes == 0: one empty piece
   }
-  auto ticket = std::make_shared<ReadTicket>(path, offset, nbytes, direct, pieces.size());
+  auto ticket = std::make_shared<ReadTicket>(path, offset, nbytes, l.direct, pieces.size());
   if (slot) {
     ticket->slot = *slot;
     slot->track(ticket);
@@ -130,13 +136,13 @@ std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t
   for (auto [s, e] : pieces) {
     ReadPiece p;
     p.ticket = ticket;
-    p.file = file;
-    p.allow_fallback = allow_fallback;
-    p.direct = direct;
+    p.file = l.file;
+    p.allow_fallback = mode_ == IOMode::Auto;
+    p.direct = l.direct;
     p.off = s;
     p.len = static_cast<size_t>(e - s);
     p.need = static_cast<size_t>(std::min<uint64_t>(p.len, req_end > s ? req_end - s : 0));
-    p.dst = out + (s - base);
+    p.dst = l.out + (s - l.base);
     reads.push_back(std::move(p));
   }
   if (!engine_->submit(reads)) {
@@ -147,9 +153,51 @@ std::shared_ptr<ReadTicket> DiskReader::submit(const std::string& path, uint64_t
   return ticket;
 }
 
+std::shared_ptr<ReadTicket> DiskReader::read_now(const std::string& path, uint64_t offset, uint64_t nbytes,
+                                                 uint8_t* dest, size_t capacity) {
+  SyncReadScope scope(*this, path, offset, nbytes);
+  const Layout l = layout(path, offset, nbytes, dest, capacity);
+  auto ticket = std::make_shared<ReadTicket>(path, offset, nbytes, l.direct, 1);
+  ReadPiece p;
+  p.ticket = ticket;
+  p.file = l.file;
+  p.allow_fallback = mode_ == IOMode::Auto;
+  p.direct = l.direct;
+  p.off = l.base;
+  p.len = static_cast<size_t>(l.end - l.base);
+  p.need = static_cast<size_t>(offset + nbytes - l.base);  // the superset's tail may lie past end of file
+  p.dst = l.out;
+  read_piece_blocking(p);  // throws OSErrorWithPath / ShortReadError naming the request
+  ticket->finish_piece(nullptr);
+  return ticket;
+}
+
+std::shared_ptr<ReadTicket> DiskReader::read_now_into_slot(const std::string& path, uint64_t offset,
+                                                           uint64_t nbytes, const Slot& slot) {
+  uint8_t* dest = slot.data("read of " + describe_request(path, offset, nbytes) + " into");
+  return read_now(path, offset, nbytes, dest, slot.capacity());
+}
+
+DiskReader::SyncReadScope::SyncReadScope(DiskReader& r, const std::string& path, uint64_t offset, uint64_t nbytes)
+    : r_(r) {
+  std::lock_guard<std::mutex> g(r_.sync_mu_);
+  if (r_.closed_.load()) throw ReaderClosed("read of " + describe_request(path, offset, nbytes) + ": the reader is closed");
+  ++r_.sync_reads_;
+}
+
+DiskReader::SyncReadScope::~SyncReadScope() {
+  std::lock_guard<std::mutex> g(r_.sync_mu_);
+  if (--r_.sync_reads_ == 0) r_.sync_idle_.notify_all();
+}
+
 void DiskReader::close(bool cancel) {
   std::lock_guard<std::mutex> g(close_mu_);
-  closed_.store(true);
+  {
+    // No read_now starts after this; the ones running finish (a pread cannot be cancelled) before close returns.
+    std::unique_lock<std::mutex> lk(sync_mu_);
+    closed_.store(true);
+    sync_idle_.wait(lk, [&] { return sync_reads_ == 0; });
+  }
   if (engine_) engine_->shutdown(cancel);
   std::lock_guard<std::mutex> f(files_mu_);
   files_.clear();
@@ -205,6 +253,16 @@ void register_disk_reader(py::module_& m) {
            "Read into raw host memory [address, address + capacity). The caller keeps that memory alive.")
       .def("read_into_slot", &DiskReader::read_into_slot, py::arg("path"), py::arg("offset"), py::arg("nbytes"),
            py::arg("slot"), py::call_guard<py::gil_scoped_release>())
+      .def("read_now", [](DiskReader& r, const std::string& path, uint64_t offset, uint64_t nbytes,
+                          uintptr_t address, size_t capacity) {
+             return r.read_now(path, offset, nbytes, reinterpret_cast<uint8_t*>(address), capacity);
+           },
+           py::arg("path"), py::arg("offset"), py::arg("nbytes"), py::arg("address"), py::arg("capacity"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Read into [address, address + capacity) on the calling thread (GIL released); returns the finished "
+           "ticket, raises the read's error.")
+      .def("read_now_into_slot", &DiskReader::read_now_into_slot, py::arg("path"), py::arg("offset"),
+           py::arg("nbytes"), py::arg("slot"), py::call_guard<py::gil_scoped_release>())
       .def("close", &DiskReader::close, py::arg("cancel") = false, py::call_guard<py::gil_scoped_release>())
       .def("forget", &DiskReader::forget, py::arg("path"))
       .def("file_mode", &DiskReader::file_mode, py::arg("path"), py::call_guard<py::gil_scoped_release>())

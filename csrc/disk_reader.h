@@ -10,8 +10,13 @@
 // A direct request reads the aligned superset [offset rounded down, offset + nbytes rounded up), so its
 // destination must be page-aligned and hold span_bytes(offset, nbytes) bytes.
 // Large requests are split into chunk_bytes pieces that run in parallel; one ticket tracks all pieces.
+//
+// read_now() does the same read on the calling thread (one blocking pread loop, no engine, no thread hop):
+// for a caller that would wait on the ticket at once anyway (a queue-depth-1 reader). Same modes, layout,
+// errors and open-file cache; safe from several threads at once; close() waits for the running ones.
 #pragma once
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -43,6 +48,13 @@ class DiskReader {
                                    size_t capacity);
   std::shared_ptr<ReadTicket> read_into_slot(const std::string& path, uint64_t offset, uint64_t nbytes,
                                              const Slot& slot);
+  // The same read done on the calling thread before returning (call it with the GIL released). Returns the
+  // ticket, already finished (view_offset, mode); errors of the read throw here (OSErrorWithPath,
+  // ShortReadError, ReaderClosed after close), not from the ticket.
+  std::shared_ptr<ReadTicket> read_now(const std::string& path, uint64_t offset, uint64_t nbytes, uint8_t* dest,
+                                       size_t capacity);
+  std::shared_ptr<ReadTicket> read_now_into_slot(const std::string& path, uint64_t offset, uint64_t nbytes,
+                                                 const Slot& slot);
   // cancel=false: drain every queued piece first; cancel=true: queued pieces fail with ReaderClosed.
   // Pieces already running always finish. Afterwards read() raises ReaderClosed. Idempotent.
   void close(bool cancel);
@@ -59,6 +71,26 @@ class DiskReader {
   size_t chunk_bytes() const { return chunk_bytes_; }
 
  private:
+  // Where a request's bytes go: the file, whether it is read with O_DIRECT (the aligned superset), and the
+  // file range [base, end) written at out. Validates the destination (invalid_argument) and opens the file.
+  struct Layout {
+    std::shared_ptr<OpenFile> file;
+    bool direct = false;
+    uint64_t base = 0, end = 0;
+    uint8_t* out = nullptr;
+  };
+  // Counts a running read_now() for close(); throws ReaderClosed once close() began.
+  class SyncReadScope {
+   public:
+    SyncReadScope(DiskReader& r, const std::string& path, uint64_t offset, uint64_t nbytes);
+    ~SyncReadScope();
+    SyncReadScope(const SyncReadScope&) = delete;
+    SyncReadScope& operator=(const SyncReadScope&) = delete;
+
+   private:
+    DiskReader& r_;
+  };
+  Layout layout(const std::string& path, uint64_t offset, uint64_t nbytes, uint8_t* dest, size_t capacity);
   std::shared_ptr<OpenFile> open(const std::string& path, uint64_t offset, uint64_t nbytes);
   std::shared_ptr<ReadTicket> submit(const std::string& path, uint64_t offset, uint64_t nbytes, uint8_t* dest,
                                      size_t capacity, const Slot* slot);
@@ -69,6 +101,9 @@ class DiskReader {
   std::mutex files_mu_, close_mu_;
   std::map<std::string, std::shared_ptr<OpenFile>> files_;
   std::atomic<bool> closed_{false};
+  std::mutex sync_mu_;  // guards sync_reads_ and the closed_ check of read_now()
+  std::condition_variable sync_idle_;
+  size_t sync_reads_ = 0;  // read_now() calls running
 };
 
 }  // namespace klotski

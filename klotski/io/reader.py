@@ -5,6 +5,7 @@ host memory.
         t = reader.read(path, offset, nbytes, into=slot)    # returns at once; the GIL is free meanwhile
         t.wait(timeout=10)                                  # raises the read's error, naming path/offset/size
         data = slot.numpy(t.view_offset, nbytes)
+        t = reader.read_now(path, offset, nbytes, into=slot)  # the same read on this thread, done on return
 
 Modes (kvikio's compat mode, decided once per file): DIRECT opens with O_DIRECT (page cache bypassed) and
 fails where that is refused; POSIX reads buffered; AUTO tries O_DIRECT per file and falls back to buffered
@@ -19,6 +20,9 @@ disk_read_cpu.md: so far the thread pool, io_uring was not faster in GB/s) and w
 the kernel refuses io_uring (old kernel, seccomp, ``kernel.io_uring_disabled``; ``engine="uring"`` raises
 there). ``reader.engine`` says which one runs, ``reader.engine_note`` why.
 Both engines give the same results, tickets and errors.
+
+``read_now`` skips the engine: the calling thread does the pread itself (GIL released), for queue-depth-1
+callers that would wait at once anyway; it saves the hand-over to an engine thread and the wake-up back.
 
 Closing drains queued reads (``close()``) or cancels them (``close(cancel=True)``: their tickets raise
 ReaderClosedError); reads already running finish either way, so no destination is written after close.
@@ -143,21 +147,35 @@ class DiskReader:
     def read(self, path: str | os.PathLike, offset: int, nbytes: int, into) -> ReadTicket:
         """Queue a read of ``nbytes`` at ``offset`` of ``path`` into ``into`` (a :class:`Slot` or a writable
         host buffer). A missing file raises here; read errors raise from :meth:`ReadTicket.wait`."""
+        ticket = ReadTicket(self._call(self._native.read, self._native.read_into_slot, path, offset, nbytes, into),
+                            into)
+        self._forget_finished()
+        self._inflight.append(ticket)
+        return ticket
+
+    def read_now(self, path: str | os.PathLike, offset: int, nbytes: int, into) -> ReadTicket:
+        """The same read done on the calling thread (a blocking pread loop, GIL released) before returning:
+        no engine thread, no hand-over and wake-up, for callers that would wait on the ticket at once anyway
+        (a queue-depth-1 reader). Same modes, layout (``into + view_offset``) and open-file cache as
+        :meth:`read`; safe to call from several threads at once. Returns the ticket, already finished;
+        the read's errors raise here (FileNotFoundError, ShortReadError, OSError naming path, offset and
+        size; ReaderClosedError after :meth:`close`)."""
+        return ReadTicket(self._call(self._native.read_now, self._native.read_now_into_slot, path, offset, nbytes,
+                                     into), into)
+
+    @staticmethod
+    def _call(to_buffer, to_slot, path, offset: int, nbytes: int, into) -> _C.ReadTicket:
+        """Validate the request and hand it to ``to_slot`` (slots) or ``to_buffer`` (host memory)."""
         path = os.fspath(path)
         offset, nbytes = int(offset), int(nbytes)
         if offset < 0 or nbytes < 0:
             raise ValueError(f"read of {path!r}: offset and nbytes must be >= 0, got {offset}, {nbytes}")
         if isinstance(into, Slot):
-            native = self._native.read_into_slot(path, offset, nbytes, into.native)
-        elif isinstance(into, _C.Slot):
-            native = self._native.read_into_slot(path, offset, nbytes, into)
-        else:
-            address, capacity = host_span(into)
-            native = self._native.read(path, offset, nbytes, address, capacity)
-        ticket = ReadTicket(native, into)
-        self._forget_finished()
-        self._inflight.append(ticket)
-        return ticket
+            return to_slot(path, offset, nbytes, into.native)
+        if isinstance(into, _C.Slot):
+            return to_slot(path, offset, nbytes, into)
+        address, capacity = host_span(into)
+        return to_buffer(path, offset, nbytes, address, capacity)
 
     def _forget_finished(self) -> None:
         """Drop finished tickets: the oldest ones each time, all of them when the queue grew long (amortised
@@ -184,7 +202,7 @@ class DiskReader:
         self._native.forget(os.fspath(path))
 
     def close(self, cancel: bool = False) -> None:
-        """Drain (or cancel) queued reads and stop the threads. Idempotent."""
+        """Drain (or cancel) queued reads, wait for running :meth:`read_now` calls, stop the threads. Idempotent."""
         self._native.close(cancel)
         self._inflight.clear()
 

@@ -86,3 +86,22 @@ def test_io_uring_refused_by_seccomp_falls_back_to_threads(tmp_path, errno_name)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("refused:") and os.strerror(getattr(errno, errno_name)) in out.stdout, out.stdout
+
+
+def test_read_now_returns_a_finished_ticket_and_raises_at_the_call(tmp_path):
+    path = tmp_path / "n.bin"
+    path.write_bytes(bytes(range(256)) * 64)
+    reader = _C.DiskReader("AUTO", 1, 4096)
+    ring = _C.PinnedRing(1, 16384)
+    slot = ring.acquire(1.0)
+    t = reader.read_now_into_slot(str(path), 5000, 9000, slot)  # 3 chunks' worth, one pread loop
+    assert t.done() and (t.view_offset, t.mode) == (5000 % 4096, "DIRECT")
+    t.wait(0.0)
+    assert bytes(memoryview(slot)[t.view_offset:t.view_offset + 9000]) == path.read_bytes()[5000:14000]
+    buf = _C.AlignedHostBuffer(16384)
+    with pytest.raises(_C.ShortReadError, match="at offset 16000, 1000 bytes"):
+        reader.read_now(str(path), 16000, 1000, buf.address, len(buf))  # the error comes from the call itself
+    slot.release()
+    reader.close(False)
+    with pytest.raises(_C.ReaderClosedError, match="reader is closed"):
+        reader.read_now(str(path), 0, 10, buf.address, len(buf))
