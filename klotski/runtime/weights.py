@@ -208,8 +208,10 @@ class PlacedWeights:
         return rec.nbytes
 
     def _timed_read(self, path: str, offset: int, nbytes: int, slot):
+        """Read into ``slot`` on this (lane) thread: a lane waits for each read anyway, so ``read_now`` saves
+        the hand-over to a reader thread and back (bench/results/disk_read_cpu.md, "read_now")."""
         t0 = time.perf_counter()
-        ticket = self.reader.read(path, offset, nbytes, into=slot).wait()
+        ticket = self.reader.read_now(path, offset, nbytes, into=slot)
         self._local.read_s = getattr(self._local, "read_s", 0.0) + time.perf_counter() - t0
         return ticket
 
