@@ -11,10 +11,14 @@ run) over the whole data region; the file is dropped from the page cache (fsync 
 before every run, so POSIX (buffered) numbers are cold reads too. GB/s = 1e9 bytes/s.
 
 fio comes from Debian: ``apt-get update && apt-get install -y fio``; without it the fio columns are skipped.
-The file is deleted at the end unless --keep-file.
+The file is deleted at the end unless --keep-file. ``--fresh-offsets`` gives every run its own random blocks (fio
+its own ``--randseed``) and rotates the order per repetition: on a virtual disk with a cache below the guest's
+page cache, re-reading the blocks of the previous run (as fio's default fixed sequence does) is faster.
 
 Engines (``--engines``): ``threads`` (``--threads`` native threads of blocking pread), ``uring`` (one thread
-driving an io_uring, at most ``--uring-depth`` reads in flight), ``threadsN`` (the thread pool with N threads).
+driving an io_uring, at most ``--uring-depth`` reads in flight), ``threadsN`` (the thread pool with N threads),
+``sync`` (``DiskReader.read_now``: the pread runs on the calling thread, no engine; QD 1 only, skipped at other
+depths).
 Columns are keyed ``klotski_<MODE>_<engine>_GBps``; ``cpu_us_per_request_<MODE>_<engine>`` is the process's CPU
 time (caller and engine threads) per request, less noisy than GB/s on a shared disk. ``--overhead`` adds per-request round trips on page-cached
 data (QD 1), which isolates the engines' own cost from the disk.
@@ -88,22 +92,32 @@ def offsets_for(data_bytes: int, size: int, total: int, seed: int) -> list[int]:
 
 
 def parse_engine(spec: str, threads: int, uring_depth: int) -> dict:
-    """'threads' | 'uring' | 'threadsN' -> DiskReader keyword arguments."""
+    """'threads' | 'uring' | 'threadsN' | 'sync' -> DiskReader keyword arguments (+ read_now=True for sync)."""
+    if spec == "sync":
+        return {"engine": "threads", "num_threads": 1, "read_now": True}
     if spec == "uring":
         return {"engine": "uring", "queue_depth": uring_depth}
     if spec.startswith("threads"):
         return {"engine": "threads", "num_threads": int(spec[len("threads"):] or threads)}
-    raise ValueError(f"engine must be threads, threadsN or uring, got {spec!r}")
+    raise ValueError(f"engine must be threads, threadsN, uring or sync, got {spec!r}")
 
 
 def run_klotski(path, mode, size, depth, offsets, engine_kw, chunk) -> tuple[float, float]:
     """(GB/s, CPU microseconds of this process per request: caller + engine threads)."""
     ring = PinnedRing(depth, size)
+    engine_kw = dict(engine_kw)
+    sync = engine_kw.pop("read_now", False)
+    if sync and depth != 1:
+        raise ValueError(f"the sync engine (read_now) is QD 1 only, got QD {depth}")
     drop_cache(path)
     with DiskReader(mode=mode, chunk_bytes=chunk, **engine_kw) as reader:
         inflight: deque = deque()
         c0, t0 = time.process_time(), time.perf_counter()
-        for off in offsets:
+        for off in offsets if sync else ():
+            slot = ring.acquire(timeout=60)
+            reader.read_now(path, off, size, into=slot)
+            slot.release()
+        for off in () if sync else offsets:
             if len(inflight) == depth:
                 ticket, slot = inflight.popleft()
                 ticket.wait()
@@ -124,21 +138,29 @@ def overhead_us(path, engine_kw, nbytes, n=2000) -> float:
 
     buf = _C.AlignedHostBuffer(max(4096, nbytes))
     times = []
+    engine_kw = dict(engine_kw)
+    sync = engine_kw.pop("read_now", False)
     with DiskReader(mode="POSIX", **engine_kw) as reader:
         reader.read(path, DATA_START, nbytes, into=buf).wait()  # opens the file, warms the cache
         for _ in range(5):
             t0 = time.perf_counter()
             for _ in range(n):
-                reader.read(path, DATA_START, nbytes, into=buf).wait()
+                if sync:
+                    reader.read_now(path, DATA_START, nbytes, into=buf)
+                else:
+                    reader.read(path, DATA_START, nbytes, into=buf).wait()
             times.append((time.perf_counter() - t0) / n * 1e6)
     return statistics.median(times)
 
 
-def run_fio(path, data_bytes, size, depth, total) -> float | None:
+def run_fio(path, data_bytes, size, depth, total, seed=None, engine="libaio") -> float | None:
+    """fio's GB/s; seed None: fio's fixed random sequence (--randrepeat=1, the same blocks every run), else
+    blocks drawn from this seed. engine "psync": one blocking pread at a time (QD 1), as read_now does."""
     drop_cache(path)
+    rand = ["--randrepeat=1"] if seed is None else ["--randrepeat=0", f"--randseed={seed}"]
     cmd = ["fio", "--name=klotski", f"--filename={path}", "--rw=randread", f"--bs={size}", f"--iodepth={depth}",
-           "--ioengine=libaio", "--direct=1", f"--offset={DATA_START}", f"--size={data_bytes // size * size}",
-           f"--io_size={min(total, data_bytes // size * size)}", "--randrepeat=1", "--invalidate=1",
+           f"--ioengine={engine}", "--direct=1", f"--offset={DATA_START}", f"--size={data_bytes // size * size}",
+           f"--io_size={min(total, data_bytes // size * size)}", *rand, "--invalidate=1",
            "--output-format=json"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
@@ -176,11 +198,17 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3,
                    help="measurements per cell, readers interleaved; the median is reported (shared disks are noisy)")
     p.add_argument("--safetensors-bytes", default="128M", help="bytes per safe_open measurement (it is slow)")
-    p.add_argument("--engines", default="threads,uring", help="threads, uring, threadsN (N threads)")
+    p.add_argument("--engines", default="threads,uring", help="threads, uring, threadsN (N threads), sync (QD 1)")
     p.add_argument("--threads", type=int, default=16, help="DiskReader threads of the 'threads' engine")
     p.add_argument("--uring-depth", type=int, default=32, help="DiskReader queue_depth of the 'uring' engine")
     p.add_argument("--overhead", action="store_true", help="also time cached QD-1 round trips per engine")
     p.add_argument("--chunk", default="4M", help="DiskReader chunk_bytes (large requests split into pieces)")
+    p.add_argument("--fresh-offsets", action="store_true",
+                   help="every run (each engine x mode, and fio with its own --randseed) reads its own random blocks "
+                        "and the order rotates per repetition; default: the readers of a repetition share one block "
+                        "list in a fixed order and fio re-reads its fixed sequence (--randrepeat=1) every time")
+    p.add_argument("--fio-psync", action="store_true",
+                   help="at QD 1 also run fio --ioengine=psync (blocking pread, the read_now path) beside libaio")
     p.add_argument("--no-fio", action="store_true")
     p.add_argument("--no-safetensors", action="store_true")
     p.add_argument("--keep-file", action="store_true")
@@ -208,16 +236,29 @@ def main(argv=None) -> int:
                 row = {"request_bytes": size, "queue_depth": depth}
                 samples: dict[str, list[float]] = {}
                 for rep in range(args.repeat):
-                    offsets = offsets_for(data_bytes, size, total, seed=size * 31 + depth * 7 + rep)
+                    seed = size * 31 + depth * 7 + rep
+                    offsets = offsets_for(data_bytes, size, total, seed=seed)
                     row["bytes"] = len(offsets) * size
-                    for mode in modes:
-                        for name, kw in engines.items():
-                            gbps, cpu_us = run_klotski(args.file, mode, size, depth, offsets, kw, parse_size(args.chunk))
-                            samples.setdefault(f"klotski_{mode}_{name}_GBps", []).append(gbps)
-                            samples.setdefault(f"cpu_us_per_request_{mode}_{name}", []).append(cpu_us)
-                    if have_fio:
-                        samples.setdefault("fio_direct_GBps", []).append(
-                            run_fio(args.file, data_bytes, size, depth, total))
+                    runs = [(mode, name, kw) for mode in modes for name, kw in engines.items()
+                            if depth == 1 or not kw.get("read_now")]
+                    runs += [("fio", None, None)] if have_fio else []
+                    runs += [("fio", "psync", None)] if have_fio and args.fio_psync and depth == 1 else []
+                    if args.fresh_offsets:  # rotate the order: no reader always runs right after the same one
+                        k = rep % len(runs)
+                        runs = runs[k:] + runs[:k]
+                    for i, (mode, name, kw) in enumerate(runs):
+                        # fresh: every run reads its own random blocks (fio: its own seed), so none re-reads
+                        # blocks another run just read (a disk or host cache below the page cache would favour it)
+                        run_seed = seed * 1009 + i + 1 if args.fresh_offsets else None
+                        if mode == "fio":
+                            key = "fio_direct_GBps" if name is None else f"fio_{name}_direct_GBps"
+                            samples.setdefault(key, []).append(
+                                run_fio(args.file, data_bytes, size, depth, total, run_seed, name or "libaio"))
+                            continue
+                        mine = offsets if run_seed is None else offsets_for(data_bytes, size, total, seed=run_seed)
+                        gbps, cpu_us = run_klotski(args.file, mode, size, depth, mine, kw, parse_size(args.chunk))
+                        samples.setdefault(f"klotski_{mode}_{name}_GBps", []).append(gbps)
+                        samples.setdefault(f"cpu_us_per_request_{mode}_{name}", []).append(cpu_us)
                     if not args.no_safetensors and depth == 1:
                         few = offsets[: max(1, parse_size(args.safetensors_bytes) // size)]
                         samples.setdefault("safetensors_GBps", []).append(run_safetensors(args.file, size, few))
@@ -228,6 +269,10 @@ def main(argv=None) -> int:
                 for name in engines:
                     if row.get("fio_direct_GBps") and f"klotski_DIRECT_{name}_GBps" in row:
                         row[f"DIRECT_{name}_vs_fio"] = row[f"klotski_DIRECT_{name}_GBps"] / row["fio_direct_GBps"]
+                        # per repetition (the disk drifts between runs: the run beside it is the fairer yardstick)
+                        ours, fio = samples[f"klotski_DIRECT_{name}_GBps"], samples["fio_direct_GBps"]
+                        pairs = [a / b for a, b in zip(ours, fio) if b]
+                        row[f"DIRECT_{name}_vs_fio_paired"] = statistics.median(pairs) if pairs else None
                 rows.append(row)
                 print_row(row, modes, list(engines), have_fio, first=len(rows) == 1)
         overhead = []
@@ -250,7 +295,7 @@ def main(argv=None) -> int:
                     "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
         "file_data_bytes": data_bytes, "threads": args.threads, "chunk_bytes": parse_size(args.chunk),
         "engines": engines, "uring_depth": args.uring_depth,
-        "repeat": args.repeat, "bytes_per_run": total,
+        "repeat": args.repeat, "bytes_per_run": total, "fresh_offsets": args.fresh_offsets,
         "access": "random request-sized blocks, each at most once per run; page cache dropped before each run; "
                   "each cell is the median of `repeat` runs, readers interleaved",
         "rows": rows,
@@ -266,7 +311,8 @@ def main(argv=None) -> int:
 def print_row(row, modes, engines, have_fio, first):
     keys = [(f"{m} {e}", f"klotski_{m}_{e}_GBps") for m in modes for e in engines]
     if have_fio:
-        keys += [("fio direct", "fio_direct_GBps")] + [(f"DIRECT {e}/fio", f"DIRECT_{e}_vs_fio") for e in engines]
+        keys += [("fio direct", "fio_direct_GBps"), ("fio psync", "fio_psync_direct_GBps")]
+        keys += [(f"DIRECT {e}/fio", f"DIRECT_{e}_vs_fio") for e in engines]
     keys.append(("safe_open", "safetensors_GBps"))
     keys += [(f"cpu us/req {e}", f"cpu_us_per_request_{modes[0]}_{e}") for e in engines]
     if first:
