@@ -181,7 +181,9 @@ std::shared_ptr<ReadTicket> DiskReader::read_now_into_slot(const std::string& pa
 DiskReader::SyncReadScope::SyncReadScope(DiskReader& r, const std::string& path, uint64_t offset, uint64_t nbytes)
     : r_(r) {
   std::lock_guard<std::mutex> g(r_.sync_mu_);
-  if (r_.closed_.load()) throw ReaderClosed("read of " + describe_request(path, offset, nbytes) + ": the reader is closed");
+  if (r_.closed_.load()) {
+    throw ReaderClosed("read of " + describe_request(path, offset, nbytes) + ": the reader is closed");
+  }
   ++r_.sync_reads_;
 }
 
