@@ -15,6 +15,9 @@ The file is deleted at the end unless --keep-file. ``--fresh-offsets`` gives eve
 its own ``--randseed``) and rotates the order per repetition: on a virtual disk with a cache below the guest's
 page cache, re-reading the blocks of the previous run (as fio's default fixed sequence does) is faster.
 
+``--fio-psync`` adds fio's psync engine and ``--c-pread`` a C loop of O_DIRECT preads (pread_loop.c) at QD 1:
+the ``sync`` engine's path with nothing around it.
+
 Engines (``--engines``): ``threads`` (``--threads`` native threads of blocking pread), ``uring`` (one thread
 driving an io_uring, at most ``--uring-depth`` reads in flight), ``threadsN`` (the thread pool with N threads),
 ``sync`` (``DiskReader.read_now``: the pread runs on the calling thread, no engine; QD 1 only, skipped at other
@@ -34,6 +37,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -170,6 +174,25 @@ def run_fio(path, data_bytes, size, depth, total, seed=None, engine="libaio") ->
     return job["read"]["bw_bytes"] / 1e9
 
 
+def build_pread_loop() -> str:
+    """Compile pread_loop.c (beside this script) with the system C compiler; -> path of the executable."""
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("--c-pread needs a C compiler (cc / gcc)")
+    exe = os.path.join(tempfile.mkdtemp(prefix="klotski_bench_"), "pread_loop")
+    subprocess.run([cc, "-O2", "-o", exe, os.path.join(os.path.dirname(os.path.abspath(__file__)), "pread_loop.c")],
+                   check=True)
+    return exe
+
+
+def run_pread_loop(exe, path, data_bytes, size, total, seed) -> float:
+    """GB/s of the C reference: random distinct blocks, O_DIRECT, one blocking pread at a time."""
+    drop_cache(path)
+    out = subprocess.run([exe, path, str(DATA_START), str(data_bytes), str(size), str(total), str(seed)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout)
+
+
 def run_safetensors(path, size, offsets) -> float:
     """safe_open + get_slice per request, copied into a host buffer (a slice is a lazy view of the mmap:
     without the copy no byte would be read)."""
@@ -209,6 +232,8 @@ def main(argv=None) -> int:
                         "list in a fixed order and fio re-reads its fixed sequence (--randrepeat=1) every time")
     p.add_argument("--fio-psync", action="store_true",
                    help="at QD 1 also run fio --ioengine=psync (blocking pread, the read_now path) beside libaio")
+    p.add_argument("--c-pread", action="store_true",
+                   help="at QD 1 also run pread_loop.c (compiled here): O_DIRECT pread in a C loop, nothing around it")
     p.add_argument("--no-fio", action="store_true")
     p.add_argument("--no-safetensors", action="store_true")
     p.add_argument("--keep-file", action="store_true")
@@ -221,6 +246,7 @@ def main(argv=None) -> int:
     modes = [m.strip().upper() for m in args.modes.split(",")]
     engines = {e.strip(): parse_engine(e.strip(), args.threads, args.uring_depth) for e in args.engines.split(",")}
     total = parse_size(args.bytes_per_run)
+    pread_exe = build_pread_loop() if args.c_pread else None
     data_bytes = int(args.size_gib * (1 << 30)) // (64 << 20) * (64 << 20)
     have_fio = shutil.which("fio") is not None and not args.no_fio
     if not have_fio and not args.no_fio:
@@ -243,6 +269,7 @@ def main(argv=None) -> int:
                             if depth == 1 or not kw.get("read_now")]
                     runs += [("fio", None, None)] if have_fio else []
                     runs += [("fio", "psync", None)] if have_fio and args.fio_psync and depth == 1 else []
+                    runs += [("c", "pread", None)] if pread_exe and depth == 1 else []
                     if args.fresh_offsets:  # rotate the order: no reader always runs right after the same one
                         k = rep % len(runs)
                         runs = runs[k:] + runs[:k]
@@ -250,6 +277,10 @@ def main(argv=None) -> int:
                         # fresh: every run reads its own random blocks (fio: its own seed), so none re-reads
                         # blocks another run just read (a disk or host cache below the page cache would favour it)
                         run_seed = seed * 1009 + i + 1 if args.fresh_offsets else None
+                        if mode == "c":
+                            samples.setdefault("c_pread_direct_GBps", []).append(run_pread_loop(
+                                pread_exe, args.file, data_bytes, size, total, seed if run_seed is None else run_seed))
+                            continue
                         if mode == "fio":
                             key = "fio_direct_GBps" if name is None else f"fio_{name}_direct_GBps"
                             samples.setdefault(key, []).append(
@@ -273,6 +304,9 @@ def main(argv=None) -> int:
                         ours, fio = samples[f"klotski_DIRECT_{name}_GBps"], samples["fio_direct_GBps"]
                         pairs = [a / b for a, b in zip(ours, fio) if b]
                         row[f"DIRECT_{name}_vs_fio_paired"] = statistics.median(pairs) if pairs else None
+                    if samples.get("c_pread_direct_GBps") and f"klotski_DIRECT_{name}_GBps" in row:
+                        pairs = zip(samples[f"klotski_DIRECT_{name}_GBps"], samples["c_pread_direct_GBps"])
+                        row[f"DIRECT_{name}_vs_c_pread_paired"] = statistics.median(a / b for a, b in pairs)
                 rows.append(row)
                 print_row(row, modes, list(engines), have_fio, first=len(rows) == 1)
         overhead = []
@@ -311,7 +345,8 @@ def main(argv=None) -> int:
 def print_row(row, modes, engines, have_fio, first):
     keys = [(f"{m} {e}", f"klotski_{m}_{e}_GBps") for m in modes for e in engines]
     if have_fio:
-        keys += [("fio direct", "fio_direct_GBps"), ("fio psync", "fio_psync_direct_GBps")]
+        keys += [("fio direct", "fio_direct_GBps"), ("fio psync", "fio_psync_direct_GBps"),
+                 ("C pread", "c_pread_direct_GBps")]
         keys += [(f"DIRECT {e}/fio", f"DIRECT_{e}_vs_fio") for e in engines]
     keys.append(("safe_open", "safetensors_GBps"))
     keys += [(f"cpu us/req {e}", f"cpu_us_per_request_{modes[0]}_{e}") for e in engines]
