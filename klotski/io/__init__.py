@@ -4,7 +4,8 @@
   be loaded, else mlock'd; explicit acquire/release; misuse raises :class:`SlotStateError`.
 - :class:`DiskReader` / :class:`ReadTicket` (``reader``): (path, offset, nbytes) reads on a native thread
   pool or an io_uring (``engine=`` / ``KLOTSKI_IO_ENGINE``) into a slot or an aligned host buffer, io mode
-  AUTO / DIRECT / POSIX (argument or ``KLOTSKI_IO_MODE``).
+  AUTO / DIRECT / POSIX (argument or ``KLOTSKI_IO_MODE``); ``read_now`` does the same read on the calling thread
+  (for queue-depth-1 callers).
 - :class:`CopyEngine` / :class:`CopyEvent` (``copy``): asynchronous slot -> device copies on a caller's
   CUDA stream, or host -> host in CPU mode with the same interface.
 - :class:`GdsFile` (``gds``): GPUDirect Storage reads through a dlopen'd cuFile, where present.
