@@ -128,7 +128,7 @@ class PlacedWeights:
                              + [span_bytes(r.offset, r.nbytes) for r in records])
             self.ring = PinnedRing(ring_slots, slot_bytes, pin="auto" if self.cuda else "none")
             cpu.hold("disk staging ring", ring_slots * self.ring.slot_capacity)
-            self.reader = DiskReader(num_threads=4)
+            self.reader = DiskReader(num_threads=1, engine="threads")  # reads run on the lanes (read_now)
 
     def _pin(self, t):
         return t.pin_memory() if self.cuda else t
