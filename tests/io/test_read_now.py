@@ -7,28 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from io_files import python_read
 from klotski import _C
 from klotski.io import DiskReader, PinnedRing, ReaderClosedError, ShortReadError, SlotStateError, span_bytes
 
 MODES = ["AUTO", "DIRECT", "POSIX"]
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("read_now")
-    rng = np.random.default_rng(1)
-    out = []
-    for i, size in enumerate([2 * 1024 * 1024 + 33, 1 << 20, 98_765, 4096]):
-        p = root / f"g{i}.bin"
-        p.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
-        out.append(str(p))
-    return out
-
-
-def python_read(path, offset, nbytes):
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(nbytes)
 
 
 def random_request(rng, files, max_bytes):
@@ -204,6 +187,6 @@ def test_closed_reader_raises_and_close_waits_for_running_reads(files):
         t.join(timeout=10)
         assert not t.is_alive()
     assert outcomes.count("closed") == 4 and set(outcomes) <= {"done", "closed"}, outcomes
-    with pytest.raises(ReaderClosedError, match=r"g0\.bin' at offset 0, 10 bytes: the reader is closed"):
+    with pytest.raises(ReaderClosedError, match=r"f0\.bin' at offset 0, 10 bytes: the reader is closed"):
         reader.read_now(files[0], 0, 10, into=buf)
     reader.close()  # idempotent

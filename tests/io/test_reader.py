@@ -4,6 +4,7 @@ import random
 import numpy as np
 import pytest
 
+from io_files import python_read
 from klotski import _C
 from klotski.io import (DiskReader, IOMode, PinnedRing, ReaderClosedError, ShortReadError, io_uring_info,
                         resolve_engine, resolve_io_mode, span_bytes)
@@ -19,24 +20,6 @@ def make_reader(engine, mode="AUTO", threads=8, **kw):
     reader = DiskReader(mode=mode, engine=engine, num_threads=threads, queue_depth=threads, **kw)
     assert reader.engine == engine
     return reader
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reads")
-    rng = np.random.default_rng(0)
-    out = []
-    for i, size in enumerate([3 * 1024 * 1024 + 17, 1 << 20, 123_457, 4096]):
-        p = root / f"f{i}.bin"
-        p.write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
-        out.append(str(p))
-    return out
-
-
-def python_read(path, offset, nbytes):
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read(nbytes)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
