@@ -329,23 +329,43 @@ def fit_compute(rows: list[tuple[int, float, float, float]]) -> tuple[float, flo
     """Least squares ``seconds = calls * overhead + flops / rate + score_flops / attn_rate`` over compute ops.
 
     ``rows``: (calls, flops, score_flops, measured seconds). -> (overhead s per call, matmul FLOP/s,
-    attention FLOP/s or None when no op had score FLOPs), or None when the rows cannot separate a positive
-    overhead from positive rates (too few distinct ops, or a non-positive coefficient).
+    attention FLOP/s or None when no op had score FLOPs), or None when no model fits with positive terms.
+    When the full model gives a non-positive coefficient (noise, or a term the ops cannot separate), the
+    smaller models are tried: score FLOPs at the matmul rate, then no per-call overhead; the positive fit
+    with the least squared error wins.
     """
     import numpy as np
 
-    has_scores = any(r[2] > 0 for r in rows)
-    cols = [0, 1, 2] if has_scores else [0, 1]
-    A = np.array([[r[c] for c in cols] for r in rows], dtype=float)
-    if len(rows) < len(cols) + 1 or np.linalg.matrix_rank(A) < len(cols):
-        return None
+    calls = np.array([r[0] for r in rows], dtype=float)
+    flops = np.array([r[1] for r in rows], dtype=float)
+    score = np.array([r[2] for r in rows], dtype=float)
     y = np.array([r[3] for r in rows], dtype=float)
-    scale = A.max(axis=0)
-    coef, *_ = np.linalg.lstsq(A / scale, y, rcond=None)
-    coef = coef / scale
-    if (coef <= 0).any():
+    has_scores = bool((score > 0).any())
+    # (columns, how the coefficients map to (overhead, 1/rate, 1/attn rate))
+    models = []
+    if has_scores:
+        models.append(([calls, flops, score], lambda c: (c[0], c[1], c[2])))
+    models.append(([calls, flops + score], lambda c: (c[0], c[1], c[1] if has_scores else None)))
+    if has_scores:
+        models.append(([flops, score], lambda c: (0.0, c[0], c[1])))
+    models.append(([flops + score], lambda c: (0.0, c[0], c[0] if has_scores else None)))
+    best = None
+    for cols, unpack in models:
+        A = np.stack(cols, axis=1)
+        if len(rows) < A.shape[1] + 1 or np.linalg.matrix_rank(A) < A.shape[1]:
+            continue
+        scale = A.max(axis=0)
+        coef, *_ = np.linalg.lstsq(A / scale, y, rcond=None)
+        coef = coef / scale
+        if (coef <= 0).any():
+            continue
+        err = float(((A @ coef - y) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, unpack(coef))
+    if best is None:
         return None
-    return float(coef[0]), float(1.0 / coef[1]), (float(1.0 / coef[2]) if has_scores else None)
+    overhead, inv_rate, inv_attn = best[1]
+    return float(overhead), float(1.0 / inv_rate), (float(1.0 / inv_attn) if inv_attn is not None else None)
 
 
 def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):

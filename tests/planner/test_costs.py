@@ -125,3 +125,19 @@ def test_ffn_workspace_is_chunked_like_the_kernels():
     assert big == c.ffn_workspace_bytes(FFN_CHUNK_TOKENS)
     # a prefill of 96 sequences x 512 tokens: hidden states grow with the tokens, the FFN workspace does not
     assert c.activation_bytes(96, 6, 512, 512) - c.activation_bytes(48, 6, 512, 512) < 48 * 512 * s.hidden_size * 40
+
+
+def test_calibration_falls_back_to_a_smaller_positive_model():
+    """When the full fit gives a non-positive term (here attention FLOPs that seem to cost negative time), the
+    fit drops to score FLOPs at the matmul rate instead of giving up and keeping the profile's overhead."""
+    from klotski.costs import fit_compute
+
+    rows = []
+    for i, (calls, flops, score) in enumerate([(1, 1e6, 0), (3, 5e6, 2e5), (2, 2e7, 0), (5, 4e7, 1e6),
+                                               (1, 1e8, 0), (2, 3e6, 3e6), (4, 6e7, 5e5)]):
+        seconds = calls * 1e-3 + (flops + score) / 80e9 - score / 2e10  # the score term pulls the wrong way
+        rows.append((calls, flops, score, seconds))
+    overhead, rate, attn = fit_compute(rows)
+    assert overhead > 0 and rate > 0 and attn == rate  # the merged model
+    assert overhead == pytest.approx(1e-3, rel=0.3) and rate == pytest.approx(80e9, rel=0.3)
+    assert fit_compute([(1, 1e6, 0, 1e-3)]) is None  # one row cannot separate anything
