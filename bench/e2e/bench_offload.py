@@ -2,10 +2,19 @@
 
     python bench/e2e/bench_offload.py                          # CPU: Mixtral-shaped small model, budget << model
     python bench/e2e/bench_offload.py --hidden 4096 --inter 14336 --layers 4 --gpu-memory 24GB   # on a GPU
+    python bench/e2e/bench_offload.py --preset qwen3-30b-a3b --layers 24 --gpu-memory 24GB --cpu-memory 48GB \
+        --prompt-len 512 --gen-len 32 --baseline accelerate --calibrate       # a real model's shapes, on a GPU
 
 Prints tokens/s, bubble fraction, bytes per tier and peak memory per policy, next to the planner's predicted
 tokens/s for the same placement (klotski.planner scored on a measured hardware profile), and writes JSON
 to bench/results/. Greedy tokens of every policy are checked against each other.
+
+``--preset NAME`` (a klotski.presets model: qwen3-30b-a3b, mixtral-8x7b, deepseek-v2-lite, ...) writes a
+random-weight checkpoint of that model's shapes with bench/e2e/make_checkpoint.py (streamed tensor by tensor,
+values drawn on the GPU when there is one), truncated to ``--layers`` (all of the model's layers without it),
+in ``--dtype``; ``--model DIR`` reuses an existing checkpoint; neither: the small Mixtral-shaped default.
+Each policy's packed expert store is deleted once the policy has run (the disk holds the checkpoint and one
+store at a time), and the JSON is rewritten after every policy (a run cut short keeps the rows it finished).
 
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
@@ -44,6 +53,35 @@ def build_checkpoint(path: str, args) -> None:
             std = 1.0 if p.ndim == 1 else p.shape[-1] ** -0.5
             p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.ndim == 1 else std) + (1.0 if p.ndim == 1 else 0.0))
     model.to(getattr(torch, args.dtype)).save_pretrained(path)
+
+
+def load_make_checkpoint():
+    """bench/e2e/make_checkpoint.py as a module (bench scripts are not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_checkpoint.py")
+    spec = importlib.util.spec_from_file_location("make_checkpoint", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset_checkpoint(path: str, args) -> dict:
+    """Make (or, with --checkpoint-dir holding a finished one, reuse) the random checkpoint of ``args.preset``;
+    returns what the JSON records about it."""
+    info = {"preset": args.preset, "layers": args.layers, "overrides": dict(args.override)}
+    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+        print(f"reusing the checkpoint in {path}")
+        return {**info, "reused": True}
+    if os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)  # an empty directory given by --checkpoint-dir: make_checkpoint creates it
+    mc = load_make_checkpoint()
+    device = args.gen_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    r = mc.make_checkpoint(path, args.preset, layers=args.layers, dtype=args.dtype, device=device,
+                           shard_size=args.shard_size, seed=0, overrides=dict(args.override))
+    return {**info, "reused": False, "make_s": r.seconds, "make_gb_per_s": r.gb_per_s, "num_tensors": r.num_tensors,
+            "gen_device": device, "notes": r.notes}
 
 
 def timed_run(llm, prompts, sp, hw):
@@ -131,9 +169,17 @@ def print_baseline(b: dict, rows: list[dict]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="existing checkpoint (default: build a random Mixtral-shaped one)")
+    ap.add_argument("--preset", help="write a random checkpoint of this klotski.presets model's shapes "
+                                     "(bench/e2e/make_checkpoint.py), truncated to --layers (default: all)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --preset: set a config field (JSON value), e.g. hidden_size=256; repeatable")
+    ap.add_argument("--gen-device", help="with --preset: where values are drawn (default: cuda if available)")
+    ap.add_argument("--shard-size", default="4GB", help="with --preset: safetensors shard size")
+    ap.add_argument("--checkpoint-dir", help="with --preset: write the checkpoint here and keep it (a finished "
+                                             "one there is reused) instead of a temporary directory")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--inter", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", type=int, help="layers of the default model (4) or of --preset (all)")
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--experts", type=int, default=8)
     ap.add_argument("--top-k", type=int, default=2)
@@ -159,27 +205,49 @@ def main() -> None:
                          "JSON's rows; needs the bench extra: accelerate==1.15.0")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
+    if args.model and args.preset:
+        ap.error("--model and --preset are exclusive")
+    if args.layers is None and not args.preset:
+        args.layers = 4
+    if args.preset:
+        mc = load_make_checkpoint()
+        args.override = [mc.parse_override(o) for o in args.override]
 
     from klotski import LLM, SamplingParams
     from klotski.units import format_bytes
 
+    t_start = time.perf_counter()
     work = tempfile.mkdtemp(prefix="klotski-bench-")
     atexit.register(shutil.rmtree, work, True)  # the checkpoint and the stores: removed however the run ends
-    model = args.model or os.path.join(work, "model")
-    if not args.model:
+    model = args.model or args.checkpoint_dir or os.path.join(work, "model")
+    made = None
+    if args.preset:
+        made = preset_checkpoint(model, args)
+    elif not args.model:
         build_checkpoint(model, args)
     size = sum(os.path.getsize(os.path.join(model, f)) for f in os.listdir(model) if f.endswith(".safetensors"))
     sp = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
-    print(f"checkpoint {format_bytes(size)} ({args.dtype}), budget gpu {args.gpu_memory} cpu {args.cpu_memory}, "
+    what = f"{args.preset} x {args.layers or 'all'} layers, " if args.preset else ""
+    print(f"checkpoint {what}{format_bytes(size)} ({args.dtype}), budget gpu {args.gpu_memory} cpu {args.cpu_memory}, "
           f"prompts of {args.prompt_len} tokens, {args.gen_len} generated")
     rows, tokens, runs = [], {}, {}
+    os.makedirs(args.out, exist_ok=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "cpu"
+    path = os.path.join(args.out, f"e2e-offload-{time.strftime('%Y%m%d-%H%M%S')}.json")
+
+    def save(rows, baseline, same):
+        with open(path, "w") as f:
+            json.dump({"args": vars(args), "label": args.label, "checkpoint_bytes": size, "checkpoint": made,
+                       "device": device, "tokens_identical": same,
+                       "rows": rows + ([baseline] if baseline else [])}, f, indent=1)
+
     for policy in args.policies.split(","):
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                   offload_dir=os.path.join(work, f"store-{policy}"), num_batches=args.num_batches,
                   batch_size=args.batch_size)
         count = llm.executor.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
-        prompts = torch.randint(0, args.vocab, (2 * count, args.prompt_len), generator=g).tolist()
+        prompts = torch.randint(0, llm.spec.vocab_size, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
         plan_hw = llm.executor.hardware
         outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
@@ -202,6 +270,10 @@ def main() -> None:
                    "calibrated_profile": {k: v for k, v in cal.to_dict().items() if k != "notes"}}
         rows.append(row)
         llm.close()
+        shutil.rmtree(os.path.join(work, f"store-{policy}"), ignore_errors=True)  # disk: one store at a time
+        print(f"{policy}: {row['tokens_per_s']:.2f} tokens/s ({count} prompts), {time.perf_counter() - t_start:.0f} s "
+              f"since start", flush=True)
+        save(rows, None, None)  # so far (tokens compared at the end)
     n0 = min(len(v) for v in tokens.values())
     same = all(v[:n0] == next(iter(tokens.values()))[:n0] for v in tokens.values())
     baseline = None
@@ -224,13 +296,7 @@ def main() -> None:
     if baseline is not None:
         print_baseline(baseline, rows)
     print(f"greedy tokens identical across policies: {same}")
-    os.makedirs(args.out, exist_ok=True)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "cpu"
-    path = os.path.join(args.out, f"e2e-offload-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "label": args.label, "checkpoint_bytes": size, "device": device,
-                   "tokens_identical": same,
-                   "rows": rows + ([baseline] if baseline else [])}, f, indent=1)
+    save(rows, baseline, same)
     print(f"wrote {path}")
 
 

@@ -22,7 +22,8 @@ Files: ``config.json`` (num_hidden_layers truncated, ``dtype``/``torch_dtype`` s
 ``model-0000i-of-0000N.safetensors`` (greedy split at ``--shard-size``, like transformers) and
 ``model.safetensors.index.json``. Everything is written under ``OUT.partial`` (each file fsynced) and the
 directory renamed to OUT at the end: an interrupted run leaves no complete-looking checkpoint. Host memory
-peaks at about three tensors (one being drawn, two queued for the writer), not a shard.
+peaks at a few tensors (drawn ahead: at most 512 MiB or one tensor on cpu; two queued for the writer), not a
+shard.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -198,21 +200,26 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 class Sampler:
-    """Draws tensors on ``device``: one generator per tensor on cuda; on cpu the tensor is cut along its
-    flattened elements into chunks of CHUNK_ELEMENTS, each with its own generator, drawn by a thread pool."""
+    """Draws tensors in order on ``device``, yielding each on the cpu, contiguous, in its dtype.
 
-    def __init__(self, device: torch.device, seed: int, threads: int | None = None):
-        self.device, self.seed = device, seed
-        self.pool = ThreadPoolExecutor(threads or torch.get_num_threads()) if device.type == "cpu" else None
+    cuda: one generator per tensor. cpu: each tensor is cut along its flattened elements into chunks of
+    CHUNK_ELEMENTS, each with its own generator; the chunks of the next tensors are drawn by a thread pool
+    while earlier ones are handed out (at most ``ahead_bytes`` of tensors in flight, or one tensor), so
+    small tensors (one chunk each) use every core too."""
 
-    def __call__(self, t: TensorSpec) -> torch.Tensor:
-        """``t`` drawn and cast to its dtype, on the cpu (contiguous)."""
-        base = tensor_seed(self.seed, t.name)
-        n = t.nbytes // torch.empty((), dtype=t.dtype).element_size()
-        if self.device.type != "cpu":
-            g = torch.Generator(device=self.device).manual_seed(base)
-            x = torch.randn(n, generator=g, device=self.device, dtype=torch.float32).mul_(t.std).add_(t.mean)
-            return x.to(t.dtype).cpu().view(t.shape)
+    def __init__(self, device: torch.device, seed: int, threads: int | None = None, ahead_bytes: int = 1 << 29):
+        self.device, self.seed, self.ahead_bytes = device, seed, ahead_bytes
+        self.threads = threads or torch.get_num_threads()
+        self.pool = ThreadPoolExecutor(self.threads) if device.type == "cpu" else None
+
+    def _draw_cuda(self, t: TensorSpec) -> torch.Tensor:
+        n = t.nbytes // t.dtype.itemsize
+        g = torch.Generator(device=self.device).manual_seed(tensor_seed(self.seed, t.name))
+        x = torch.randn(n, generator=g, device=self.device, dtype=torch.float32).mul_(t.std).add_(t.mean)
+        return x.to(t.dtype).cpu().view(t.shape)
+
+    def _submit_cpu(self, t: TensorSpec):
+        base, n = tensor_seed(self.seed, t.name), t.nbytes // t.dtype.itemsize
         out = torch.empty(n, dtype=t.dtype)
 
         def fill(i: int) -> None:
@@ -220,12 +227,34 @@ class Sampler:
             g = torch.Generator().manual_seed(base + i)
             out[lo:hi].copy_(torch.randn(hi - lo, generator=g).mul_(t.std).add_(t.mean))
 
-        list(self.pool.map(fill, range(-(-n // CHUNK_ELEMENTS))))
-        return out.view(t.shape)
+        return out.view(t.shape), [self.pool.submit(fill, i) for i in range(-(-n // CHUNK_ELEMENTS))]
+
+    def draw(self, tensors: list[TensorSpec]):
+        """Yields ``(spec, tensor)`` for ``tensors`` in order."""
+        if self.pool is None:
+            for t in tensors:
+                yield t, self._draw_cuda(t)
+            return
+        pending: deque = deque()
+        inflight = 0
+        for t in tensors:
+            while pending and (inflight + t.nbytes > self.ahead_bytes or len(pending) >= 4 * self.threads):
+                spec, x, futures = pending.popleft()
+                for f in futures:
+                    f.result()
+                inflight -= spec.nbytes
+                yield spec, x
+            pending.append((t, *self._submit_cpu(t)))
+            inflight += t.nbytes
+        while pending:
+            spec, x, futures = pending.popleft()
+            for f in futures:
+                f.result()
+            yield spec, x
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown(cancel_futures=True)
 
 
 def free_bytes(path: str) -> int:
@@ -341,8 +370,7 @@ def make_checkpoint(out_dir: str, model: str, layers: int | None = None, dtype: 
         for i, (shard, head) in enumerate(zip(shards, headers)):
             tmp = os.path.join(stage, names[i] + ".tmp")
             q.put(("open", (tmp, head)))
-            for t in shard:
-                x = sampler(t)
+            for t, x in sampler.draw(shard):
                 if errors:
                     raise errors[0]
                 q.put(("tensor", x))
