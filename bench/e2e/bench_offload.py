@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--gpu-memory", default="24MiB")
+    ap.add_argument("--gpu-memory", default="32MiB")
     ap.add_argument("--cpu-memory", default="16MiB")
     ap.add_argument("--num-prompts", default="group", help="'group' = one batch group of the plan")
     ap.add_argument("--prompt-len", type=int, default=128)

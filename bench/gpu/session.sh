@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One lent-GPU session, in ../shared/gpu.md's order; each step fits one `device` call (10 minutes) and writes
+# its logs and JSON under $OUT (the device tool copies $OUT back). Run from the repository root:
+#
+#   bash bench/gpu/session.sh smoke     # versions, build (no deps: the image has them), CUDA tests + whole suite
+#   bash bench/gpu/session.sh kernels   # fused_moe vs per-expert cuBLAS loop vs dense matmul, bf16, 3 shapes
+#   bash bench/gpu/session.sh tune      # kernel configs for this device (then commit triton_kernels/configs/)
+#   bash bench/gpu/session.sh io        # H2D from the pinned ring vs torch pinned / pageable copies; disk reads
+#   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes
+#
+# Afterwards: copy the JSON next to a bench/results/<date>-<device>-<what>.md naming the device, the commit,
+# the command and the table (a figure that is not in the repository is lost).
+set -uo pipefail
+step=${1:?usage: bench/gpu/session.sh smoke|kernels|tune|io|e2e}
+OUT=${OUT:-/tmp/klotski-gpu}
+mkdir -p "$OUT"
+log="$OUT/$step.log"
+exec > >(tee "$log") 2>&1
+echo "klotski $(git rev-parse --short HEAD 2>/dev/null || echo '?') step $step, $(date -u +%FT%TZ)"
+
+build() {
+    pip install -e . --no-build-isolation --no-deps -q && python -c "import klotski._C" \
+        || { echo "build failed"; exit 1; }
+}
+
+case "$step" in
+smoke)
+    nvidia-smi
+    python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+    build
+    # the GPU tests first (bf16 kernels, CUDA graphs, ring + H2D, runtime cuda path), then everything
+    python -m pytest -q -p no:cacheprovider -m cuda -x --junitxml="$OUT/pytest-cuda.xml" tests
+    HF_HUB_OFFLINE=1 python -m pytest -q -p no:cacheprovider --junitxml="$OUT/pytest-all.xml" tests
+    ;;
+kernels)
+    build
+    python bench/kernels/bench_fused_moe.py --dtype bf16 --out "$OUT/fused_moe_cuda.json"
+    ;;
+tune)
+    build
+    python bench/kernels/tune_fused_moe.py --models mixtral-8x7b qwen3-30b-a3b deepseek-v2-lite --dtype bf16 \
+        --out-dir "$OUT/configs"
+    ;;
+io)
+    build
+    python bench/io/bench_h2d.py --out "$OUT/h2d.json"
+    python bench/io/bench_disk_read.py --file /tmp/klotski_bench_io.safetensors --size-gib 8 --depths 1,4,16 \
+        --bytes-per-run 1G --repeat 3 --engines threads,uring --label "$(nvidia-smi --query-gpu=name --format=csv,noheader) host" \
+        --out "$OUT/disk_read.json"
+    ;;
+e2e)
+    build
+    # a model bigger than the emulated 24 GB card (Qwen3-30B-A3B shapes, 24 of 48 layers: 31.2 GB bf16, fits the
+    # 64 GB disk; backup: PRESET=mixtral-8x7b LAYERS=10, 29.5 GB). The checkpoint is kept in CKPT, so a second
+    # call (e.g. POLICIES=layerwise after a timeout) reuses it. bench_offload.py rewrites its JSON after each policy.
+    python bench/e2e/bench_offload.py --preset "${PRESET:-qwen3-30b-a3b}" --layers "${LAYERS:-24}" \
+        --gpu-memory "${GPU_MEMORY:-24GB}" --cpu-memory "${CPU_MEMORY:-48GB}" --prompt-len 512 --gen-len 32 \
+        --policies "${POLICIES:-klotski,flexgen,layerwise}" --baseline "${BASELINE:-accelerate}" ${CALIBRATE---calibrate} \
+        --checkpoint-dir "${CKPT:-/tmp/klotski-ckpt-${PRESET:-qwen3-30b-a3b}-${LAYERS:-24}}" \
+        --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --out "$OUT"
+    ;;
+*)
+    echo "unknown step $step"; exit 2 ;;
+esac
