@@ -239,6 +239,24 @@ def _measure_disk(directory: str | None, nbytes: int) -> float:
         os.unlink(path)
 
 
+def _busy_note() -> str:
+    """A warning (and a note for the profile) when other work is running: rates measured then are too low, and
+    the profile is cached, so every later plan would inherit them."""
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # pragma: no cover - no load average on this platform
+        return ""
+    if load <= 1.0 + 0.5 * cores:  # this process counts one; half the cores busy with other work is too much
+        return ""
+    import warnings
+
+    msg = (f"measuring this machine while it is busy (load average {load:.1f} on {cores} cores): the profile's "
+           "rates may be too low; re-run `klotski profile` when it is idle, or calibrate on a run "
+           "(`klotski bench --calibrate`)")
+    warnings.warn(msg, stacklevel=3)
+    return f"; measured under load average {load:.1f} on {cores} cores"
+
+
 def measure_profile(device: str | None = None, disk_dir: str | None = None, quick: bool = True,
                     name: str | None = None) -> HardwareProfile:
     """Measure this machine. ``device``: "cuda" or "cpu" (default: cuda when available).
@@ -250,6 +268,7 @@ def measure_profile(device: str | None = None, disk_dir: str | None = None, quic
     import torch
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    busy = _busy_note()
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("measure_profile(device='cuda'): no CUDA device is available")
     budget = 1.0 if quick else 4.0
@@ -281,7 +300,7 @@ def measure_profile(device: str | None = None, disk_dir: str | None = None, quic
             attention_flops=cpu_attn, cpu_matmul_flops=dict(cpu_mm), cpu_attention_flops=cpu_attn,
             cpu_mem_bandwidth=cpu_bw, op_overhead_s=overhead, cpu_op_overhead_s=overhead, transfer_latency_s=5e-6,
             notes="CPU mode: device = bounded RAM pool (half the available memory), H2D = bf16 -> fp32 copy, "
-                  "op overhead = one tiny expert call",
+                  "op overhead = one tiny expert call" + busy,
         )
     sync = torch.cuda.synchronize
     n = 2048 if quick else 8192
@@ -302,5 +321,5 @@ def measure_profile(device: str | None = None, disk_dir: str | None = None, quic
         matmul_flops=gpu_mm, attention_flops=gpu_attn, cpu_matmul_flops=cpu_mm, cpu_attention_flops=cpu_attn,
         cpu_mem_bandwidth=cpu_bw, op_overhead_s=_measure_call_overhead(torch, "cuda", sync, budget),
         notes=f"measured with torch {torch.__version__}; free GPU memory {free} B; op overhead = one tiny "
-              f"expert call",
+              f"expert call" + busy,
     )

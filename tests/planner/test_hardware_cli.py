@@ -63,3 +63,14 @@ def test_cli_plan_impossible_limits(capsys):
     rc = main(["--preset", "olmoe-1b-7b", "--hardware", "t4", "--gpu-memory", "64MiB", "--cpu-memory", "1GiB"])
     assert rc == 2
     assert "needs GPU >=" in capsys.readouterr().err
+
+
+def test_profile_measured_on_a_busy_machine_says_so(monkeypatch):
+    import klotski.hardware as hardware
+
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (64.0, 64.0, 64.0))
+    with pytest.warns(UserWarning, match="busy"):
+        note = hardware._busy_note()
+    assert "load average 64.0" in note
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert hardware._busy_note() == ""
