@@ -82,6 +82,48 @@ def print_table(rows, note):
               + (f"  {r['rel_err_vs_loop']:>8.1e}" if r["rel_err_vs_loop"] is not None else ""))
 
 
+def memory_bandwidth(device: str, dtype: torch.dtype) -> float:
+    """Measured memory bandwidth in bytes/s: a 1 GiB (CPU: 256 MiB) device-to-device copy, read + write."""
+    n = (1 << 30 if device == "cuda" else 1 << 28) // torch.tensor([], dtype=dtype).element_size()
+    src = torch.randn(n, device=device, dtype=dtype)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup=2, iters=10)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def check_targets(rows, hbm_bytes_per_s: float) -> list[dict]:
+    """Issue #3's targets per (model, M): fused_moe never slower than the per-expert loop; at M >= 4096 at least
+    70 % of the dense matmul's TFLOP/s; at M <= 64 within 1.3x of the time to read the touched weights (and
+    the tokens) at the measured memory bandwidth."""
+    by = {}
+    for r in rows:
+        by.setdefault((r["model"], r["M"]), {})[r["impl"]] = r
+    out = []
+    for (model, m), impls in by.items():
+        fused, loop, dense = impls["fused_moe"], impls["torch_loop"], impls["dense_matmul"]
+        checks = {"vs_loop": (loop["ms"] / fused["ms"], loop["ms"] / fused["ms"] >= 1.0)}
+        if m >= 4096:
+            ratio = fused["tflops"] / dense["tflops"]
+            checks["vs_dense"] = (ratio, ratio >= 0.7)
+        if m <= 64:
+            floor_ms = fused["bytes"] / hbm_bytes_per_s * 1e3
+            ratio = fused["ms"] / floor_ms
+            checks["vs_weight_read"] = (ratio, ratio <= 1.3)
+        out.append(dict(model=model, M=m, **{k: {"ratio": v, "met": ok} for k, (v, ok) in checks.items()}))
+    return out
+
+
+def print_targets(targets, hbm_bytes_per_s: float) -> None:
+    print(f"\ntargets (measured memory bandwidth {hbm_bytes_per_s / 1e9:.0f} GB/s): loop ms / fused ms >= 1; "
+          "fused / dense TFLOP/s >= 0.70 at M >= 4096; fused ms / weight-read ms <= 1.3 at M <= 64")
+    print(f"{'model':<22}{'M':>6}  {'vs loop':>12}  {'vs dense':>12}  {'vs weight read':>15}")
+    for t in targets:
+        cell = lambda key: (f"{t[key]['ratio']:.2f} {'ok' if t[key]['met'] else 'MISS'}" if key in t else "-")  # noqa: E731
+        print(f"{t['model']:<22}{t['M']:>6}  {cell('vs_loop'):>12}  {cell('vs_dense'):>12}  {cell('vs_weight_read'):>15}")
+    missed = sum(1 for t in targets for k in ("vs_loop", "vs_dense", "vs_weight_read") if k in t and not t[k]["met"])
+    print(f"{missed} target check(s) missed of {sum(1 for t in targets for k in t if k.startswith('vs_'))}")
+
+
 def main(argv=None):
     args = parse_args(argv)
     setup_interpreter(args)
@@ -107,13 +149,17 @@ def main(argv=None):
             rows += bench_one(shape, m, w13, w2, dtype, args.device, iters, fused_moe, fused_moe_torch)
         del w13, w2
     print_table(rows, note)
+    bandwidth = memory_bandwidth(args.device, dtype)
+    targets = check_targets(rows, bandwidth)
+    print_targets(targets, bandwidth)
     out = args.out or RESULTS / f"fused_moe_{args.device}{'_small' if args.small else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                 device=device_description(args.device), fused_moe_path=path, dtype=args.dtype, small=args.small,
                 torch=torch.__version__, python=platform.python_version(),
                 note="CPU figures are not GPU figures" if args.device == "cpu" else "")
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    meta["memory_bandwidth_bytes_per_s"] = bandwidth
+    out.write_text(json.dumps(dict(meta=meta, rows=rows, targets=targets), indent=1))
     print(f"wrote {out}")
 
 
