@@ -132,6 +132,31 @@ def accelerate_row(model: str, runs: dict, args, tokens: dict, work: str) -> dic
             "sequences_matching": matching, "first_mismatch": first}
 
 
+def check_targets(rows: list[dict], baseline: dict | None) -> dict:
+    """Issue #6's targets on this run: klotski >= 1.2x flexgen, >= 5x layerwise, >= 10x accelerate tokens/s;
+    every policy within 15 % of its prediction (held out with --calibrate); klotski at >= 80 % of its roofline.
+    Only the targets this run has the rows for."""
+    by = {r["policy"]: r for r in rows}
+    out = {}
+    k = by.get("klotski")
+    if k is not None:
+        for other, want in (("flexgen", 1.2), ("layerwise", 5.0)):
+            if other in by and by[other]["tokens_per_s"] > 0:
+                v = k["tokens_per_s"] / by[other]["tokens_per_s"]
+                out[f"klotski/{other}"] = {"value": v, "want": f">= {want}", "met": v >= want}
+        if baseline is not None and baseline["tokens_per_s"] > 0:
+            v = k["tokens_per_s"] / baseline["tokens_per_s"]
+            out["klotski/accelerate"] = {"value": v, "want": ">= 10", "met": v >= 10}
+        v = k["roofline"]["fraction"]
+        out["klotski roofline fraction"] = {"value": v, "want": ">= 0.8", "met": v >= 0.8}
+    for r in rows:
+        pred = r.get("predicted_tokens_per_s") or 0.0
+        if pred > 0:
+            v = r["tokens_per_s"] / pred
+            out[f"{r['policy']} measured/predicted"] = {"value": v, "want": "0.85 .. 1.15", "met": 0.85 <= v <= 1.15}
+    return out
+
+
 def print_baseline(b: dict, rows: list[dict]) -> None:
     """The accelerate row under the policies' table (columns that have no meaning for it are '-'), the
     klotski / accelerate speedup and the token check."""
@@ -235,10 +260,10 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or "cpu"
     path = os.path.join(args.out, f"e2e-offload-{time.strftime('%Y%m%d-%H%M%S')}.json")
 
-    def save(rows, baseline, same):
+    def save(rows, baseline, same, targets=None):
         with open(path, "w") as f:
             json.dump({"args": vars(args), "label": args.label, "checkpoint_bytes": size, "checkpoint": made,
-                       "device": device, "tokens_identical": same,
+                       "device": device, "tokens_identical": same, "targets": targets,
                        "rows": rows + ([baseline] if baseline else [])}, f, indent=1)
 
     for policy in args.policies.split(","):
@@ -296,7 +321,10 @@ def main() -> None:
     if baseline is not None:
         print_baseline(baseline, rows)
     print(f"greedy tokens identical across policies: {same}")
-    save(rows, baseline, same)
+    targets = check_targets(rows, baseline)
+    for name, t in targets.items():
+        print(f"target {name}: {t['value']:.2f} (want {t['want']}) -> {'met' if t['met'] else 'MISSED'}")
+    save(rows, baseline, same, targets)
     print(f"wrote {path}")
 
 
