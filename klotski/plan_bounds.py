@@ -32,7 +32,6 @@ def step_time_lower_bound(costs, hw, routing, policy: str, shape: StepShape, kv:
     weights.
     """
     dtype = dtype or costs.act_dtype
-    spec = costs.spec
     n = 1 if policy in ("layerwise", "resident") else shape.n
     b, q = shape.batch_size, shape.q_len
     tokens = b * q

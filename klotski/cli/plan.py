@@ -5,7 +5,7 @@ import json
 import os
 import time
 
-from klotski.units import format_bytes, parse_bytes
+from klotski.units import format_bytes
 
 
 def add_parser(sub):

@@ -19,7 +19,6 @@ from klotski.prefetch import CorrelationPrefetcher
 from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.memory import BudgetError, TierMeter
 from klotski.runtime.placement import ModelBytes, streamed_bytes
-from klotski.schedule import Placement
 from klotski.runtime.planning import (DEFAULT_WORKLOAD, REPLAN_FACTOR, InfeasibleError, layout_for_plan,
                                       machine_profile, make_plan, minimum_layout, model_costs)
 from klotski.units import format_bytes, parse_bytes
@@ -148,7 +147,6 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
             q = (q + 1) // 2
     if kv == "cpu":
         plan = replace(plan, placement=replace(plan.placement, kv="cpu"))
-    group = plan.batch_size * (n_fixed or plan.n)
     n = n_fixed or plan.n
     # what the plan's schedule reserves too (the runtime's forward re-checks with the real lengths: a longer
     # prompt chunks, a KV cache that does not fit the device goes to host memory)

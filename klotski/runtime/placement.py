@@ -18,9 +18,7 @@ import torch
 
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights
-from klotski.runtime.memory import BudgetError
 from klotski.schedule import Placement
-from klotski.units import format_bytes
 
 CLASSES = ("attn", "gate", "shared")
 NORMS = ("input_norm", "post_attn_norm")

@@ -8,7 +8,7 @@
   width) for them. The placement is the planner's; the runtime only sizes its fixed device pools around it
   (:func:`layout_for_plan`).
 * :func:`calibrate_from_run` -- fit the profile's rates to the per-op timings of a measured run (the
-  executor's trace) with :func:`klotski.costs.calibrate`, and cache the result with the profile.
+  executor's trace) with :func:`klotski.calibration.calibrate`, and cache the result with the profile.
 
 Workload: the engine plans at construction for a default workload (:data:`DEFAULT_WORKLOAD`) and re-plans
 (rebuilding the executor) when a ``generate`` call's mean prompt length or generation length differs from the
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from klotski.costs import ModelCosts, calibrate
+from klotski.calibration import calibrate
+from klotski.costs import ModelCosts
 from klotski.hardware import HardwareProfile, default_profile_path, load_profile, measure_profile
 from klotski.planner import BATCH_SIZES, GROUP_SIZES, InfeasibleError, Plan, Planner
 from klotski.runtime.memory import BudgetError
@@ -196,7 +197,7 @@ def minimum_layout(mb: ModelBytes, spec, policy: str) -> Layout:
 def calibrate_from_run(ex, hw: HardwareProfile | None = None, save: bool = True) -> HardwareProfile:
     """Fit ``hw`` (default: this machine's uncalibrated profile) to the executor's last run: every traced
     op (compute spans with their FLOPs, copies with their bytes and link) is paired with its measured seconds
-    and :func:`klotski.costs.calibrate` rescales the rates. Saved beside the profile when ``save``."""
+    and :func:`klotski.calibration.calibrate` rescales the rates. Saved beside the profile when ``save``."""
     dev = ex.device.type
     hw = hw or machine_profile(dev, calibrated=False)
     obs = ex.tracer.observations()

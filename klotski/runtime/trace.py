@@ -105,7 +105,7 @@ class Tracer:
         from disk (``tier`` "disk"/"store", serial on its lane) is a ``disk`` read of ``read_bytes`` in ``read_s`` seconds
         (the time spent waiting on the reads) and an ``h2d`` copy of all its bytes in the rest, as the schedule models it; one
         from host memory an ``h2d`` copy, KV loads / stores ``h2d`` / ``d2h`` copies.
-        For :func:`klotski.costs.calibrate`."""
+        For :func:`klotski.calibration.calibrate`."""
         from klotski.schedule import Op
 
         out = []

@@ -1,7 +1,8 @@
 import pytest
 
 from klotski import model as kmodel
-from klotski.costs import ModelCosts, calibrate, op_seconds, weight_dtype_of
+from klotski.calibration import calibrate, fit_compute
+from klotski.costs import ModelCosts, op_seconds, weight_dtype_of
 from klotski.hardware import preset
 from klotski.presets import MODEL_CONFIGS, model_config
 from klotski.schedule import Op
@@ -130,8 +131,6 @@ def test_ffn_workspace_is_chunked_like_the_kernels():
 def test_calibration_falls_back_to_a_smaller_positive_model():
     """When the full fit gives a non-positive term (here attention FLOPs that seem to cost negative time), the
     fit drops to score FLOPs at the matmul rate instead of giving up and keeping the profile's overhead."""
-    from klotski.costs import fit_compute
-
     rows = []
     for i, (calls, flops, score) in enumerate([(1, 1e6, 0), (3, 5e6, 2e5), (2, 2e7, 0), (5, 4e7, 1e6),
                                                (1, 1e8, 0), (2, 3e6, 3e6), (4, 6e7, 5e5)]):

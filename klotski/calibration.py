@@ -1,0 +1,129 @@
+"""Fitting a hardware profile to a measured run: per-op (op, seconds) pairs -> calibrated rates and overheads.
+
+The planner's predictions are only as good as its profile; :func:`calibrate` fits the profile's compute rates
+and per-call overhead (jointly, :func:`fit_compute`) and its links' bandwidths to what a real run measured
+(``klotski.runtime.planning.calibrate_from_run`` collects the pairs from the executor's trace).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Iterable
+
+from klotski.costs import op_seconds
+
+CALIBRATION_KEYS = ("matmul", "attention", "h2d", "d2h", "disk")
+
+
+def _category(op) -> str | None:
+    if op.link is not None:
+        return op.link
+    if op.kind == "attn":
+        return "attention"
+    if op.kind == "release":
+        return None
+    return "matmul"
+
+
+def fit_compute(rows: list[tuple[int, float, float, float]]) -> tuple[float, float, float | None] | None:
+    """Least squares ``seconds = calls * overhead + flops / rate + score_flops / attn_rate`` over compute ops.
+
+    ``rows``: (calls, flops, score_flops, measured seconds). -> (overhead s per call, matmul FLOP/s,
+    attention FLOP/s or None when no op had score FLOPs), or None when no model fits with positive terms.
+    When the full model gives a non-positive coefficient (noise, or a term the ops cannot separate), the
+    smaller models are tried: score FLOPs at the matmul rate, then no per-call overhead; the positive fit
+    with the least squared error wins.
+    """
+    import numpy as np
+
+    calls = np.array([r[0] for r in rows], dtype=float)
+    flops = np.array([r[1] for r in rows], dtype=float)
+    score = np.array([r[2] for r in rows], dtype=float)
+    y = np.array([r[3] for r in rows], dtype=float)
+    has_scores = bool((score > 0).any())
+    # (columns, how the coefficients map to (overhead, 1/rate, 1/attn rate))
+    models = []
+    if has_scores:
+        models.append(([calls, flops, score], lambda c: (c[0], c[1], c[2])))
+    models.append(([calls, flops + score], lambda c: (c[0], c[1], c[1] if has_scores else None)))
+    if has_scores:
+        models.append(([flops, score], lambda c: (0.0, c[0], c[1])))
+    models.append(([flops + score], lambda c: (0.0, c[0], c[0] if has_scores else None)))
+    best = None
+    for cols, unpack in models:
+        A = np.stack(cols, axis=1)
+        if len(rows) < A.shape[1] + 1 or np.linalg.matrix_rank(A) < A.shape[1]:
+            continue
+        scale = A.max(axis=0)
+        coef, *_ = np.linalg.lstsq(A / scale, y, rcond=None)
+        coef = coef / scale
+        if (coef <= 0).any():
+            continue
+        err = float(((A @ coef - y) ** 2).sum())
+        if best is None or err < best[0]:
+            best = (err, unpack(coef))
+    if best is None:
+        return None
+    overhead, inv_rate, inv_attn = best[1]
+    return float(overhead), float(1.0 / inv_rate), (float(1.0 / inv_attn) if inv_attn is not None else None)
+
+
+def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):
+    """A profile whose parameters are fitted so predicted op times match measured ones.
+
+    ``observations``: ``(op, measured_seconds)`` pairs from a real run. Compute ops of each side (device or
+    CPU) are fitted jointly as ``calls * overhead + flops / rate + score_flops / attention rate``
+    (:func:`fit_compute`), which sets the per-call overhead and both rates: folding a per-call cost into the
+    rate would mispredict ops of other sizes (a decode-step fit then triples prefill). Where the rows cannot
+    separate the terms, the scale is ``sum(predicted) / sum(measured)`` per category and rates are multiplied
+    by it. A link's bandwidth (h2d, d2h, disk) is set so its copies' predicted seconds (latency + bytes /
+    bandwidth each) sum to the measured ones. Categories without observations are left unchanged.
+    """
+    pred: dict[tuple[str, str], float] = {}
+    meas: dict[tuple[str, str], float] = {}
+    compute_rows: dict[str, list[tuple[int, float, float, float]]] = {}
+    copies: dict[str, list[int]] = {}  # link -> [copies with bytes, bytes]
+    for op, seconds in observations:
+        cat = _category(op)
+        if cat is None or seconds <= 0:
+            continue
+        dev = "cpu" if (op.link is None and op.device == "cpu") else "gpu"
+        pred[(cat, dev)] = pred.get((cat, dev), 0.0) + op_seconds(op, hw, dtype)
+        meas[(cat, dev)] = meas.get((cat, dev), 0.0) + seconds
+        if op.link is not None and op.bytes > 0:
+            c = copies.setdefault(cat, [0, 0])
+            c[0] += 1
+            c[1] += op.bytes
+        if cat in ("matmul", "attention"):
+            compute_rows.setdefault(dev, []).append((max(1, op.calls), op.flops, op.score_flops, seconds))
+    changes: dict = {}
+    fitted: set[str] = set()
+    for dev, rows in compute_rows.items():
+        fit = fit_compute(rows)
+        if fit is None:
+            continue
+        overhead, rate, attn_rate = fit
+        on_cpu = dev == "cpu"
+        mm_field = "cpu_matmul_flops" if on_cpu else "matmul_flops"
+        old = getattr(hw, mm_field)
+        ratio = rate / hw.matmul_rate(dtype, dev)
+        changes[mm_field] = {k: v * ratio for k, v in old.items()} | {dtype: rate}
+        changes["cpu_op_overhead_s" if on_cpu else "op_overhead_s"] = overhead
+        if attn_rate is not None:
+            changes["cpu_attention_flops" if on_cpu else "attention_flops"] = attn_rate
+        fitted.add(dev)
+    for (cat, dev), p in pred.items():
+        if cat in ("matmul", "attention") and dev in fitted:
+            continue
+        s = p / meas[(cat, dev)]
+        if cat == "matmul":
+            field = "cpu_matmul_flops" if dev == "cpu" else "matmul_flops"
+            changes[field] = {k: v * s for k, v in getattr(hw, field).items()}
+        elif cat == "attention":
+            field = "cpu_attention_flops" if dev == "cpu" else "attention_flops"
+            changes[field] = getattr(hw, field) * s
+        else:
+            field = {"h2d": "h2d_bandwidth", "d2h": "d2h_bandwidth", "disk": "disk_bandwidth"}[cat]
+            count, nbytes = copies.get(cat, (0, 0))
+            transfer = meas[(cat, dev)] - count * hw.transfer_latency_s  # the latency term stays as profiled
+            changes[field] = nbytes / transfer if nbytes and transfer > 0 else getattr(hw, field) * s
+    return replace(hw, source=f"{hw.source}+calibrated" if changes else hw.source, **changes)
