@@ -205,11 +205,7 @@ class OffloadedExecutor:
         ticket = self.dense_pool.reserve()
 
         def job(ln):
-            idx, ev = self.dense_pool.acquire(ticket)
-            if ev is not None:
-                ln.stream.wait_event(ev)
-            start = self.tracer.begin(ln.stream)
-            self.w.take_read_seconds()
+            idx, start = self._begin_load(self.dense_pool, ticket, ln)
             buf = self.dense_bufs[idx]
             for k in [k for k in buf if k not in keys]:
                 del buf[k]
@@ -228,6 +224,16 @@ class OffloadedExecutor:
 
         return self.lanes[lane].submit(f"L{layer} weights", job)
 
+    def _begin_load(self, pool: SlotPool, ticket, ln):
+        """On lane ``ln``: take the reserved buffer (its stream waits until the buffer's last reader is done),
+        start the lane's span and its read-seconds count. -> (buffer index, span start)."""
+        idx, ev = pool.acquire(ticket)
+        if ev is not None:
+            ln.stream.wait_event(ev)
+        start = self.tracer.begin(ln.stream)
+        self.w.take_read_seconds()
+        return idx, start
+
     def release_dense(self, idx) -> None:
         if idx is not None:
             self.dense_pool.release(idx, self._compute_event())
@@ -241,11 +247,7 @@ class OffloadedExecutor:
         ticket = pool.slots.reserve()
 
         def job(ln):
-            slot, ev = pool.slots.acquire(ticket)
-            if ev is not None:
-                ln.stream.wait_event(ev)
-            start = self.tracer.begin(ln.stream)
-            self.w.take_read_seconds()
+            slot, start = self._begin_load(pool.slots, ticket, ln)
             try:
                 if tier == "cpu":
                     moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], what[1])
@@ -280,10 +282,7 @@ class OffloadedExecutor:
         rows = cache.rows[k][1] - cache.rows[k][0]
 
         def job(ln):
-            idx, ev = self.kv_pool.acquire(ticket)
-            if ev is not None:
-                ln.stream.wait_event(ev)
-            start = self.tracer.begin(ln.stream)
+            idx, start = self._begin_load(self.kv_pool, ticket, ln)
             view = KVCache(self.spec.num_layers, rows, cache.capacity, cache.device_pads[k])
             view.length = cache.length
             moved = 0
