@@ -102,9 +102,10 @@ class Tracer:
     def observations(self) -> list:
         """(op, measured seconds) of every traced span, as :class:`klotski.schedule.Op` s the cost model can
         time: compute spans carry their FLOPs (``op``, ``flops``, ``score_flops``, ``calls``); a weight load
-        from disk (``tier`` "disk"/"store", serial on its lane) is a ``disk`` read of ``read_bytes`` in ``read_s`` seconds
-        (the time spent waiting on the reads) and an ``h2d`` copy of all its bytes in the rest, as the schedule models it; one
-        from host memory an ``h2d`` copy, KV loads / stores ``h2d`` / ``d2h`` copies.
+        from disk (``tier`` "disk"/"store", serial on its lane) is a ``disk`` read of ``read_bytes`` in
+        ``read_s`` seconds (the time spent waiting on the reads) and an ``h2d`` copy of all its bytes in the
+        rest, as the schedule models it; one from host memory an ``h2d`` copy, KV loads / stores ``h2d`` /
+        ``d2h`` copies.
         For :func:`klotski.calibration.calibrate`."""
         from klotski.schedule import Op
 
