@@ -51,6 +51,11 @@ def workspace_bytes(num_tokens: int, top_k: int, hidden_size: int, intermediate_
     return pairs * (intermediate_size * dtype_bytes + hidden_size * 4)
 
 
+def _output(hidden_states: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """(the tensor results go into, whether they are added to it): ``out`` when given, else a new one."""
+    return (torch.empty_like(hidden_states), False) if out is None else (out, True)
+
+
 def _chunks(num_tokens: int, chunk_tokens: int | None):
     step = max(1, CHUNK_TOKENS if chunk_tokens is None else int(chunk_tokens))
     return [(a, min(a + step, num_tokens)) for a in range(0, num_tokens, step)]
@@ -88,13 +93,8 @@ def fused_moe_torch(
     in fp32 and is cast once to the output dtype. Tokens run in chunks of ``chunk_tokens``.
     """
     shape = check_moe_inputs(hidden_states, w13, w2, topk_weights, topk_ids, expert_slots, out, activation)
-    M = shape.num_tokens
-    if out is None:
-        out = torch.empty_like(hidden_states)
-        accumulate = False
-    else:
-        accumulate = True
-    for a, b in _chunks(M, chunk_tokens):
+    out, accumulate = _output(hidden_states, out)
+    for a, b in _chunks(shape.num_tokens, chunk_tokens):
         acc = _moe_chunk_torch(hidden_states[a:b], w13, w2, topk_weights[a:b], topk_ids[a:b], expert_slots,
                                shape.intermediate_size, activation)
         if accumulate:
@@ -194,11 +194,7 @@ def invoke_fused_moe(
         )
     else:
         config = check_config(config)
-    if out is None:
-        out_tensor = torch.empty_like(hidden_states)
-        accumulate = False
-    else:
-        out_tensor, accumulate = out, True
+    out_tensor, accumulate = _output(hidden_states, out)
     for a, b in chunks:
         part = replace(shape, num_tokens=b - a)
         _launch(hidden_states[a:b], w13, w2, topk_weights[a:b], topk_ids[a:b], expert_slots, out_tensor[a:b],
