@@ -118,6 +118,7 @@ class SafetensorsIndex:
         if not os.path.isdir(self.model_dir):
             raise FileNotFoundError(f"model directory not found: {self.model_dir}")
         self.tensors: dict[str, TensorInfo] = {}
+        self._identity: dict | None = None
         for path in self._files():
             for name, info in index_file(path).items():
                 if name in self.tensors:
@@ -150,6 +151,14 @@ class SafetensorsIndex:
 
     def names(self) -> list[str]:
         return list(self.tensors)
+
+    def identity(self) -> dict:
+        """This checkpoint's identity (:func:`klotski.store.identity.checkpoint_identity`), computed once."""
+        if self._identity is None:
+            from klotski.store.identity import checkpoint_identity
+
+            self._identity = checkpoint_identity(self)
+        return self._identity
 
     def read(self, name_or_info: str | TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read one tensor (only its bytes) into a new CPU tensor, or into ``out`` (CPU, same dtype/numel)."""

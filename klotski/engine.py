@@ -68,7 +68,9 @@ class LLM:
     """An MoE model ready to generate.
 
     ``policy="resident"`` keeps every weight on ``device``. ``max_num_seqs`` bounds how many prompts share
-    one batch.
+    one batch. ``offload_dir`` holds the packed expert store of this checkpoint (converted on first use) and
+    the learned prefetch table; a store converted from another checkpoint is refused, naming both, unless
+    ``rebuild_store=True`` replaces it.
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class LLM:
         offload_dir: str | None = None,
         num_batches: int | str = "auto",
         batch_size: int | str = "auto",
+        rebuild_store: bool = False,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
@@ -101,7 +104,8 @@ class LLM:
             from klotski.runtime import build_offloaded
 
             self.executor = build_offloaded(self.weights, self.device, self.dtype, policy, gpu_memory, cpu_memory,
-                                            offload_dir, num_batches=num_batches, batch_size=batch_size)
+                                            offload_dir, num_batches=num_batches, batch_size=batch_size,
+                                            rebuild_store=rebuild_store)
             self.max_num_seqs = self.executor.group_size
         self.generator = torch.Generator().manual_seed(seed)
         self.metrics = RunMetrics()

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 FORMAT = "klotski-prefetch-v1"
+TABLE_NAME = "klotski_prefetch.npz"  # the learned table's file in an offload directory (or a model directory)
+TABLE_GLOB = "klotski_prefetch*.npz"
 
 
 def _ids(topk_ids) -> np.ndarray:
@@ -114,26 +116,40 @@ class CorrelationPrefetcher:
         return [int(e) for e in order[: min(budget, self.num_experts)]]
 
     # ---- persistence -----------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> None:
-        path = os.fspath(path)
-        tmp = path + ".tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, format=np.array(FORMAT), popularity=self.popularity, corr=self.corr)
-        os.replace(tmp, path)
+    def save(self, path: str | os.PathLike, identity: str | None = None) -> None:
+        """Write the tables to ``path`` atomically (a temporary file unique to this call, then a rename).
+        ``identity``: the fingerprint of the checkpoint the routing was learned on, checked by :meth:`load`."""
+        from klotski.store.directory import atomic_write
 
-    def load(self, path: str | os.PathLike) -> "CorrelationPrefetcher":
+        arrays = dict(format=np.array(FORMAT), popularity=self.popularity, corr=self.corr)
+        if identity is not None:
+            arrays["identity"] = np.array(str(identity))
+        atomic_write(os.fspath(path), lambda f: np.savez(f, **arrays))
+
+    def load(self, path: str | os.PathLike, identity: str | None = None) -> "CorrelationPrefetcher":
+        """Read tables written by :meth:`save`. ValueError for a file that is not a table, is damaged, has
+        other dimensions, or (``identity`` given) was learned on another checkpoint."""
+        import zipfile
+
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"prefetch table not found: {path}")
-        with np.load(path, allow_pickle=False) as data:
-            if "format" not in data or str(data["format"]) != FORMAT:
-                raise ValueError(f"{path}: not a Klotski prefetch table ({FORMAT})")
-            pop, corr = data["popularity"], data["corr"]
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "format" not in data or str(data["format"]) != FORMAT:
+                    raise ValueError(f"{path}: not a Klotski prefetch table ({FORMAT})")
+                pop, corr = data["popularity"], data["corr"]
+                saved = str(data["identity"]) if "identity" in data else None
+        except (zipfile.BadZipFile, EOFError, OSError, KeyError) as e:
+            raise ValueError(f"{path}: damaged prefetch table ({type(e).__name__}: {e})") from None
         want = (self.num_layers, self.num_experts)
         if pop.shape != want or corr.shape != (*want, self.num_experts):
             raise ValueError(
                 f"{path}: table is for {pop.shape[0]} layers x {pop.shape[1]} experts, expected {want[0]} x {want[1]}"
             )
+        if identity is not None and saved is not None and saved != identity:
+            raise ValueError(f"{path}: table was learned on another checkpoint (fingerprint {saved[:16]}, "
+                             f"expected {identity[:16]})")
         self.popularity, self.corr = pop.astype(np.float64), corr.astype(np.float64)
         self._last = None
         return self

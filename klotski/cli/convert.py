@@ -7,7 +7,10 @@ import sys
 def add_parser(sub):
     p = sub.add_parser("convert", help="rewrite a checkpoint into a packed expert store (4 KiB-aligned experts)")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="HF-layout checkpoint (config.json + safetensors)")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="output directory (created; an earlier store is replaced)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="output directory: new, empty, or holding a store of the same checkpoint")
+    p.add_argument("--replace", action="store_true",
+                   help="replace another checkpoint's store (or Klotski files) in OUT_DIR; other files are kept")
     p.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
     return p
 
@@ -30,7 +33,7 @@ def run(args) -> int:
         bar.n = done
         bar.refresh()
 
-    manifest = convert_checkpoint(args.model_dir, args.out_dir, progress=progress)
+    manifest = convert_checkpoint(args.model_dir, args.out_dir, progress=progress, replace=args.replace)
     if bar is not None:
         bar.close()
     nbytes = sum(f["nbytes"] for f in manifest["files"].values())

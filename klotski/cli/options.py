@@ -12,6 +12,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
     p.add_argument("--gpu-memory", default=None, help="device budget for offloaded policies, e.g. 24GiB")
     p.add_argument("--cpu-memory", default=None, help="pinned host memory budget, e.g. 64GiB")
     p.add_argument("--offload-dir", default=None, help="disk tier: where the packed expert store lives")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="replace a store of another checkpoint found in --offload-dir (refused otherwise)")
     p.add_argument("--num-batches", default="auto", help="batches per batch group (n), or auto")
     p.add_argument("--batch-size", default="auto", help="sequences per batch, or auto")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the streams")
@@ -41,7 +43,7 @@ def build_llm(args, model_dir: str, policy: str | None = None):
     kwargs = {}
     if policy != "resident":
         kwargs = dict(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, offload_dir=args.offload_dir,
-                      num_batches=args.num_batches, batch_size=args.batch_size)
+                      num_batches=args.num_batches, batch_size=args.batch_size, rebuild_store=args.rebuild_store)
     return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy, **kwargs)
 
 

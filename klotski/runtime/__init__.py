@@ -15,7 +15,7 @@ import os
 import torch
 
 from klotski.model.weights import CheckpointWeights
-from klotski.prefetch import CorrelationPrefetcher
+from klotski.prefetch import TABLE_NAME, CorrelationPrefetcher
 from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.memory import BudgetError, TierMeter
 from klotski.runtime.placement import ModelBytes, streamed_bytes
@@ -24,40 +24,30 @@ from klotski.runtime.planning import (DEFAULT_WORKLOAD, REPLAN_FACTOR, Infeasibl
 from klotski.units import format_bytes, parse_bytes
 
 OFFLOAD_POLICIES = ("layerwise", "flexgen", "klotski")
-PREFETCH_TABLE = "klotski_prefetch.npz"
 
 __all__ = ["OFFLOAD_POLICIES", "BudgetError", "OffloadedExecutor", "build_offloaded", "run_policy",
            "check_offload_dir", "prepare_run", "finish_run", "warm_up"]
 
 
 def check_offload_dir(offload_dir: str | os.PathLike) -> str:
-    """Create ``offload_dir`` if needed and check it is a writable directory (ValueError otherwise)."""
-    path = os.path.abspath(os.fspath(offload_dir))
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"offload_dir {path!r} cannot be created: {e.strerror}") from None
-    if not os.path.isdir(path):
-        raise ValueError(f"offload_dir {path!r} is not a directory")
-    probe = os.path.join(path, ".klotski-write-test")
-    try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"offload_dir {path!r} is not writable: {e.strerror}") from None
-    return path
+    """Create ``offload_dir`` if needed and check it can serve as one (ValueError otherwise): a non-empty path
+    to a directory that is empty or Klotski's own (a store, or what Klotski wrote there), writable unless it
+    holds a finished store (reading one needs no write access)."""
+    from klotski.store import MANIFEST_NAME, OffloadDir
+
+    d = OffloadDir(offload_dir)
+    if d.foreign_entries() or not os.path.isfile(os.path.join(d.path, MANIFEST_NAME)):
+        d.ensure_ours()  # refuses another program's files; checks it is writable; marks it Klotski's
+    return d.path
 
 
-def open_store(model_dir: str, offload_dir: str):
-    """The packed expert store in ``offload_dir``, converted from ``model_dir`` when missing or unfinished."""
-    from klotski.store import ExpertStore, StoreIncompleteError, convert_checkpoint
+def open_store(index, offload_dir: str, rebuild: bool = False):
+    """The packed expert store of the checkpoint behind ``index`` (a SafetensorsIndex) in ``offload_dir``,
+    converted when missing or unfinished; a store of another checkpoint is refused (or replaced with
+    ``rebuild``). See :func:`klotski.store.open_store`."""
+    from klotski.store import open_store as _open
 
-    try:
-        return ExpertStore(offload_dir)
-    except StoreIncompleteError:
-        convert_checkpoint(model_dir, offload_dir)
-        return ExpertStore(offload_dir)
+    return _open(index.model_dir, offload_dir, index.identity(), rebuild=rebuild)
 
 
 def _count(value, name: str) -> int | None:
@@ -69,19 +59,27 @@ def _count(value, name: str) -> int | None:
     return int(value)
 
 
-def _load_table(prefetcher: CorrelationPrefetcher, dirs) -> str | None:
+def _load_table(prefetcher: CorrelationPrefetcher, dirs, identity: str | None) -> str | None:
+    """Load the first readable prefetch table of ``dirs`` learned on this checkpoint; a damaged table or one
+    of another checkpoint is skipped with a warning (it is relearned and overwritten by the next save)."""
+    import warnings
+
     for d in dirs:
-        path = os.path.join(d, PREFETCH_TABLE) if d else None
+        path = os.path.join(d, TABLE_NAME) if d else None
         if path and os.path.isfile(path):
-            prefetcher.load(path)
-            return path
+            try:
+                prefetcher.load(path, identity=identity)
+                return path
+            except ValueError as e:
+                warnings.warn(f"ignoring the prefetch table: {e}; it is learned again", stacklevel=3)
     return None
 
 
 def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: torch.dtype, policy: str,
                     gpu_memory, cpu_memory, offload_dir=None, num_batches="auto", batch_size="auto",
                     prefetcher: CorrelationPrefetcher | None = None, experts_fn=None,
-                    workload: tuple[int, int] = DEFAULT_WORKLOAD, kv: str = "auto", hardware=None) -> OffloadedExecutor:
+                    workload: tuple[int, int] = DEFAULT_WORKLOAD, kv: str = "auto", hardware=None,
+                    rebuild_store: bool = False) -> OffloadedExecutor:
     """Plan with :mod:`klotski.planner` and return an executor for ``policy`` that runs the plan.
 
     ``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited.
@@ -90,7 +88,8 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     ``batch_size``: "auto" = the planner's choice, an int fixes it (the planner still places the weights).
     ``workload``: (prompt tokens, generated tokens) per sequence to plan for. ``hardware``: a
     HardwareProfile (default: this machine's cached measured profile, :func:`~klotski.runtime.planning.machine_profile`).
-    ``kv="cpu"`` forces the KV cache into host memory whatever the plan says.
+    ``kv="cpu"`` forces the KV cache into host memory whatever the plan says. ``rebuild_store``: replace a
+    store of another checkpoint found in ``offload_dir`` (refused by default).
     """
     from dataclasses import replace
 
@@ -109,7 +108,8 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     table = None
     if prefetcher is None and spec.moe_layers:
         prefetcher = CorrelationPrefetcher(spec.num_layers, spec.num_experts)
-        table = _load_table(prefetcher, (store_dir, weights.index.model_dir))
+        ident = weights.index.identity()["fingerprint"] if store_dir is not None else None
+        table = _load_table(prefetcher, (store_dir, weights.index.model_dir), ident)
     mb = ModelBytes.of(weights, dtype)
     costs = model_costs(spec, spec.weight_dtype or "bfloat16", dtype)
     big = 1 << 62
@@ -166,11 +166,7 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     store = None
     p = layout.placement
     if store_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
-        store = open_store(weights.index.model_dir, store_dir)
-        if store.fp8_block != spec.fp8_block:
-            raise ValueError(f"expert store {store_dir} holds fp8_block {store.fp8_block} but the checkpoint "
-                             f"{weights.index.model_dir} has {spec.fp8_block}: it was converted from another "
-                             f"checkpoint; use another offload_dir or convert again")
+        store = open_store(weights.index, store_dir, rebuild=rebuild_store)
     gpu, cpu = TierMeter("gpu", gpu_budget), TierMeter("cpu", cpu_budget)
     if experts_fn is None:
         from klotski.triton_kernels import fused_moe as experts_fn
@@ -182,7 +178,8 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     ex.table_path = table
     ex.build_args = dict(weights=weights, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory,
                          cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
-                         batch_size=batch_size, experts_fn=experts_fn, kv=kv, hardware=hardware)
+                         batch_size=batch_size, experts_fn=experts_fn, kv=kv, hardware=hardware,
+                         rebuild_store=rebuild_store)
     return ex
 
 
@@ -228,16 +225,25 @@ def warm_up(ex: OffloadedExecutor, prompt_token_ids: list[list[int]], max_tokens
 def finish_run(ex: OffloadedExecutor) -> str | None:
     """After a generate call: save the prefetch table in ``offload_dir`` (reloaded by the next
     ``build_offloaded``, which also reads one shipped in the model directory; the model directory itself is
-    never written). Returns the path written, or None (no offload_dir)."""
+    never written). Returns the path written, or None (no offload_dir, or the save failed: a warning says
+    why; the outputs are never lost to a side file)."""
     if ex.prefetcher is None or ex.prefetcher.popularity.sum() == 0 or not ex.offload_dir:
         return None
     return save_prefetch_table(ex, ex.offload_dir)
 
 
-def save_prefetch_table(ex: OffloadedExecutor, directory: str) -> str:
-    """Save the executor's learned routing table next to the model (or in offload_dir)."""
-    path = os.path.join(directory, PREFETCH_TABLE)
-    ex.prefetcher.save(path)
+def save_prefetch_table(ex: OffloadedExecutor, directory: str) -> str | None:
+    """Save the executor's learned routing table (tagged with the checkpoint's fingerprint) in ``directory``;
+    a failure (a full disk, a read-only directory) warns and returns None."""
+    import warnings
+
+    path = os.path.join(directory, TABLE_NAME)
+    try:
+        ex.prefetcher.save(path, identity=ex.w.weights.index.identity()["fingerprint"])
+    except OSError as e:
+        warnings.warn(f"could not save the prefetch table to {path}: {e.strerror or e}; the outputs are "
+                      f"unaffected and the table is learned again next time", stacklevel=2)
+        return None
     return path
 
 

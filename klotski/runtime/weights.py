@@ -239,6 +239,8 @@ class PlacedWeights:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        if self.store is not None:
+            self.store.close()  # releases the offload directory's shared lock
 
     def tier_bytes(self) -> dict:
         """Weight bytes per tier as placed (for reports)."""

@@ -5,13 +5,18 @@
 by its ``w2`` [H, I] (fp8 checkpoints: the fp8 bytes as stored, then the w13 and w2 block scales, fp32,
 16-byte aligned), each expert record starting on a 4096-byte boundary; the non-expert tensors go to
 ``non_expert.safetensors`` under their original names; ``config.json`` and tokenizer files are copied; and
-``manifest.json`` (layer, expert, offset, nbytes, dtype, shape, checksum per tensor) is written last.
+``manifest.json`` (layer, expert, offset, nbytes, dtype, shape, checksum per tensor, and the source
+checkpoint's identity) is written last.
 
 ``ExpertStore(out_dir)`` answers (layer, expert) -> :class:`ExpertRecord` (path, offset, nbytes and the
 w13/w2 placement inside the record), reads experts through a :class:`klotski.io.DiskReader`, and verifies
-checksums (:class:`ChecksumError` names the tensor).
+checksums (:class:`ChecksumError` names the tensor). ``open_store(model_dir, offload_dir, identity)`` opens the
+store of that checkpoint, converting it first when missing, and refuses another checkpoint's store
+(:class:`IdentityMismatchError`); :class:`OffloadDir` holds the rules for writing into and locking a directory.
 """
 from klotski.store.convert import convert_checkpoint
+from klotski.store.directory import DirectoryBusyError, OffloadDir
+from klotski.store.identity import IdentityMismatchError, checkpoint_identity
 from klotski.store.manifest import (
     MANIFEST_NAME,
     ChecksumError,
@@ -21,10 +26,15 @@ from klotski.store.manifest import (
     StoreIncompleteError,
     checksum,
 )
-from klotski.store.store import ExpertStore
+from klotski.store.store import ExpertStore, open_store
 
 __all__ = [
     "MANIFEST_NAME",
+    "DirectoryBusyError",
+    "IdentityMismatchError",
+    "OffloadDir",
+    "checkpoint_identity",
+    "open_store",
     "ChecksumError",
     "ExpertRecord",
     "ExpertStore",

@@ -1,15 +1,30 @@
 """Rewrite an HF-layout checkpoint into a packed expert store (see :mod:`klotski.store`).
 
-Crash safety: every file is written under ``<name>.tmp``, fsynced and renamed; ``manifest.json`` is removed
-before anything else is written and written (atomically) last. A conversion killed at any point leaves a
-directory without a manifest, which :class:`klotski.store.ExpertStore` refuses to open
-(:class:`StoreIncompleteError`); converting again into it replaces the leftovers.
+Safety:
+
+* **Whose store**: the manifest records the source checkpoint's identity
+  (:func:`klotski.store.identity.checkpoint_identity`). Converting into a directory that holds another
+  checkpoint's store, or any non-empty directory that is not Klotski's, is refused unless ``replace=True``;
+  a replacement first removes every file of the old store (layer files, copied config/tokenizer files,
+  prefetch tables, leftovers), never files that are not Klotski's.
+* **One writer**: the directory's exclusive lock (:class:`~klotski.store.directory.OffloadDir`) is held for
+  the whole conversion; a second converter waits, then finds a finished store (kept when it is of the same
+  checkpoint and ``reuse=True``) or is refused as above.
+* **Crash safety**: ``manifest.json`` is removed before anything else is written and written (atomically)
+  last; every file goes through a temporary name unique to the writer and is renamed when complete. A
+  conversion killed at any point leaves a directory without a manifest, which
+  :class:`klotski.store.ExpertStore` refuses to open (:class:`StoreIncompleteError`); the next conversion
+  removes the leftovers. A conversion that fails (a full disk, an interrupt) removes what it wrote.
+* **Space**: the bytes to write are checked against the free space first.
 """
 from __future__ import annotations
 
+import errno
+import glob
 import json
 import os
 import shutil
+import zlib
 from typing import Callable
 
 import torch
@@ -18,9 +33,12 @@ from klotski.checkpoint import DTYPES, SafetensorsIndex, TensorInfo
 from klotski.model.quant import Fp8Weight, scale_name
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights, expert_names
+from klotski.store.directory import DEFAULT_LOCK_TIMEOUT, OffloadDir, fsync_dir
+from klotski.store.identity import IdentityMismatchError, checkpoint_identity, describe, same_source
 from klotski.store.manifest import (ALIGNMENT, CHECKSUM_ALGO, FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERSION,
-                                    ExpertRecord, PackedTensor, checksum, dtype_name, fsync_dir,
+                                    ExpertRecord, PackedTensor, StoreError, checksum, dtype_name,
                                     write_json_atomic)
+from klotski.units import format_bytes
 
 SAFETENSORS_NAMES = {v: k for k, v in DTYPES.items()}
 # Small files copied verbatim (config, tokenizer, generation settings).
@@ -39,18 +57,30 @@ def _as_bytes(t: torch.Tensor) -> memoryview:
 
 
 class _AtomicFile:
-    """``open(path + '.tmp', 'wb')``; ``commit()`` fsyncs and renames onto ``path``."""
+    """A temporary file unique to this writer beside ``path``; ``commit()`` fsyncs and renames it onto
+    ``path``, ``discard()`` removes it. Keeps a crc32 of everything written."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, crc: bool = False):
+        import tempfile
+
         self.path = path
-        self.tmp = path + ".tmp"
-        self.f = open(self.tmp, "wb")
+        self.keep_crc = crc
+        fd, self.tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                        dir=os.path.dirname(path))
+        self.f = os.fdopen(fd, "wb")
+        self.crc = 0
 
     def write(self, data) -> None:
         self.f.write(data)
+        if self.keep_crc:
+            self.crc = zlib.crc32(data, self.crc)
 
     def tell(self) -> int:
         return self.f.tell()
+
+    @property
+    def checksum(self) -> str:
+        return f"{CHECKSUM_ALGO}:{self.crc & 0xFFFFFFFF:08x}"
 
     def commit(self) -> int:
         self.f.flush()
@@ -60,13 +90,34 @@ class _AtomicFile:
         os.rename(self.tmp, self.path)
         return size
 
+    def discard(self) -> None:
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        try:
+            os.remove(self.tmp)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:  # a failure (ENOSPC, an interrupt) leaves no temporary file behind
+            self.discard()
+
 
 SCALE_ALIGNMENT = 16  # fp32 scales start on an aligned offset inside the record
 
 
 def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[list[ExpertRecord], int]:
-    name = layer_file_name(layer)
-    out = _AtomicFile(os.path.join(out_dir, name))
+    with _AtomicFile(os.path.join(out_dir, layer_file_name(layer))) as out:
+        records = _write_records(weights, layer, out)
+        return records, out.commit()
+
+
+def _write_records(weights: CheckpointWeights, layer: int, out: _AtomicFile) -> list[ExpertRecord]:
     records = []
     for e in range(weights.spec.num_experts):
         w13, w2 = weights.read_expert_stored(layer, e)  # fp8 weights stay fp8 (+ scales)
@@ -100,11 +151,12 @@ def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[
         if pad:
             out.write(b"\0" * pad)
         records.append(ExpertRecord(layer, e, out.path, start, pos, p13, p2, **extra))
-    return records, out.commit()
+    return records
 
 
-def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: str) -> int:
-    """Stream tensors (bytes copied verbatim) into a safetensors file, header padded to 8 bytes."""
+def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: str) -> tuple[int, str]:
+    """Stream tensors (bytes copied verbatim) into a safetensors file, header padded to 8 bytes.
+    Returns (bytes, checksum of the whole file)."""
     header, offset = {}, 0
     for info in infos:
         header[info.name] = {"dtype": SAFETENSORS_NAMES[info.dtype], "shape": list(info.shape),
@@ -113,31 +165,151 @@ def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: s
     header["__metadata__"] = {"format": "pt", "producer": "klotski convert"}
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    out = _AtomicFile(path)
-    out.write(len(raw).to_bytes(8, "little"))
-    out.write(raw)
-    for info in infos:
-        out.write(_as_bytes(index.read(info)))
-    return out.commit()
+    with _AtomicFile(path, crc=True) as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for info in infos:
+            out.write(_as_bytes(index.read(info)))
+        return out.commit(), out.checksum
+
+
+def _record_bytes(weights: CheckpointWeights, layer: int) -> int:
+    """Bytes of one layer file: every expert record (fp8: + scales) padded to the alignment."""
+    total = 0
+    for e in range(weights.spec.num_experts):
+        w13, w2 = weights.expert_pieces(layer, e)
+        n = sum(p.stored_nbytes for p in w13) + w2.stored_nbytes + 2 * SCALE_ALIGNMENT
+        total += -(-n // ALIGNMENT) * ALIGNMENT
+    return total
+
+
+def _copied_files(model_dir: str) -> list[str]:
+    """Small files copied verbatim from the checkpoint (config, tokenizer, generation settings)."""
+    return [n for n in sorted(os.listdir(model_dir)) if os.path.isfile(os.path.join(model_dir, n))
+            and n.endswith(COPIED_SUFFIXES) and n not in SKIPPED and n != MANIFEST_NAME]
+
+
+def read_manifest(out_dir: str) -> dict | None:
+    """The manifest of a finished store in ``out_dir`` (None when there is none or it is unreadable)."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST_NAME)) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) and m.get("format") == FORMAT else None
+    except (OSError, ValueError):
+        return None
+
+
+def store_files(out_dir: str, manifest: dict | None, copied: list[str] = ()) -> list[str]:
+    """Every file of a Klotski store in ``out_dir`` (finished or interrupted), and the temporary files of its
+    writers: what a replacement removes. ``copied``: names the new conversion will copy (replaced too)."""
+    from klotski.prefetch import TABLE_GLOB
+
+    owned = {MANIFEST_NAME, NON_EXPERT_NAME, *copied}
+    if manifest:
+        owned.update(manifest.get("files", {}))
+        owned.update(manifest.get("copied", []))
+    for pattern in ("experts-layer[0-9][0-9][0-9].bin", TABLE_GLOB):
+        owned.update(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(out_dir), pattern)))
+    out = []
+    for name in os.listdir(out_dir):
+        base = name.rsplit(".", 2)[0] if name.endswith(".tmp") else name  # "<name>.<unique>.tmp"
+        if base in owned or (name.endswith(".tmp") and base.startswith(("experts-layer", ".klotski-probe",
+                                                                           "klotski_prefetch"))):
+            if os.path.isfile(os.path.join(out_dir, name)):
+                out.append(name)
+    return sorted(out)
 
 
 def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                       progress: Progress | None = None) -> dict:
+                       progress: Progress | None = None, replace: bool = False, reuse: bool = False,
+                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, identity: dict | None = None) -> dict:
     """Convert ``model_dir`` (config.json + safetensors, either expert key layout) into a packed store in
-    ``out_dir`` (created if needed; an earlier store there is replaced). Returns the manifest dict."""
-    model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
-    if os.path.abspath(model_dir) == os.path.abspath(out_dir):
+    ``out_dir`` (created if needed) and return the manifest dict.
+
+    ``out_dir`` must be empty, or hold a store of the same checkpoint (converted again, or kept as it is
+    with ``reuse=True``); another checkpoint's store or a directory that is not Klotski's is refused unless
+    ``replace=True``. ``identity``: the checkpoint's identity when the caller already computed it."""
+    model_dir, out_dir = os.fspath(model_dir), os.path.abspath(os.fspath(out_dir))
+    if os.path.abspath(model_dir) == out_dir:
         raise ValueError(f"output directory must differ from the model directory ({model_dir})")
     spec = ModelSpec.from_pretrained(model_dir)
     index = SafetensorsIndex(model_dir)
     weights = CheckpointWeights(index, spec)  # validates names and shapes against the config
-    os.makedirs(out_dir, exist_ok=True)
+    identity = identity or checkpoint_identity(index)
+    directory = OffloadDir(out_dir)
+    report = progress or (lambda what, done, total: None)
+    directory.ensure_ours(replace=replace)  # before the lock file (which marks the directory as ours) exists
+    with directory:
+        directory.lock(exclusive=True, timeout=lock_timeout,
+                       waiting=lambda: report("waiting for another writer", 0, 1))
+        old = read_manifest(out_dir)
+        old_identity = (old or {}).get("source", {}).get("identity")
+        if old is not None and same_source(old_identity, identity):
+            if reuse:
+                return old
+        elif old is not None and not replace:
+            raise IdentityMismatchError(
+                f"{out_dir} holds the expert store of {describe(old_identity)}, not of {describe(identity)}; "
+                f"converting over it is refused: use another directory, or replace it (`klotski convert "
+                f"--replace`, or rebuild_store=True)")
+        stale = store_files(out_dir, old, _copied_files(model_dir))
+        _check_space(weights, model_dir, out_dir, stale)
+        _remove_old_store(out_dir, stale)
+        return _convert(weights, index, spec, model_dir, out_dir, identity, report)
+
+
+def _check_space(weights, model_dir: str, out_dir: str, replaced: list[str]) -> None:
+    need = sum(_record_bytes(weights, layer) for layer in weights.spec.moe_layers) + _non_expert_bytes(weights)
+    need += sum(os.path.getsize(os.path.join(model_dir, n)) for n in _copied_files(model_dir))
+    reclaim = sum(os.path.getsize(os.path.join(out_dir, n)) for n in replaced)
+    free = shutil.disk_usage(out_dir).free
+    if need > free + reclaim:
+        raise StoreError(f"not enough free space in {out_dir} for the expert store of {model_dir}: it needs "
+                         f"{format_bytes(need)}, the filesystem has {format_bytes(free)} free"
+                         + (f" (+ {format_bytes(reclaim)} of the old store it replaces)" if reclaim else ""))
+
+
+def _non_expert_bytes(weights: CheckpointWeights) -> int:
+    expert_keys = _expert_keys(weights)
+    return sum(i.nbytes for n, i in weights.index.tensors.items() if n not in expert_keys) + 65536
+
+
+def _expert_keys(weights: CheckpointWeights) -> set[str]:
+    keys = set()
+    for layer in weights.spec.moe_layers:
+        names = expert_names(weights.spec, layer, weights.layout)
+        keys.update(names)
+        keys.update(scale_name(n) for n in names)  # fp8 scales travel in the expert records
+    return keys
+
+
+def _remove_old_store(out_dir: str, stale: list[str]) -> None:
+    """The manifest first (from here on the directory is not a store until we finish), then every other file
+    of an earlier or interrupted store (``stale``, from :func:`store_files`)."""
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
-    if os.path.exists(manifest_path):  # from here on the directory is not a store until we finish
+    if os.path.exists(manifest_path):
         os.remove(manifest_path)
         fsync_dir(out_dir)
-    report = progress or (lambda what, done, total: None)
+    for name in stale:
+        try:
+            os.remove(os.path.join(out_dir, name))
+        except FileNotFoundError:
+            pass
+    fsync_dir(out_dir)
 
+
+def _convert(weights, index, spec, model_dir: str, out_dir: str, identity: dict, report: Progress) -> dict:
+    try:
+        return _write_store(weights, index, spec, model_dir, out_dir, identity, report)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            _remove_old_store(out_dir, store_files(out_dir, None, _copied_files(model_dir)))  # nothing half-written
+            raise StoreError(f"the disk holding {out_dir} filled up while converting {model_dir} "
+                             f"({e.strerror}); the partial store was removed") from None
+        raise
+
+
+def _write_store(weights, index, spec, model_dir: str, out_dir: str, identity: dict, report: Progress) -> dict:
     layers = spec.moe_layers
     records: list[ExpertRecord] = []
     files: dict[str, dict] = {}
@@ -148,24 +320,19 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
         files[layer_file_name(layer)] = {"nbytes": size}
     report("experts", len(layers), len(layers))
 
-    expert_keys = set()
-    for layer in layers:
-        names = expert_names(spec, layer, weights.layout)
-        expert_keys.update(names)
-        expert_keys.update(scale_name(n) for n in names)  # fp8 scales travel in the expert records
+    expert_keys = _expert_keys(weights)
     others = [index[n] for n in sorted(index.names()) if n not in expert_keys]
     report("non-expert tensors", 0, 1)
-    size = _write_safetensors(index, others, os.path.join(out_dir, NON_EXPERT_NAME))
-    files[NON_EXPERT_NAME] = {"nbytes": size}
+    size, crc = _write_safetensors(index, others, os.path.join(out_dir, NON_EXPERT_NAME))
+    files[NON_EXPERT_NAME] = {"nbytes": size, "checksum": crc}
     report("non-expert tensors", 1, 1)
 
-    for name in sorted(os.listdir(model_dir)):
-        src = os.path.join(model_dir, name)
-        if os.path.isfile(src) and name.endswith(COPIED_SUFFIXES) and name not in SKIPPED and name != MANIFEST_NAME:
-            shutil.copyfile(src, os.path.join(out_dir, name + ".tmp"))
-            with open(os.path.join(out_dir, name + ".tmp"), "rb+") as f:
-                os.fsync(f.fileno())
-            os.rename(os.path.join(out_dir, name + ".tmp"), os.path.join(out_dir, name))
+    copied = _copied_files(model_dir)
+    for name in copied:
+        with _AtomicFile(os.path.join(out_dir, name)) as out:
+            with open(os.path.join(model_dir, name), "rb") as src:
+                shutil.copyfileobj(src, out.f)
+            out.commit()
     fsync_dir(out_dir)
 
     dtypes = sorted({dtype_name(r.w13.dtype) for r in records})
@@ -176,10 +343,11 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
         "fp8_block": list(spec.fp8_block) if spec.fp8_block else None,
         "source": {"model_dir": os.path.abspath(model_dir), "expert_layout": "fused" if weights.layout.fused
-                   else "per-expert"},
+                   else "per-expert", "identity": identity},
         "non_expert": NON_EXPERT_NAME,
         "files": files,
+        "copied": copied,
         "experts": [r.to_json(os.path.basename(r.path)) for r in records],
     }
-    write_json_atomic(manifest_path, manifest)
+    write_json_atomic(os.path.join(out_dir, MANIFEST_NAME), manifest)
     return manifest

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from klotski.model.quant import Fp8Weight
+from klotski.store.directory import atomic_write
 
 FORMAT = "klotski-expert-store"
 VERSION = 1
@@ -148,19 +149,5 @@ class ExpertRecord:
 
 
 def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to ``path.tmp``, fsync, rename over ``path``, fsync the directory."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fsync_dir(os.path.dirname(path))
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Write JSON through a unique temporary file, fsync, rename over ``path``, fsync the directory."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from klotski.store.identity import IdentityMismatchError, describe, same_source
 from klotski.store.manifest import (FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERSION, ChecksumError, ExpertRecord,
                                     PackedTensor, StoreError, StoreIncompleteError, checksum)
 
@@ -21,8 +22,11 @@ from klotski.store.manifest import (FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERS
 class ExpertStore:
     """A finished packed store directory (raises StoreIncompleteError for an unfinished one)."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, expect_identity: dict | None = None):
+        """``expect_identity``: the identity of the checkpoint this store must come from
+        (:func:`klotski.store.identity.checkpoint_identity`); another one raises IdentityMismatchError."""
         self.root = os.fspath(root)
+        self.directory = None  # the OffloadDir whose shared lock this store holds (see open_store)
         path = os.path.join(self.root, MANIFEST_NAME)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"expert store directory not found: {self.root}")
@@ -40,7 +44,12 @@ class ExpertStore:
         if self.manifest.get("format") != FORMAT or self.manifest.get("version") != VERSION:
             raise StoreError(f"{path}: expected format {FORMAT!r} version {VERSION}, got "
                              f"{self.manifest.get('format')!r} version {self.manifest.get('version')!r}")
-        for name, meta in self.manifest["files"].items():
+        if expect_identity is not None and not same_source(self.identity, expect_identity):
+            raise IdentityMismatchError(
+                f"expert store {self.root} was converted from {describe(self.identity)}, not from the checkpoint "
+                f"in use, {describe(expect_identity)}: its experts would give wrong tokens. Use another "
+                f"offload_dir, or rebuild it (LLM(..., rebuild_store=True) or `klotski convert --replace`)")
+        for name, meta in self.manifest.get("files", {}).items():
             fpath = os.path.join(self.root, name)
             if not os.path.isfile(fpath):
                 raise StoreError(f"{self.root}: file {name} listed in the manifest is missing")
@@ -49,9 +58,31 @@ class ExpertStore:
                 raise StoreError(f"{fpath}: expected {meta['nbytes']} bytes (manifest), found {size} (truncated "
                                  f"or replaced)")
         self._records: dict[tuple[int, int], ExpertRecord] = {}
-        for d in self.manifest["experts"]:
-            rec = ExpertRecord.from_json(self.root, d, self.fp8_block)
+        for d in self.manifest.get("experts", []):
+            try:
+                rec = ExpertRecord.from_json(self.root, d, self.fp8_block)
+            except (KeyError, TypeError, ValueError) as e:
+                if isinstance(e, StoreError):
+                    raise
+                raise StoreError(f"{path}: malformed expert record {str(d)[:120]} ({type(e).__name__}: {e})") from None
             self._records[(rec.layer, rec.expert)] = rec
+
+    @property
+    def identity(self) -> dict | None:
+        """The source checkpoint's identity recorded at conversion (None: an older store without one)."""
+        return self.manifest.get("source", {}).get("identity")
+
+    def close(self) -> None:
+        """Release the offload directory's shared lock (see :func:`open_store`)."""
+        if self.directory is not None:
+            self.directory.unlock()
+            self.directory = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ---- lookup -------------------------------------------------------------------------------------
     @property
@@ -150,7 +181,58 @@ class ExpertStore:
         finally:
             if own:
                 reader.close()
+        if layers is None:
+            self.verify_non_expert()
         return n
 
+    def verify_non_expert(self) -> None:
+        """Check ``non_expert.safetensors`` against the checksum recorded at conversion (when recorded)."""
+        import zlib
 
-__all__ = ["ExpertStore", "PackedTensor"]
+        want = self.manifest.get("files", {}).get(os.path.basename(self.non_expert_path), {}).get("checksum")
+        if not want:
+            return
+        crc = 0
+        with open(self.non_expert_path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                crc = zlib.crc32(chunk, crc)
+        got = f"crc32:{crc & 0xFFFFFFFF:08x}"
+        if got != want:
+            raise ChecksumError(f"checksum mismatch for {self.non_expert_path}: expected {want}, got {got}")
+
+
+def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool = False,
+               lock_timeout: float | None = None, progress=None) -> ExpertStore:
+    """The packed store of the checkpoint ``model_dir`` (identity ``identity``) in ``offload_dir``, converted
+    when missing or unfinished; another checkpoint's store is refused (IdentityMismatchError naming both)
+    or, with ``rebuild=True``, replaced. The returned store holds the directory's shared lock until
+    ``close()``, so no other process replaces it while it is read; a finished store on a read-only
+    directory is read without one."""
+    from klotski.store.convert import convert_checkpoint
+    from klotski.store.directory import DEFAULT_LOCK_TIMEOUT, OffloadDir
+
+    timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+    directory = OffloadDir(offload_dir)
+    for attempt in range(2):
+        directory.lock(exclusive=False, timeout=timeout)
+        try:
+            store = ExpertStore(directory.path, expect_identity=identity)
+            store.directory = directory
+            return store
+        except StoreIncompleteError:
+            pass
+        except IdentityMismatchError:
+            if not rebuild or attempt:
+                directory.unlock()
+                raise
+        except BaseException:
+            directory.unlock()
+            raise
+        directory.unlock()  # a writer needs the exclusive lock: convert (waits for other readers / writers)
+        if attempt == 0:
+            convert_checkpoint(model_dir, directory.path, progress=progress, replace=rebuild, reuse=True,
+                               lock_timeout=timeout, identity=identity)
+    raise StoreError(f"{offload_dir}: the store converted from {model_dir} could not be opened")
+
+
+__all__ = ["ExpertStore", "PackedTensor", "open_store"]
