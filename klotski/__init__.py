@@ -1,6 +1,6 @@
 """Klotski: offloaded Mixture-of-Experts inference on one GPU.
 
-Public surface (design §5): ``from klotski import LLM, SamplingParams``.
+Public surface: ``from klotski import LLM, SamplingParams``.
 """
 __version__ = "0.1.0"
 

@@ -13,6 +13,7 @@ from klotski.model.resident import ResidentModel
 from klotski.model.weights import CheckpointWeights
 from klotski.sampling import SamplingParams
 from klotski.tokenizer import Tokenizer
+from klotski.units import parse_bytes
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
@@ -37,10 +38,44 @@ def resolve_dtype(dtype, spec: ModelSpec, device: torch.device) -> torch.dtype:
 def resolve_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was requested but torch sees no CUDA device")
     return device
+
+
+def _text(i: int, prompt) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt {i} must be a string, got {type(prompt).__name__}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt {i} is not valid Unicode text: {e.reason} at character {e.start}") from None
+    return prompt
+
+
+def _token_ids(i: int, prompt) -> list[int]:
+    """One prompt's token ids: ints only (a float or a string is refused, never coerced)."""
+    import numbers
+
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+        raise ValueError(f"prompt_token_ids[{i}] must be a list of ints, got {type(prompt).__name__} {prompt!r:.60}")
+    if isinstance(prompt, torch.Tensor):
+        if prompt.is_floating_point() or prompt.dtype == torch.bool or prompt.dim() != 1:
+            raise ValueError(f"prompt_token_ids[{i}] must be a 1-D integer tensor, got {prompt.dtype} "
+                             f"{list(prompt.shape)}")
+        return [int(t) for t in prompt.tolist()]
+    out = []
+    for t in prompt:
+        if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+            raise ValueError(f"prompt_token_ids[{i}] must hold ints, got {type(t).__name__} {t!r}")
+        out.append(int(t))
+    return out
 
 
 @dataclass
@@ -90,6 +125,11 @@ class LLM:
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
+        if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
+        for name, value in (("gpu_memory", gpu_memory), ("cpu_memory", cpu_memory)):
+            if value is not None:
+                parse_bytes(value)  # a bad size is an error under every policy, never silently ignored
         self.model_dir = str(model)
         self.spec = ModelSpec.from_pretrained(self.model_dir)
         self.device = resolve_device(device)
@@ -116,9 +156,11 @@ class LLM:
             raise ValueError("pass exactly one of prompts or prompt_token_ids")
         if prompts is not None:
             prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            ids = [self.tokenizer.encode(p) for p in prompts]
+            ids = [self.tokenizer.encode(_text(i, p)) for i, p in enumerate(prompts)]
         else:
-            ids = [list(map(int, p)) for p in prompt_token_ids]
+            if isinstance(prompt_token_ids, (str, bytes)) or not hasattr(prompt_token_ids, "__iter__"):
+                raise ValueError(f"prompt_token_ids must be a list of lists of token ids, got {prompt_token_ids!r:.80}")
+            ids = [_token_ids(i, p) for i, p in enumerate(prompt_token_ids)]
         for i, p in enumerate(ids):
             if not p:
                 raise ValueError(f"prompt {i} is empty")
@@ -126,6 +168,16 @@ class LLM:
             if bad:
                 raise ValueError(f"prompt {i}: token id {bad[0]} outside the vocabulary [0, {self.spec.vocab_size})")
         return ids
+
+    def _check_request(self, i: int, prompt: list[int], params: SamplingParams) -> None:
+        """A request the model can serve: its context fits, its stop tokens exist."""
+        limit = self.spec.max_position_embeddings
+        if len(prompt) + params.max_tokens > limit:
+            raise ValueError(f"prompt {i}: {len(prompt)} prompt tokens + max_tokens {params.max_tokens} exceed "
+                             f"the model's context of {limit} tokens (max_position_embeddings)")
+        bad = [t for t in params.stop_token_ids or () if t >= self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i}: stop token id {bad[0]} outside the vocabulary [0, {self.spec.vocab_size})")
 
     # ---- public API ------------------------------------------------------------------------------------
     def generate(
@@ -142,6 +194,12 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(ids)
         if len(params) != len(ids):
             raise ValueError(f"got {len(params)} sampling_params for {len(ids)} prompts")
+        for i, (p, sp) in enumerate(zip(ids, params)):
+            if not isinstance(sp, SamplingParams):
+                raise ValueError(f"sampling_params[{i}] must be a SamplingParams, got {type(sp).__name__}")
+            self._check_request(i, p, sp)
+        if not ids:
+            return []
         bar = None
         if use_tqdm:
             from tqdm import tqdm
@@ -188,6 +246,10 @@ class LLM:
     def logits(self, prompt_token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Per prompt, float32 logits [len, vocab] of every position (CPU)."""
         ids = self._prompt_ids(None, prompt_token_ids)
+        for i, p in enumerate(ids):
+            if len(p) > self.spec.max_position_embeddings:
+                raise ValueError(f"prompt {i}: {len(p)} tokens exceed the model's context of "
+                                 f"{self.spec.max_position_embeddings} tokens (max_position_embeddings)")
         out = []
         for b in range(0, len(ids), self.max_num_seqs):
             chunk = ids[b : b + self.max_num_seqs]

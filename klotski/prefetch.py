@@ -1,4 +1,4 @@
-"""Correlation-aware expert prefetcher (Klotski §2, design §5).
+"""Correlation-aware expert prefetcher (the Klotski paper's prefetcher: a layer-to-layer expert table).
 
 Two tables, learned from observed routing (a warm-up pass, then online):
 

@@ -126,7 +126,7 @@ class RoutingStats:
 
     @classmethod
     def from_trace_file(cls, path: str | os.PathLike) -> "RoutingStats":
-        """From a routing-count JSON (``num_experts``, ``top_k``, ``layers``, ``counts``; design §7)."""
+        """From a routing-count JSON (``num_experts``, ``top_k``, ``layers``, ``counts``; e.g. per-expert and cross-layer counts recorded from a real model)."""
         with open(path) as f:
             d = json.load(f)
         for key in ("top_k", "layers", "counts"):

@@ -1,9 +1,23 @@
 """Sampling parameters (vLLM's offline meanings) and the sampler that applies them to a batch of logits."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -20,6 +34,18 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
+        self.max_tokens = _int("max_tokens", self.max_tokens)
+        self.temperature = _real("temperature", self.temperature)
+        self.top_p = _real("top_p", self.top_p)
+        self.top_k = _int("top_k", self.top_k)
+        if self.seed is not None:
+            self.seed = _int("seed", self.seed)
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not hasattr(self.stop_token_ids, "__iter__"):
+                raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}")
+            self.stop_token_ids = [_int("stop_token_ids entry", t) for t in self.stop_token_ids]
+            if any(t < 0 for t in self.stop_token_ids):
+                raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids}")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:

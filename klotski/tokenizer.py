@@ -12,7 +12,11 @@ class Tokenizer:
         if os.path.isfile(path):
             from tokenizers import Tokenizer as HFTokenizer
 
-            self._tok = HFTokenizer.from_file(path)
+            try:
+                self._tok = HFTokenizer.from_file(path)
+            except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception
+                raise ValueError(f"{path}: cannot load the tokenizer ({e}); fix or remove the file "
+                                 f"(token ids can be passed without one)") from None
 
     @property
     def available(self) -> bool:

@@ -5,6 +5,7 @@ on a GPU's box ("24 GB") and in ``nvidia-smi``. A bare number is bytes; ``B`` is
 """
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -12,6 +13,7 @@ _UNITS = {
     "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
     "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
 }
+MAX_BYTES = 1 << 60  # 1 EiB: anything larger is a typo, not a machine
 _PATTERN = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 
@@ -20,9 +22,7 @@ def parse_bytes(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"memory size must be an int or a string with a unit, got {value!r}")
     if isinstance(value, (int, float)):
-        if value < 0:
-            raise ValueError(f"memory size must be >= 0, got {value!r}")
-        return int(value)
+        return _checked(value, value)
     if not isinstance(value, str):
         raise ValueError(f"memory size must be an int or a string with a unit, got {type(value).__name__} {value!r}")
     m = _PATTERN.match(value)
@@ -32,7 +32,17 @@ def parse_bytes(value: int | float | str) -> int:
             f"cannot parse memory size {value!r}: expected a number with an optional unit "
             f"(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '24GiB'"
         )
-    return int(round(float(m.group(1)) * _UNITS[unit]))
+    return _checked(float(m.group(1)) * _UNITS[unit], value)
+
+
+def _checked(n: int | float, given) -> int:
+    if isinstance(n, float) and not math.isfinite(n):
+        raise ValueError(f"memory size must be a finite number of bytes, got {given!r}")
+    if n < 0:
+        raise ValueError(f"memory size must be >= 0, got {given!r}")
+    if n > MAX_BYTES:
+        raise ValueError(f"memory size {given!r} is larger than 1 EiB: check the number and its unit")
+    return int(round(n))
 
 
 def format_bytes(n: int | float, binary: bool = True) -> str:

@@ -140,3 +140,18 @@ def check_against_transformers(path: str, hf, prompts=PROMPTS, new_tokens: int =
         assert ours.dtype == torch.float32 and ours.shape == ref.shape
         assert rel_err(ours, ref) < 1e-4
     return llm
+
+
+def write_tokenizer(model_dir: str, vocab_size: int = 128) -> str:
+    """A word-level ``tokenizer.json`` over ``vocab_size`` tokens ("w0" ... and the letters of ASCII text
+    mapped to their own ids) so text prompts work on a tiny checkpoint. Returns the file's path."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(c): c for c in range(32, min(127, vocab_size))}
+    vocab.update({f"w{i}": i for i in range(vocab_size) if i not in vocab.values()})
+    vocab["[UNK]"] = 0 if "[UNK]" not in vocab else vocab["[UNK]"]
+    tok = Tokenizer(models.WordLevel({k: v for k, v in vocab.items() if v < vocab_size}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    path = os.path.join(model_dir, "tokenizer.json")
+    tok.save(path)
+    return path

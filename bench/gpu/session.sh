@@ -7,13 +7,27 @@
 #   bash bench/gpu/session.sh tune      # kernel configs for this device (then commit triton_kernels/configs/)
 #   bash bench/gpu/session.sh io        # H2D from the pinned ring vs torch pinned / pageable copies; disk reads
 #   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes
+#   bash bench/gpu/session.sh all       # THE call for a lent GPU (15 minutes of device time in all, ~9 min here):
+#                                       # smoke, the cuda-marked tests only, a short kernel sweep, a small e2e run,
+#                                       # each under its own timeout, each writing under $OUT as it finishes
 #
 # Afterwards: copy the JSON next to a bench/results/<date>-<device>-<what>.md naming the device, the commit,
 # the command and the table (a figure that is not in the repository is lost).
 set -uo pipefail
-step=${1:?usage: bench/gpu/session.sh smoke|kernels|tune|io|e2e}
+step=${1:?usage: bench/gpu/session.sh all|smoke|cuda|kernels|tune|io|e2e}
 OUT=${OUT:-/tmp/klotski-gpu}
 mkdir -p "$OUT"
+if [ "$step" = all ]; then
+    # At most 8 files come back from $OUT: smoke.log, cuda.log, pytest-cuda.xml, kernels.log,
+    # fused_moe_cuda.json, e2e.log, one e2e JSON. A step cut short by its timeout keeps what it wrote.
+    export KLOTSKI_GPU_QUICK=1 PYTHONUNBUFFERED=1
+    here=$(dirname "$0")
+    timeout 100 bash "$here/session.sh" smoke || echo "smoke: exit $?"
+    timeout 150 bash "$here/session.sh" cuda || echo "cuda tests: exit $?"
+    timeout 80 bash "$here/session.sh" kernels || echo "kernels: exit $?"
+    timeout 210 bash "$here/session.sh" e2e || echo "e2e: exit $?"
+    exit 0
+fi
 log="$OUT/$step.log"
 exec > >(tee "$log") 2>&1
 echo "klotski $(git rev-parse --short HEAD 2>/dev/null || echo '?') step $step, $(date -u +%FT%TZ)"
@@ -27,14 +41,34 @@ case "$step" in
 smoke)
     nvidia-smi
     python -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+    python - <<'PY'
+import importlib
+for name in ("transformers", "accelerate", "pybind11", "cmake", "ninja", "numpy", "safetensors"):
+    try:
+        print(name, getattr(importlib.import_module(name), "__version__", "?"))
+    except ImportError as e:
+        print(name, "missing:", e)
+PY
     build
+    [ -n "${KLOTSKI_GPU_QUICK:-}" ] && exit 0
     # the GPU tests first (bf16 kernels, CUDA graphs, ring + H2D, runtime cuda path), then everything
     python -m pytest -q -p no:cacheprovider -m cuda -x --junitxml="$OUT/pytest-cuda.xml" tests
     HF_HUB_OFFLINE=1 python -m pytest -q -p no:cacheprovider --junitxml="$OUT/pytest-all.xml" tests
     ;;
+cuda)
+    # only the tests that need the GPU (the CPU suite runs in CI): bf16 kernels, CUDA graphs, ring + H2D,
+    # the runtime's CUDA path, equality with transformers on cuda
+    python -c "import klotski._C" 2>/dev/null || build
+    HF_HUB_OFFLINE=1 python -m pytest -q -p no:cacheprovider -m cuda -x --junitxml="$OUT/pytest-cuda.xml" tests
+    ;;
 kernels)
-    build
-    python bench/kernels/bench_fused_moe.py --dtype bf16 --out "$OUT/fused_moe_cuda.json"
+    python -c "import klotski._C" 2>/dev/null || build
+    if [ -n "${KLOTSKI_GPU_QUICK:-}" ]; then  # a short M sweep of the three model shapes
+        python bench/kernels/bench_fused_moe.py --dtype bf16 --m 1 16 64 256 1024 4096 --iters 10 \
+            --out "$OUT/fused_moe_cuda.json"
+    else
+        python bench/kernels/bench_fused_moe.py --dtype bf16 --out "$OUT/fused_moe_cuda.json"
+    fi
     ;;
 tune)
     build
@@ -49,12 +83,18 @@ io)
         --out "$OUT/disk_read.json"
     ;;
 e2e)
-    build
+    python -c "import klotski._C" 2>/dev/null || build
+    if [ -n "${KLOTSKI_GPU_QUICK:-}" ]; then  # small enough to write in well under a minute: OLMoE shapes, 8 of
+        # its 16 layers (~7 GB bf16) under a 3 GB device budget, no calibration pass, accelerate beside it
+        PRESET=${PRESET:-olmoe-1b-7b} LAYERS=${LAYERS:-8} GPU_MEMORY=${GPU_MEMORY:-3GB} CPU_MEMORY=${CPU_MEMORY:-3GB}
+        CALIBRATE=${CALIBRATE-} PROMPT_LEN=${PROMPT_LEN:-256} GEN_LEN=${GEN_LEN:-16}
+        export PRESET LAYERS GPU_MEMORY CPU_MEMORY CALIBRATE PROMPT_LEN GEN_LEN
+    fi
     # a model bigger than the emulated 24 GB card (Qwen3-30B-A3B shapes, 24 of 48 layers: 31.2 GB bf16, fits the
     # 64 GB disk; backup: PRESET=mixtral-8x7b LAYERS=10, 29.5 GB). The checkpoint is kept in CKPT, so a second
     # call (e.g. POLICIES=layerwise after a timeout) reuses it. bench_offload.py rewrites its JSON after each policy.
     python bench/e2e/bench_offload.py --preset "${PRESET:-qwen3-30b-a3b}" --layers "${LAYERS:-24}" \
-        --gpu-memory "${GPU_MEMORY:-24GB}" --cpu-memory "${CPU_MEMORY:-48GB}" --prompt-len 512 --gen-len 32 \
+        --gpu-memory "${GPU_MEMORY:-24GB}" --cpu-memory "${CPU_MEMORY:-48GB}" --prompt-len "${PROMPT_LEN:-512}" --gen-len "${GEN_LEN:-32}" \
         --policies "${POLICIES:-klotski,flexgen,layerwise}" --baseline "${BASELINE:-accelerate}" ${CALIBRATE---calibrate} \
         --checkpoint-dir "${CKPT:-/tmp/klotski-ckpt-${PRESET:-qwen3-30b-a3b}-${LAYERS:-24}}" \
         --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --out "$OUT"

@@ -19,11 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from klotski.store import DirectoryBusyError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, DirectoryBusyError) as e:
         print(f"klotski {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyError as e:  # an unknown name (preset, hardware): its message, one line, not a traceback
+        print(f"klotski {args.verb}: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,8 @@ def add_parser(sub):
     p.add_argument("--gen-len", type=int, default=32)
     p.add_argument("--policy", default="klotski", choices=("klotski", "flexgen", "layerwise", "resident"))
     p.add_argument("--dtype", default=None, help="weight dtype override (bfloat16, float16, float8_e4m3, int4)")
-    p.add_argument("--routing", default=None, help="routing-count JSON (design §7) for expert popularity")
+    p.add_argument("--routing", default=None,
+                   help="routing-count JSON (per-expert and cross-layer counts) for expert popularity")
     p.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of one decode step")
     p.add_argument("--timeline", default=None, help="write a PNG timeline of one decode step")
     p.add_argument("--json", default=None, help="write the plans as JSON")
@@ -53,7 +54,12 @@ def load_costs(args):
 def load_hardware(args):
     from klotski.hardware import get_hardware, load_profile
 
+    from klotski.units import parse_bytes
+
     hw = get_hardware(args.hardware) if args.hardware else load_profile()
+    if args.gpu_memory is not None and parse_bytes(args.gpu_memory) > hw.gpu_memory:
+        raise ValueError(f"--gpu-memory {args.gpu_memory} is more than the {format_bytes(hw.gpu_memory)} of device "
+                         f"memory of {hw.name} ({hw.device_name}): a plan for it could not run there")
     return hw.with_memory(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
 
 

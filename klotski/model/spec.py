@@ -116,14 +116,22 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "ModelSpec":
-        """Parse an HF ``config.json`` dict. Raises :class:`UnsupportedModelError` for unknown types."""
+        """Parse an HF ``config.json`` dict. Raises :class:`UnsupportedModelError` for unknown types and
+        ValueError for a config that is not a JSON object or describes an impossible model."""
+        if not isinstance(config, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a JSON {type(config).__name__}")
         model_type = config.get("model_type")
         parser = PARSERS.get(model_type)
         if parser is None:
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(PARSERS))}"
             )
-        spec = parser(config)
+        try:
+            spec = parser(config)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"config.json for model_type {model_type!r} is missing or has a malformed field "
+                             f"({type(e).__name__}: {e})") from None
+        check_spec(spec)
         block = parse_quantization(config)
         return replace(spec, fp8_block=block) if block else spec
 
@@ -135,9 +143,27 @@ class ModelSpec:
         with open(path) as f:
             try:
                 config = json.load(f)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not valid JSON ({e})") from e
-        return cls.from_config(config)
+        try:
+            return cls.from_config(config)
+        except UnsupportedModelError:
+            raise
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def check_spec(spec: ModelSpec) -> None:
+    """Refuse a config that cannot describe a working model (ValueError naming the fields)."""
+    for name in ("vocab_size", "hidden_size", "num_layers", "max_position_embeddings"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(spec, name)}")
+    if spec.moe_layers:
+        if spec.num_experts < 1:
+            raise ValueError(f"the model has MoE layers but num_experts is {spec.num_experts}")
+        if not 1 <= spec.top_k <= spec.num_experts:
+            raise ValueError(f"num_experts_per_tok (top_k) must be between 1 and the number of experts "
+                             f"({spec.num_experts}), got {spec.top_k}")
 
 
 PARSERS: dict[str, Callable[[dict], ModelSpec]] = {}
