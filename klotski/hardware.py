@@ -4,7 +4,8 @@ A :class:`HardwareProfile` holds host-to-device / device-to-host / disk-read ban
 attention rate, memory bandwidth and GPU / CPU memory, for the device and for the CPU (which may compute
 too). :func:`measure_profile` measures this machine (GPU when present, else CPU mode: the "device" is the
 CPU, "H2D" a memcpy); :func:`load_profile` / :meth:`HardwareProfile.save` cache it as JSON under
-``$XDG_CACHE_HOME/klotski/`` (or ``~/.cache/klotski/``). :data:`PRESETS` are published / typical figures for
+``$XDG_CACHE_HOME/klotski/hardware-<device>.json`` (or ``~/.cache/klotski/``; :mod:`klotski.profile_cache`
+says when a measurement is cached and how runs correct it). :data:`PRESETS` are published / typical figures for
 common machines, labelled ``source="preset"``: estimates, not measurements.
 """
 from __future__ import annotations
@@ -86,7 +87,8 @@ class HardwareProfile:
         return cls(**d)
 
     def save(self, path: str | os.PathLike | None = None) -> Path:
-        path = Path(path) if path is not None else default_profile_path()
+        """Write the profile as JSON (default: this machine's cache for its device)."""
+        path = Path(path) if path is not None else default_profile_path(self.device)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
@@ -135,9 +137,15 @@ def preset(name: str) -> HardwareProfile:
     return PRESETS[key]
 
 
-def default_profile_path() -> Path:
+def default_profile_path(device: str | None = None) -> Path:
+    """Where this machine's profile of ``device`` ("cuda" | "cpu") is cached:
+    ``$XDG_CACHE_HOME/klotski/hardware-<device>.json`` (or ``~/.cache/klotski/``). Without a device: the
+    GPU's profile when one is cached, else the CPU's (see :mod:`klotski.profile_cache`)."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "klotski" / "hardware.json"
+    root = Path(base) / "klotski"
+    if device is None:
+        device = "cuda" if (root / "hardware-cuda.json").is_file() else "cpu"
+    return root / f"hardware-{device}.json"
 
 
 def load_profile(path: str | os.PathLike | None = None) -> HardwareProfile:

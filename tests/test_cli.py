@@ -88,5 +88,9 @@ def test_bench_calibrate_saves_the_fitted_profile(demo_dir, tmp_path, capsys, mo
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "calibrated on the klotski run" in out
-    saved = load_profile(profile_path("cpu", calibrated=True))
-    assert "calibrated" in saved.source and saved.source != load_profile(profile_path("cpu")).source
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (a run under the interpreter is never cached)
+    rc = main(["bench", "--model", demo_dir, "--num-prompts", "2", "--prompt-len", "6", "--gen-len", "3",
+               "--device", "cpu", "--policy", "klotski", "--gpu-memory", "4MiB", "--calibrate"])
+    assert rc == 0 and "saved " + str(profile_path("cpu")) in capsys.readouterr().out
+    saved = load_profile(profile_path("cpu"))  # one cache: the calibrated profile replaces the measured one
+    assert saved.source.endswith("+calibrated") and saved.source.count("calibrated") == 1

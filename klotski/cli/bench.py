@@ -53,14 +53,16 @@ def run(args) -> int:
         ex = llm.executor
         if not args.calibrate or calibrated or getattr(ex, "tracer", None) is None:
             return
+        from klotski.profile_cache import interpreter_on
         from klotski.runtime.planning import calibrate_from_run, prediction_metrics, profile_path
 
         before = prediction_metrics(ex)["predicted_tokens_per_s"]
         ex.hardware, ex.prediction = calibrate_from_run(ex), {}
         after = prediction_metrics(ex)["predicted_tokens_per_s"]
         calibrated.append(policy)
+        saved = "not cached (Triton interpreter on)" if interpreter_on() else f"saved {profile_path(ex.device.type)}"
         print(f"calibrated on the {policy} run ({len(ex.tracer.observations())} ops): predicted "
-              f"{before:.1f} -> {after:.1f} tokens/s; saved {profile_path(ex.device.type, True)}", flush=True)
+              f"{before:.1f} -> {after:.1f} tokens/s; {saved}", flush=True)
 
     rows, raw, agree = compare_policies(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len,
                                         after_run=calibrate)

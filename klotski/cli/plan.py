@@ -63,6 +63,16 @@ def load_hardware(args):
     return hw.with_memory(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory)
 
 
+def _cached_profile(cache):
+    """This machine's cached profile (the GPU's when one was profiled, else the CPU's)."""
+    for device in ("cuda", "cpu"):
+        hw = cache.load(device)
+        if hw is not None:
+            return hw
+    raise FileNotFoundError(f"no cached hardware profile in {cache.root} (run `klotski profile`, or pass "
+                            f"--hardware with a preset name or a profile JSON)")
+
+
 def policy_table(plans: dict) -> str:
     head = (f"{'policy':<10} {'tokens/s':>9} {'batch':>6} {'n':>4} {'bubble':>7} {'prefill s':>10} "
             f"{'decode ms':>10} {'GPU peak':>11} {'CPU peak':>11} {'H2D/step':>11} {'disk/step':>11}")

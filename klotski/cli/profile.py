@@ -5,7 +5,9 @@ from __future__ import annotations
 def add_parser(sub):
     p = sub.add_parser("profile", help="measure H2D / disk bandwidth, matmul and attention rates, memory")
     p.add_argument("--device", default=None, choices=("cuda", "cpu"), help="default: cuda when available")
-    p.add_argument("--output", default=None, help="profile JSON path (default: ~/.cache/klotski/hardware.json)")
+    p.add_argument("--output", default=None,
+                   help="also write the profile JSON here (it is always cached where the runtime reads it: "
+                        "~/.cache/klotski/hardware-<device>.json)")
     p.add_argument("--disk-dir", default=None, help="directory whose disk is measured (default: temp dir)")
     p.add_argument("--full", action="store_true", help="larger, slower measurements")
     p.add_argument("--preset", default=None, help="print a named preset instead of measuring")
@@ -16,7 +18,10 @@ def add_parser(sub):
 def run(args) -> int:
     import json
 
-    from klotski.hardware import PRESETS, measure_profile, preset
+    import torch
+
+    from klotski.hardware import PRESETS, preset
+    from klotski.profile_cache import ProfileCache, is_provisional
 
     if args.list_presets:
         for hw in PRESETS.values():
@@ -25,10 +30,17 @@ def run(args) -> int:
     if args.preset:
         print(json.dumps(preset(args.preset).to_dict(), indent=2))
         return 0
-    hw = measure_profile(device=args.device, disk_dir=args.disk_dir, quick=not args.full)
-    path = hw.save(args.output)
+    cache = ProfileCache()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hw = cache.measure(device, disk_dir=args.disk_dir, quick=not args.full)
     print(hw.summary())
-    print(f"saved {path}")
+    if is_provisional(hw):
+        print(f"not cached: {hw.notes.rsplit('provisional: ', 1)[-1]}; the cached profile "
+              f"{cache.path(device)} is unchanged")
+    else:
+        print(f"saved {cache.path(device)}")
+    if args.output:
+        print(f"wrote {hw.save(args.output)}")
     return 0
 
 

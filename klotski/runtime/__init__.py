@@ -176,6 +176,7 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     ex.hardware = hw
     ex.workload = (prompt_len, gen_len)
     ex.table_path = table
+    ex.profile_fed_back = hardware is not None  # an explicit profile is the caller's: never overwritten
     ex.build_args = dict(weights=weights, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory,
                          cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
                          batch_size=batch_size, experts_fn=experts_fn, kv=kv, hardware=hardware,
@@ -227,6 +228,12 @@ def finish_run(ex: OffloadedExecutor) -> str | None:
     ``build_offloaded``, which also reads one shipped in the model directory; the model directory itself is
     never written). Returns the path written, or None (no offload_dir, or the save failed: a warning says
     why; the outputs are never lost to a side file)."""
+    if not ex.profile_fed_back:  # the profile learns from the first run of each executor (a poisoned one
+        ex.profile_fed_back = True  # lasts one run); not under the interpreter (see klotski.profile_cache)
+        from klotski.runtime.planning import calibrate_from_run
+
+        if ex.tracer.observations():
+            calibrate_from_run(ex)
     if ex.prefetcher is None or ex.prefetcher.popularity.sum() == 0 or not ex.offload_dir:
         return None
     return save_prefetch_table(ex, ex.offload_dir)

@@ -1,14 +1,14 @@
 """The runtime's bridge to :mod:`klotski.planner`: the machine's profile, the plan, the device pools it implies.
 
-* :func:`machine_profile` -- this machine's measured :class:`~klotski.hardware.HardwareProfile`, measured once
-  and cached as JSON (``$XDG_CACHE_HOME/klotski/hardware-<device>.json``); when a run has been calibrated
-  (:func:`calibrate_from_run`) the calibrated profile beside it (``...-calibrated.json``) is used instead.
+* :func:`machine_profile` -- this machine's :class:`~klotski.hardware.HardwareProfile` from the one cache of
+  :mod:`klotski.profile_cache` (``$XDG_CACHE_HOME/klotski/hardware-<device>.json``), measured when missing and
+  refined by every offloaded run (:func:`calibrate_from_run`).
 * :func:`make_plan` -- the planner's plan for (policy, budgets, model, workload). ``num_batches`` /
   ``batch_size`` given explicitly are fixed and the planner picks the rest (placement, KV tier, prefetch
   width) for them. The placement is the planner's; the runtime only sizes its fixed device pools around it
   (:func:`layout_for_plan`).
 * :func:`calibrate_from_run` -- fit the profile's rates to the per-op timings of a measured run (the
-  executor's trace) with :func:`klotski.calibration.calibrate`, and cache the result with the profile.
+  executor's trace) with :func:`klotski.calibration.calibrate`, and cache the result as the profile.
 
 Workload: the engine plans at construction for a default workload (:data:`DEFAULT_WORKLOAD`) and re-plans
 (rebuilding the executor) when a ``generate`` call's mean prompt length or generation length differs from the
@@ -24,7 +24,8 @@ import torch
 
 from klotski.calibration import calibrate
 from klotski.costs import ModelCosts
-from klotski.hardware import HardwareProfile, default_profile_path, load_profile, measure_profile
+from klotski.hardware import HardwareProfile
+from klotski.profile_cache import ProfileCache
 from klotski.planner import BATCH_SIZES, GROUP_SIZES, InfeasibleError, Plan, Planner
 from klotski.runtime.memory import BudgetError
 from klotski.runtime.placement import Layout, ModelBytes, layout_memory, slot_targets, streamed_bytes
@@ -41,27 +42,15 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def profile_path(device: str, calibrated: bool = False) -> Path:
-    base = default_profile_path().parent
-    return base / f"hardware-{device}{'-calibrated' if calibrated else ''}.json"
+def profile_path(device: str) -> Path:
+    """Where this machine's profile of ``device`` ("cuda" | "cpu") is cached (:mod:`klotski.profile_cache`)."""
+    return ProfileCache().path(device)
 
 
-def machine_profile(device: torch.device | str, calibrated: bool = True) -> HardwareProfile:
-    """This machine's profile for ``device`` ("cuda" | "cpu"): cached, measured on first use."""
-    dev = torch.device(device).type
-    if calibrated and profile_path(dev, True).is_file():
-        return load_profile(profile_path(dev, True))
-    path = profile_path(dev)
-    if path.is_file():
-        return load_profile(path)
-    shared = default_profile_path()  # `klotski profile` writes here
-    if shared.is_file():
-        hw = load_profile(shared)
-        if hw.device == dev and hw.source == "measured":
-            return hw
-    hw = measure_profile(device=dev, quick=True)
-    hw.save(path)
-    return hw
+def machine_profile(device: torch.device | str) -> HardwareProfile:
+    """This machine's profile for ``device``: cached, else measured (and cached only when trusted); see
+    :mod:`klotski.profile_cache` for the precedence."""
+    return ProfileCache().get(torch.device(device).type)
 
 
 def model_costs(spec, checkpoint_dtype: str, dtype: torch.dtype) -> ModelCosts:
@@ -195,19 +184,19 @@ def minimum_layout(mb: ModelBytes, spec, policy: str) -> Layout:
 
 
 def calibrate_from_run(ex, hw: HardwareProfile | None = None, save: bool = True) -> HardwareProfile:
-    """Fit ``hw`` (default: this machine's uncalibrated profile) to the executor's last run: every traced
-    op (compute spans with their FLOPs, copies with their bytes and link) is paired with its measured seconds
-    and :func:`klotski.calibration.calibrate` rescales the rates. Saved beside the profile when ``save``."""
-    dev = ex.device.type
-    hw = hw or machine_profile(dev, calibrated=False)
+    """Fit ``hw`` (default: the profile the executor planned with) to the executor's last run: every traced op
+    (compute spans with their FLOPs, copies with their bytes and link) is paired with its measured seconds
+    and :func:`klotski.calibration.calibrate` refits the rates. Cached as this machine's profile when
+    ``save`` (never for a run timed under the Triton interpreter)."""
+    hw = hw or ex.hardware
     obs = ex.tracer.observations()
     if not obs:
         raise ValueError("calibrate_from_run: the executor has no traced ops (run generate first)")
-    cal = calibrate(hw, obs, dtype=_dtype_name(ex.dtype))
-    cal = replace(cal, source=hw.source + "+calibrated",
-                  notes=(hw.notes + f"; calibrated on {len(obs)} ops of a {ex.policy} run").lstrip("; "))
-    if save:
-        cal.save(profile_path(dev, True))
+    cal = ProfileCache().feed_back(hw, obs, _dtype_name(ex.dtype)) if save else None
+    if cal is None:
+        cal = calibrate(hw, obs, dtype=_dtype_name(ex.dtype))
+        cal = replace(cal, source=hw.source.split("+calibrated")[0] + "+calibrated",
+                      notes=(hw.notes + f"; calibrated on {len(obs)} ops of a {ex.policy} run").lstrip("; "))
     return cal
 
 

@@ -22,7 +22,7 @@ def test_profile_json_roundtrip_and_default_path(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     hw = preset("l4").with_memory(gpu_memory="20GiB", cpu_memory="64GiB")
     path = hw.save()
-    assert path == tmp_path / "klotski" / "hardware.json"
+    assert path == tmp_path / "klotski" / "hardware-cuda.json"  # the cache the runtime reads for the GPU
     assert load_profile() == hw
     assert get_hardware(str(path)) == hw
     bad = tmp_path / "bad.json"

@@ -1,0 +1,199 @@
+"""This machine's hardware profile: one cache, one precedence, corrected by every offloaded run.
+
+Precedence, the same for ``klotski profile``, ``klotski plan``, ``klotski bench`` and the runtime:
+
+1. a profile given explicitly (``hardware=`` / ``--hardware NAME|FILE``);
+2. the cached profile of the device, ``$XDG_CACHE_HOME/klotski/hardware-<device>.json`` (or
+   ``~/.cache/klotski/``): measured once, then refined by the calibration of offloaded runs;
+3. otherwise a fresh measurement, cached only when it can be trusted.
+
+A measurement is trusted when the machine was not busy, the Triton interpreter is off (``TRITON_INTERPRET=1``
+makes every CPU expert call run in the interpreter, ~100x slower than the torch path a real run takes), and
+two passes agree on the compute rates and the per-call overhead within :data:`TOLERANCE`. Up to ``attempts``
+passes are made (waiting between them while the machine is busy); otherwise the best pass is returned marked
+``provisional``: the run uses it, nothing is cached, and the next run measures again.
+
+After an offloaded run, :meth:`ProfileCache.feed_back` fits the profile to the run's per-op timings
+(:func:`klotski.calibration.calibrate`) and caches the result, so a profile measured under load (rates 10x
+too low, say) does not outlive one run: one that mispredicts the run by more than 3x is measured again, and
+only the rates the run could identify are taken from the fit. Runs under the interpreter are not fed back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from klotski.hardware import HardwareProfile, default_profile_path, measure_profile
+
+TOLERANCE = 0.35  # two passes agree when each key figure is within 35 % of the other's
+BUSY_WAIT_S = 2.0
+PROVISIONAL = "provisional"
+
+
+def interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _busy() -> bool:
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except OSError:  # pragma: no cover
+        return False
+    return load > 1.0 + 0.5 * cores
+
+
+def _key_figures(hw: HardwareProfile) -> dict[str, float]:
+    return {"matmul": max(hw.matmul_flops.values()), "overhead": hw.op_overhead_s, "h2d": hw.h2d_bandwidth}
+
+
+def agree(a: HardwareProfile, b: HardwareProfile, tolerance: float = TOLERANCE) -> bool:
+    fa, fb = _key_figures(a), _key_figures(b)
+    return all(abs(fa[k] - fb[k]) <= tolerance * max(fa[k], fb[k]) for k in fa)
+
+
+def best_of(a: HardwareProfile, b: HardwareProfile) -> HardwareProfile:
+    """Per figure, the less disturbed of two passes: the higher rate, the lower overhead."""
+    hi = lambda x, y: {k: max(x[k], y.get(k, 0.0)) for k in x}  # noqa: E731
+    return replace(a, matmul_flops=hi(a.matmul_flops, b.matmul_flops),
+                   cpu_matmul_flops=hi(a.cpu_matmul_flops, b.cpu_matmul_flops),
+                   attention_flops=max(a.attention_flops, b.attention_flops),
+                   h2d_bandwidth=max(a.h2d_bandwidth, b.h2d_bandwidth),
+                   d2h_bandwidth=max(a.d2h_bandwidth, b.d2h_bandwidth),
+                   disk_bandwidth=max(a.disk_bandwidth, b.disk_bandwidth),
+                   device_mem_bandwidth=max(a.device_mem_bandwidth, b.device_mem_bandwidth),
+                   op_overhead_s=min(a.op_overhead_s, b.op_overhead_s),
+                   cpu_op_overhead_s=min(a.cpu_op_overhead_s, b.cpu_op_overhead_s))
+
+
+def is_provisional(hw: HardwareProfile) -> bool:
+    return PROVISIONAL in hw.source
+
+
+class ProfileCache:
+    """The cached profiles of this machine, one JSON file per device type ("cuda", "cpu")."""
+
+    def __init__(self, root: str | os.PathLike | None = None, measure=measure_profile, attempts: int = 3):
+        self.root = Path(root) if root is not None else default_profile_path("cpu").parent
+        self.measure_fn = measure
+        self.attempts = attempts
+
+    def path(self, device: str) -> Path:
+        return self.root / default_profile_path(device).name
+
+    def load(self, device: str) -> HardwareProfile | None:
+        """The cached profile, or None (none cached; an unreadable one is ignored with a warning)."""
+        path = self.path(device)
+        if not path.is_file():
+            return None
+        try:
+            hw = HardwareProfile.from_dict(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            warnings.warn(f"ignoring the cached hardware profile {path}: {e}; measuring again", stacklevel=2)
+            return None
+        if hw.device != device or is_provisional(hw):
+            return None
+        return hw
+
+    def save(self, hw: HardwareProfile) -> Path | None:
+        """Cache ``hw`` (never a provisional one); a failure to write warns and returns None."""
+        from klotski.store.directory import atomic_write
+
+        if is_provisional(hw):
+            return None
+        path = self.path(hw.device)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(str(path), lambda f: f.write(json.dumps(hw.to_dict(), indent=2) + "\n"), mode="w")
+        except OSError as e:
+            warnings.warn(f"could not cache the hardware profile at {path}: {e.strerror or e}", stacklevel=2)
+            return None
+        return path
+
+    def get(self, device: str) -> HardwareProfile:
+        """The cached profile of ``device``, else a fresh measurement (cached when trusted)."""
+        return self.load(device) or self.measure(device)
+
+    def measure(self, device: str, **kwargs) -> HardwareProfile:
+        """Measure ``device`` until two passes agree on a quiet machine; cache and return the result, or
+        return the best pass marked provisional (not cached) with a warning saying why."""
+        why, last, best = "", None, None
+        for attempt in range(self.attempts):
+            if interpreter_on():
+                why = "TRITON_INTERPRET is set (expert calls would be timed in the Triton interpreter)"
+            elif _busy():
+                why = "the machine is busy (load average above half its cores)"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # measure_profile's own busy warning: reported once, below
+                hw = self.measure_fn(device=device, **kwargs)
+            best = hw if best is None else best_of(best, hw)
+            if why and "TRITON_INTERPRET" in why:
+                break
+            if not why and last is not None and agree(last, hw):
+                trusted = replace(best_of(last, hw), source="measured", notes=hw.notes.split("; measured under")[0])
+                self.save(trusted)
+                return trusted
+            last = hw
+            if why and attempt + 1 < self.attempts:
+                time.sleep(BUSY_WAIT_S)
+                why = ""
+        why = why or "passes disagreed by more than {:.0%}".format(TOLERANCE)
+        warnings.warn(f"hardware profile of {device} is provisional ({why}): used for this run, not cached; "
+                      f"plans may be off until a run calibrates it or `klotski profile` runs on a quiet machine",
+                      stacklevel=2)
+        return replace(best, source=f"measured ({PROVISIONAL})", notes=f"{best.notes}; provisional: {why}")
+
+    def feed_back(self, hw: HardwareProfile, observations, dtype: str) -> HardwareProfile | None:
+        """Fit ``hw`` to a run's ``(op, seconds)`` observations and cache the result (unless the run was timed
+        under the interpreter or ``hw`` is a preset). Returns the calibrated profile, or None.
+
+        A profile that mispredicts the run's total op time by more than :data:`MISPREDICT` is suspect (measured
+        under load, say): it is measured again first. A rate the run cannot identify (its term explains less
+        than :data:`IDENTIFIED` of the compute time, e.g. the FLOPs of a tiny model) keeps the measured value
+        instead of the fit's, so a small run never teaches a large model's plan a wrong matmul rate."""
+        from klotski.calibration import calibrate
+        from klotski.costs import op_seconds
+
+        if interpreter_on() or hw.source == "preset" or not observations:
+            return None
+        predicted = sum(op_seconds(op, hw, dtype) for op, _ in observations)
+        measured = sum(seconds for _, seconds in observations)
+        base = hw
+        if measured > 0 and not 1 / MISPREDICT <= predicted / measured <= MISPREDICT:
+            base = self.measure(hw.device)
+        cal = keep_identified(base, calibrate(base, observations, dtype=dtype), observations)
+        source = base.source.replace(f" ({PROVISIONAL})", "").split("+calibrated")[0]
+        cal = replace(cal, source=f"{source}+calibrated",
+                      notes=(base.notes.split("; calibrated")[0] + f"; calibrated on {len(observations)} ops of "
+                             f"a run").lstrip("; "))
+        self.save(cal)
+        return cal
+
+
+MISPREDICT = 3.0  # a profile off by more than 3x on a run's total op time is measured again
+IDENTIFIED = 0.25  # a fitted term must explain this share of the measured compute time to replace the base
+
+
+def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations) -> HardwareProfile:
+    """``cal`` with the device compute rate and per-call overhead reverted to ``base``'s where the run's
+    compute ops could not identify them (their term explains < IDENTIFIED of the measured compute time)."""
+    rows = [(op, s) for op, s in observations
+            if op.link is None and op.kind != "release" and op.device != "cpu" and s > 0]
+    seconds = sum(s for _, s in rows)
+    if not rows or seconds <= 0:
+        return cal
+    flops = sum(op.flops + op.score_flops for op, _ in rows)
+    calls = sum(max(1, op.calls) for op, _ in rows)
+    rate = max(cal.matmul_flops.values()) if cal.matmul_flops else 0.0
+    changes = {}
+    if rate <= 0 or flops / rate < IDENTIFIED * seconds:
+        changes.update(matmul_flops=dict(base.matmul_flops), attention_flops=base.attention_flops)
+    if calls * cal.op_overhead_s < IDENTIFIED * seconds:
+        changes["op_overhead_s"] = base.op_overhead_s
+    return replace(cal, **changes) if changes else cal
+
+
+__all__ = ["IDENTIFIED", "MISPREDICT", "PROVISIONAL", "TOLERANCE", "keep_identified", "ProfileCache", "agree", "best_of", "interpreter_on", "is_provisional"]

@@ -1,0 +1,152 @@
+"""One profile cache, one precedence; measurements cached only when trusted; a poisoned profile lasts one run."""
+import json
+from dataclasses import replace
+
+import pytest
+
+from klotski.hardware import measure_profile, preset
+from klotski.profile_cache import PROVISIONAL, ProfileCache, agree, is_provisional
+
+
+def fake_measure(*profiles):
+    """A measure function returning the given profiles in turn (and counting calls)."""
+    calls = []
+
+    def measure(device, **kw):
+        calls.append(device)
+        return profiles[min(len(calls), len(profiles)) - 1]
+
+    measure.calls = calls
+    return measure
+
+
+@pytest.fixture
+def base():
+    return replace(preset("l4"), source="measured", device="cpu", name="this-machine-cpu")
+
+
+@pytest.fixture
+def quiet(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("klotski.profile_cache._busy", lambda: False)
+
+
+def scaled(hw, k):
+    return replace(hw, matmul_flops={d: r * k for d, r in hw.matmul_flops.items()}, op_overhead_s=hw.op_overhead_s / k)
+
+
+def test_two_agreeing_passes_are_cached_as_the_best_of_both(tmp_path, base, quiet):
+    cache = ProfileCache(tmp_path, measure=fake_measure(scaled(base, 0.9), base))
+    hw = cache.get("cpu")
+    assert hw.source == "measured" and not is_provisional(hw)
+    assert hw.matmul_flops == base.matmul_flops and hw.op_overhead_s == base.op_overhead_s  # the better pass
+    assert cache.load("cpu") == hw and len(cache.measure_fn.calls) == 2
+    assert ProfileCache(tmp_path, measure=None).get("cpu") == hw  # then read from the cache, never remeasured
+
+
+def test_disagreeing_passes_are_provisional_and_not_cached(tmp_path, base, quiet):
+    cache = ProfileCache(tmp_path, measure=fake_measure(base, scaled(base, 0.2), scaled(base, 3.0)))
+    with pytest.warns(UserWarning, match="provisional .*passes disagreed"):
+        hw = cache.get("cpu")
+    assert PROVISIONAL in hw.source and len(cache.measure_fn.calls) == 3
+    assert not cache.path("cpu").exists()
+
+
+def test_busy_machine_is_retried_then_provisional(tmp_path, base, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr("klotski.profile_cache._busy", lambda: True)
+    monkeypatch.setattr("klotski.profile_cache.BUSY_WAIT_S", 0.0)
+    cache = ProfileCache(tmp_path, measure=fake_measure(base))
+    with pytest.warns(UserWarning, match="provisional .*busy"):
+        hw = cache.get("cpu")
+    assert is_provisional(hw) and not cache.path("cpu").exists() and len(cache.measure_fn.calls) == 3
+
+
+def test_interpreter_measurements_are_never_cached(tmp_path, base, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cache = ProfileCache(tmp_path, measure=fake_measure(base))
+    with pytest.warns(UserWarning, match="TRITON_INTERPRET"):
+        hw = cache.get("cpu")
+    assert is_provisional(hw) and not cache.path("cpu").exists() and len(cache.measure_fn.calls) == 1
+    assert cache.feed_back(base, [("op", 1.0)], "float32") is None  # runs under the interpreter: not fed back
+
+
+def test_unreadable_cache_is_ignored_and_remeasured(tmp_path, base, quiet):
+    cache = ProfileCache(tmp_path, measure=fake_measure(base, base))
+    cache.path("cpu").parent.mkdir(parents=True, exist_ok=True)
+    cache.path("cpu").write_text("{not json")
+    with pytest.warns(UserWarning, match="ignoring the cached hardware profile"):
+        hw = cache.get("cpu")
+    assert json.loads(cache.path("cpu").read_text())["source"] == "measured" and hw.source == "measured"
+
+
+def test_agree():
+    hw = preset("l4")
+    assert agree(hw, scaled(hw, 1.2)) and not agree(hw, scaled(hw, 2.0))
+
+
+def op_seconds_sum(hw, observations):
+    from klotski.costs import op_seconds
+
+    return sum(op_seconds(op, hw, "float32") for op, _ in observations)
+
+
+def test_feed_back_remeasures_a_profile_that_mispredicts_and_keeps_unidentified_rates(tmp_path, base, quiet):
+    """Deterministic: a run of tiny ops (overhead-bound) on a profile 10x off. The run's total time is
+    mispredicted, so the profile is measured again; the overhead comes from the run's fit, the matmul rate
+    (which tiny ops cannot identify) from the new measurement, not from the poison."""
+    from klotski.schedule import Op
+
+    clean = replace(base, op_overhead_s=0.4e-3)
+    poisoned = replace(clean, matmul_flops={k: v / 10 for k, v in clean.matmul_flops.items()}, op_overhead_s=0.070)
+    ops = [(Op(i, "experts", "compute", "gpu", 0, flops=1e4 * (1 + i % 3), calls=1 + i % 2), 0.4e-3 * (1 + i % 2))
+           for i in range(40)]
+    cache = ProfileCache(tmp_path, measure=fake_measure(clean, clean))
+    fed = cache.feed_back(poisoned, ops, "float32")
+    assert len(cache.measure_fn.calls) == 2  # measured again (two agreeing passes)
+    assert fed.source == "measured+calibrated" and cache.load("cpu") == fed
+    assert fed.matmul_flops == clean.matmul_flops  # not identifiable from 10 kFLOP ops: the measurement's
+    assert fed.op_overhead_s == pytest.approx(0.4e-3, rel=0.05)  # identified by the run
+    assert 0.8 < op_seconds_sum(fed, ops) / sum(s for _, s in ops) < 1.25
+
+
+def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkeypatch, quiet):
+    """End to end: a cached profile with rates 10x too low and 70 ms per call; after one offloaded run the cache
+    holds a profile refitted to that run (it predicts the run's op times within 2x), the next run plans with it,
+    and its plan is the plan a clean profile gives."""
+    from klotski import LLM, SamplingParams
+    from klotski.runtime.planning import make_plan, model_costs
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path, _ = checkpoints.get("mixtral")
+    clean = measure_profile(device="cpu", disk_dir=str(tmp_path))
+    poisoned = replace(clean, matmul_flops={k: v / 10 for k, v in clean.matmul_flops.items()},
+                       attention_flops=clean.attention_flops / 10, op_overhead_s=0.070,
+                       h2d_bandwidth=clean.h2d_bandwidth / 10, disk_bandwidth=clean.disk_bandwidth / 10)
+    cache = ProfileCache()
+    cache.save(poisoned)
+    prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(8)]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def run():
+        llm = LLM(path, device="cpu", policy="klotski", offload_dir=str(tmp_path / "off"), gpu_memory="700KiB",
+                  cpu_memory="300KiB")
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        llm.close()
+        return llm
+
+    llm = run()
+    assert llm.executor.hardware == poisoned
+    obs = llm.executor.tracer.observations()
+    fed = cache.load("cpu")
+    assert fed.source == "measured+calibrated"
+    assert 0.5 < op_seconds_sum(fed, obs) / sum(s for _, s in obs) < 2.0
+    llm = run()
+    assert llm.executor.hardware.source == "measured+calibrated"
+    costs = model_costs(llm.spec, llm.spec.torch_dtype or "bfloat16", llm.dtype)
+
+    def plan_for(hw):
+        p = make_plan(costs, hw, "klotski", 700 << 10, 300 << 10, 8, 8)  # the workload that ran
+        return (p.batch_size, p.n, p.placement, p.num_hot, p.overlap)
+
+    assert plan_for(fed) == plan_for(clean)
