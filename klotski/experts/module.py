@@ -170,6 +170,19 @@ class OffloadedExperts(torch.nn.Module):
         if not prefetch:
             counts[f"{tier}_loads"] += 1
 
+    def _drop_unused_prefetches(self, routed: set[int], counts: dict) -> None:
+        """Prefetches of experts this step does not route: cancel those not started (their slots empty
+        again), count the finished ones; a running one is waited for only if its slot is needed."""
+        for e, fut in list(self.loading.items()):
+            if e in routed:
+                continue
+            if fut.cancel():
+                del self.loading[e]
+                self.slot_expert[self.slot_of.pop(e)] = -1
+                self.prefetched.discard(e)
+            elif fut.done():
+                self._finish_load(e, counts)
+
     def _victims(self, keep: set[int]) -> list[int]:
         """Slots that may be overwritten now (not holding an expert in ``keep``, no load in flight), coldest
         first (empty slots before any)."""
@@ -222,8 +235,7 @@ class OffloadedExperts(torch.nn.Module):
         return out.to(in_device, in_dtype)
 
     def _compute(self, x, ids, weights, ids_cpu, routed, tokens, counts) -> torch.Tensor:
-        for e in [e for e, fut in self.loading.items() if e not in routed and fut.done()]:
-            self._finish_load(e, counts)  # finished prefetches this step does not use: count, free the slot
+        self._drop_unused_prefetches(set(routed), counts)
         order = sorted(range(len(routed)), key=lambda i: -tokens[i])  # most tokens first
         ready = [e for e in routed if e in self.slot_of and e not in self.loading]
         queue = [e for e in routed if e in self.loading]  # prefetched, still in flight: they land first
@@ -233,6 +245,9 @@ class OffloadedExperts(torch.nn.Module):
 
         def start_missing() -> None:  # into the slots free now (more routed experts than slots: computed ones)
             victims = self._victims(pending)
+            while missing and not victims and not queue and self.loading:  # a mispredicted prefetch is running
+                self._finish_load(next(iter(self.loading)), counts)
+                victims = self._victims(pending)
             while missing and victims:
                 e = missing.pop(0)
                 self._start_load(e, victims.pop(0), DEMAND)
