@@ -87,21 +87,18 @@ class ExpertOffloadGroup:
                 f"layers {format_bytes(gpu_share)}, less than one expert slot ({format_bytes(device_expert_bytes)}); "
                 f"at least {format_bytes(device_expert_bytes * self.num_layers)} is needed")
         self.gpu.hold(f"expert slots {module.name}", slots * device_expert_bytes)
-        host = 0
-        if slots < num_experts:  # not every expert fits the device: a host tier, then disk
-            everything = self.num_layers * num_experts * host_expert_bytes
-            ring = 0 if self.cpu.budget is None or self.cpu.budget >= everything else STAGING_SLOTS * staging_bytes
-            if ring and self._ring is None:
+        budget = self.cpu.budget
+        if slots < num_experts and (budget is None or budget >= self.num_layers * num_experts * host_expert_bytes):
+            host = num_experts  # every expert fits in host memory: no disk tier
+        else:  # some experts are read from disk (once each when the device holds them all)
+            if self._ring is None:
                 self._make_ring(staging_bytes)
-            elif ring and self._ring.slot_bytes < staging_bytes:
+            elif self._ring.slot_bytes < staging_bytes:
                 raise ValueError(f"{module.name}: experts need {staging_bytes} staging bytes, the group's ring "
                                  f"has {self._ring.slot_bytes}")
-            if self.cpu.budget is None:
-                host = num_experts
-            else:
-                share = max(0, self.cpu.budget - (STAGING_SLOTS * self._ring.slot_bytes if self._ring else 0))
-                host = min(num_experts, share // self.num_layers // host_expert_bytes)
-            self.cpu.hold(f"host experts {module.name}", host * host_expert_bytes)
+            share = max(0, budget - STAGING_SLOTS * self._ring.slot_bytes) if budget is not None else 0
+            host = 0 if slots >= num_experts else min(num_experts, share // self.num_layers // host_expert_bytes)
+        self.cpu.hold(f"host experts {module.name}", host * host_expert_bytes)
         self.modules.append(module)
         return layer, slots, host
 

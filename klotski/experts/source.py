@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from klotski import _C
 from klotski.checkpoint import TensorInfo
 
 ALIGN = 4096
@@ -41,11 +40,12 @@ class ExpertShape:
 
 def _placed(pieces: list[tuple[int, int]]) -> tuple[list[int], int]:
     """Destinations in a staging slot for byte ranges (file offset, nbytes): each at a 4096-aligned place
-    holding the range's aligned span. Returns (slot offsets, bytes needed)."""
+    with room for the aligned span of any range of that size (so every layer of one shape needs the same
+    staging size). Returns (slot offsets, bytes needed)."""
     out, at = [], 0
-    for offset, nbytes in pieces:
+    for _, nbytes in pieces:
         out.append(at)
-        at += -(-_C.span_bytes(int(offset), int(nbytes)) // ALIGN) * ALIGN
+        at += -(-(int(nbytes) + ALIGN - 1) // ALIGN) * ALIGN
     return out, at
 
 

@@ -22,7 +22,7 @@ def expert_bytes(hf) -> tuple[int, int, int]:
 def budgets(hf, slots: int = 2, host: int = 1) -> dict:
     """``slots`` device slots and ``host`` host-resident experts per MoE layer (plus the staging ring)."""
     eb, layers, _ = expert_bytes(hf)
-    return dict(gpu_memory=layers * slots * eb, cpu_memory=2 * (eb + 4 * 4096) + layers * host * eb)
+    return dict(gpu_memory=layers * slots * eb, cpu_memory=2 * (eb + 3 * 8192) + layers * host * eb)
 
 
 def check_tiers(model, hf, slots: int = 2, host: int = 1) -> None:
