@@ -31,6 +31,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -110,16 +111,19 @@ def run_accelerate(ckpt: str, prompts, args, cuda: bool, work: str) -> dict:
     offloaded = 0
     for _, _, module in experts_modules(model):
         hooks = getattr(getattr(module, "_hf_hook", None), "hooks", None) or [getattr(module, "_hf_hook", None)]
-        if any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks):
+        nbytes = 0
+        if any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks):  # loads all E experts per call
             offloaded += 1
             nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-            module.register_forward_pre_hook(counter(nbytes))
+        module.register_forward_pre_hook(counter(nbytes))
+        expert_nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)) // module.num_experts
     warm_up(model, prompts)
     moved.update(bytes=0, calls=0)
     tokens, seconds = generate(model, prompts, args.gen_len)
     device_map = dict(getattr(model, "hf_device_map", {}) or {})
     del model
     return dict(side="accelerate", tokens=tokens, seconds=seconds, load_s=load_s, expert_bytes=moved["bytes"],
+                experts_moved_per_layer_forward=moved["bytes"] / expert_nbytes / max(1, moved["calls"]),
                 experts_modules_offloaded=offloaded, device_map={k: str(v) for k, v in device_map.items()})
 
 
@@ -159,6 +163,7 @@ def run_klotski(ckpt: str, prompts, args, cuda: bool) -> dict:
         group.close()
     moved = stats["host_bytes"] + stats["disk_bytes"] + stats["prefetch_bytes"]
     return dict(side="klotski", tokens=tokens, seconds=seconds, load_s=load_s, expert_bytes=moved, stats=stats,
+                experts_moved_per_layer_forward=(stats["loads"] + stats["prefetch_loads"]) / max(1, stats["forwards"]),
                 tiers=tiers)
 
 
@@ -190,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ap.add_argument("--label", default="", help="machine label written into the JSON")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name (one file per budget point)")
     ap.add_argument("--out", default=os.path.join(HERE, "..", "results"))
     args = ap.parse_args(argv)
     if importlib.util.find_spec("accelerate") is None:
@@ -228,11 +234,13 @@ def main(argv: list[str] | None = None) -> dict:
           f"cpu {args.cpu_memory}; {'cuda' if cuda else 'cpu'}; {args.num_prompts} prompts x {args.gen_len} tokens")
     print(f"klotski tiers: {k['tiers']}; accelerate device map tiers: "
           f"{sorted(set(a['device_map'].values()))}, {a['experts_modules_offloaded']} experts modules offloaded")
-    print(f"{'side':<11} {'tok/s':>8} {'expert MiB/token':>17} {'expert MiB/forward':>19} {'load s':>7}")
+    print(f"{'side':<11} {'tok/s':>8} {'expert MiB/token':>17} {'expert MiB/forward':>19} "
+          f"{'experts moved/layer-fwd':>24} {'load s':>7}")
     for side in ("accelerate", "klotski"):
         for r in runs[side]:
             print(f"{side:<11} {r['tokens_per_s']:8.2f} {r['expert_bytes_per_token'] / 2**20:17.3f} "
-                  f"{r['expert_bytes_per_forward'] / 2**20:19.3f} {r['load_s']:7.2f}")
+                  f"{r['expert_bytes_per_forward'] / 2**20:19.3f} {r['experts_moved_per_layer_forward']:24.2f} "
+                  f"{r['load_s']:7.2f}")
     print(f"klotski/accelerate expert bytes {bytes_ratio:.3f} (target <= distinct/E = {distinct:.2f}/{E} = "
           f"{distinct / E:.3f}: {'met' if targets['bytes_target_met'] else 'NOT met'}); speed-up {speedup:.2f}x "
           f"({'faster' if targets['faster'] else 'NOT faster'}); greedy tokens identical: {same}")
@@ -240,9 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
                   args=vars(args), checkpoint=ckpt, checkpoint_bytes=ckpt_bytes, prompts=prompts,
                   runs={s: [{key: v for key, v in r.items() if key != "tokens"} for r in rs] for s, rs in runs.items()},
                   tokens={s: rs[0]["tokens"] for s, rs in runs.items()}, medians=med, targets=targets,
-                  command="python bench/e2e/bench_transformers_backend.py " + " ".join(argv or sys.argv[1:]))
+                  command="python bench/e2e/bench_transformers_backend.py " + shlex.join(argv or sys.argv[1:]))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"transformers_backend_{'cuda' if cuda else 'cpu'}.json")
+    tag = f"_{args.tag}" if args.tag else ""
+    path = os.path.join(args.out, f"transformers_backend_{'cuda' if cuda else 'cpu'}{tag}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)

@@ -211,9 +211,9 @@ class OffloadedExperts(torch.nn.Module):
         hidden_states' dtype and device: sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden_states[t])."""
         self._check(hidden_states, topk_ids, topk_weights)
         in_device, in_dtype = hidden_states.device, hidden_states.dtype
-        x = hidden_states.to(self.device, self.dtype)
-        ids = topk_ids.to(self.device)
-        weights = topk_weights.to(self.device)
+        x = hidden_states.to(self.device, self.dtype).contiguous()
+        ids = topk_ids.to(self.device).contiguous()
+        weights = topk_weights.to(self.device).contiguous()
         ids_cpu = topk_ids.detach().to("cpu", torch.int64)
         routed, tokens = torch.unique(ids_cpu, return_counts=True)
         routed, tokens = routed.tolist(), tokens.tolist()
