@@ -184,7 +184,8 @@ class ExpertOffloadGroup:
             return
         self._closed = True
         self._jobs.put((-1, -1, None, None))
-        self._thread.join()
+        if threading.current_thread() is not self._thread:  # (a group dropped by its own loader thread)
+            self._thread.join()
         while not self._jobs.empty():  # jobs queued behind the stop: their waiters get an error
             _, _, fn, fut = self._jobs.get_nowait()
             if fut is not None and fut.set_running_or_notify_cancel():
