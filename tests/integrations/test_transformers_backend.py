@@ -192,3 +192,30 @@ def test_klotski_implementation_without_offloaded_experts_says_what_to_do(checkp
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="klotski")
     with pytest.raises(RuntimeError, match="offload_experts"):
         model(torch.tensor([[1, 2, 3]]))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_load_model_never_materialises_expert_tensors(checkpoints, monkeypatch, fused):
+    """transformers materialises every checkpoint tensor it loads through ``spawn_materialize``: load_model must
+    call it for the non-expert tensors only."""
+    import re
+
+    import transformers.core_model_loading as cml
+
+    from klotski.checkpoint import SafetensorsIndex
+
+    path, hf = checkpoints.get("deepseek_v3", fused=fused)
+    calls = []
+    real = cml.spawn_materialize
+
+    def counting(thread_pool, tensor, *args, **kwargs):
+        calls.append(tuple(tensor.get_shape()) if hasattr(tensor, "get_shape") else tuple(tensor.shape))
+        return real(thread_pool, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(cml, "spawn_materialize", counting)
+    names = SafetensorsIndex(path).names()
+    experts = [n for n in names if re.search(kt.EXPERT_KEYS, n)]
+    assert experts  # the checkpoint does hold expert tensors
+    model = kt.load_model(path, dtype=torch.float32, **budgets(hf))
+    model.klotski_group.close()
+    assert len(calls) == len(names) - len(experts)
