@@ -160,8 +160,8 @@ class OffloadedExperts(torch.nn.Module):
 
     def _finish_load(self, expert: int, counts: dict) -> None:
         """Wait for ``expert``'s load; make the compute stream wait for its copy; count it."""
-        fut = self.loading.pop(expert)
-        tier, nbytes, event = fut.result()
+        tier, nbytes, event = self.loading[expert].result()  # a failed load stays in ``loading`` for _abort
+        del self.loading[expert]
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         prefetch = expert in self.prefetched  # stays marked until computed (counted as used then)

@@ -140,3 +140,28 @@ def test_cuda_equals_cpu_reference(ckpt, prefetch):
         assert group.stats()["disk_loads"] > 0
     finally:
         group.close()
+
+
+def test_failed_read_is_raised_and_forgotten(ckpt):
+    path, hf_mods, eb = ckpt
+    group, (m,) = make(path, eb, slots=2, host=0, layers=1)
+    real = m.source.read_staged
+    state = {"fail": True}
+
+    def flaky(expert, reader, slot):
+        if state["fail"]:
+            raise OSError(f"injected read error for expert {expert}")
+        return real(expert, reader, slot)
+
+    m.source.read_staged = flaky
+    x = torch.randn(3, m.hidden_size)
+    ids, w = routing(3, m.num_experts, 3, torch.Generator().manual_seed(2))
+    try:
+        with pytest.raises(OSError, match="injected"):
+            m(x, ids, w)
+        assert not m.loading and not m.slot_of and m.slot_expert == [-1, -1]
+        state["fail"] = False
+        out = m(x, ids, w)
+        assert torch.allclose(out, reference(hf_mods[0], x, ids, w), rtol=1e-5, atol=1e-6)
+    finally:
+        group.close()
