@@ -111,12 +111,13 @@ def run_accelerate(ckpt: str, prompts, args, cuda: bool, work: str) -> dict:
     offloaded = 0
     for _, _, module in experts_modules(model):
         hooks = getattr(getattr(module, "_hf_hook", None), "hooks", None) or [getattr(module, "_hf_hook", None)]
-        nbytes = 0
+        layer_bytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+        expert_nbytes = layer_bytes // module.num_experts  # the same in every layer
         if any(isinstance(h, AlignDevicesHook) and h.offload for h in hooks):  # loads all E experts per call
             offloaded += 1
-            nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-        module.register_forward_pre_hook(counter(nbytes))
-        expert_nbytes = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False)) // module.num_experts
+            module.register_forward_pre_hook(counter(layer_bytes))
+        else:
+            module.register_forward_pre_hook(counter(0))
     warm_up(model, prompts)
     moved.update(bytes=0, calls=0)
     tokens, seconds = generate(model, prompts, args.gen_len)

@@ -27,8 +27,8 @@ def routing(T, E, k, gen):
 
 
 def make(path, eb, slots, host, layers=2, **kw):
-    group = ExpertOffloadGroup(layers, gpu_memory=layers * slots * eb, cpu_memory=2 * (eb + 3 * 8192) + layers * host * eb,
-                               **kw)
+    cpu = 2 * (eb + 3 * 8192) + layers * host * eb  # staging ring + host experts
+    group = ExpertOffloadGroup(layers, gpu_memory=layers * slots * eb, cpu_memory=cpu, **kw)
     return group, [OffloadedExperts.from_checkpoint(path, i, group=group) for i in range(layers)]
 
 
