@@ -1,10 +1,11 @@
 """Klotski: offloaded Mixture-of-Experts inference on one GPU.
 
-Public surface: ``from klotski import LLM, SamplingParams``.
+Public surface: ``from klotski import LLM, SamplingParams``; for other engines
+``klotski.OffloadedExperts`` / ``klotski.ExpertOffloadGroup`` (see :mod:`klotski.experts`).
 """
 __version__ = "0.1.0"
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "OffloadedExperts", "ExpertOffloadGroup", "__version__"]
 
 
 def __getattr__(name):  # lazy: importing klotski must not import torch-heavy modules eagerly
@@ -16,4 +17,8 @@ def __getattr__(name):  # lazy: importing klotski must not import torch-heavy mo
         from klotski.sampling import SamplingParams
 
         return SamplingParams
+    if name in ("OffloadedExperts", "ExpertOffloadGroup"):
+        import klotski.experts
+
+        return getattr(klotski.experts, name)
     raise AttributeError(f"module 'klotski' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Klotski inside other engines: :mod:`klotski.integrations.transformers` (Hugging Face transformers 5.x)."""
