@@ -318,7 +318,7 @@ def experts_source(weights, layer: int, offload_dir: str | None = None):
     from klotski.experts.source import open_store
 
     spec = weights.spec
-    return StoreExperts(open_store(weights.index.model_dir, offload_dir), layer, spec.moe_intermediate_size,
+    return StoreExperts(open_store(weights, offload_dir), layer, spec.moe_intermediate_size,
                         spec.hidden_size)
 
 

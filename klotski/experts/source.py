@@ -125,16 +125,10 @@ class StoreExperts:
         return self.store.read_expert(self.layer, expert)
 
 
-def open_store(model_dir: str, offload_dir: str | os.PathLike):
-    """The packed expert store in ``offload_dir``, converted from ``model_dir`` when missing or unfinished."""
-    from klotski.store import ExpertStore, StoreIncompleteError, convert_checkpoint
+def open_store(weights, offload_dir: str | os.PathLike):
+    """The packed expert store of the checkpoint behind ``weights`` in ``offload_dir``, converted when missing
+    or unfinished; another checkpoint's store is refused (see :func:`klotski.store.open_store`)."""
+    from klotski.store import open_store as _open
+    from klotski.store.directory import check_path
 
-    offload_dir = os.path.abspath(os.fspath(offload_dir))
-    os.makedirs(offload_dir, exist_ok=True)
-    if not os.access(offload_dir, os.W_OK):
-        raise ValueError(f"offload_dir {offload_dir!r} is not writable")
-    try:
-        return ExpertStore(offload_dir)
-    except StoreIncompleteError:
-        convert_checkpoint(model_dir, offload_dir)
-        return ExpertStore(offload_dir)
+    return _open(weights.index.model_dir, check_path(offload_dir), weights.index.identity())

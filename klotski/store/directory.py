@@ -161,6 +161,12 @@ class OffloadDir:
     def __exit__(self, *exc):
         self.unlock()
 
+    def __del__(self):  # a dropped holder releases its lock (the descriptor would otherwise live on)
+        try:
+            self.unlock()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
     # ---- files ----------------------------------------------------------------------------------------
     def leftovers(self) -> list[str]:
         """Temporary files of interrupted writers (call with the exclusive lock held)."""
