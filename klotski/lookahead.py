@@ -41,7 +41,7 @@ from klotski.prefetch import CorrelationPrefetcher
 SOURCES = ("table", "lookahead")
 
 
-def _ranking(scores: np.ndarray, exclude=()) -> list[int]:
+def rank_experts(scores: np.ndarray, exclude=()) -> list[int]:
     """Experts by score, highest first (ties: lower id first), without ``exclude``."""
     order = np.lexsort((np.arange(scores.shape[0]), -scores))
     skip = set(int(e) for e in exclude)
@@ -96,7 +96,7 @@ class GateLookahead:
         return (counts + probs.mean(0).cpu().double() / 2).numpy()
 
     def predict(self, layer: int, hidden_states: torch.Tensor, budget: int) -> list[int]:
-        return _ranking(self.scores(layer, hidden_states))[: max(0, budget)]
+        return rank_experts(self.scores(layer, hidden_states))[: max(0, budget)]
 
 
 @dataclass
@@ -182,9 +182,9 @@ class ExpertPredictor:
             return []
         rankings = {}
         if self.table is not None:
-            rankings["table"] = _ranking(self.table.scores(target, prev_topk_ids), exclude)
+            rankings["table"] = rank_experts(self.table.scores(target, prev_topk_ids), exclude)
         if self.lookahead is not None and hidden_states is not None and hidden_states.shape[0] > 0:
-            rankings["lookahead"] = _ranking(self.lookahead.scores(target, hidden_states), exclude)
+            rankings["lookahead"] = rank_experts(self.lookahead.scores(target, hidden_states), exclude)
         chosen = self.source(target)
         if chosen not in rankings:
             chosen = next(iter(rankings))
