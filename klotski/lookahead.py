@@ -23,6 +23,12 @@ Integration point for an offloaded runtime (one call per MoE layer, one observat
     predictor.observe(m, topk_ids_m)      # learns the correlation table too (replaces prefetcher.record)
     predictor.reset_sequence()            # with the table's, at the start of each forward
 
+Two places to call ``predict_next`` for layer ``m`` = ``next_moe(l)``, same call, different ``hidden_states``:
+right after layer ``l``'s gate with the residual entering ``l``'s MLP (the load then overlaps ``l``'s
+experts and ``m``'s attention), or after ``l``'s experts with ``l``'s output rows (more accurate: the
+state ``m``'s router sees differs from it by ``m``'s attention only; the load overlaps ``m``'s attention
+only). ``bench/quality/eval_prefetch.py`` measures both on the trained demo model.
+
 ``predict_next(-1, None, None, budget)`` predicts the first MoE layer (popularity, from the table).
 Prediction changes only what is loaded early, never which experts compute: tokens are unaffected.
 """

@@ -11,7 +11,10 @@ online (the table keeps learning; the combination picks per layer the source mea
 * per batch group of 16 consecutive tokens, budget 2k: precision = |P & A| / |P|, recall = |P & A| / |A|
   with A the distinct experts the group used.
 
-``popularity`` (the table without context) is shown as a floor.
+``popularity`` (the table without context) is shown as a floor. ``lookahead`` and ``combined`` use the
+residual stream entering the previous layer's MLP (there when its gate runs, so the prefetch overlaps that
+layer's experts and the next attention); ``lookahead_out`` / ``combined_out`` use the previous layer's
+output instead (there only after its experts ran: more accurate, less time to hide the load).
 
     python bench/quality/eval_prefetch.py --model klotski/assets/tiny_moe
 
@@ -44,74 +47,88 @@ from klotski.model.weights import CheckpointWeights  # noqa: E402
 from klotski.prefetch import CorrelationPrefetcher  # noqa: E402
 from klotski.tokenizer import Tokenizer  # noqa: E402
 
-SOURCES = ("popularity", "table", "lookahead", "combined")
+SOURCES = ("popularity", "table", "lookahead", "combined", "lookahead_out", "combined_out")
 
 
 @torch.inference_mode()
-def trace_window(model: ResidentModel, ids: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One window of token ids -> (per layer: residual rows entering the MLP [T, H], topk_ids [T, k])."""
+def trace_window(model: ResidentModel, ids: list[int]) -> dict[str, list[torch.Tensor]]:
+    """One window of token ids -> per layer: ``resid`` (residual rows entering the MLP [T, H]), ``out``
+    (the layer's output rows [T, H]) and ``ids`` (topk_ids [T, k])."""
     spec = model.spec
     x = F.embedding(torch.tensor([ids]), model.embed)
     S = x.shape[1]
     cache = model.new_cache(1, S, torch.zeros(1, dtype=torch.int64))
     mask, positions = cache.key_mask(S, model.device), cache.positions(S, model.device)
-    resid, routing = [], []
+    rec = {"resid": [], "out": [], "ids": []}
     for i, w in enumerate(model.layers):
         x = attention_step(spec, w, x, cache, i, model.rotary, mask, positions)
-        resid.append(x[0].clone())
-        routing.append(route(spec, w, rms_norm(x[0], w["post_attn_norm"], spec.rms_norm_eps))[1])
+        rec["resid"].append(x[0].clone())
+        rec["ids"].append(route(spec, w, rms_norm(x[0], w["post_attn_norm"], spec.rms_norm_eps))[1])
         x = mlp_step(spec, w, x, i, None, model.experts_fn)
-    return resid, routing
+        rec["out"].append(x[0].clone())
+    return rec
 
 
 def trace(model: ResidentModel, stream: torch.Tensor, tokens: int, seq_len: int, bos: int):
     """Windows of ``<s>`` + seq_len - 1 tokens, ``tokens`` tokens in all, spread evenly over the stream
-    -> per layer (residual rows [N, H], topk_ids [N, k])."""
+    -> {"resid", "out", "ids"}: per layer, the windows' rows concatenated (the ``<s>`` rows left out)."""
     step = seq_len - 1
     windows = max(1, min(tokens, stream.numel()) // step)
     stride = max(step, (stream.numel() - step) // windows)
-    res, rout = [[] for _ in model.layers], [[] for _ in model.layers]
+    parts = {k: [[] for _ in model.layers] for k in ("resid", "out", "ids")}
     for s in range(0, windows * stride, stride):
-        r, t = trace_window(model, [bos] + stream[s: s + step].tolist())
-        for i in range(len(model.layers)):  # the <s> position is not text: left out
-            res[i].append(r[i][1:])
-            rout[i].append(t[i][1:])
-    return [torch.cat(r) for r in res], [torch.cat(t) for t in rout]
+        rec = trace_window(model, [bos] + stream[s: s + step].tolist())
+        for k, per_layer in rec.items():
+            for i, t in enumerate(per_layer):
+                parts[k][i].append(t[1:])
+    return {k: [torch.cat(t) for t in v] for k, v in parts.items()}
 
 
 def evaluate(spec: ModelSpec, look: GateLookahead, warm, held, group: int, budget: int) -> dict:
-    """Online next-layer prediction over ``held`` (resid, ids) in groups of ``group`` tokens."""
-    table = CorrelationPrefetcher(spec.num_layers, spec.num_experts)
-    warm_ids = warm[1]
-    for layer in spec.moe_layers:
-        table.record(layer, warm_ids[layer])
+    """Online next-layer prediction over the ``held`` trace in groups of ``group`` tokens.
+
+    ``lookahead``/``combined`` predict from the residual entering the previous layer's MLP (available when
+    its gate runs); ``*_out`` from the previous layer's output (available only after its experts)."""
+    def warmed() -> CorrelationPrefetcher:
+        table = CorrelationPrefetcher(spec.num_layers, spec.num_experts)
+        for layer in spec.moe_layers:
+            table.record(layer, warm["ids"][layer])
+        return table
+
+    table = warmed()
     predictor = ExpertPredictor(spec, table, look)
-    popularity = {m: HitCounts() for m in spec.moe_layers}
-    resid, ids = held
+    after = ExpertPredictor(spec, warmed(), look)
     moe = spec.moe_layers
+    counts = {"popularity": {m: HitCounts() for m in moe}}
+    ids = held["ids"]
     for g in range(0, ids[moe[0]].shape[0] - group + 1, group):
-        predictor.reset_sequence()
         rows = slice(g, g + group)
-        predictor.observe(moe[0], ids[moe[0]][rows])
+        for p in (predictor, after):
+            p.reset_sequence()
+            p.observe(moe[0], ids[moe[0]][rows])
         for prev, layer in zip(moe, moe[1:]):
             pop = rank_experts(table.scores(layer, None))[:budget]
-            predictor.predict_next(prev, resid[prev][rows], ids[prev][rows], budget)
-            predictor.observe(layer, ids[layer][rows])
-            popularity[layer].add(pop, set(ids[layer][rows].reshape(-1).tolist()))
+            predictor.predict_next(prev, held["resid"][prev][rows], ids[prev][rows], budget)
+            after.predict_next(prev, held["out"][prev][rows], ids[prev][rows], budget)
+            truth = ids[layer][rows]
+            predictor.observe(layer, truth)
+            after.observe(layer, truth)
+            counts["popularity"][layer].add(pop, set(truth.reshape(-1).tolist()))
+    counts["table"] = {m: predictor.counts[m]["table"] for m in moe}
+    counts["lookahead"] = {m: predictor.counts[m]["lookahead"] for m in moe}
+    counts["combined"] = {m: predictor.counts[m]["chosen"] for m in moe}
+    counts["lookahead_out"] = {m: after.counts[m]["lookahead"] for m in moe}
+    counts["combined_out"] = {m: after.counts[m]["chosen"] for m in moe}
     out = {}
     for name in SOURCES:
-        per_layer = {}
-        for layer in moe[1:]:
-            c = popularity[layer] if name == "popularity" else \
-                predictor.counts[layer]["chosen" if name == "combined" else name]
-            per_layer[layer] = {"precision": c.precision, "recall": c.recall, "predictions": c.predictions}
-        hits = sum((popularity[m] if name == "popularity" else
-                    predictor.counts[m]["chosen" if name == "combined" else name]).hits for m in moe[1:])
-        cs = [popularity[m] if name == "popularity" else
-              predictor.counts[m]["chosen" if name == "combined" else name] for m in moe[1:]]
+        cs = [counts[name][m] for m in moe[1:]]
+        hits = sum(c.hits for c in cs)
         out[name] = {"precision": hits / max(1, sum(c.predicted for c in cs)),
-                     "recall": hits / max(1, sum(c.used for c in cs)), "per_layer": per_layer}
+                     "recall": hits / max(1, sum(c.used for c in cs)),
+                     "per_layer": {m: {"precision": counts[name][m].precision, "recall": counts[name][m].recall,
+                                       "predictions": counts[name][m].predictions} for m in moe[1:]}}
     out["combined"]["sources"] = {m: predictor.source(m) for m in moe[1:]}
+    out["combined_out"]["sources"] = {m: after.source(m) for m in moe[1:]}
     return out
 
 
@@ -148,22 +165,22 @@ def main(argv=None) -> int:
     k = spec.top_k
     results = {"per_token": evaluate(spec, look, warm, held, 1, k),
                f"per_group_{args.group}": evaluate(spec, look, warm, held, args.group, 2 * k)}
-    n = held[1][0].shape[0]
+    n = held["ids"][0].shape[0]
     print(f"model {args.model}: {spec.num_layers} layers x {spec.num_experts} experts, top-{k}; "
-          f"{n} held-out tokens, table warmed on {warm[1][0].shape[0]} training tokens ({time.time() - t0:.0f}s)")
-    print(f"{'source':<11} {'token@k recall':>15} {'group@2k prec':>14} {'group@2k recall':>16}")
+          f"{n} held-out tokens, table warmed on {warm['ids'][0].shape[0]} training tokens ({time.time() - t0:.0f}s)")
+    print(f"{'source':<13} {'token@k recall':>15} {'group@2k prec':>14} {'group@2k recall':>16}")
     grp = results[f"per_group_{args.group}"]
     for name in SOURCES:
-        print(f"{name:<11} {results['per_token'][name]['recall']:>15.3f} {grp[name]['precision']:>14.3f} "
+        print(f"{name:<13} {results['per_token'][name]['recall']:>15.3f} {grp[name]['precision']:>14.3f} "
               f"{grp[name]['recall']:>16.3f}")
     for mode, res in results.items():
         print(f"{mode} per layer (recall): " + "; ".join(
-            f"L{m} " + " ".join(f"{s} {res[s]['per_layer'][m]['recall']:.2f}" for s in SOURCES[1:])
+            f"L{m} " + " ".join(f"{s} {res[s]['per_layer'][m]['recall']:.2f}" for s in SOURCES[1:4])
             + f" -> {res['combined']['sources'][m]}" for m in spec.moe_layers[1:]))
     out = args.json or os.path.join(os.path.dirname(__file__), "..", "results",
                                     f"{time.strftime('%Y%m%d')}-prefetch-eval.json")
     payload = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-               "model": args.model, "held_out_tokens": n, "warmup_tokens": warm[1][0].shape[0], "top_k": k,
+               "model": args.model, "held_out_tokens": n, "warmup_tokens": warm["ids"][0].shape[0], "top_k": k,
                "group": args.group, "corpus": corpus, "results": results}
     tmp = f"{out}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -263,6 +263,9 @@ def main(argv=None) -> int:
         model.to(torch.bfloat16).save_pretrained(tmp)
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
+        for f in tmp.iterdir():  # package data: readable by everyone (mkdtemp and safetensors make 0700/0600)
+            f.chmod(0o644)
+        tmp.chmod(0o755)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

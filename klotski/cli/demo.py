@@ -15,8 +15,8 @@ from klotski.cli.metrics_table import format_table
 from klotski.cli.options import add_engine_args
 from klotski.demo import DEMO_SIZES
 
-# The trained model has read the Python standard library: code and its docstrings.
-DEFAULT_PROMPTS = ["def __init__(self", "The return value is", "import os\nimport sys\n", "class Parser:\n"]
+# The trained model has read (a little of) the Python standard library: code and its docstrings.
+DEFAULT_PROMPTS = ["def main():\n    ", "    return self.", "# Copyright", "    if not isinstance("]
 DEMO_POLICIES = ("klotski", "flexgen", "layerwise")
 
 
@@ -28,7 +28,7 @@ def add_parser(sub):
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt", action="append", default=None)
     add_engine_args(p, policy_default="all")
-    p.set_defaults(gpu_memory="96MiB", cpu_memory="128MiB")
+    p.set_defaults(gpu_memory="12MiB", cpu_memory="8MiB")  # the model is 28 MiB in fp32, 14 MiB in bf16
     return p
 
 
