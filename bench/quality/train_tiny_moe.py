@@ -159,8 +159,7 @@ def evaluate(model, val: torch.Tensor, train_counts: torch.Tensor, seq_len: int,
             ids = logits.topk(k, dim=-1).indices.reshape(-1)
             loads[layer] += torch.bincount(ids, minlength=E).double()
     p_uni = (train_counts.double() + 1) / (train_counts.sum() + train_counts.numel())
-    used = val[: n + 1][:n] if n else val
-    uni_nll = -torch.log(p_uni[used]).sum().item()
+    uni_nll = -torch.log(p_uni[val[:n]]).sum().item()  # the same n tokens the model predicted
     probs = loads / loads.sum(1, keepdim=True)
     entropy = -(probs * torch.log2(probs.clamp_min(1e-12))).sum(1)
     return {"val_tokens": n, "val_ppl": math.exp(nll / n), "unigram_ppl": math.exp(uni_nll / n),
