@@ -145,14 +145,18 @@ def _temporary(path: str) -> str:
     return tmp
 
 
-def _install(path: str, fill) -> str:
+def _install(path: str, fill, current=lambda: False) -> str:
     """Run ``fill(tmp_dir)`` in a fresh temporary beside ``path``, then rename it into place (replacing an
-    older ``path``, moved aside first). On any error or interrupt the temporary is removed."""
+    older ``path``, moved aside first, unless ``current()`` says another process has just put a good one
+    there). On any error or interrupt the temporary is removed."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _temporary(path)
     try:
         fill(tmp)
+        if current():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return path
         if os.path.islink(path) or os.path.isfile(path):
             os.remove(path)
         elif os.path.lexists(path):  # an outdated or incomplete copy: move it aside (onto an empty temporary)
@@ -180,7 +184,7 @@ def _asset_source() -> dict:
     if missing:
         raise FileNotFoundError(
             f"the trained demo model is not installed: {', '.join(missing)} missing from {ASSET_DIR}; rebuild it "
-            f"from a source checkout with `{TRAIN_COMMAND}` (about 15 minutes on 2 CPU cores), or run "
+            f"from a source checkout with `{TRAIN_COMMAND}` (about 7 minutes of one CPU core), or run "
             f"`klotski demo --size tiny` (random weights)")
     return {"asset": ASSET_DIR, "model.safetensors": _sha256(weights)}
 
@@ -207,14 +211,16 @@ def _write_random(tmp: str, size: str, seed: int) -> None:
 
 
 def build_demo_checkpoint(path: str, size: str = "default", seed: int = 0) -> str:
-    """Write demo model ``size`` to ``path`` atomically (temporary directory + rename); returns ``path``."""
+    """Write demo model ``size`` to ``path`` atomically (temporary directory + rename); returns ``path``.
+    If a current model appears at ``path`` meanwhile (another process), that one is kept."""
     if size not in DEMO_SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {', '.join(DEMO_SIZES)}")
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
+    current = lambda: _is_current(path, size)  # noqa: E731
     if size == "default":
         source = _asset_source()
-        return _install(path, lambda tmp: _copy_asset(tmp, source))
-    return _install(path, lambda tmp: _write_random(tmp, size, seed))
+        return _install(path, lambda tmp: _copy_asset(tmp, source), current)
+    return _install(path, lambda tmp: _write_random(tmp, size, seed), current)
 
 
 def _is_current(path: str, size: str) -> bool:
