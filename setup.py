@@ -47,7 +47,8 @@ setup(
     + ["klotski.triton_kernels"]
     + [f"klotski.triton_kernels.{p}" for p in find_packages("triton_kernels")],
     package_dir={"klotski": "klotski", "klotski.triton_kernels": "triton_kernels"},
-    package_data={"klotski.triton_kernels": ["configs/*.json"]},
+    # the trained demo model (bench/quality/train_tiny_moe.py), shipped so `klotski demo` needs no download
+    package_data={"klotski.triton_kernels": ["configs/*.json"], "klotski": ["assets/tiny_moe/*"]},
     ext_modules=[CMakeExtension("klotski._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -1,8 +1,9 @@
-"""``klotski demo``: build (once) the synthetic Mixtral-architecture model and generate from it offloaded.
+"""``klotski demo``: prepare (once) the trained tiny MoE and generate from it offloaded.
 
 By default the model runs under a device budget and a host budget that are each smaller than the model
 (the rest streams from the packed expert store on disk), once per policy, and a metrics table compares
-klotski, flexgen and layerwise; greedy tokens must agree across policies.
+klotski, flexgen and layerwise; greedy tokens must agree across policies. ``--size tiny`` runs a synthetic
+random-weight model instead (its text is noise).
 """
 from __future__ import annotations
 
@@ -12,20 +13,22 @@ from klotski.cli.compare import compare_policies
 from klotski.cli.generate import print_outputs
 from klotski.cli.metrics_table import format_table
 from klotski.cli.options import add_engine_args
+from klotski.demo import DEMO_SIZES
 
-DEFAULT_PROMPTS = ["The expert-aware pipeline", "Klotski moves blocks", "Experts stream in while",
-                   "A batch group shares"]
+# The trained model has read (a little of) the Python standard library: code and its docstrings.
+DEFAULT_PROMPTS = ["def main():\n    ", "    return self.", "# Copyright", "    if not isinstance("]
 DEMO_POLICIES = ("klotski", "flexgen", "layerwise")
 
 
 def add_parser(sub):
-    p = sub.add_parser("demo", help="run the built-in synthetic MoE model offloaded (no download)")
-    p.add_argument("--size", default="default", choices=("default", "tiny"))
+    p = sub.add_parser("demo", help="run the built-in trained tiny MoE model offloaded (no download)")
+    p.add_argument("--size", default="default", choices=DEMO_SIZES,
+                   help="default: the trained tiny MoE; tiny: a synthetic random-weight model")
     p.add_argument("--model-dir", default=None, help="where the demo checkpoint lives (default: user cache)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--prompt", action="append", default=None)
     add_engine_args(p, policy_default="all")
-    p.set_defaults(gpu_memory="96MiB", cpu_memory="128MiB")
+    p.set_defaults(gpu_memory="16MiB", cpu_memory="8MiB")  # together < the model: 28 MiB in fp32 (14 MiB bf16 file)
     return p
 
 
