@@ -191,17 +191,12 @@ class OffloadedExperts(torch.nn.Module):
                                            if self.slot_expert[s] >= 0 else 0.0))
 
     def prefetch(self, experts: list[int]) -> None:
-        """Start loading predicted ``experts`` of this layer into its coldest slots (called by the group
-        while the previous layer computes); never evicts another predicted or hotter expert."""
+        """Start loading predicted ``experts`` of this layer (most likely first) into its coldest slots, never
+        evicting another predicted one (called by the group while the previous layer computes). The
+        prediction is for the very tokens about to arrive, so it outranks the hotness of past steps."""
         wanted = [e for e in experts if e not in self.slot_of]
         victims = self._victims(set(experts))
-        for e in wanted:
-            if not victims:
-                break
-            slot = victims.pop(0)
-            old = self.slot_expert[slot]
-            if old >= 0 and self.heat[old] > self.heat[e]:
-                break
+        for e, slot in zip(wanted, victims):
             self._start_load(e, slot, PREFETCH)
             self.prefetched.add(e)
 

@@ -10,7 +10,7 @@ transformers 5.x keeps each MoE layer's routed experts in one module (``MixtralE
 ``gate_up_proj`` [E, 2I, H] (gate rows first) and ``down_proj`` [E, H, I], decorated with
 ``@use_experts_implementation``: its forward dispatches on ``config._experts_implementation`` to a function
 ``fn(module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]`` registered in
-``ExpertsInterface``. This module registers ``"klotski"`` there; :func:`offload_experts` attaches an
+``ExpertsInterface``. This module registers ``"klotski"`` there (on import); :func:`offload_experts` attaches an
 :class:`klotski.experts.OffloadedExperts` to every experts module (as ``module.klotski_experts``), drops the
 module's expert weights, removes any accelerate hook from it and switches the model to ``"klotski"``.
 Routers, attention, shared experts and dense MLPs stay transformers' own modules, wherever the user (or
@@ -167,6 +167,9 @@ def offload_experts(model, checkpoint_dir: str, *, gpu_memory, cpu_memory, offlo
                                prefetch_table=prefetch_table)
     try:
         for name, layer, module in found:
+            if getattr(module, "klotski_experts", None) is not None:
+                raise ValueError(f"{name} already runs on Klotski's offloaded experts (offload_experts was called "
+                                 f"on this model before)")
             shape = (module.num_experts, module.intermediate_dim, module.hidden_dim)
             want = (spec.num_experts, spec.moe_intermediate_size, spec.hidden_size)
             if shape != want:
@@ -270,3 +273,6 @@ def _without_expert_weights(model_class):
 
     return type(model_class.__name__, (model_class,), {"__init__": __init__, "__module__": model_class.__module__,
                                                        "__qualname__": model_class.__qualname__})
+
+
+register()  # importing this module makes experts_implementation="klotski" known to transformers

@@ -165,3 +165,24 @@ def test_failed_read_is_raised_and_forgotten(ckpt):
         assert torch.allclose(out, reference(hf_mods[0], x, ids, w), rtol=1e-5, atol=1e-6)
     finally:
         group.close()
+
+
+def test_correlated_routing_is_prefetched(ckpt):
+    """Layer 1 routes the same experts as layer 0 did for the same token: once learned, layer 1's experts are
+    loaded while layer 0 computes, and layer 1 needs no demand load."""
+    path, hf_mods, eb = ckpt
+    group, mods = make(path, eb, slots=3, host=0, prefetch=True)
+    x = torch.randn(1, mods[0].hidden_size)
+    patterns = [torch.tensor([[0, 1, 2]]), torch.tensor([[4, 5, 6]])]
+    w = torch.ones(1, 3) / 3
+    try:
+        for step in range(6):
+            ids = patterns[step % 2]
+            for m, ref_mod in zip(mods, hf_mods):
+                out = m(x, ids, w)
+                assert torch.allclose(out, reference(ref_mod, x, ids, w), rtol=1e-5, atol=1e-6)
+        last = mods[1].last_forward
+        assert last["prefetch_used"] == 3 and last["loads"] == 0
+        assert mods[0].last_forward["loads"] == 3  # layer 0 has no earlier layer to predict from
+    finally:
+        group.close()

@@ -94,6 +94,8 @@ def test_offload_experts_on_a_loaded_model_frees_its_expert_weights(checkpoints)
         names = [n for n, _ in model.named_parameters()] + list(model.state_dict())
         assert not any("experts.gate_up_proj" in n or "experts.down_proj" in n for n in names)
         compare(model, hf, PROMPTS[-1:], 8)
+        with pytest.raises(ValueError, match="already runs on Klotski"):
+            kt.offload_experts(model, path, **budgets(hf))
     finally:
         group.close()
 
