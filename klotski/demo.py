@@ -184,7 +184,7 @@ def _asset_source() -> dict:
     if missing:
         raise FileNotFoundError(
             f"the trained demo model is not installed: {', '.join(missing)} missing from {ASSET_DIR}; rebuild it "
-            f"from a source checkout with `{TRAIN_COMMAND}` (about 7 minutes of one CPU core), or run "
+            f"from a source checkout with `{TRAIN_COMMAND}` (about 15 minutes of one CPU core), or run "
             f"`klotski demo --size tiny` (random weights)")
     return {"asset": ASSET_DIR, "model.safetensors": _sha256(weights)}
 
