@@ -143,7 +143,7 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
             f"{policy!r}: needs at least {format_bytes(minimum.device_bytes + act_min)} "
             f"(embeddings/LM head/norms {format_bytes(mb.globals + sum(d['norm'] for d in mb.per_layer))}, "
             f"one layer's attention+gate+shared and {lo} expert slot(s) {format_bytes(one_layer)}, "
-            f"activations {format_bytes(act_min)})"
+            f"activations {format_bytes(act_min)})", min_gpu_memory=minimum.device_bytes + act_min
         )
     piece = max(mb.expert_ckpt, max(max(c.values()) for c in mb.per_layer_ckpt))
     ring = 2 * (-(-(piece + 16384) // 4096) * 4096)  # disk staging ring: 2 aligned slots
@@ -159,7 +159,7 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
             break
         except InfeasibleError as e:
             if q == 1:
-                raise BudgetError(str(e)) from None
+                raise BudgetError(str(e), e.min_gpu_memory, e.min_cpu_memory) from None
             q = (q + 1) // 2
     if cfg.kv == "cpu":
         plan = replace(plan, placement=replace(plan.placement, kv="cpu"))

@@ -72,9 +72,9 @@ class OffloadedExecutor:
                                    act, experts_fn, device)
             self._cache_bytes = (None, 0)
             self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0, "prefill_chunks": 0}
-            from klotski.runtime.policies import POLICY_RUNNERS
+            from klotski.runtime.policies import runner_for
 
-            self.runner = POLICY_RUNNERS[policy](self)
+            self.runner = runner_for(self)
         except BaseException:
             self.close()
             raise

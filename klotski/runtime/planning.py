@@ -129,11 +129,16 @@ def policy_uses_group(policy: str) -> bool:
     return policy in ("flexgen", "klotski")
 
 
+def order_of(plan: Plan) -> str:
+    """The op order a plan runs in: its policy's, except that a klotski plan with ``num_hot=None`` is the
+    planner's "FlexGen order" choice (klotski's own features off) and is simulated, sized and run as flexgen."""
+    if plan.policy == "klotski" and plan.num_hot is None:
+        return "flexgen"
+    return plan.policy
+
+
 def _step(plan: Plan, costs, hw, shape: StepShape) -> float:
-    policy = plan.policy
-    if policy == "klotski" and plan.num_hot is None:
-        policy = "flexgen"
-    return simulate_model_step(policy, costs, plan.placement, shape, hw, num_hot=plan.num_hot,
+    return simulate_model_step(order_of(plan), costs, plan.placement, shape, hw, num_hot=plan.num_hot,
                                overlap=plan.overlap).makespan
 
 
@@ -145,7 +150,7 @@ def layout_for_plan(mb: ModelBytes, spec, plan: Plan, gpu_cap: int, reserve_gpu:
     allocates them only while in use), GPU-resident experts give way one at a time."""
     p = plan.placement
     E = mb.num_experts
-    policy = plan.policy
+    policy = order_of(plan)
     def host_fit(p: Placement) -> Placement:  # what host memory cannot hold goes to disk
         if host_cap is None:
             return p

@@ -3,13 +3,20 @@
 * ``layerwise`` (Accelerate-like): each micro-batch runs through the whole model on its own; every layer's
   weights (attention, gate, all experts) load just before it computes, nothing overlaps.
 * ``flexgen`` (zig-zag): the n micro-batches share each layer's load; the next layer's whole weights (all
-  experts) load while this layer computes; attention then MoE run micro-batch by micro-batch.
+  experts) load while this layer computes (``plan.overlap``; without it a layer loads when the previous one
+  has finished); attention then MoE run micro-batch by micro-batch.
 * ``klotski``: the layer's gate and its predicted hot experts were prefetched during the previous layer;
   attention and gate run per micro-batch and each gate starts loading the selected experts that are neither
   resident, hot nor in flight (cold); experts then run expert by expert over the tokens of all n batches,
   resident and hot first, then cold in arrival order, each slot released right after use. After the gates,
   the next layer's weights and hot experts (predicted from this layer's routing by the correlation-aware
-  prefetcher) start loading.
+  prefetcher) start loading. With ``plan.overlap`` (the planner's "wide, early" variant) the next layer's
+  hot experts are issued with its weights when this layer starts, predicted from popularity (the routing
+  that would refine them is not known yet), at most all streaming slots but one, so this layer's cold
+  experts always find a slot. A klotski plan with ``num_hot=None`` (the planner chose FlexGen's order) runs
+  the flexgen runner.
+
+Which runner runs a plan, and with which of its fields, is decided in one place: :func:`runner_for`.
 """
 from __future__ import annotations
 
@@ -61,9 +68,11 @@ class FlexGenRunner:
 
     def run(self, st) -> None:
         ex, spec = self.ex, self.ex.spec
+        overlap = ex.plan is None or ex.plan.overlap
         for layer in range(spec.num_layers):
             self._issue(st, layer)
-            self._issue(st, layer + 1)  # the next layer loads while this one computes
+            if overlap:
+                self._issue(st, layer + 1)  # the next layer loads while this one computes
             idx, w = st.dense.pop(layer).wait()
             for k in range(st.cache.num_batches):
                 ex.compute.attention(st, w, layer, k)
@@ -93,10 +102,15 @@ class KlotskiRunner:
         spec = ex.spec
         self.next_moe = {layer: next((m for m in spec.moe_layers if m > layer), None)
                          for layer in range(-1, spec.num_layers)}
+        self.early = ex.plan is not None and ex.plan.overlap
 
     def hot_budget(self) -> int:
         pool = self.ex.w.pool  # the plan's prefetch width (top_k by default), bounded by the streaming slots
-        return min(self.ex.num_hot, pool.streaming_slots) if pool is not None else 0
+        if pool is None:
+            return 0
+        if self.early:  # issued before this layer's cold loads: leave them a slot (the pool grants in order)
+            return min(self.ex.num_hot, pool.streaming_slots - 1)
+        return min(self.ex.num_hot, pool.streaming_slots)
 
     def _issue_hot(self, st, layer: int | None, prev_topk) -> None:
         """Predict and prefetch ``layer``'s hot experts (after its weights, on the prefetch lane)."""
@@ -119,6 +133,8 @@ class KlotskiRunner:
         for layer in range(spec.num_layers):
             if layer + 1 < spec.num_layers and layer + 1 not in st.dense:
                 st.dense[layer + 1] = ex.loads.dense(layer + 1)
+                if self.early and self.next_moe[layer] == layer + 1:
+                    self._issue_hot(st, layer + 1, None)
             idx, w = st.dense.pop(layer).wait()
             if spec.is_moe(layer):
                 self._moe_layer(st, w, layer)
@@ -184,3 +200,10 @@ class KlotskiRunner:
 
 
 POLICY_RUNNERS = {"layerwise": LayerwiseRunner, "flexgen": FlexGenRunner, "klotski": KlotskiRunner}
+
+
+def runner_for(ex):
+    """The runner of the executor's plan (:func:`klotski.runtime.planning.order_of`); no plan: its policy's."""
+    from klotski.runtime.planning import order_of
+
+    return POLICY_RUNNERS[order_of(ex.plan) if ex.plan is not None else ex.policy](ex)
