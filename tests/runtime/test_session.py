@@ -155,3 +155,43 @@ def test_runtime_does_not_import_the_engine():
     """The engine depends on the runtime through the session protocol, never the other way round."""
     code = "import sys, klotski.runtime; assert 'klotski.engine' not in sys.modules, 'runtime imports engine'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("second", ["builds", "fails"])
+def test_replan_when_the_device_cannot_hold_two_executors(mixtral, monkeypatch, second):
+    """On CUDA a re-plan that runs out of device memory next to the old executor frees the old one and
+    builds again; if that fails too, the old plan is rebuilt and the session keeps running it."""
+    import dataclasses
+
+    import torch
+
+    import klotski.runtime.session as session_mod
+    from klotski.runtime import OffloadedSession
+
+    path, _ = mixtral
+    with LLM(path, device="cpu") as llm:
+        weights = llm.weights
+    s = OffloadedSession(weights, "cpu", torch.float32, "klotski", num_batches=2, batch_size=2, **BUDGET)
+    old, old_plan = s.executor, s.run_plan
+    real_build, calls = session_mod.build_executor, []
+
+    def build(cfg, rp, prefetcher):
+        calls.append(rp)
+        if len(calls) == 1 or (second == "fails" and len(calls) == 2):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_build(dataclasses.replace(cfg, device=torch.device("cpu")), rp, prefetcher)
+
+    monkeypatch.setattr(session_mod, "build_executor", build)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    s.config = dataclasses.replace(s.config, device=torch.device("cuda"))
+    try:
+        if second == "builds":
+            s.replan((4, 40))
+            assert old.closed and s.executor is not old and s.run_plan.workload == (4, 40)
+        else:
+            with pytest.raises(torch.OutOfMemoryError):
+                s.replan((4, 40))
+            assert old.closed and calls[-1] is old_plan  # the old plan, rebuilt
+            assert s.run_plan is old_plan and s.executor is not None and not s.executor.closed
+    finally:
+        s.close()
