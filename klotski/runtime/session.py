@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from dataclasses import replace
 
 import torch
 
@@ -186,9 +187,14 @@ class OffloadedSession:
             w = self.run_workload
             key = (w["prompt_len"], w["gen_len"], w["sequences"], ex.time["prefill_chunks"], id(self.hardware))
         if self._prediction.get("key") != key or key is None:
-            self._prediction = {"key": key, "values": prediction_metrics(
-                self.plan, ex.costs, self.hardware, self.run_plan.workload, self.run_workload, ex.group_size,
-                ex.time["prefill_chunks"], ex.spec.num_experts)}
+            # predicted for what runs: the executor's placement (its pools may have moved weights off the
+            # device that the plan placed there), the plan's group shape and variant
+            ran = replace(self.plan, placement=ex.layout.placement)
+            values = prediction_metrics(ran, ex.costs, self.hardware, self.run_plan.workload, self.run_workload,
+                                        ex.group_size, ex.time["prefill_chunks"], ex.spec.num_experts)
+            if ran.placement != self.plan.placement:
+                values["planned_placement"] = self.plan.placement.describe(ex.spec.num_experts)
+            self._prediction = {"key": key, "values": values}
         out.update(self._prediction["values"])
         if self.warmup_s is not None:
             out["warmup_s"] = self.warmup_s

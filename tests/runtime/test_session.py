@@ -35,6 +35,8 @@ def test_failed_replan_leaves_llm_usable(mixtral, tmp_path):
     with LLM(path, device="cpu", policy="klotski", offload_dir=str(tmp_path / "off"), **BUDGET) as llm:
         assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)] == ref
         before = llm.executor
+        # the prediction shown is for the placement that ran
+        assert llm.metrics.extra["plan"]["placement"] == before.layout.placement.describe(llm.spec.num_experts)
         with pytest.raises(BudgetError):
             llm.generate(prompt_token_ids=PROMPTS, sampling_params=SamplingParams(max_tokens=5000, ignore_eos=True))
         assert llm.executor is before and not before.closed
