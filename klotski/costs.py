@@ -230,7 +230,7 @@ def _fp8_stored_bytes(spec: ModelSpec, layers: list[LayerCosts]) -> tuple[list[L
     unquantized tensors (embeddings, norms, router): a conservative bound, never an under-estimate.
     """
     from klotski.model.names import ExpertLayout, layer_sources
-    from klotski.model.quant import scale_shape
+    from klotski.model.fp8_blocks import scale_shape
 
     ub = dtype_bytes(spec.torch_dtype) if spec.torch_dtype in DTYPE_BYTES else 2.0
     block = spec.fp8_block

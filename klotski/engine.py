@@ -1,7 +1,9 @@
 """``LLM``: the offline entry point (vLLM's convention): load a checkpoint, generate, score logits."""
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -9,15 +11,14 @@ import torch
 from klotski.checkpoint import SafetensorsIndex
 from klotski.generation import generate_batch, left_pad
 from klotski.model import ModelSpec
-from klotski.model.resident import ResidentModel
 from klotski.model.weights import CheckpointWeights
 from klotski.sampling import SamplingParams
+from klotski.session import POLICIES, Session, open_session
 from klotski.tokenizer import Tokenizer
 from klotski.units import parse_bytes
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "float": torch.float32}
-POLICIES = ("resident", "layerwise", "flexgen", "klotski")
 
 
 def resolve_dtype(dtype, spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -99,13 +100,25 @@ class RunMetrics:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
 
+def _close_session(box: dict) -> None:
+    box["session"].close()
+
+
 class LLM:
     """An MoE model ready to generate.
 
-    ``policy="resident"`` keeps every weight on ``device``. ``max_num_seqs`` bounds how many prompts share
-    one batch. ``offload_dir`` holds the packed expert store of this checkpoint (converted on first use) and
-    the learned prefetch table; a store converted from another checkpoint is refused, naming both, unless
-    ``rebuild_store=True`` replaces it.
+    ``policy="resident"`` keeps every weight on ``device``; the offloaded policies ("layerwise", "flexgen",
+    "klotski") place weights under ``gpu_memory`` / ``cpu_memory`` with the planner, streaming the rest from
+    host memory or ``offload_dir``. ``max_num_seqs`` bounds how many prompts share one batch (offloaded: the
+    plan's batch group). ``offload_dir`` holds the packed expert store of this checkpoint (converted on first
+    use) and the learned prefetch table; a store converted from another checkpoint is refused, naming both,
+    unless ``rebuild_store=True`` replaces it.
+
+    Threads: one ``LLM`` may be shared by several threads. Its calls (``generate``, ``logits``, ``close``) are
+    serialised by a lock: a call waits until the one running has finished, then runs on its own (requests of
+    different threads are not batched together). Lifetime: ``close()`` (or leaving a ``with LLM(...) as llm:``
+    block) stops the offloaded runtime's loader threads and drops its weights; an ``LLM`` dropped without
+    ``close()`` does the same when it is garbage-collected.
     """
 
     def __init__(
@@ -135,20 +148,42 @@ class LLM:
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.spec, self.device)
         self.policy = policy
-        self.max_num_seqs = max_num_seqs
         self.weights = CheckpointWeights(SafetensorsIndex(self.model_dir), self.spec)
         self.tokenizer = Tokenizer(self.model_dir)
-        if policy == "resident":
-            self.executor = ResidentModel(self.weights, self.device, self.dtype)
-        else:  # offloaded: klotski.runtime places weights under the budgets; a batch group per generate chunk
-            from klotski.runtime import build_offloaded
-
-            self.executor = build_offloaded(self.weights, self.device, self.dtype, policy, gpu_memory, cpu_memory,
-                                            offload_dir, num_batches=num_batches, batch_size=batch_size,
-                                            rebuild_store=rebuild_store)
-            self.max_num_seqs = self.executor.group_size
+        offload = {} if policy == "resident" else dict(
+            gpu_memory=gpu_memory, cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
+            batch_size=batch_size, rebuild_store=rebuild_store)
+        self._lock = threading.RLock()
+        self._box = {"session": open_session(policy, self.weights, self.device, self.dtype, max_num_seqs, **offload)}
+        # closes the session when this LLM is closed, collected or the interpreter exits (never holds self)
+        self._finalizer = weakref.finalize(self, _close_session, self._box)
         self.generator = torch.Generator().manual_seed(seed)
         self.metrics = RunMetrics()
+
+    @property
+    def session(self) -> Session:
+        """What runs the model (:mod:`klotski.session`): plan, executor, metrics, lifecycle."""
+        return self._box["session"]
+
+    @session.setter
+    def session(self, session: Session) -> None:
+        """Replace the session (the caller closes the old one); closed with this LLM."""
+        self._box["session"] = session
+
+    @property
+    def executor(self):
+        """The session's executor (``new_cache`` / ``forward``): the resident model or the offloaded runtime."""
+        return self.session.executor
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.session.group_size
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- helpers ---------------------------------------------------------------------------------------
     def _prompt_ids(self, prompts, prompt_token_ids) -> list[list[int]]:
@@ -205,56 +240,64 @@ class LLM:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(p.max_tokens for p in params), desc="generating", unit="tok")
-        offloaded = self.policy != "resident"
-        if offloaded:  # the runtime re-plans for this workload if it differs a lot, warms the prefetcher up
-            from klotski.runtime import prepare_run
+        with self._lock:
+            try:
+                return self._generate(ids, params, bar)
+            finally:
+                if bar:
+                    bar.close()
 
-            self.executor = prepare_run(self.executor, ids, [p.max_tokens for p in params])
-            self.max_num_seqs = self.executor.group_size
-        if hasattr(self.executor, "reset_metrics"):
-            self.executor.reset_metrics()
+    def _generate(self, ids, params, bar) -> list[RequestOutput]:
+        self._check_open()
+        session = self.session
+        session.prepare(ids, [p.max_tokens for p in params])  # re-plan for this workload, warm up
+        session.reset_metrics()
         start = time.perf_counter()
         outputs: list[RequestOutput] = []
-        for b in range(0, len(ids), self.max_num_seqs):
-            chunk, chunk_params = ids[b : b + self.max_num_seqs], params[b : b + self.max_num_seqs]
+        group = session.group_size
+        for b in range(0, len(ids), group):
+            chunk, chunk_params = ids[b : b + group], params[b : b + group]
             new = generate_batch(
-                self.executor, chunk, chunk_params, self.spec.eos_token_ids, self.generator,
+                session.executor, chunk, chunk_params, self.spec.eos_token_ids, self.generator,
                 on_step=(lambda n: bar.update(n)) if bar else None,
             )
             outputs += [RequestOutput(p, t, self.tokenizer.decode(t)) for p, t in zip(chunk, new)]
-        if bar:
-            bar.close()
-        if offloaded:  # save the learned prefetch table next to the model / in offload_dir
-            from klotski.runtime import finish_run
-
-            finish_run(self.executor)
+        session.finish()  # side files (the learned prefetch table in offload_dir)
         self.metrics = RunMetrics(
             generated_tokens=sum(len(o.token_ids) for o in outputs),
             prompt_tokens=sum(len(p) for p in ids),
             total_s=time.perf_counter() - start,
-            extra=dict(getattr(self.executor, "metrics", {})),
+            extra=dict(session.metrics),
         )
         if "prefill_s" in self.metrics.extra:
             self.metrics.prefill_s = self.metrics.extra["prefill_s"]
         return outputs
 
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError("this LLM is closed")
+
     def close(self) -> None:
-        """Stop the offloaded runtime's loader threads (no-op for the resident policy)."""
-        if hasattr(self.executor, "close"):
-            self.executor.close()
+        """Stop the offloaded runtime's loader threads and drop the weights (idempotent; waits for a call
+        running on another thread to finish)."""
+        with self._lock:
+            self._finalizer()
 
     def logits(self, prompt_token_ids: list[list[int]]) -> list[torch.Tensor]:
         """Per prompt, float32 logits [len, vocab] of every position (CPU)."""
         ids = self._prompt_ids(None, prompt_token_ids)
-        for i, p in enumerate(ids):
-            if len(p) > self.spec.max_position_embeddings:
-                raise ValueError(f"prompt {i}: {len(p)} tokens exceed the model's context of "
-                                 f"{self.spec.max_position_embeddings} tokens (max_position_embeddings)")
-        out = []
-        for b in range(0, len(ids), self.max_num_seqs):
-            chunk = ids[b : b + self.max_num_seqs]
-            batch, pad = left_pad(chunk)
-            cache = self.executor.new_cache(len(chunk), batch.shape[1], pad)
-            logits = self.executor.forward(batch, cache, all_logits=True).cpu()
-            out += [logits[i, int(pad[i]) :] for i in range(len(chunk))]
-        return out
+        with self._lock:
+            self._check_open()
+            for i, p in enumerate(ids):
+                if len(p) > self.spec.max_position_embeddings:
+                    raise ValueError(f"prompt {i}: {len(p)} tokens exceed the model's context of "
+                                     f"{self.spec.max_position_embeddings} tokens (max_position_embeddings)")
+            out = []
+            group, ex = self.session.group_size, self.session.executor
+            for b in range(0, len(ids), group):
+                chunk = ids[b : b + group]
+                batch, pad = left_pad(chunk)
+                cache = ex.new_cache(len(chunk), batch.shape[1], pad)
+                logits = ex.forward(batch, cache, all_logits=True).cpu()
+                out += [logits[i, int(pad[i]) :] for i in range(len(chunk))]
+            return out

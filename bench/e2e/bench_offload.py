@@ -220,8 +220,9 @@ def main() -> None:
     ap.add_argument("--batch-size", default="auto", help="'auto' = the planner's batch size")
     ap.add_argument("--calibrate", action="store_true",
                     help="held-out check: fit the profile to each policy's run (per-op timings from its trace, "
-                         "klotski.runtime.planning.calibrate_from_run; the cached profile is not changed), then "
-                         "run the policy again on other prompts and compare it with the calibrated prediction")
+                         "klotski.runtime.planning.calibrate_from_run), then run the policy again on other prompts "
+                         "and compare it with the calibrated prediction (note: every LLM's first run already "
+                         "feeds its timings into the cached profile, see klotski.profile_cache)")
     ap.add_argument("--label", default="", help="machine label written into the JSON")
     ap.add_argument("--policies", default="klotski,flexgen,layerwise")
     ap.add_argument("--baseline", choices=("none", "accelerate"), default="none",
@@ -270,23 +271,19 @@ def main() -> None:
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                   offload_dir=os.path.join(work, f"store-{policy}"), num_batches=args.num_batches,
                   batch_size=args.batch_size)
-        count = llm.executor.group_size if args.num_prompts == "group" else int(args.num_prompts)
+        count = llm.session.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, llm.spec.vocab_size, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
-        plan_hw = llm.executor.hardware
+        plan_hw = llm.session.hardware
         outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
         tokens[policy] = [o.token_ids for o in outs]
         runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
                         "dtype": str(llm.executor.dtype).replace("torch.", "")}
         row = {"policy": policy, "num_prompts": count, **row}
         if args.calibrate:
-            from klotski.runtime.planning import calibrate_from_run, prediction_metrics
-
-            ex = llm.executor
-            cal = calibrate_from_run(ex, ex.hardware, save=False)  # fitted on the first run ...
-            ex.hardware, ex.prediction = cal, {}
-            in_sample = prediction_metrics(ex)["predicted_tokens_per_s"]
+            cal = llm.session.calibrate(llm.session.hardware, save=False)  # fitted on the first run ...
+            in_sample = llm.session.metrics["predicted_tokens_per_s"]
             outs2, row2 = timed_run(llm, prompts[count:], sp, plan_hw)  # ... predicts a second run on other prompts
             row = {"policy": policy, "num_prompts": count, **row2,
                    "predicted_tokens_per_s_uncalibrated": row["predicted_tokens_per_s"],

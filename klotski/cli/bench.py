@@ -50,18 +50,18 @@ def run(args) -> int:
     calibrated = []
 
     def calibrate(llm, policy):
-        ex = llm.executor
-        if not args.calibrate or calibrated or getattr(ex, "tracer", None) is None:
+        session = llm.session
+        if not args.calibrate or calibrated or not session.can_trace:
             return
         from klotski.profile_cache import interpreter_on
-        from klotski.runtime.planning import calibrate_from_run, prediction_metrics, profile_path
+        from klotski.runtime.planning import profile_path
 
-        before = prediction_metrics(ex)["predicted_tokens_per_s"]
-        ex.hardware, ex.prediction = calibrate_from_run(ex), {}
-        after = prediction_metrics(ex)["predicted_tokens_per_s"]
+        before = session.metrics["predicted_tokens_per_s"]
+        session.calibrate()
+        after = session.metrics["predicted_tokens_per_s"]
         calibrated.append(policy)
-        saved = "not cached (Triton interpreter on)" if interpreter_on() else f"saved {profile_path(ex.device.type)}"
-        print(f"calibrated on the {policy} run ({len(ex.tracer.observations())} ops): predicted "
+        saved = "not cached (Triton interpreter on)" if interpreter_on() else f"saved {profile_path(llm.device.type)}"
+        print(f"calibrated on the {policy} run ({len(session.executor.tracer.observations())} ops): predicted "
               f"{before:.1f} -> {after:.1f} tokens/s; {saved}", flush=True)
 
     rows, raw, agree = compare_policies(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len,

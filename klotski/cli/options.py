@@ -52,11 +52,11 @@ def write_traces(llm, args, suffix: str = "") -> None:
     for path, method in ((args.trace, "write_trace"), (args.timeline, "write_timeline")):
         if not path:
             continue
-        if not hasattr(llm.executor, method):
+        if not llm.session.can_trace:
             print(f"({method.replace('write_', '')} skipped: policy {llm.policy} runs no streams)")
             continue
         if suffix:
             root, ext = path.rsplit(".", 1) if "." in path else (path, "")
             path = f"{root}-{suffix}.{ext}" if ext else f"{root}-{suffix}"
-        getattr(llm.executor, method)(path)
+        getattr(llm.session, method)(path)
         print(f"wrote {path}")

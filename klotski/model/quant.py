@@ -13,22 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from klotski.model.fp8_blocks import SCALE_SUFFIX, scale_name, scale_shape  # noqa: F401 (torch-free, re-exported)
+
 FP8_DTYPE = torch.float8_e4m3fn
-SCALE_SUFFIX = "_scale_inv"
 QUANT_METHODS = ("fp8",)
-
-
-def scale_name(name: str) -> str:
-    """HF name of the block scale of weight ``name`` (``x.weight`` -> ``x.weight_scale_inv``)."""
-    return name + SCALE_SUFFIX
-
-
-def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
-    """Scale shape of a weight of ``shape`` [..., out, in]: [..., ceil(out / b0), ceil(in / b1)]."""
-    if len(shape) < 2:
-        raise ValueError(f"block-scaled weights are at least 2-D, got shape {list(shape)}")
-    *lead, rows, cols = shape
-    return (*lead, math.ceil(rows / block[0]), math.ceil(cols / block[1]))
 
 
 def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],

@@ -5,6 +5,9 @@ experts), ``expert_io`` (post-gate cold experts), ``kv_load`` and ``kv_store``. 
 a ``torch.cuda.Stream``: the job's copies are issued on it, an event is recorded after them and
 :meth:`Ticket.wait` makes the *compute* stream wait on that event (no host sync). In CPU mode the job does the
 copy itself on the worker thread (torch releases the GIL in copies and reads), so loads overlap compute.
+
+Every wait is bounded: :meth:`Ticket.wait` raises :class:`WaitTimeout` after the lane's ``timeout_s``
+(:data:`WAIT_TIMEOUT_S` by default) naming the job, instead of hanging on a load that can never finish.
 """
 from __future__ import annotations
 
@@ -15,15 +18,24 @@ from typing import Callable
 import torch
 
 
+WAIT_TIMEOUT_S = 600.0  # longest a compute wait for one load (or a load for a pool slot) may take
+
+
 class Cancelled(RuntimeError):
     """The job was dropped before it ran (an interrupted forward)."""
+
+
+class WaitTimeout(TimeoutError):
+    """A load (or a slot for it) did not arrive within the timeout: a stuck read, or a pool misused."""
 
 
 class Ticket:
     """Completion of one job: ``wait()`` -> its result (re-raises the job's error)."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, timeout_s: float | None = WAIT_TIMEOUT_S, lane: str = ""):
         self.name = name
+        self.timeout_s = timeout_s
+        self.lane = lane
         self.result = None
         self.error: BaseException | None = None
         self.event = None  # CUDA: recorded on the lane's stream after the job's copies
@@ -37,8 +49,13 @@ class Ticket:
         self._done.set()
 
     def wait(self):
+        waited = 0.0
         while not self._done.wait(0.1):  # wake up regularly so KeyboardInterrupt is delivered
-            pass
+            waited += 0.1
+            if self.timeout_s is not None and waited >= self.timeout_s:
+                raise WaitTimeout(f"load {self.name!r} on lane {self.lane or '?'} did not finish within "
+                                  f"{self.timeout_s:g} s (a stuck read, or a slot pool waiting for a release "
+                                  f"that never comes)")
         if self.error is not None:
             raise self.error
         if self.event is not None:
@@ -49,9 +66,10 @@ class Ticket:
 class Lane:
     """A worker thread running jobs ``fn(lane) -> result`` in submission order."""
 
-    def __init__(self, name: str, device: torch.device):
+    def __init__(self, name: str, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S):
         self.name = name
         self.device = device
+        self.timeout_s = timeout_s
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -62,7 +80,7 @@ class Lane:
         self._thread.start()
 
     def submit(self, name: str, fn: Callable[["Lane"], object]) -> Ticket:
-        ticket = Ticket(name)
+        ticket = Ticket(name, self.timeout_s, self.name)
         with self._lock:
             self._busy += 1
             self._idle.clear()
@@ -126,8 +144,14 @@ class Lane:
 class Lanes:
     NAMES = ("prefetch", "expert_io", "kv_load", "kv_store")
 
-    def __init__(self, device: torch.device):
-        self.lanes = {n: Lane(n, device) for n in self.NAMES}
+    def __init__(self, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S):
+        self.lanes: dict[str, Lane] = {}
+        try:
+            for n in self.NAMES:
+                self.lanes[n] = Lane(n, device, timeout_s)
+        except BaseException:  # interrupted while starting threads: stop those already running
+            self.close()
+            raise
 
     def __getitem__(self, name: str) -> Lane:
         return self.lanes[name]

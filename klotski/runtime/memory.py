@@ -16,7 +16,12 @@ from klotski.units import format_bytes
 
 
 class BudgetError(ValueError):
-    """A memory budget is too small for what the plan needs on that tier."""
+    """A memory budget is too small for what the plan needs on that tier. ``min_gpu_memory`` /
+    ``min_cpu_memory``: the smallest budgets the planner would accept (0 when not known)."""
+
+    def __init__(self, message: str, min_gpu_memory: int = 0, min_cpu_memory: int = 0):
+        super().__init__(message)
+        self.min_gpu_memory, self.min_cpu_memory = min_gpu_memory, min_cpu_memory
 
 
 def nbytes(t) -> int:

@@ -118,11 +118,16 @@ def policy_uses_group(policy: str) -> bool:
     return policy in ("flexgen", "klotski")
 
 
+def order_of(plan: Plan) -> str:
+    """The op order a plan runs in: its policy's, except that a klotski plan with ``num_hot=None`` is the
+    planner's "FlexGen order" choice (klotski's own features off) and is simulated, sized and run as flexgen."""
+    if plan.policy == "klotski" and plan.num_hot is None:
+        return "flexgen"
+    return plan.policy
+
+
 def _step(plan: Plan, costs, hw, shape: StepShape) -> float:
-    policy = plan.policy
-    if policy == "klotski" and plan.num_hot is None:
-        policy = "flexgen"
-    return simulate_model_step(policy, costs, plan.placement, shape, hw, num_hot=plan.num_hot,
+    return simulate_model_step(order_of(plan), costs, plan.placement, shape, hw, num_hot=plan.num_hot,
                                overlap=plan.overlap).makespan
 
 
@@ -134,7 +139,7 @@ def layout_for_plan(mb: ModelBytes, spec, plan: Plan, gpu_cap: int, reserve_gpu:
     allocates them only while in use), GPU-resident experts give way one at a time."""
     p = plan.placement
     E = mb.num_experts
-    policy = plan.policy
+    policy = order_of(plan)
     def host_fit(p: Placement) -> Placement:  # what host memory cannot hold goes to disk
         if host_cap is None:
             return p
@@ -183,12 +188,11 @@ def minimum_layout(mb: ModelBytes, spec, policy: str) -> Layout:
     return layout_memory(mb, off, 1, lo)
 
 
-def calibrate_from_run(ex, hw: HardwareProfile | None = None, save: bool = True) -> HardwareProfile:
-    """Fit ``hw`` (default: the profile the executor planned with) to the executor's last run: every traced op
+def calibrate_from_run(ex, hw: HardwareProfile, save: bool = True) -> HardwareProfile:
+    """Fit ``hw`` (the profile the run was planned with) to the executor's last run: every traced op
     (compute spans with their FLOPs, copies with their bytes and link) is paired with its measured seconds
     and :func:`klotski.calibration.calibrate` refits the rates. Cached as this machine's profile when
     ``save`` (never for a run timed under the Triton interpreter)."""
-    hw = hw or ex.hardware
     obs = ex.tracer.observations()
     if not obs:
         raise ValueError("calibrate_from_run: the executor has no traced ops (run generate first)")
@@ -201,35 +205,31 @@ def calibrate_from_run(ex, hw: HardwareProfile | None = None, save: bool = True)
 
 
 __all__ = ["DEFAULT_WORKLOAD", "REPLAN_FACTOR", "InfeasibleError", "calibrate_from_run", "layout_for_plan",
-           "machine_profile", "make_plan", "minimum_layout", "model_costs", "predict", "profile_path"]
+           "machine_profile", "make_plan", "minimum_layout", "model_costs", "predict", "prediction_metrics",
+           "profile_path"]
 
 
-def prediction_metrics(ex) -> dict:
+def prediction_metrics(plan: Plan, costs: ModelCosts, hw: HardwareProfile, planned_workload: tuple[int, int],
+                       run_workload: dict | None, group_size: int, prefill_chunks: int, num_experts: int) -> dict:
     """The plan's figures for ``LLM.metrics.extra``: ``predicted_tokens_per_s`` for the workload the last
-    ``generate`` ran (its sequences split into batch groups, its prompt / generation lengths, the prefill
-    chunks the executor actually used), the plan as made, and the profile it was made on."""
-    plan = ex.plan
-    out = {"planned_tokens_per_s": plan.tokens_per_s, "planned_workload": list(ex.workload),
+    ``generate`` ran (``run_workload``: its prompt / generation lengths and sequences, split into batch groups
+    of ``group_size``; the prefill chunks the executor actually used), the plan as made, and the profile it
+    is predicted on. Without a run, the plan's own prediction."""
+    out = {"planned_tokens_per_s": plan.tokens_per_s, "planned_workload": list(planned_workload),
            "plan": {"batch_size": plan.batch_size, "n": plan.n, "num_hot": plan.num_hot, "overlap": plan.overlap,
-                    "placement": plan.placement.describe(ex.spec.num_experts)},
-           "hardware_profile": f"{ex.hardware.name} [{ex.hardware.source}]"}
-    run = getattr(ex, "run_workload", None)
-    if getattr(ex, "warmup_s", None) is not None:
-        out["warmup_s"] = ex.warmup_s
-    if not run:
+                    "placement": plan.placement.describe(num_experts)},
+           "hardware_profile": f"{hw.name} [{hw.source}]"}
+    if not run_workload:
         out["predicted_tokens_per_s"] = plan.tokens_per_s
         return out
-    key = (run["prompt_len"], run["gen_len"], run["sequences"], ex.time["prefill_chunks"])
-    if ex.prediction.get("key") != key:
-        total_s, tokens = 0.0, 0
-        left = run["sequences"]
-        chunks = max(1, ex.time["prefill_chunks"])
-        while left > 0:
-            seqs = min(left, ex.group_size)
-            rate = predict(plan, ex.costs, ex.hardware, run["prompt_len"], run["gen_len"], seqs, chunks)
-            total_s += seqs * run["gen_len"] / rate if rate > 0 else 0.0
-            tokens += seqs * run["gen_len"]
-            left -= seqs
-        ex.prediction = {"key": key, "predicted_tokens_per_s": tokens / total_s if total_s > 0 else 0.0}
-    out["predicted_tokens_per_s"] = ex.prediction["predicted_tokens_per_s"]
+    total_s, tokens = 0.0, 0
+    left = run_workload["sequences"]
+    chunks = max(1, prefill_chunks)
+    while left > 0:
+        seqs = min(left, group_size)
+        rate = predict(plan, costs, hw, run_workload["prompt_len"], run_workload["gen_len"], seqs, chunks)
+        total_s += seqs * run_workload["gen_len"] / rate if rate > 0 else 0.0
+        tokens += seqs * run_workload["gen_len"]
+        left -= seqs
+    out["predicted_tokens_per_s"] = tokens / total_s if total_s > 0 else 0.0
     return out

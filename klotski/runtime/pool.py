@@ -4,7 +4,9 @@
 the thread that issues the schedule, so numbers follow the schedule), then a loader thread
 :meth:`SlotPool.acquire`\\ s with it: a slot is granted only to the lowest outstanding number. Because the
 compute stream consumes slots in the same order, a later prefetch can never starve an earlier load the
-compute is waiting for, so the pool cannot deadlock while it has at least one slot. ``release`` may carry
+compute is waiting for, so the pool cannot deadlock while it has at least one slot. A wait longer than
+``timeout_s`` raises :class:`PoolTimeout` naming the pool and its state (two threads driving one executor at
+once, or a slot never released, would otherwise hang for ever). ``release`` may carry
 a CUDA event recorded after the slot's last use on the compute stream; the next writer waits on it.
 
 :class:`ExpertPool` is the device weight pool ``w13`` [S, 2I, H], ``w2`` [S, H, I] that ``fused_moe``
@@ -22,9 +24,14 @@ class PoolCancelled(RuntimeError):
     """The pool was cancelled (an interrupted forward); waiting loads give up."""
 
 
+class PoolTimeout(TimeoutError):
+    """A load waited longer than the pool's timeout for its slot."""
+
+
 class SlotPool:
-    def __init__(self, slots: list[int], name: str = "pool"):
+    def __init__(self, slots: list[int], name: str = "pool", timeout_s: float | None = 600.0):
         self.name = name
+        self.timeout_s = timeout_s
         self.capacity = len(slots)
         self._all = list(slots)
         self._free = list(slots)
@@ -46,8 +53,18 @@ class SlotPool:
     def acquire(self, ticket: int) -> tuple[int, object]:
         """Block until ``ticket`` is first in line and a slot is free -> (slot, event to wait on or None)."""
         with self._cond:
-            while not self._cancelled and not (self._free and self._pending and self._pending[0] == ticket):
-                self._cond.wait()
+            ok = self._cond.wait_for(
+                lambda: self._cancelled or (self._free and self._pending and self._pending[0] == ticket),
+                timeout=self.timeout_s)
+            if not ok:
+                first = self._pending[0] if self._pending else None
+                self._pending.remove(ticket)
+                heapq.heapify(self._pending)
+                self._cond.notify_all()
+                raise PoolTimeout(
+                    f"{self.name}: request {ticket} waited {self.timeout_s:g} s for a slot ({len(self._free)} of "
+                    f"{self.capacity} free, next in line: request {first}); "
+                    f"a slot was never released, or two threads drive one executor at once")
             if self._cancelled:
                 raise PoolCancelled(f"{self.name}: cancelled")
             heapq.heappop(self._pending)
@@ -96,12 +113,13 @@ class SlotPool:
 class ExpertPool:
     """Device weight slots for routed experts: ``w13`` [S, 2I, H], ``w2`` [S, H, I]."""
 
-    def __init__(self, num_slots: int, num_pinned: int, inter: int, hidden: int, dtype, device):
+    def __init__(self, num_slots: int, num_pinned: int, inter: int, hidden: int, dtype, device,
+                 timeout_s: float | None = 600.0):
         self.num_slots = num_slots
         self.num_pinned = num_pinned
         self.w13 = torch.empty(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
         self.w2 = torch.empty(num_slots, hidden, inter, dtype=dtype, device=device)
-        self.slots = SlotPool(list(range(num_pinned, num_slots)), "expert pool")
+        self.slots = SlotPool(list(range(num_pinned, num_slots)), "expert pool", timeout_s)
 
     @property
     def nbytes(self) -> int:

@@ -129,20 +129,20 @@ def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkey
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 
     def run():
-        llm = LLM(path, device="cpu", policy="klotski", offload_dir=str(tmp_path / "off"), gpu_memory="700KiB",
-                  cpu_memory="300KiB")
-        llm.generate(prompt_token_ids=prompts, sampling_params=sp)
-        llm.close()
-        return llm
+        """(the profile the run planned with, the run's (op, seconds) observations, the LLM)"""
+        with LLM(path, device="cpu", policy="klotski", offload_dir=str(tmp_path / "off"), gpu_memory="700KiB",
+                 cpu_memory="300KiB") as llm:
+            planned_with = llm.session.hardware
+            llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+            return planned_with, llm.session.executor.tracer.observations(), llm
 
-    llm = run()
-    assert llm.executor.hardware == poisoned
-    obs = llm.executor.tracer.observations()
+    planned_with, obs, llm = run()
+    assert planned_with == poisoned
     fed = cache.load("cpu")
     assert fed.source == "measured+calibrated"
     assert 0.5 < op_seconds_sum(fed, obs) / sum(s for _, s in obs) < 2.0
-    llm = run()
-    assert llm.executor.hardware.source == "measured+calibrated"
+    planned_with, _, llm = run()
+    assert planned_with == fed
     costs = model_costs(llm.spec, llm.spec.torch_dtype or "bfloat16", llm.dtype)
 
     def plan_for(hw):

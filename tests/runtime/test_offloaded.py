@@ -56,12 +56,12 @@ def test_kv_in_host_memory_and_trace(mixtral, tmp_path):
     assert out == ref
     llm = LLM(path, device="cpu", policy="klotski", gpu_memory="700KiB", cpu_memory="400KiB", num_batches=2,
               batch_size=2)
-    from klotski.runtime import build_offloaded
+    from klotski.runtime import OffloadedSession
 
-    ex = build_offloaded(llm.weights, torch.device("cpu"), torch.float32, "klotski", "700KiB", "400KiB", None,
-                         num_batches=2, batch_size=2, kv="cpu")
-    llm.executor.close()
-    llm.executor = ex
+    llm.session.close()
+    llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, "klotski", "700KiB", "400KiB",
+                                   None, num_batches=2, batch_size=2, kv="cpu")
+    ex = llm.executor
     out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
     m = llm.metrics.extra
     assert out == ref

@@ -52,18 +52,18 @@ def test_policy_matches_resident_on_cuda(mixtral_cuda, tmp_path, policy, budget)
 
 def test_kv_in_host_memory_on_cuda(mixtral_cuda, tmp_path):
     """KV caches in pinned host memory: loaded and stored per micro-batch on their own streams."""
-    from klotski.runtime import build_offloaded
+    from klotski.runtime import OffloadedSession
 
     path, ref = mixtral_cuda
     llm = LLM(path, device="cuda", dtype="float32", policy="klotski", gpu_memory="700KiB", cpu_memory="400KiB",
               num_batches=2, batch_size=2)
-    llm.executor.close()
-    llm.executor = build_offloaded(llm.weights, torch.device("cuda"), torch.float32, "klotski", "700KiB", "400KiB",
+    llm.session.close()
+    llm.session = OffloadedSession(llm.weights, torch.device("cuda"), torch.float32, "klotski", "700KiB", "400KiB",
                                    None, num_batches=2, batch_size=2, kv="cpu")
     try:
         out = _generate(llm)
         m = llm.metrics.extra
     finally:
-        llm.executor.close()
+        llm.close()
     assert out == ref
     assert m["kv_tier"] == "cpu" and m["bytes_kv_h2d"] > 0 and m["bytes_kv_d2h"] > 0

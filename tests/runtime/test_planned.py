@@ -87,3 +87,31 @@ def test_disk_loads_calibrate_as_read_then_copy(checkpoints, tmp_path):
         sum(op.bytes for op, _ in reads) / (sum(s for _, s in reads) - latency), rel=1e-6)
     assert cal.disk_bandwidth != hw.disk_bandwidth and measured > 0
     llm.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_olmoe_fused_budget_runs_or_is_refused_when_planning(checkpoints, tmp_path, dtype):
+    """OLMoE with fused expert keys, klotski, gpu 0.65x / cpu 0.35x of the checkpoint: either the plan runs
+    within its budgets (the resident engine's tokens), or it is refused before anything runs, naming the
+    minimum budgets, and those minimum budgets then run."""
+    from klotski.runtime import BudgetError
+
+    path, _ = checkpoints.get("olmoe", dtype=dtype, fused=True)
+    size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+    with LLM(path, device="cpu") as ref_llm:
+        ref = [o.token_ids for o in ref_llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+
+    def run(gpu: int, cpu: int):
+        with LLM(path, device="cpu", policy="klotski", gpu_memory=gpu, cpu_memory=cpu,
+                 offload_dir=str(tmp_path / f"off-{gpu}")) as llm:
+            out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+            m = llm.metrics.extra
+        assert out == ref
+        assert m["peak_gpu_bytes"] <= gpu and m["peak_cpu_bytes"] <= cpu
+
+    gpu, cpu = int(0.65 * size), int(0.35 * size)
+    try:
+        run(gpu, cpu)
+    except BudgetError as e:
+        assert e.min_gpu_memory > 0 and "needs GPU >=" in str(e), e
+        run(max(gpu, e.min_gpu_memory), max(cpu, e.min_cpu_memory))

@@ -1,0 +1,129 @@
+"""Compute ops of the offloaded runtime, on the compute stream: attention, gate, grouped expert calls, the
+shared expert / dense MLP, and the per-step state they work on (:class:`StepState`).
+
+Hidden states of the whole batch group stay on the device (``StepState.x`` [B, S, H]); micro-batch ``k`` is
+the row range ``cache.rows[k]``. Routed experts accumulate into one fp32 output [T, H] over the valid tokens,
+cast once when the layer's MLP finishes. Every op is traced with its FLOPs (for calibration).
+"""
+from __future__ import annotations
+
+import torch
+
+from klotski.costs import FFN_CHUNK_TOKENS
+from klotski.model.decoder import attention_step
+from klotski.model.layers import rms_norm
+from klotski.model.moe import dense_mlp, shared_expert
+from klotski.model.router import route
+from klotski.runtime.cache import GroupCache
+from klotski.runtime.kv_staging import KVStaging
+from klotski.runtime.loader import Ticket
+from klotski.runtime.trace import Tracer
+from klotski.runtime.weights import PlacedWeights
+
+
+def in_chunks(fn, h: torch.Tensor):
+    """fn over row chunks of h [T, H] (at most FFN_CHUNK_TOKENS rows each: the MLP workspace the plan
+    reserves, ``ModelCosts.ffn_workspace_bytes``), concatenated; None when fn returns None."""
+    if h.shape[0] <= FFN_CHUNK_TOKENS:
+        return fn(h)
+    parts = [fn(h[a : a + FFN_CHUNK_TOKENS]) for a in range(0, h.shape[0], FFN_CHUNK_TOKENS)]
+    return None if parts[0] is None else torch.cat(parts)
+
+
+class StepState:
+    """Mutable state of one forward: the group's hidden states [B, S, H], masks, in-flight loads."""
+
+    def __init__(self, cache: GroupCache, S: int):
+        self.cache = cache
+        self.S = S
+        self.x: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None  # [B, S] bool: real (not padding) tokens
+        self.masks: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []
+        self.kv_loads: dict[tuple[int, int], Ticket] = {}
+        self.kv_stores: list[Ticket] = []
+        self.prefetch_kv = True
+        self.dense: dict[int, Ticket] = {}
+        self.hot: dict[int, list[tuple[int, Ticket]]] = {}  # layer -> [(expert, ticket)] prefetched
+        self.predicted: dict[int, list[int]] = {}
+        self.prev_topk: torch.Tensor | None = None
+
+
+class Compute:
+    def __init__(self, spec, w: PlacedWeights, kv: KVStaging, tracer: Tracer, costs, rotary, activation: str,
+                 experts_fn, device: torch.device):
+        self.spec, self.w, self.kv, self.tracer, self.costs = spec, w, kv, tracer, costs
+        self.rotary, self.act, self.experts_fn, self.device = rotary, activation, experts_fn, device
+
+    def attention(self, st: StepState, w: dict, layer: int, k: int) -> None:
+        """Attention (+ residual) of micro-batch ``k``, its KV loaded/stored when the cache is in host memory."""
+        s, e = st.cache.rows[k]
+        cache = st.cache
+        if cache.tier == "cpu":
+            nxt = (layer, k + 1) if k + 1 < cache.num_batches else (layer + 1, 0)
+            if (layer, k) not in st.kv_loads:
+                st.kv_loads[(layer, k)] = self.kv.load(st, layer, k)
+            if nxt[0] < self.spec.num_layers and nxt not in st.kv_loads and st.prefetch_kv:
+                st.kv_loads[nxt] = self.kv.load(st, *nxt)
+            idx, kv = st.kv_loads.pop((layer, k)).wait()
+        else:
+            kv = cache.micro[k]
+        start = self.tracer.begin()
+        st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
+        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, cache.length)
+        self.tracer.end("compute", f"L{layer} attn b{k}", start, op="attn", flops=proj, score_flops=score)
+        if cache.tier == "cpu":
+            st.kv_stores.append(self.kv.store(st, layer, k, idx, kv))
+
+    def tokens(self, st: StepState, w: dict, k: int | None = None):
+        """Normed MLP inputs of the valid tokens of micro-batch ``k`` (None: the whole group)
+        -> (rows into the flattened [B*S, H] stream, h [T, H])."""
+        s, e = (0, st.cache.batch_size) if k is None else st.cache.rows[k]
+        valid = torch.zeros_like(st.valid)
+        valid[s:e] = st.valid[s:e]
+        rows = valid.reshape(-1).nonzero().squeeze(1)
+        flat = st.x.reshape(-1, self.spec.hidden_size)
+        return rows, rms_norm(flat.index_select(0, rows), w["post_attn_norm"], self.spec.rms_norm_eps)
+
+    def gate(self, w: dict, h: torch.Tensor, layer: int, k) -> tuple[torch.Tensor, torch.Tensor]:
+        """h [T, H] -> (topk_weights [T, top_k], topk_ids [T, top_k])."""
+        start = self.tracer.begin()
+        out = route(self.spec, w, h)
+        self.tracer.end("compute", f"L{layer} gate b{k}", start, op="gate",
+                        flops=self.costs.gate_flops(layer, h.shape[0]))
+        return out
+
+    def experts(self, h, topk_weights, topk_ids, slots: dict[int, int], out, layer: int, name: str,
+                ids_host: torch.Tensor | None = None) -> None:
+        """Accumulate the experts in ``slots`` (expert -> pool slot) over all tokens into ``out`` [T, H] fp32.
+        ``ids_host``: topk_ids in host memory when the caller has them (the traced counts then need no
+        device sync)."""
+        if not slots:
+            return
+        table = torch.full((self.spec.num_experts,), -1, dtype=torch.int32)
+        for e, slot in slots.items():
+            table[e] = slot
+        ids = (topk_ids.cpu() if ids_host is None else ids_host).long()
+        served = table[ids] >= 0  # token-expert pairs these slots serve
+        tokens = int(served.sum())
+        used = int(torch.unique(ids[served]).numel())  # experts with work: the calls the kernel makes
+        start = self.tracer.begin()
+        self.experts_fn(h, self.w.pool.w13, self.w.pool.w2, topk_weights, topk_ids,
+                        expert_slots=table.to(self.device), out=out, activation=self.act)
+        self.tracer.end("compute", f"L{layer} {name}", start, experts=used, op="experts", calls=max(1, used),
+                        flops=self.costs.expert_flops(layer, tokens))
+
+    def finish_mlp(self, st: StepState, w: dict, layer: int, rows, h, routed_out) -> None:
+        """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
+        start = self.tracer.begin()
+        if routed_out is None:
+            y = in_chunks(lambda hc: dense_mlp(self.spec, w, hc), h)
+        else:
+            y = routed_out.to(h.dtype)
+            shared = in_chunks(lambda hc: shared_expert(self.spec, w, hc), h)
+            if shared is not None:
+                y = y + shared
+        B, S, H = st.x.shape
+        st.x = st.x.reshape(B * S, H).index_add(0, rows, y.to(st.x.dtype)).view(B, S, H)
+        self.tracer.end("compute", f"L{layer} {'shared' if routed_out is not None else 'mlp'}", start, op="shared",
+                        flops=self.costs.shared_flops(layer, h.shape[0]))
