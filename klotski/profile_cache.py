@@ -7,9 +7,10 @@ Precedence, the same for ``klotski profile``, ``klotski plan``, ``klotski bench`
    ``~/.cache/klotski/``): measured once, then refined by the calibration of offloaded runs;
 3. otherwise a fresh measurement, cached only when it can be trusted.
 
-A measurement is trusted when the machine was not busy, the Triton interpreter is off (``TRITON_INTERPRET=1``
-makes every CPU expert call run in the interpreter, ~100x slower than the torch path a real run takes), and
-two passes agree on the compute rates and the per-call overhead within :data:`TOLERANCE`. Up to ``attempts``
+A measurement is trusted when the machine was not busy and two passes agree on the compute rates and the
+per-call overhead within :data:`TOLERANCE`. Under the Triton interpreter (``TRITON_INTERPRET=1``: every CPU
+expert call runs in the interpreter, ~100x slower than the torch path a real run takes) the profile is kept in
+a file of its own, ``hardware-<device>-interpreter.json``, used only by runs under the interpreter. Up to ``attempts``
 passes are made (waiting between them while the machine is busy); otherwise the best pass is returned marked
 ``provisional``: the run uses it, nothing is cached, and the next run measures again.
 
@@ -32,6 +33,7 @@ from klotski.hardware import HardwareProfile, default_profile_path, measure_prof
 TOLERANCE = 0.35  # two passes agree when each key figure is within 35 % of the other's
 BUSY_WAIT_S = 2.0
 PROVISIONAL = "provisional"
+INTERPRETER_SOURCE = "measured (interpreter)"
 
 
 def interpreter_on() -> bool:
@@ -82,7 +84,10 @@ class ProfileCache:
         self.attempts = attempts
 
     def path(self, device: str) -> Path:
-        return self.root / default_profile_path(device).name
+        """The cache file of ``device``; under the Triton interpreter a separate one, so a profile timed in the
+        interpreter serves that process's runs and never becomes the machine's."""
+        name = default_profile_path(device).name
+        return self.root / (name.replace(".json", "-interpreter.json") if interpreter_on() else name)
 
     def load(self, device: str) -> HardwareProfile | None:
         """The cached profile, or None (none cached; an unreadable one is ignored with a warning)."""
@@ -94,7 +99,7 @@ class ProfileCache:
         except (OSError, ValueError, TypeError, KeyError) as e:
             warnings.warn(f"ignoring the cached hardware profile {path}: {e}; measuring again", stacklevel=2)
             return None
-        if hw.device != device or is_provisional(hw):
+        if hw.device != device or is_provisional(hw) or (hw.source == INTERPRETER_SOURCE) != interpreter_on():
             return None
         return hw
 
@@ -120,18 +125,22 @@ class ProfileCache:
     def measure(self, device: str, **kwargs) -> HardwareProfile:
         """Measure ``device`` until two passes agree on a quiet machine; cache and return the result, or
         return the best pass marked provisional (not cached) with a warning saying why."""
+        if interpreter_on():  # one pass, cached apart (see path()): the interpreter's rates are its own
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                hw = self.measure_fn(device=device, **kwargs)
+            hw = replace(hw, source=INTERPRETER_SOURCE, notes=f"{hw.notes}; timed with TRITON_INTERPRET=1 (expert "
+                         f"calls in the Triton interpreter): used only by runs under the interpreter")
+            self.save(hw)
+            return hw
         why, last, best = "", None, None
         for attempt in range(self.attempts):
-            if interpreter_on():
-                why = "TRITON_INTERPRET is set (expert calls would be timed in the Triton interpreter)"
-            elif _busy():
+            if _busy():
                 why = "the machine is busy (load average above half its cores)"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # measure_profile's own busy warning: reported once, below
                 hw = self.measure_fn(device=device, **kwargs)
             best = hw if best is None else best_of(best, hw)
-            if why and "TRITON_INTERPRET" in why:
-                break
             if not why and last is not None and agree(last, hw):
                 trusted = replace(best_of(last, hw), source="measured", notes=hw.notes.split("; measured under")[0])
                 self.save(trusted)

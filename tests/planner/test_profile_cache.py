@@ -62,13 +62,15 @@ def test_busy_machine_is_retried_then_provisional(tmp_path, base, monkeypatch):
     assert is_provisional(hw) and not cache.path("cpu").exists() and len(cache.measure_fn.calls) == 3
 
 
-def test_interpreter_measurements_are_never_cached(tmp_path, base, monkeypatch):
+def test_interpreter_measurements_are_kept_apart(tmp_path, base, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cache = ProfileCache(tmp_path, measure=fake_measure(base))
-    with pytest.warns(UserWarning, match="TRITON_INTERPRET"):
-        hw = cache.get("cpu")
-    assert is_provisional(hw) and not cache.path("cpu").exists() and len(cache.measure_fn.calls) == 1
+    hw = cache.get("cpu")
+    assert hw.source == "measured (interpreter)" and len(cache.measure_fn.calls) == 1
+    assert cache.path("cpu").name == "hardware-cpu-interpreter.json" and cache.load("cpu") == hw
     assert cache.feed_back(base, [("op", 1.0)], "float32") is None  # runs under the interpreter: not fed back
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert cache.load("cpu") is None and not cache.path("cpu").exists()  # never the machine's profile
 
 
 def test_unreadable_cache_is_ignored_and_remeasured(tmp_path, base, quiet):
