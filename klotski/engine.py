@@ -68,7 +68,8 @@ class LLM:
     """An MoE model ready to generate.
 
     ``policy="resident"`` keeps every weight on ``device``. ``max_num_seqs`` bounds how many prompts share
-    one batch.
+    one batch. ``quantization="int4"`` (offloaded policies): routed experts stored and computed as int4 from the
+    packed store in ``offload_dir`` (see :mod:`klotski.runtime.int4`).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class LLM:
         offload_dir: str | None = None,
         num_batches: int | str = "auto",
         batch_size: int | str = "auto",
+        quantization: str | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
@@ -96,12 +98,16 @@ class LLM:
         self.weights = CheckpointWeights(SafetensorsIndex(self.model_dir), self.spec)
         self.tokenizer = Tokenizer(self.model_dir)
         if policy == "resident":
+            if quantization is not None:
+                raise ValueError(f"quantization={quantization!r} needs an offloaded policy (klotski, flexgen, "
+                                 f"layerwise): the int4 experts live in the packed store in offload_dir")
             self.executor = ResidentModel(self.weights, self.device, self.dtype)
         else:  # offloaded: klotski.runtime places weights under the budgets; a batch group per generate chunk
             from klotski.runtime import build_offloaded
 
             self.executor = build_offloaded(self.weights, self.device, self.dtype, policy, gpu_memory, cpu_memory,
-                                            offload_dir, num_batches=num_batches, batch_size=batch_size)
+                                            offload_dir, num_batches=num_batches, batch_size=batch_size,
+                                            quantization=quantization)
             self.max_num_seqs = self.executor.group_size
         self.generator = torch.Generator().manual_seed(seed)
         self.metrics = RunMetrics()

@@ -81,7 +81,8 @@ def _load_table(prefetcher: CorrelationPrefetcher, dirs) -> str | None:
 def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: torch.dtype, policy: str,
                     gpu_memory, cpu_memory, offload_dir=None, num_batches="auto", batch_size="auto",
                     prefetcher: CorrelationPrefetcher | None = None, experts_fn=None,
-                    workload: tuple[int, int] = DEFAULT_WORKLOAD, kv: str = "auto", hardware=None) -> OffloadedExecutor:
+                    workload: tuple[int, int] = DEFAULT_WORKLOAD, kv: str = "auto", hardware=None,
+                    quantization: str | None = None) -> OffloadedExecutor:
     """Plan with :mod:`klotski.planner` and return an executor for ``policy`` that runs the plan.
 
     ``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited.
@@ -90,8 +91,10 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     ``batch_size``: "auto" = the planner's choice, an int fixes it (the planner still places the weights).
     ``workload``: (prompt tokens, generated tokens) per sequence to plan for. ``hardware``: a
     HardwareProfile (default: this machine's cached measured profile, :func:`~klotski.runtime.planning.machine_profile`).
-    ``kv="cpu"`` forces the KV cache into host memory whatever the plan says.
+    ``kv="cpu"`` forces the KV cache into host memory whatever the plan says. ``quantization="int4"``: the
+    routed experts come from an int4 store in ``offload_dir`` on every tier (:mod:`klotski.runtime.int4`).
     """
+    from klotski.runtime.int4 import check_quantization, int4_costs, open_int4_store
     from dataclasses import replace
 
     if policy not in OFFLOAD_POLICIES:
@@ -112,6 +115,10 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
         table = _load_table(prefetcher, (store_dir, weights.index.model_dir))
     mb = ModelBytes.of(weights, dtype)
     costs = model_costs(spec, spec.weight_dtype or "bfloat16", dtype)
+    int4_store = None
+    if check_quantization(quantization) == "int4":
+        int4_store = open_int4_store(weights, store_dir)
+        mb, costs = int4_costs(int4_store, mb, costs)
     big = 1 << 62
     gpu_cap = gpu_budget if gpu_budget is not None else big
     cpu_cap = cpu_budget if cpu_budget is not None else big
@@ -163,10 +170,13 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     if prefetcher is not None and prefetcher.popularity.sum() > 0:
         expert_order = [sorted(range(spec.num_experts), key=lambda e: (-prefetcher.popularity[layer][e], e))
                         for layer in range(spec.num_layers)]
-    store = None
+    store = int4_store
     p = layout.placement
-    if store_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
+    if store is None and store_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
         store = open_store(weights.index.model_dir, store_dir)
+        if store.int4 is not None:
+            raise ValueError(f"expert store {store_dir} holds int4 experts: pass quantization='int4' to use it, "
+                             f"or use another offload_dir")
         if store.fp8_block != spec.fp8_block:
             raise ValueError(f"expert store {store_dir} holds fp8_block {store.fp8_block} but the checkpoint "
                              f"{weights.index.model_dir} has {spec.fp8_block}: it was converted from another "
@@ -182,7 +192,8 @@ def build_offloaded(weights: CheckpointWeights, device: torch.device, dtype: tor
     ex.table_path = table
     ex.build_args = dict(weights=weights, device=device, dtype=dtype, policy=policy, gpu_memory=gpu_memory,
                          cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
-                         batch_size=batch_size, experts_fn=experts_fn, kv=kv, hardware=hardware)
+                         batch_size=batch_size, experts_fn=experts_fn, kv=kv, hardware=hardware,
+                         quantization=quantization)
     return ex
 
 

@@ -18,6 +18,7 @@ from klotski.checkpoint import DTYPES, SafetensorsIndex, TensorInfo
 from klotski.model.quant import Fp8Weight, scale_name
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights, expert_names
+from klotski.quant.int4 import Int4Weight
 from klotski.store.manifest import (ALIGNMENT, CHECKSUM_ALGO, FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERSION,
                                     ExpertRecord, PackedTensor, checksum, dtype_name, fsync_dir,
                                     write_json_atomic)
@@ -64,12 +65,16 @@ class _AtomicFile:
 SCALE_ALIGNMENT = 16  # fp32 scales start on an aligned offset inside the record
 
 
-def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[list[ExpertRecord], int]:
+def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str,
+                 read_expert: Callable | None = None) -> tuple[list[ExpertRecord], int]:
+    """``read_expert(layer, e) -> (w13, w2)``: the checkpoint's experts as stored by default; an int4 reader
+    (:mod:`klotski.store.quantize`) gives Int4Weight pairs."""
     name = layer_file_name(layer)
     out = _AtomicFile(os.path.join(out_dir, name))
     records = []
+    read_expert = read_expert or weights.read_expert_stored  # fp8 weights stay fp8 (+ scales)
     for e in range(weights.spec.num_experts):
-        w13, w2 = weights.read_expert_stored(layer, e)  # fp8 weights stay fp8 (+ scales)
+        w13, w2 = read_expert(layer, e)
         start = out.tell()
         assert start % ALIGNMENT == 0
         pos = 0
@@ -86,12 +91,18 @@ def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[
             pos += len(data)
             return packed
 
-        fp8 = isinstance(w13, Fp8Weight)
-        if fp8 != isinstance(w2, Fp8Weight):
-            raise ValueError(f"layer {layer} expert {e}: w13 and w2 must both be fp8 or both unquantized")
-        p13 = put("w13", w13.weight if fp8 else w13)
-        p2 = put("w2", w2.weight if fp8 else w2)
+        fp8, int4 = isinstance(w13, Fp8Weight), isinstance(w13, Int4Weight)
+        if fp8 != isinstance(w2, Fp8Weight) or int4 != isinstance(w2, Int4Weight):
+            raise ValueError(f"layer {layer} expert {e}: w13 and w2 must both be fp8, both int4 or both unquantized")
+        p13 = put("w13", w13.weight if fp8 else w13.qweight if int4 else w13)
+        p2 = put("w2", w2.weight if fp8 else w2.qweight if int4 else w2)
         extra = {}
+        if int4:
+            extra = dict(w13_scale=put("w13_scale", w13.scales, SCALE_ALIGNMENT),
+                         w2_scale=put("w2_scale", w2.scales, SCALE_ALIGNMENT), group_size=w13.group_size)
+            if w13.zeros is not None:
+                extra.update(w13_zeros=put("w13_zeros", w13.zeros, SCALE_ALIGNMENT),
+                             w2_zeros=put("w2_zeros", w2.zeros, SCALE_ALIGNMENT))
         if fp8:
             extra = dict(w13_scale=put("w13_scale", w13.scale_inv, SCALE_ALIGNMENT),
                          w2_scale=put("w2_scale", w2.scale_inv, SCALE_ALIGNMENT),
@@ -122,15 +133,22 @@ def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: s
 
 
 def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                       progress: Progress | None = None) -> dict:
+                       progress: Progress | None = None, quantize: str | None = None, group_size: int = 128,
+                       symmetric: bool = False) -> dict:
     """Convert ``model_dir`` (config.json + safetensors, either expert key layout) into a packed store in
-    ``out_dir`` (created if needed; an earlier store there is replaced). Returns the manifest dict."""
+    ``out_dir`` (created if needed; an earlier store there is replaced). Returns the manifest dict.
+
+    ``quantize="int4"`` stores the routed experts as int4 (round-to-nearest, groups of ``group_size`` input
+    columns, ``symmetric`` or with zero points; :mod:`klotski.store.quantize`)."""
+    from klotski.store.quantize import int4_expert_reader
+
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
     if os.path.abspath(model_dir) == os.path.abspath(out_dir):
         raise ValueError(f"output directory must differ from the model directory ({model_dir})")
     spec = ModelSpec.from_pretrained(model_dir)
     index = SafetensorsIndex(model_dir)
     weights = CheckpointWeights(index, spec)  # validates names and shapes against the config
+    read_expert, quantization = int4_expert_reader(weights, quantize, group_size, symmetric)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     if os.path.exists(manifest_path):  # from here on the directory is not a store until we finish
@@ -143,7 +161,7 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     files: dict[str, dict] = {}
     for i, layer in enumerate(layers):
         report("experts", i, len(layers))
-        recs, size = _write_layer(weights, layer, out_dir)
+        recs, size = _write_layer(weights, layer, out_dir, read_expert)
         records += recs
         files[layer_file_name(layer)] = {"nbytes": size}
     report("experts", len(layers), len(layers))
@@ -174,7 +192,8 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
         "model_type": spec.model_type, "num_experts": spec.num_experts, "moe_layers": list(layers),
         "hidden_size": spec.hidden_size, "moe_intermediate_size": spec.moe_intermediate_size,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "fp8_block": list(spec.fp8_block) if spec.fp8_block else None,
+        "fp8_block": list(spec.fp8_block) if spec.fp8_block and quantization is None else None,
+        "quantization": quantization,
         "source": {"model_dir": os.path.abspath(model_dir), "expert_layout": "fused" if weights.layout.fused
                    else "per-expert"},
         "non_expert": NON_EXPERT_NAME,

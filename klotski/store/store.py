@@ -50,7 +50,7 @@ class ExpertStore:
                                  f"or replaced)")
         self._records: dict[tuple[int, int], ExpertRecord] = {}
         for d in self.manifest["experts"]:
-            rec = ExpertRecord.from_json(self.root, d, self.fp8_block)
+            rec = ExpertRecord.from_json(self.root, d, self.fp8_block, self.int4)
             self._records[(rec.layer, rec.expert)] = rec
 
     # ---- lookup -------------------------------------------------------------------------------------
@@ -67,6 +67,17 @@ class ExpertStore:
         """The weight block of an fp8 store (records hold fp8 weights + block scales), else None."""
         block = self.manifest.get("fp8_block")
         return tuple(int(b) for b in block) if block else None
+
+    @property
+    def int4(self) -> dict | None:
+        """An int4 store's ``quantization`` entry (method, bits, group_size, symmetric, scale_dtype), else None."""
+        q = self.manifest.get("quantization")
+        if not q:
+            return None
+        if q.get("method") != "int4" or int(q.get("bits", 0)) != 4:
+            raise StoreError(f"{self.root}: unsupported expert quantization {q!r} in the manifest; "
+                             f"supported: method 'int4', bits 4")
+        return q
 
     @property
     def non_expert_path(self) -> str:
