@@ -51,11 +51,20 @@ def group_expand(t: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``(code - zero) * scale`` in fp32, rounded once to ``dtype``: [..., N, K/2] codes -> [..., N, K]."""
-    codes = unpack_int4(qweight).to(torch.float32)
-    zero = SYMMETRIC_ZERO if zeros is None else group_expand(zeros.to(torch.float32), group_size)
-    w = (codes - zero) * group_expand(scales.to(torch.float32), group_size)
-    return w.to(dtype)
+    """``(code - zero) * scale`` in fp32, rounded once to ``dtype``: [..., N, K/2] codes -> [..., N, K].
+
+    The codes are split into their nibble planes in place of an interleaved copy and the group values
+    broadcast over [..., N, K/G, G] views (no repeated scale tensors): the CPU path runs this per loaded expert.
+    """
+    *lead, n, half = qweight.shape
+    k = 2 * half
+    codes = torch.empty(*lead, n, half, 2, dtype=torch.uint8, device=qweight.device)
+    torch.bitwise_and(qweight, 0xF, out=codes[..., 0])
+    torch.bitwise_right_shift(qweight, 4, out=codes[..., 1])
+    w = codes.view(*lead, n, k // group_size, group_size).to(torch.float32)
+    w.sub_(SYMMETRIC_ZERO if zeros is None else zeros.to(torch.float32)[..., None])
+    w.mul_(scales.to(torch.float32)[..., None])
+    return w.view(*lead, n, k).to(dtype)
 
 
 @dataclass(frozen=True)
