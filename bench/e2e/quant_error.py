@@ -70,6 +70,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: a random Mixtral-shaped one)")
     ap.add_argument("--group-size", type=int, nargs="+", default=[128])
+    ap.add_argument("--clip-search", action="store_true", help="also run each variant with the range search")
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=16)
@@ -97,19 +98,20 @@ def main() -> None:
     prompts = torch.randint(0, ref.spec.vocab_size, (args.num_prompts, args.prompt_len), generator=g).tolist()
     rows = []
     for group in args.group_size:
-        for symmetric in (False, True):
-            store = os.path.join(work, f"store-g{group}-{'sym' if symmetric else 'asym'}")
+        for symmetric, clip in [(s, c) for s in (False, True) for c in ((False, True) if args.clip_search else (False,))]:
+            store = os.path.join(work, f"store-g{group}-{'sym' if symmetric else 'asym'}{'-clip' if clip else ''}")
             t0 = time.perf_counter()
-            manifest = convert_checkpoint(model, store, quantize="int4", group_size=group, symmetric=symmetric)
+            manifest = convert_checkpoint(model, store, quantize="int4", group_size=group, symmetric=symmetric,
+                                          clip_search=clip)
             convert_s = time.perf_counter() - t0
             q = LLM(model, device="cpu", dtype="float32", policy="klotski", gpu_memory=None, cpu_memory=None,
                     offload_dir=store, quantization="int4")
-            row = {"group_size": group, "symmetric": symmetric, "convert_s": convert_s,
+            row = {"group_size": group, "symmetric": symmetric, "clip_search": clip, "convert_s": convert_s,
                    "expert_record_bytes": manifest["experts"][0]["nbytes"], **compare(ref, q, prompts, args.gen_len)}
             q.close()
             shutil.rmtree(store, ignore_errors=True)
             rows.append(row)
-            print(f"group {group} {'sym ' if symmetric else 'asym'}: logits max-rel worst {row['logit_max_rel_worst']:.3e} "
+            print(f"group {group} {'sym ' if symmetric else 'asym'}{' clip' if clip else ''}: logits max-rel worst {row['logit_max_rel_worst']:.3e} "
                   f"mean {row['logit_max_rel_mean']:.3e}, l2-rel mean {row['logit_l2_rel_mean']:.3e}, top-1 agreement "
                   f"{row['top1_agreement']:.1%} of {row['positions']}, greedy identical {row['greedy_sequences_identical']:.0%}, "
                   f"tokens before first difference {row['greedy_tokens_before_first_difference_mean']:.1f}/{args.gen_len}",

@@ -15,6 +15,8 @@ def add_parser(sub):
                         "LLM(..., quantization='int4', offload_dir=OUT_DIR)")
     p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default 128)")
     p.add_argument("--symmetric", action="store_true", help="int4: no zero points (zero point 8)")
+    p.add_argument("--clip-search", action="store_true",
+                   help="int4: per group, also try ranges shrunk by 5-25%% and keep the least squared error")
     return p
 
 
@@ -37,7 +39,8 @@ def run(args) -> int:
         bar.refresh()
 
     manifest = convert_checkpoint(args.model_dir, args.out_dir, progress=progress, quantize=args.quantize,
-                                  group_size=args.group_size, symmetric=args.symmetric)
+                                  group_size=args.group_size, symmetric=args.symmetric,
+                                  clip_search=args.clip_search)
     if bar is not None:
         bar.close()
     nbytes = sum(f["nbytes"] for f in manifest["files"].values())

@@ -192,12 +192,17 @@ def check_int4(qweight, scales, zeros, group_size: int) -> None:
             raise ValueError(f"int4 {name} is on {t.device} but qweight is on {qweight.device}")
 
 
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # range shrink factors tried by ``clip_search``
+
+
 def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool = False,
-                  scale_dtype: torch.dtype | None = None) -> Int4Weight:
+                  scale_dtype: torch.dtype | None = None, clip_search: bool = False) -> Int4Weight:
     """Round-to-nearest int4 of ``weight`` [..., N, K] per group of ``group_size`` columns.
 
     ``scale_dtype`` (default: the weight's dtype if 16-bit, else fp32) is what the scales are stored in; codes
     are computed against the stored (rounded) scale, so dequantization reproduces exactly what was chosen.
+    ``clip_search``: per group, the range is also shrunk by each of :data:`CLIP_RATIOS` (outliers then clamp)
+    and the one with the least squared error kept (1.0, plain round-to-nearest, when nothing beats it).
     """
     if weight.dim() < 2 or not weight.is_floating_point():
         raise ValueError(f"quantize_int4: weight must be a float [..., N, K] tensor, got {weight.dtype} "
@@ -209,21 +214,46 @@ def quantize_int4(weight: torch.Tensor, group_size: int = 128, symmetric: bool =
     w = weight.to(torch.float32).reshape(*lead, n, k // group_size, group_size)
     if symmetric:
         amax = w.abs().amax(dim=-1)
-        scale = torch.where(amax > 0, amax / 7.5, torch.ones_like(amax))
-        scale = scale.to(scale_dtype).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an underflow to 0 in the stored dtype
-        zero = torch.full_like(scale, SYMMETRIC_ZERO)
+        lo, hi = -amax, amax
     else:
-        lo = w.amin(dim=-1).clamp(max=0.0)
-        hi = w.amax(dim=-1).clamp(min=0.0)
-        scale = torch.where(hi > lo, (hi - lo) / MAX_CODE, torch.ones_like(hi))
-        scale = scale.to(scale_dtype).to(torch.float32)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.round(-lo / scale).clamp(0, MAX_CODE)
-    codes = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, MAX_CODE)
+        lo, hi = w.amin(dim=-1).clamp(max=0.0), w.amax(dim=-1).clamp(min=0.0)
+    best = None
+    for ratio in CLIP_RATIOS if clip_search else (1.0,):
+        scale, zero, codes = _round_to_nearest(w, lo * ratio, hi * ratio, symmetric, scale_dtype)
+        if best is None:
+            best = (scale, zero, codes)
+            if clip_search:
+                best_err = _sq_error(w, scale, zero, codes)
+            continue
+        err = _sq_error(w, scale, zero, codes)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = tuple(torch.where(better[..., None] if t.dim() == codes.dim() else better, t, b)
+                     for t, b in zip((scale, zero, codes), best))
+    scale, zero, codes = best
     codes = codes.reshape(*lead, n, k)
     return Int4Weight(pack_int4(codes), scale.to(scale_dtype),
                       None if symmetric else zero.to(torch.uint8), group_size)
+
+
+def _round_to_nearest(w, lo, hi, symmetric: bool, scale_dtype):
+    """(scale fp32 [..., groups] as stored, zero point [..., groups], codes [..., groups, G]) for ranges lo..hi."""
+    if symmetric:
+        scale = torch.where(hi > 0, hi / 7.5, torch.ones_like(hi))
+    else:
+        scale = torch.where(hi > lo, (hi - lo) / MAX_CODE, torch.ones_like(hi))
+    scale = scale.to(scale_dtype).to(torch.float32)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an underflow to 0 in the stored dtype
+    if symmetric:
+        zero = torch.full_like(scale, SYMMETRIC_ZERO)
+    else:
+        zero = torch.round(-lo / scale).clamp(0, MAX_CODE)
+    codes = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, MAX_CODE)
+    return scale, zero, codes
+
+
+def _sq_error(w, scale, zero, codes) -> torch.Tensor:
+    return ((codes - zero[..., None]) * scale[..., None] - w).square().sum(dim=-1)
 
 
 def int4_nbytes(n: int, k: int, group_size: int, symmetric: bool, scale_bytes: int) -> int:

@@ -134,12 +134,13 @@ def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: s
 
 def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        progress: Progress | None = None, quantize: str | None = None, group_size: int = 128,
-                       symmetric: bool = False) -> dict:
+                       symmetric: bool = False, clip_search: bool = False) -> dict:
     """Convert ``model_dir`` (config.json + safetensors, either expert key layout) into a packed store in
     ``out_dir`` (created if needed; an earlier store there is replaced). Returns the manifest dict.
 
     ``quantize="int4"`` stores the routed experts as int4 (round-to-nearest, groups of ``group_size`` input
-    columns, ``symmetric`` or with zero points; :mod:`klotski.store.quantize`)."""
+    columns, ``symmetric`` or with zero points, ``clip_search``: per-group range search;
+    :mod:`klotski.store.quantize`)."""
     from klotski.store.quantize import int4_expert_reader
 
     model_dir, out_dir = os.fspath(model_dir), os.fspath(out_dir)
@@ -148,7 +149,7 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     spec = ModelSpec.from_pretrained(model_dir)
     index = SafetensorsIndex(model_dir)
     weights = CheckpointWeights(index, spec)  # validates names and shapes against the config
-    read_expert, quantization = int4_expert_reader(weights, quantize, group_size, symmetric)
+    read_expert, quantization = int4_expert_reader(weights, quantize, group_size, symmetric, clip_search)
     os.makedirs(out_dir, exist_ok=True)
     manifest_path = os.path.join(out_dir, MANIFEST_NAME)
     if os.path.exists(manifest_path):  # from here on the directory is not a store until we finish

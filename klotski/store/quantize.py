@@ -33,7 +33,7 @@ def quantization_entry(group_size: int, symmetric: bool, scale_dtype: torch.dtyp
 
 
 def int4_expert_reader(weights: CheckpointWeights, quantize: str | None, group_size: int = DEFAULT_GROUP_SIZE,
-                       symmetric: bool = False) -> tuple[Callable | None, dict | None]:
+                       symmetric: bool = False, clip_search: bool = False) -> tuple[Callable | None, dict | None]:
     """(read_expert, manifest entry) for ``quantize`` ("int4"), or (None, None) for ``quantize=None``."""
     if quantize is None:
         return None, None
@@ -49,7 +49,7 @@ def int4_expert_reader(weights: CheckpointWeights, quantize: str | None, group_s
 
     def read_expert(layer: int, expert: int) -> tuple[Int4Weight, Int4Weight]:
         w13, w2 = weights.read_expert(layer, expert, torch.float32)
-        return (quantize_int4(w13.float(), group_size, symmetric, scale_dtype),
-                quantize_int4(w2.float(), group_size, symmetric, scale_dtype))
+        return (quantize_int4(w13.float(), group_size, symmetric, scale_dtype, clip_search),
+                quantize_int4(w2.float(), group_size, symmetric, scale_dtype, clip_search))
 
-    return read_expert, quantization_entry(group_size, symmetric, scale_dtype, "rtn")
+    return read_expert, quantization_entry(group_size, symmetric, scale_dtype, "rtn+clip" if clip_search else "rtn")

@@ -83,3 +83,15 @@ def test_constant_and_zero_groups_are_exact():
         assert torch.equal(q.dequantize(), w) or sym  # asymmetric: constants and zeros exact
         assert torch.isfinite(q.dequantize()).all()
     assert torch.equal(quantize_int4(w, 16).dequantize(), w)
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_clip_search_never_worse_per_group(symmetric):
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 128, generator=g)
+    w[::7, ::13] *= 6  # outliers, which a shrunk range clamps
+    plain = quantize_int4(w, 32, symmetric)
+    searched = quantize_int4(w, 32, symmetric, clip_search=True)
+    err = lambda q: (q.dequantize() - w).square().reshape(64, 4, 32).sum(-1)  # noqa: E731
+    assert (err(searched) <= err(plain) * (1 + 1e-6)).all()
+    assert err(searched).sum() < 0.97 * err(plain).sum()
