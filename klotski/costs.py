@@ -75,6 +75,8 @@ class ModelCosts:
     lm_head_bytes: int
     device_dtype: str | None = None  # dtype of weights once on the device (None: weight_dtype); the runtime
     # upcasts bf16 checkpoints to fp32 on CPU, doubling what a placed or streamed weight holds on the device
+    experts_as_stored: bool = False  # int4 experts: the device pool holds routed experts as stored (codes +
+    # scales), so their device bytes are their stored bytes whatever the compute dtype
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
@@ -135,9 +137,18 @@ class ModelCosts:
             return 1.0
         return dtype_bytes(self.device_dtype) / dtype_bytes(self.weight_dtype)
 
-    def device_bytes(self, stored_bytes: int) -> int:
-        """Device memory of weights that take ``stored_bytes`` on the host / disk."""
+    def device_bytes(self, stored_bytes: int, expert: bool = False) -> int:
+        """Device memory of weights that take ``stored_bytes`` on the host / disk (``expert``: routed experts,
+        kept as stored on the device when ``experts_as_stored``)."""
+        if expert and self.experts_as_stored:
+            return int(stored_bytes)
         return int(math.ceil(stored_bytes * self.device_scale))
+
+    def with_expert_bytes(self, expert_bytes: int) -> "ModelCosts":
+        """These costs with every routed expert stored in ``expert_bytes`` and kept so on the device (int4
+        experts: codes + scales + zero points, computed from directly by the int4 kernels)."""
+        layers = tuple(replace(lc, expert_bytes=int(expert_bytes)) if lc.kind == "moe" else lc for lc in self.layers)
+        return replace(self, layers=layers, experts_as_stored=True)
 
     def activation_bytes(self, seqs: int, n: int, q_len: int, kv_len: int, all_logits: bool = False) -> int:
         """Transient device memory of one step of a group of ``seqs`` sequences in ``n`` batches, ``q_len``

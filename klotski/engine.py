@@ -112,7 +112,8 @@ class LLM:
     host memory or ``offload_dir``. ``max_num_seqs`` bounds how many prompts share one batch (offloaded: the
     plan's batch group). ``offload_dir`` holds the packed expert store of this checkpoint (converted on first
     use) and the learned prefetch table; a store converted from another checkpoint is refused, naming both,
-    unless ``rebuild_store=True`` replaces it.
+    unless ``rebuild_store=True`` replaces it. ``quantization="int4"`` (offloaded policies): routed experts
+    stored and computed as int4 from the packed store in ``offload_dir`` (see :mod:`klotski.runtime.int4`).
 
     Threads: one ``LLM`` may be shared by several threads. Its calls (``generate``, ``logits``, ``close``) are
     serialised by a lock: a call waits until the one running has finished, then runs on its own (requests of
@@ -135,6 +136,7 @@ class LLM:
         num_batches: int | str = "auto",
         batch_size: int | str = "auto",
         rebuild_store: bool = False,
+        quantization: str | None = None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
@@ -150,9 +152,12 @@ class LLM:
         self.policy = policy
         self.weights = CheckpointWeights(SafetensorsIndex(self.model_dir), self.spec)
         self.tokenizer = Tokenizer(self.model_dir)
+        if policy == "resident" and quantization is not None:
+            raise ValueError(f"quantization={quantization!r} needs an offloaded policy (klotski, flexgen, "
+                             f"layerwise): the int4 experts live in the packed store in offload_dir")
         offload = {} if policy == "resident" else dict(
             gpu_memory=gpu_memory, cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
-            batch_size=batch_size, rebuild_store=rebuild_store)
+            batch_size=batch_size, rebuild_store=rebuild_store, quantization=quantization)
         self._lock = threading.RLock()
         self._box = {"session": open_session(policy, self.weights, self.device, self.dtype, max_num_seqs, **offload)}
         # closes the session when this LLM is closed, collected or the interpreter exits (never holds self)

@@ -69,7 +69,8 @@ def step_time_lower_bound(costs, hw, routing, policy: str, shape: StepShape, kv:
     seqs = b * n
     compute += op_seconds(Op(0, "lm_head", "compute", "gpu", costs.num_layers, tokens=seqs,
                              flops=costs.lm_head_flops(seqs), bytes=costs.lm_head_bytes), hw, dtype)
-    scale = getattr(costs, "device_scale", 1.0)  # device bytes per stored byte of a resident weight
+    # device bytes per stored byte of a resident weight (1 when experts stay as stored: a lower bound still)
+    scale = 1.0 if getattr(costs, "experts_as_stored", False) else getattr(costs, "device_scale", 1.0)
     capacity = max(0.0, (hw.gpu_memory - lean_static_gpu + 1) / scale)
     link = kv_link + max(0.0, used - capacity) / hw.h2d_bandwidth
     return max(compute, link)

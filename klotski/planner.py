@@ -151,7 +151,7 @@ class Planner:
             if need <= free and getattr(p, cls) != "gpu":
                 p, free = replace(p, **{cls: "gpu"}), free - need
         if moe and eb:
-            g = min(E, int(free // (len(moe) * costs.device_bytes(eb))))
+            g = min(E, int(free // (len(moe) * costs.device_bytes(eb, expert=True))))
             p = replace(p, experts_gpu=g, experts_cpu=None if p.experts_cpu is None else min(p.experts_cpu, E - g))
         return p
 

@@ -30,7 +30,9 @@ def _ids(topk_ids) -> np.ndarray:
     if isinstance(topk_ids, torch.Tensor):
         topk_ids = topk_ids.detach().to("cpu")
     arr = np.asarray(topk_ids, dtype=np.int64)
-    return arr.reshape(arr.shape[0], -1) if arr.ndim else arr.reshape(1, 1)
+    if arr.ndim == 0:
+        return arr.reshape(1, 1)
+    return arr.reshape(arr.shape[0], -1) if arr.size else arr.reshape(arr.shape[0], 0)  # no tokens: [0, 0]
 
 
 class CorrelationPrefetcher:

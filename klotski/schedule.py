@@ -128,6 +128,7 @@ def static_memory(costs: ModelCosts, placement: Placement, shape: StepShape, pol
     """Bytes each tier holds for the whole run: placed weights, the KV cache, the group's hidden states."""
     mem = {t: 0 for t in TIERS}
     gpu_weights = costs.embed_bytes + costs.lm_head_bytes
+    gpu_experts = 0
     seqs = shape.batch_size * shape.n
     for lc in costs.layers:
         gpu_weights += lc.norm_bytes
@@ -136,10 +137,11 @@ def static_memory(costs: ModelCosts, placement: Placement, shape: StepShape, pol
                 gpu_weights += getattr(lc, f"{cls}_bytes")
             else:
                 mem[tier] += getattr(lc, f"{cls}_bytes")
-        gpu_weights += placement.experts_on("gpu", lc.num_experts) * lc.expert_bytes
+        gpu_experts += placement.experts_on("gpu", lc.num_experts) * lc.expert_bytes
         for tier in ("cpu", "disk"):
             mem[tier] += placement.experts_on(tier, lc.num_experts) * lc.expert_bytes
     mem["gpu"] += costs.device_bytes(gpu_weights)  # weights on the device are in its dtype
+    mem["gpu"] += costs.device_bytes(gpu_experts, expert=True)  # (int4 experts: as stored)
     mem["cpu"] += staging_bytes(costs, placement)
     mem[placement.kv] += costs.kv_bytes(seqs * shape.context_len)
     # the group's transient activations: the same estimate the runtime checks a forward against
@@ -260,7 +262,7 @@ def _load(b: _Builder, ctx: _Context, layer: int, stream: str, tensor: str, nbyt
     """
     if tier == "gpu" or nbytes == 0:
         return None
-    alloc = {"gpu": ctx.costs.device_bytes(nbytes)}
+    alloc = {"gpu": ctx.costs.device_bytes(nbytes, expert=tensor == "expert")}
     if tier == "disk":
         read = b.add("read", stream, "cpu", layer, tensor=tensor, expert=expert, link="disk", bytes=nbytes,
                      deps=tuple(deps), mem_alloc=alloc)
@@ -273,7 +275,7 @@ def _release(b: _Builder, ctx: _Context, layer: int, tensor: str, nbytes: int, d
     if nbytes == 0:
         return None
     return b.add("release", "compute", "gpu", layer, tensor=tensor, expert=expert, deps=deps,
-                 mem_free={"gpu": ctx.costs.device_bytes(nbytes)}).id
+                 mem_free={"gpu": ctx.costs.device_bytes(nbytes, expert=tensor == "expert")}).id
 
 
 def _attention(b: _Builder, ctx: _Context, layer: int, batch: int, weights_id: int | None) -> int:

@@ -9,6 +9,10 @@ N is the intermediate size I (``w2.shape[-1]``); the device name is ``torch.cuda
 replaced by underscores, or ``interpreter`` under ``TRITON_INTERPRET=1``. Lookup order: the (E, N, device) file,
 then a per-device file ``device_name={device}.json`` valid for any shape, then :func:`default_config`.
 ``bench/kernels/tune_fused_moe.py`` writes the per-(E, N, device) files.
+
+int4 experts (w4a16) have tables of their own: the same names with ``,dtype=int4_w4a16`` before ``.json``
+(``E=..,N=..,device_name=..,dtype=int4_w4a16.json``, then ``device_name=..,dtype=int4_w4a16.json``), then
+:func:`default_config`.
 """
 from __future__ import annotations
 
@@ -21,14 +25,20 @@ import torch
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 INTERPRETER_DEVICE = "interpreter"
+INT4_DTYPE = "int4_w4a16"  # weight dtype key of int4 expert configs
 
 
-def config_file_name(num_experts: int, intermediate_size: int, device_name: str) -> str:
-    return f"E={num_experts},N={intermediate_size},device_name={device_name}.json"
+def _suffix(weight_dtype: str | None) -> str:
+    return f",dtype={weight_dtype}" if weight_dtype else ""
 
 
-def device_file_name(device_name: str) -> str:
-    return f"device_name={device_name}.json"
+def config_file_name(num_experts: int, intermediate_size: int, device_name: str,
+                     weight_dtype: str | None = None) -> str:
+    return f"E={num_experts},N={intermediate_size},device_name={device_name}{_suffix(weight_dtype)}.json"
+
+
+def device_file_name(device_name: str, weight_dtype: str | None = None) -> str:
+    return f"device_name={device_name}{_suffix(weight_dtype)}.json"
 
 
 def device_name_of(device: torch.device, interpret: bool) -> str:
@@ -118,17 +128,18 @@ class KernelConfigs:
 
     def lookup(
         self, num_tokens: int, num_experts: int, intermediate_size: int, top_k: int, device_name: str,
-        dtype_bytes: int = 2,
+        dtype_bytes: int = 2, weight_dtype: str | None = None,
     ) -> dict:
         """Config for M = ``num_tokens`` on the (E, N, device) problem; see the module docstring for the order.
 
-        Tuned GPU files are for 16-bit weights; 4-byte (fp32) weights on a GPU take :func:`default_config`, whose
-        tiles are sized for them.
+        Tuned GPU files are for 16-bit activations; 4-byte (fp32) ones on a GPU take :func:`default_config`, whose
+        tiles are sized for them. ``weight_dtype`` (:data:`INT4_DTYPE` for int4 experts) selects that dtype's
+        tables; ``dtype_bytes`` is the activations' element size.
         """
         interpret = device_name == INTERPRETER_DEVICE
         if interpret or dtype_bytes <= 2:
-            for name in (config_file_name(num_experts, intermediate_size, device_name),
-                         device_file_name(device_name)):
+            for name in (config_file_name(num_experts, intermediate_size, device_name, weight_dtype),
+                         device_file_name(device_name, weight_dtype)):
                 table = self.table(name)
                 if table is not None:
                     return dict(nearest_entry(table, num_tokens))

@@ -24,6 +24,12 @@ for each cold expert as it lands (with the others' slots at -1): every (token, c
 Memory: a call over more than ``chunk_tokens`` tokens (default :data:`CHUNK_TOKENS`) runs in token chunks, so
 its workspace (per pair: the intermediate row [I] and the fp32 output row [H]) is bounded by a chunk, not by
 the prompt: a long prefill of a large batch group needs no more transient memory than one chunk.
+
+int4 experts: ``w13`` and ``w2`` may instead be :class:`klotski.quant.Int4Weight` stacks (codes [S, N, K/2]
+uint8 packed along K, group-wise scales and optional zero points; see :mod:`klotski.quant.int4`) of the same
+logical shapes. The Triton path dequantizes each weight tile in the GEMM main loop
+(:mod:`.fused_moe_int4_kernels`); the torch path dequantizes one slot at a time. Both compute in
+hidden_states' dtype over exactly the weights :func:`klotski.quant.dequantize_int4` gives.
 """
 from __future__ import annotations
 
@@ -33,7 +39,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from .config import device_name_of, packaged_configs, check_config
+from klotski.quant.int4 import Int4Weight
+
+from .config import INT4_DTYPE, device_name_of, packaged_configs, check_config
 from .moe_align import align_unchecked
 from .validation import ACTIVATIONS, MoEShape, check_moe_inputs
 
@@ -122,12 +130,17 @@ def _moe_chunk_torch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot
             continue
         token_idx = pairs // k
         x = hidden_states[token_idx]
-        gate_up = x @ w13[slot].t()  # [n, 2I]
+        gate_up = x @ slot_weight(w13, slot, x.dtype).t()  # [n, 2I]
         h = apply_activation(gate_up[:, :inter], activation) * gate_up[:, inter:]
-        y = h @ w2[slot].t()  # [n, H]
+        y = h @ slot_weight(w2, slot, x.dtype).t()  # [n, H]
         y = y * topk_weights.reshape(-1)[pairs, None].to(y.dtype)
         acc.index_add_(0, token_idx, y.float())
     return acc
+
+
+def slot_weight(w, slot: int, dtype: torch.dtype) -> torch.Tensor:
+    """One slot's weight [N, K] for the matmul: the pool's tensor, or an int4 slot dequantized into ``dtype``."""
+    return w[slot].dequantize(dtype) if isinstance(w, Int4Weight) else w[slot]
 
 
 def interpreter_enabled() -> bool:
@@ -188,9 +201,11 @@ def invoke_fused_moe(
     if config is None:
         device_name = device_name_of(hidden_states.device, interpret)
         longest = max((b - a for a, b in chunks), default=0)
+        int4 = isinstance(w13, Int4Weight)
         config = packaged_configs().lookup(
             longest, shape.num_experts, shape.intermediate_size, shape.top_k, device_name,
-            dtype_bytes=w13.element_size(),
+            dtype_bytes=hidden_states.element_size() if int4 else w13.element_size(),
+            weight_dtype=INT4_DTYPE if int4 else None,
         )
     else:
         config = check_config(config)
@@ -229,6 +244,34 @@ def _launch(
     y = torch.empty(P, H, dtype=torch.float32, device=device)  # weighted expert output per pair
     weights = topk_weights.reshape(-1)
     num_row_blocks = triton.cdiv(rows_padded, block_m)
+    tiles = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"], **launch)
+    routing = (sorted_ids, expert_ids, slots_arg, num_post_pad)
+
+    if isinstance(w13, Int4Weight):
+        from .fused_moe_int4_kernels import build_int4_kernels
+
+        int4_kernels = build_int4_kernels(interpret)
+        z13 = w13.zeros if w13.zeros is not None else w13.qweight  # an unused pointer when HAS_ZEROS is False
+        z2 = w2.zeros if w2.zeros is not None else w2.qweight
+        int4_kernels.gemm1_act[(num_row_blocks * triton.cdiv(inter, block_n),)](
+            hidden_states, w13.qweight, w13.scales, z13, inter_cache, *routing,
+            P, rows_padded, inter, H,
+            hidden_states.stride(0), w13.qweight.stride(0), w13.qweight.stride(1), w13.scales.stride(0),
+            w13.scales.stride(1), z13.stride(0), z13.stride(1), inter_cache.stride(0),
+            GROUP=w13.group_size, HAS_ZEROS=w13.zeros is not None,
+            TOP_K=k, HAS_SLOTS=has_slots, ACTIVATION=SILU if activation == "silu" else GELU_TANH,
+            UPCAST=upcast, INPUT_PRECISION=precision, **tiles,
+        )
+        int4_kernels.gemm2_weight[(num_row_blocks * triton.cdiv(H, block_n),)](
+            inter_cache, w2.qweight, w2.scales, z2, y, weights, *routing,
+            P, rows_padded, H, inter,
+            inter_cache.stride(0), w2.qweight.stride(0), w2.qweight.stride(1), w2.scales.stride(0),
+            w2.scales.stride(1), z2.stride(0), z2.stride(1), y.stride(0),
+            GROUP=w2.group_size, HAS_ZEROS=w2.zeros is not None,
+            HAS_SLOTS=has_slots, UPCAST=upcast, INPUT_PRECISION=precision, **tiles,
+        )
+        _combine(kernels, y, topk_ids, slots_arg, out, M, H, k, has_slots, accumulate)
+        return
 
     kernels.gemm1_act[(num_row_blocks * triton.cdiv(inter, block_n),)](
         hidden_states, w13, inter_cache,
@@ -247,6 +290,14 @@ def _launch(
         HAS_SLOTS=has_slots, UPCAST=upcast, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=config["GROUP_M"], **launch,
     )
+    _combine(kernels, y, topk_ids, slots_arg, out, M, H, k, has_slots, accumulate)
+
+
+def _combine(kernels, y, topk_ids, slots_arg, out, M: int, H: int, k: int, has_slots: bool,
+             accumulate: bool) -> None:
+    """out (+)= the sum over the k choices of the per-pair outputs ``y`` [P, H] (fp32)."""
+    import triton
+
     block_h = min(1024, triton.next_power_of_2(H))
     block_t = max(1, min(triton.next_power_of_2(M), 4096 // block_h))
     kernels.combine[(triton.cdiv(M, block_t), triton.cdiv(H, block_h))](

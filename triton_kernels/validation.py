@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from klotski.quant.int4 import Int4Weight
+
 ACTIVATIONS = ("silu", "gelu")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -109,8 +111,16 @@ def check_moe_inputs(
     hidden_states [M, H], w13 [S, 2I, H], w2 [S, H, I] share one float dtype (fp32/fp16/bf16) and device, each
     with a unit stride in its last dim; topk_weights [M, k] float and topk_ids [M, k] int32/int64, contiguous;
     expert_slots [E] int32/int64 or None (then E = S); out [M, H], contiguous, in hidden_states' dtype or fp32.
+    int4 experts: w13 and w2 are both :class:`~klotski.quant.int4.Int4Weight` stacks of those logical shapes
+    (their tensors each with a unit stride in the last dim); the compute dtype is then hidden_states' dtype.
     """
-    tensors = {"hidden_states": hidden_states, "w13": w13, "w2": w2, "topk_weights": topk_weights}
+    int4 = [isinstance(w, Int4Weight) for w in (w13, w2)]
+    if any(int4) and not all(int4):
+        raise ValueError(f"w13 and w2 must both be int4 (Int4Weight) or both tensors, got "
+                         f"{type(w13).__name__} and {type(w2).__name__}")
+    tensors = {"hidden_states": hidden_states, "topk_weights": topk_weights}
+    if not int4[0]:
+        tensors.update(w13=w13, w2=w2)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -118,9 +128,9 @@ def check_moe_inputs(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     if hidden_states.dim() != 2:
         raise ValueError(f"hidden_states must be 2-D [M, H], got shape {tuple(hidden_states.shape)}")
-    if w13.dim() != 3:
+    if len(w13.shape) != 3:
         raise ValueError(f"w13 must be 3-D [S, 2I, H], got shape {tuple(w13.shape)}")
-    if w2.dim() != 3:
+    if len(w2.shape) != 3:
         raise ValueError(f"w2 must be 3-D [S, H, I], got shape {tuple(w2.shape)}")
     M, H = hidden_states.shape
     S, two_i, w13_h = w13.shape
@@ -137,7 +147,7 @@ def check_moe_inputs(
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden_states dtype must be one of {FLOAT_DTYPES}, got {dtype}")
     for name, t in (("w13", w13), ("w2", w2)):
-        if t.dtype != dtype:
+        if not int4[0] and t.dtype != dtype:
             raise ValueError(f"{name} dtype must match hidden_states ({dtype}), got {t.dtype}")
     if not topk_weights.is_floating_point():
         raise ValueError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
@@ -151,7 +161,10 @@ def check_moe_inputs(
     for name, t in (("w13", w13), ("w2", w2), ("topk_weights", topk_weights), ("topk_ids", topk_ids)):
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but hidden_states is on {device}")
-    for name, t in (("hidden_states", hidden_states), ("w13", w13), ("w2", w2)):
+    strided = [("hidden_states", hidden_states)]
+    for name, w in (("w13", w13), ("w2", w2)):
+        strided += [(f"{name}.{k}", t) for k, t in w.tensors().items()] if int4[0] else [(name, w)]
+    for name, t in strided:
         if t.numel() and t.stride(-1) != 1:
             raise ValueError(f"{name} must have unit stride in its last dim, got strides {t.stride()}")
     if not topk_weights.is_contiguous():

@@ -16,6 +16,11 @@ in ``--dtype``; ``--model DIR`` reuses an existing checkpoint; neither: the smal
 Each policy's packed expert store is deleted once the policy has run (the disk holds the checkpoint and one
 store at a time), and the JSON is rewritten after every policy (a run cut short keeps the rows it finished).
 
+``--quantize int4 [--group-size 128]`` runs every policy twice in the one invocation, on the same checkpoint,
+budgets and prompts: over the checkpoint's experts, then over int4 experts (``klotski convert --quantize int4``
+into the policy's store, ``LLM(..., quantization="int4")``); the table gets a ``quant`` column, bytes read per
+generated token, and an int4 / checkpoint-dtype tokens/s ratio per policy (target >= 2x when disk-bound).
+
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
 more row, a "klotski / accelerate" speedup and whether its greedy tokens match. It needs the ``bench`` extra
@@ -89,7 +94,7 @@ def timed_run(llm, prompts, sp, hw):
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
     wall = time.perf_counter() - t
     m = llm.metrics
-    row = {"tokens_per_s": m.tokens_per_s, "wall_s": wall, **dict(m.extra)}
+    row = {"tokens_per_s": m.tokens_per_s, "wall_s": wall, "generated_tokens": m.generated_tokens, **dict(m.extra)}
     row["roofline"] = roofline(llm.executor, hw, row, m.generated_tokens, m.total_s)
     return outs, row
 
@@ -136,8 +141,14 @@ def check_targets(rows: list[dict], baseline: dict | None) -> dict:
     """Issue #6's targets on this run: klotski >= 1.2x flexgen, >= 5x layerwise, >= 10x accelerate tokens/s;
     every policy within 15 % of its prediction (held out with --calibrate); klotski at >= 80 % of its roofline.
     Only the targets this run has the rows for."""
-    by = {r["policy"]: r for r in rows}
+    by = {r["policy"]: r for r in rows if not r.get("quantization")}
     out = {}
+    for r in rows:
+        base = by.get(r["policy"])
+        if r.get("quantization") and base is not None and base["tokens_per_s"] > 0:
+            v = r["tokens_per_s"] / base["tokens_per_s"]
+            out[f"{r['policy']} {r['quantization']}/{base['dtype'] if 'dtype' in base else 'checkpoint'}"] = {
+                "value": v, "want": ">= 2 (disk-bound)", "met": v >= 2}
     k = by.get("klotski")
     if k is not None:
         for other, want in (("flexgen", 1.2), ("layerwise", 5.0)):
@@ -229,6 +240,8 @@ def main() -> None:
                     help="also run HF transformers + accelerate device_map offloading on klotski's prompts (the "
                          "first policy's without klotski); a row with policy 'accelerate' in the table and the "
                          "JSON's rows; needs the bench extra: accelerate==1.15.0")
+    ap.add_argument("--quantize", choices=("int4",), help="also run every policy over int4 experts (paired)")
+    ap.add_argument("--group-size", type=int, default=128, help="--quantize int4: input columns per scale")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
     if args.model and args.preset:
@@ -267,54 +280,72 @@ def main() -> None:
                        "device": device, "tokens_identical": same, "targets": targets,
                        "rows": rows + ([baseline] if baseline else [])}, f, indent=1)
 
-    for policy in args.policies.split(","):
+    variants = [(p, q) for p in args.policies.split(",") for q in ([None, args.quantize] if args.quantize else [None])]
+    for policy, quant in variants:
+        store = os.path.join(work, f"store-{policy}")
+        if quant:
+            from klotski.store import convert_checkpoint
+
+            convert_checkpoint(model, store, quantize=quant, group_size=args.group_size)
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-                  offload_dir=os.path.join(work, f"store-{policy}"), num_batches=args.num_batches,
-                  batch_size=args.batch_size)
+                  offload_dir=store, num_batches=args.num_batches, batch_size=args.batch_size, quantization=quant)
         count = llm.session.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, llm.spec.vocab_size, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
         plan_hw = llm.session.hardware
         outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
-        tokens[policy] = [o.token_ids for o in outs]
-        runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
-                        "dtype": str(llm.executor.dtype).replace("torch.", "")}
-        row = {"policy": policy, "num_prompts": count, **row}
+        if quant:
+            policy_key = f"{policy}+{quant}"
+        else:
+            policy_key = policy
+        tokens[policy_key] = [o.token_ids for o in outs]
+        if not quant:
+            runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
+                            "dtype": str(llm.executor.dtype).replace("torch.", "")}
+        row = {"policy": policy, "quantization": quant, "num_prompts": count, **row}
         if args.calibrate:
             cal = llm.session.calibrate(llm.session.hardware, save=False)  # fitted on the first run ...
             in_sample = llm.session.metrics["predicted_tokens_per_s"]
             outs2, row2 = timed_run(llm, prompts[count:], sp, plan_hw)  # ... predicts a second run on other prompts
-            row = {"policy": policy, "num_prompts": count, **row2,
+            row = {"policy": policy, "quantization": quant, "num_prompts": count, **row2,
                    "predicted_tokens_per_s_uncalibrated": row["predicted_tokens_per_s"],
                    "first_run": {k: row[k] for k in ("tokens_per_s", "wall_s", "predicted_tokens_per_s")},
                    "predicted_first_run_in_sample": in_sample,
                    "calibrated_profile": {k: v for k, v in cal.to_dict().items() if k != "notes"}}
         rows.append(row)
         llm.close()
-        shutil.rmtree(os.path.join(work, f"store-{policy}"), ignore_errors=True)  # disk: one store at a time
-        print(f"{policy}: {row['tokens_per_s']:.2f} tokens/s ({count} prompts), {time.perf_counter() - t_start:.0f} s "
+        row["disk_read_per_token"] = row["bytes_disk_read"] / max(1, row.get("generated_tokens") or count * args.gen_len)
+        shutil.rmtree(store, ignore_errors=True)  # disk: one store at a time
+        print(f"{policy_key}: {row['tokens_per_s']:.2f} tokens/s ({count} prompts), {time.perf_counter() - t_start:.0f} s "
               f"since start", flush=True)
         save(rows, None, None)  # so far (tokens compared at the end)
-    n0 = min(len(v) for v in tokens.values())
-    same = all(v[:n0] == next(iter(tokens.values()))[:n0] for v in tokens.values())
+    plain = {k: v for k, v in tokens.items() if "+" not in k}  # int4 runs compute other weights: compared apart
+    quant_tokens = {k: v for k, v in tokens.items() if "+" in k}
+    same = all(_same(group) for group in (plain, quant_tokens) if group)
     baseline = None
     if args.baseline == "accelerate":
         baseline = accelerate_row(model, runs, args, tokens, work)
     if args.calibrate:
         print("tok/s: the second run; pred: predicted from the profile calibrated on the first run (held out); "
               "uncal: predicted from the profile the plan was made on")
-    head = f"{'policy':<10} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'uncal':>8} {'roofline':>13} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
+    head = f"{'policy':<10} {'quant':<5} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'uncal':>8} {'roofline':>13} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
     print(head)
     for r in rows:
         pred = r.get("predicted_tokens_per_s") or 0.0
         err = r["tokens_per_s"] / pred - 1 if pred else float("nan")
-        print(f"{r['policy']:<10} {r['num_prompts']:>5} {r['batch_size']:>3}x{r['num_batches']:<3} "
+        print(f"{r['policy']:<10} {r.get('quantization') or '-':<5} {r['num_prompts']:>5} {r['batch_size']:>3}x{r['num_batches']:<3} "
               f"{r['tokens_per_s']:>8.2f} {pred:>8.2f} {err:>+6.0%} "
               f"{r.get('predicted_tokens_per_s_uncalibrated', pred):>8.2f} "
               f"{r['roofline']['fraction']:>6.0%} {r['roofline']['bound']:<6} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
               f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
               f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
+    if args.quantize:
+        print(f"{'policy':<10} {'quant':<5} {'disk read/token':>16} {'h2d/token':>12} {'tok/s':>8}")
+        for r in rows:
+            gen = max(1, r.get("generated_tokens") or 1)
+            print(f"{r['policy']:<10} {r.get('quantization') or '-':<5} {format_bytes(r['bytes_disk_read'] / gen):>16} "
+                  f"{format_bytes(r['bytes_h2d'] / gen):>12} {r['tokens_per_s']:>8.2f}")
     if baseline is not None:
         print_baseline(baseline, rows)
     print(f"greedy tokens identical across policies: {same}")
@@ -323,6 +354,12 @@ def main() -> None:
         print(f"target {name}: {t['value']:.2f} (want {t['want']}) -> {'met' if t['met'] else 'MISSED'}")
     save(rows, baseline, same, targets)
     print(f"wrote {path}")
+
+
+def _same(tokens: dict) -> bool:
+    n0 = min(len(v) for v in tokens.values())
+    first = next(iter(tokens.values()))[:n0]
+    return all(v[:n0] == first for v in tokens.values())
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
     python bench/kernels/bench_fused_moe.py                       # GPU: all models, M 1..8192, bf16
     python bench/kernels/bench_fused_moe.py --device cpu --small  # exercise the script on a CPU
+    python bench/kernels/bench_fused_moe.py --dtype int4          # GPU: int4 experts (w4a16), bf16 activations
 
 Per row: time (median ms), TFLOP/s, GB/s, speed vs the loop, and for fused_moe its relative error
 (max abs diff / max abs) against the loop. FLOPs = 6 * M * k * H * I (three matmuls per routed pair).
 Bytes = the weights of the distinct experts routed to + hidden_states in + output out (the least any
 implementation must move); for the dense matmul, its A, B and C. Writes JSON to bench/results/.
+``--dtype int4``: the experts are int4 (round-to-nearest, ``--group-size``, zero points unless ``--symmetric``;
+activations ``--act-dtype``, bf16 by default); bytes count the int4 codes + scales + zero points of the touched
+experts, the loop is ``fused_moe_torch`` over the int4 pool (one slot dequantized at a time), and one more row,
+``fused_moe_dense``, runs the 16-bit kernel over the same weights dequantized (what int4 saves or costs).
 CPU figures are not GPU figures: on a CPU ``fused_moe`` runs the torch fallback (or with --interpret the
 Triton interpreter), so only the script is exercised.
 """
@@ -31,7 +36,11 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     p.add_argument("--m", type=int, nargs="+", help="token counts (default 1..8192; --small: 1 16 128)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES) + ["int4"], default="bf16")
+    p.add_argument("--act-dtype", choices=sorted(DTYPES), default="bf16", help="--dtype int4: activations")
+    p.add_argument("--group-size", type=int, default=128, help="--dtype int4: input columns per scale "
+                                                                 "(halved until it divides H and I)")
+    p.add_argument("--symmetric", action="store_true", help="--dtype int4: no zero points")
     p.add_argument("--small", action="store_true", help="H and I divided by 16 (for a CPU run)")
     p.add_argument("--interpret", action="store_true", help="run the Triton kernels in the CPU interpreter")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 GPU, 3 CPU)")
@@ -39,13 +48,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def bench_one(shape, num_tokens, w13, w2, dtype, device, iters, fused_moe, fused_moe_torch):
+def bench_one(shape, num_tokens, w13, w2, dtype, device, iters, fused_moe, fused_moe_torch, dense=None):
+    """``dense``: (w13, w2) in ``dtype`` to also time the 16-bit kernel on (int4 runs: the dequantized pool)."""
     x, topk_weights, topk_ids = make_tokens(shape, num_tokens, dtype, device)
     H, I, k = shape.hidden, shape.inter, shape.top_k
     flops = 6 * num_tokens * k * H * I
-    elt = w13.element_size()
+    elt = x.element_size()
     distinct = torch.unique(topk_ids).numel()
-    moe_bytes = distinct * 3 * H * I * elt + 2 * num_tokens * H * elt
+    expert_bytes = (w13[0].nbytes + w2[0].nbytes) if dense is not None else 3 * H * I * elt
+    moe_bytes = distinct * expert_bytes + 2 * num_tokens * H * elt
     a = torch.randn(num_tokens * k, H, device=device, dtype=dtype)
     b = torch.randn(H, 3 * I, device=device, dtype=dtype)
     dense_bytes = (a.numel() + b.numel() + num_tokens * k * 3 * I) * elt
@@ -55,6 +66,9 @@ def bench_one(shape, num_tokens, w13, w2, dtype, device, iters, fused_moe, fused
         "torch_loop": (lambda: fused_moe_torch(x, w13, w2, topk_weights, topk_ids), moe_bytes),
         "dense_matmul": (lambda: torch.matmul(a, b), dense_bytes),
     }
+    if dense is not None:
+        runs["fused_moe_dense"] = (lambda: fused_moe(x, dense[0], dense[1], topk_weights, topk_ids),
+                                   distinct * 3 * H * I * elt + 2 * num_tokens * H * elt)
     # sanity: a fast wrong kernel is worth nothing (the loop computes in the same dtype, so ~1e-2 in bf16)
     got, ref = fused_moe(x, w13, w2, topk_weights, topk_ids).float(), fused_moe_torch(
         x, w13, w2, topk_weights, topk_ids).float()
@@ -132,7 +146,7 @@ def main(argv=None):
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device; use --device cpu --small")
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPES[args.act_dtype if args.dtype == "int4" else args.dtype]
     ms_list = args.m or (SMALL_M if args.small else DEFAULT_M)
     iters = args.iters or (20 if args.device == "cuda" else 3)
     if args.device == "cuda":
@@ -145,14 +159,24 @@ def main(argv=None):
     for key in args.models:
         shape = MODELS[key].small() if args.small else MODELS[key]
         w13, w2 = make_weights(shape, dtype, args.device)
+        dense = None
+        if args.dtype == "int4":
+            from klotski.quant import quantize_int4
+
+            group = args.group_size
+            while group > 2 and (shape.hidden % group or shape.inter % group):
+                group //= 2
+            w13, w2 = (quantize_int4(w.float(), group, args.symmetric, scale_dtype=dtype) for w in (w13, w2))
+            dense = (w13.dequantize(dtype), w2.dequantize(dtype))
         for m in ms_list:
-            rows += bench_one(shape, m, w13, w2, dtype, args.device, iters, fused_moe, fused_moe_torch)
-        del w13, w2
+            rows += bench_one(shape, m, w13, w2, dtype, args.device, iters, fused_moe, fused_moe_torch, dense)
+        del w13, w2, dense
     print_table(rows, note)
     bandwidth = memory_bandwidth(args.device, dtype)
     targets = check_targets(rows, bandwidth)
     print_targets(targets, bandwidth)
-    out = args.out or RESULTS / f"fused_moe_{args.device}{'_small' if args.small else ''}.json"
+    out = args.out or RESULTS / (f"fused_moe_{args.device}{'_small' if args.small else ''}"
+                                 f"{'_int4' if args.dtype == 'int4' else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(command=" ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                 device=device_description(args.device), fused_moe_path=path, dtype=args.dtype, small=args.small,

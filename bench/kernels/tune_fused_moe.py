@@ -31,7 +31,10 @@ def parse_args(argv=None):
     p.add_argument("--shape", action="append", default=[], metavar="E,H,I,K",
                    help="an extra shape: num_experts,hidden,intermediate,top_k (repeatable)")
     p.add_argument("--m", type=int, nargs="+", default=None, help="token counts (default 1..8192)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="activations (and 16-bit weights)")
+    p.add_argument("--int4", action="store_true", help="tune the int4 (w4a16) kernels: weights quantized "
+                                                        "(group 128 or the largest power of two dividing H and I); "
+                                                        "writes the ',dtype=int4_w4a16' files")
     p.add_argument("--interpret", action="store_true", help="tune for the CPU interpreter (device 'interpreter')")
     p.add_argument("--iters", type=int, default=None, help="timed iterations per config (default 20 GPU, 1 CPU)")
     p.add_argument("--smem-kb", type=int, default=None, help="shared memory per block (default: the device's)")
@@ -79,14 +82,24 @@ def shared_memory_bytes(args) -> int:
     return 1 << 30
 
 
-def tune_shape(shape, ms, dtype, device, iters, smem, interpret, invoke, reference, rel_error):
+def tune_shape(shape, ms, dtype, device, iters, smem, interpret, invoke, reference, rel_error, int4=False):
     w13, w2 = make_weights(shape, dtype, device)
+    dense13, dense2 = w13.float(), w2.float()
+    elt = w13.element_size()
+    if int4:
+        from klotski.quant import quantize_int4
+
+        group = 128
+        while group > 2 and (shape.hidden % group or shape.inter % group):
+            group //= 2
+        w13, w2 = (quantize_int4(w.float(), group, scale_dtype=dtype) for w in (w13, w2))
+        dense13, dense2 = w13.dequantize(), w2.dequantize()
     table = {}
     for m in ms:
         x, topk_weights, topk_ids = make_tokens(shape, m, dtype, device)
-        ref = reference(x.float(), w13.float(), w2.float(), topk_weights, topk_ids)
+        ref = reference(x.float(), dense13, dense2, topk_weights, topk_ids)
         best = None
-        for cfg in search_space(interpret, m, shape, w13.element_size(), smem):
+        for cfg in search_space(interpret, m, shape, elt, smem):
             try:
                 fn = lambda cfg=cfg: invoke(x, w13, w2, topk_weights, topk_ids, config=cfg)  # noqa: E731
                 ms_taken = time_ms(fn, device, warmup=1 if interpret else 3, iters=iters)
@@ -111,7 +124,7 @@ def main(argv=None):
     args = parse_args(argv)
     setup_interpreter(args)
     from klotski.triton_kernels import fused_moe_torch, invoke_fused_moe
-    from klotski.triton_kernels.config import CONFIG_DIR, config_file_name, device_name_of
+    from klotski.triton_kernels.config import CONFIG_DIR, INT4_DTYPE, config_file_name, device_name_of
 
     device = "cpu" if args.interpret else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -132,8 +145,9 @@ def main(argv=None):
     shapes = [MODELS[k] for k in args.models] + [parse_shape(s) for s in args.shape]
     for shape in shapes:
         table = tune_shape(shape, ms, dtype, device, iters, shared_memory_bytes(args), args.interpret,
-                           invoke_fused_moe, fused_moe_torch, rel_error)
-        path = out_dir / config_file_name(shape.num_experts, shape.inter, device_name)
+                           invoke_fused_moe, fused_moe_torch, rel_error, int4=args.int4)
+        path = out_dir / config_file_name(shape.num_experts, shape.inter, device_name,
+                                          INT4_DTYPE if args.int4 else None)
         path.write_text(json.dumps(table, indent=1) + "\n")
         print(f"wrote {path}")
 

@@ -1,4 +1,5 @@
-"""``klotski convert MODEL_DIR OUT_DIR``: pack a checkpoint's experts for one-request O_DIRECT loads."""
+"""``klotski convert MODEL_DIR OUT_DIR [--quantize int4 --group-size 128 --symmetric]``: pack a checkpoint's
+experts for one-request O_DIRECT loads, optionally quantized to int4."""
 from __future__ import annotations
 
 import sys
@@ -12,6 +13,13 @@ def add_parser(sub):
     p.add_argument("--replace", action="store_true",
                    help="replace another checkpoint's store (or Klotski files) in OUT_DIR; other files are kept")
     p.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
+    p.add_argument("--quantize", choices=["int4"], default=None,
+                   help="store the routed experts as int4 (round-to-nearest, group-wise scales); run with "
+                        "LLM(..., quantization='int4', offload_dir=OUT_DIR)")
+    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default 128)")
+    p.add_argument("--symmetric", action="store_true", help="int4: no zero points (zero point 8)")
+    p.add_argument("--clip-search", action="store_true",
+                   help="int4: per group, also try ranges shrunk by 5-25%% and keep the least squared error")
     return p
 
 
@@ -33,12 +41,15 @@ def run(args) -> int:
         bar.n = done
         bar.refresh()
 
-    manifest = convert_checkpoint(args.model_dir, args.out_dir, progress=progress, replace=args.replace)
+    manifest = convert_checkpoint(args.model_dir, args.out_dir, progress=progress, replace=args.replace, quantize=args.quantize,
+                                  group_size=args.group_size, symmetric=args.symmetric,
+                                  clip_search=args.clip_search)
     if bar is not None:
         bar.close()
     nbytes = sum(f["nbytes"] for f in manifest["files"].values())
     print(f"wrote {args.out_dir}: {len(manifest['experts'])} experts in {len(manifest['moe_layers'])} MoE layers, "
-          f"{nbytes / 2**20:.1f} MiB")
+          f"{nbytes / 2**20:.1f} MiB" + (f", int4 experts (group {args.group_size}, "
+                                          f"{'symmetric' if args.symmetric else 'zero points'})" if args.quantize else ""))
     if args.verify:
         n = ExpertStore(args.out_dir).verify()
         print(f"verified {n} experts: checksums match")

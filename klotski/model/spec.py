@@ -182,6 +182,21 @@ def register(*model_types: str):
 
 # ---- shared parsing helpers ---------------------------------------------------------------------------
 
+def _four_bit_note(config: dict) -> str:
+    """What Klotski knows of a 4-bit quantization_config (klotski.quant.checkpoint_formats): the setting it
+    cannot read, or that the layout is readable but loading such a checkpoint is not wired up yet."""
+    from klotski.quant.checkpoint_formats import UnsupportedQuantization, parse_int4_checkpoint
+
+    try:
+        fmt = parse_int4_checkpoint(config)
+    except UnsupportedQuantization as e:
+        return f". 4-bit: {e}"
+    return (f". 4-bit: this {fmt.method} layout (group {fmt.group_size}, "
+            f"{'symmetric' if fmt.symmetric else 'zero points'}) converts into Klotski's int4 expert layout "
+            f"(klotski.quant.checkpoint_formats), but loading a pre-quantized checkpoint is not wired up yet; "
+            f"quantize an unquantized checkpoint instead: `klotski convert MODEL_DIR OUT_DIR --quantize int4`")
+
+
 def parse_quantization(config: dict) -> tuple[int, int] | None:
     """The fp8 weight block of ``quantization_config`` (None when the config declares none).
 
@@ -196,7 +211,7 @@ def parse_quantization(config: dict) -> tuple[int, int] | None:
     method = str(q.get("quant_method", "")).lower()
     if method != "fp8":
         raise UnsupportedModelError(f"{where}: quant_method {q.get('quant_method')!r} is not supported; "
-                                    f"supported: 'fp8' (block-scaled e4m3, as DeepSeek-V3)")
+                                    f"supported: 'fp8' (block-scaled e4m3, as DeepSeek-V3)" + _four_bit_note(config))
     fmt = str(q.get("fmt", "e4m3")).lower()
     if fmt != "e4m3":
         raise UnsupportedModelError(f"{where}: fp8 fmt {q.get('fmt')!r} is not supported; supported: 'e4m3'")

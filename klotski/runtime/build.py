@@ -78,11 +78,13 @@ class RunConfig:
     hardware: HardwareProfile | None = None
     timeout_s: float | None = WAIT_TIMEOUT_S
     rebuild_store: bool = False  # replace another checkpoint's store in offload_dir (refused otherwise)
+    quantization: str | None = None  # "int4": routed experts from an int4 store (klotski.runtime.int4)
 
     @classmethod
     def of(cls, weights, device, dtype, policy: str, gpu_memory=None, cpu_memory=None, offload_dir=None,
            num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
-           timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False) -> "RunConfig":
+           timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
+           quantization: str | None = None) -> "RunConfig":
         """``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited
         (on CUDA the device's memory less 1 GiB)."""
         if policy not in OFFLOAD_POLICIES:
@@ -94,9 +96,13 @@ class RunConfig:
         cpu = None if cpu_memory is None else parse_bytes(cpu_memory)
         if device.type == "cuda" and gpu is None:
             gpu = torch.cuda.get_device_properties(device).total_memory - (1 << 30)
+        from klotski.runtime.int4 import check_quantization
+
+        check_quantization(quantization)
         store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
         return cls(weights, device, dtype, policy, gpu, cpu, store_dir, _count(num_batches, "num_batches"),
-                   _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store))
+                   _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store),
+                   quantization)
 
     @property
     def auto(self) -> bool:
@@ -121,6 +127,11 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
     weights, spec, policy = cfg.weights, cfg.weights.spec, cfg.policy
     mb = ModelBytes.of(weights, cfg.dtype)
     costs = model_costs(spec, spec.weight_dtype or "bfloat16", cfg.dtype)
+    if cfg.quantization == "int4":  # experts priced as stored (int4 codes + scales), on the device too
+        from klotski.runtime.int4 import int4_costs, open_int4_store
+
+        with open_int4_store(weights, cfg.offload_dir, cfg.rebuild_store) as store:  # converted on first use
+            mb, costs = int4_costs(store, mb, costs)
     big = 1 << 62
     gpu_cap = cfg.gpu_budget if cfg.gpu_budget is not None else big
     cpu_cap = cfg.cpu_budget if cfg.cpu_budget is not None else big
@@ -180,7 +191,11 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
                         for layer in range(spec.num_layers)]
     store = None
     p = rp.layout.placement
-    if cfg.offload_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
+    if cfg.quantization == "int4":  # every tier's experts come from the int4 store
+        from klotski.runtime.int4 import open_int4_store
+
+        store = open_int4_store(weights, cfg.offload_dir)
+    elif cfg.offload_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
         store = open_store(weights.index, cfg.offload_dir, rebuild=cfg.rebuild_store)
     gpu, cpu = TierMeter("gpu", cfg.gpu_budget), TierMeter("cpu", cfg.cpu_budget)
     experts_fn = cfg.experts_fn

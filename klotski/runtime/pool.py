@@ -10,7 +10,9 @@ once, or a slot never released, would otherwise hang for ever). ``release`` may 
 a CUDA event recorded after the slot's last use on the compute stream; the next writer waits on it.
 
 :class:`ExpertPool` is the device weight pool ``w13`` [S, 2I, H], ``w2`` [S, H, I] that ``fused_moe``
-addresses through ``expert_slots``; the first ``num_pinned`` slots hold GPU-resident experts for good.
+addresses through ``expert_slots``; the first ``num_pinned`` slots hold GPU-resident experts for good. With
+``int4`` (an int4 store's quantization entry) ``w13`` / ``w2`` are :class:`~klotski.quant.Int4Weight` stacks
+(codes + scales + zero points, as stored), which ``fused_moe`` computes from directly.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import heapq
 import threading
 
 import torch
+
+from klotski.quant.int4 import Int4Weight
 
 
 class PoolCancelled(RuntimeError):
@@ -114,16 +118,22 @@ class ExpertPool:
     """Device weight slots for routed experts: ``w13`` [S, 2I, H], ``w2`` [S, H, I]."""
 
     def __init__(self, num_slots: int, num_pinned: int, inter: int, hidden: int, dtype, device,
-                 timeout_s: float | None = 600.0):
+                 timeout_s: float | None = 600.0, int4: dict | None = None):
         self.num_slots = num_slots
         self.num_pinned = num_pinned
-        self.w13 = torch.empty(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
-        self.w2 = torch.empty(num_slots, hidden, inter, dtype=dtype, device=device)
+        if int4 is None:
+            self.w13 = torch.empty(num_slots, 2 * inter, hidden, dtype=dtype, device=device)
+            self.w2 = torch.empty(num_slots, hidden, inter, dtype=dtype, device=device)
+        else:
+            group, sym, scale_dtype = int(int4["group_size"]), bool(int4["symmetric"]), getattr(torch, int4["scale_dtype"])
+            self.w13 = Int4Weight.empty((num_slots, 2 * inter, hidden), group, sym, scale_dtype, device)
+            self.w2 = Int4Weight.empty((num_slots, hidden, inter), group, sym, scale_dtype, device)
         self.slots = SlotPool(list(range(num_pinned, num_slots)), "expert pool", timeout_s)
 
     @property
     def nbytes(self) -> int:
-        return self.w13.numel() * self.w13.element_size() + self.w2.numel() * self.w2.element_size()
+        return sum(w.nbytes if isinstance(w, Int4Weight) else w.numel() * w.element_size()
+                   for w in (self.w13, self.w2))
 
     @property
     def streaming_slots(self) -> int:

@@ -62,6 +62,7 @@ class OffloadedSession:
     cache into host memory. ``hardware``: a HardwareProfile (default: this machine's cached profile).
     ``workload``: (prompt tokens, generated tokens) per sequence planned for before the first ``prepare``.
     ``rebuild_store``: replace a store of another checkpoint found in ``offload_dir`` (refused by default).
+    ``quantization="int4"``: routed experts from an int4 store in ``offload_dir`` (:mod:`klotski.runtime.int4`).
     """
 
     can_trace = True
@@ -69,9 +70,10 @@ class OffloadedSession:
     def __init__(self, weights, device, dtype, policy: str, gpu_memory=None, cpu_memory=None, offload_dir=None,
                  num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
                  workload: tuple[int, int] = DEFAULT_WORKLOAD, prefetcher: CorrelationPrefetcher | None = None,
-                 timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False):
+                 timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
+                 quantization: str | None = None):
         self.config = RunConfig.of(weights, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, num_batches,
-                                   batch_size, experts_fn, kv, hardware, timeout_s, rebuild_store)
+                                   batch_size, experts_fn, kv, hardware, timeout_s, rebuild_store, quantization)
         spec = weights.spec
         self.prefetcher, self.table_path = prefetcher, None
         if prefetcher is None and spec.moe_layers:

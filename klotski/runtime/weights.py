@@ -9,6 +9,9 @@ fp8 block-scaled weights stay fp8 + scales on the host and disk tiers (host copi
 :class:`~klotski.model.quant.Fp8Weight`; a disk piece's scale is read beside it, a store record holds its
 scales): the fp8 bytes and scales cross the link and are dequantized into the device buffer
 (:meth:`PlacedWeights.copy`), exactly as the resident engine dequantizes them at load.
+int4 stores (``store.int4``): every routed expert comes from the store as stored (codes + scales + zero
+points) on every tier, device pool slots included (an int4 :class:`~klotski.runtime.pool.ExpertPool`); the
+kernels compute from them directly.
 Bytes moved are counted per link in ``counters`` (``disk_read``, ``h2d``, ``d2h``).
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from klotski.io import DiskReader, PinnedRing, span_bytes
 from klotski.model.names import KEEP_FP32
 from klotski.model.quant import Fp8Weight
 from klotski.model.weights import CheckpointWeights
+from klotski.quant.int4 import Int4Weight
 from klotski.runtime.memory import TierMeter, nbytes
 from klotski.runtime.placement import Layout, tensor_class
 from klotski.runtime.pool import ExpertPool
@@ -93,8 +97,9 @@ class PlacedWeights:
         E = spec.num_experts if spec.moe_layers else 0
         n_gpu, n_cpu = p.experts_on("gpu", E) if E else 0, p.experts_on("cpu", E) if E else 0
         n_moe = len(spec.moe_layers)
+        int4 = store.int4 if store is not None else None
         self.pool = ExpertPool(n_moe * n_gpu + layout.expert_slots, n_moe * n_gpu, spec.moe_intermediate_size,
-                               spec.hidden_size, dtype, device) if E else None
+                               spec.hidden_size, dtype, device, int4=int4) if E else None
         if self.pool is not None:
             gpu.hold("expert pool", self.pool.nbytes)
         self.expert_home: dict[tuple[int, int], tuple[str, object]] = {}
@@ -103,13 +108,13 @@ class PlacedWeights:
             order = expert_order[layer] if expert_order else list(range(E))
             for rank, e in enumerate(order):
                 if rank < n_gpu:
-                    w13, w2 = weights.read_expert(layer, e, dtype)
+                    w13, w2 = store.read_expert(layer, e, verify=True) if int4 else weights.read_expert(layer, e, dtype)
                     self.pool.w13[slot].copy_(w13)
                     self.pool.w2[slot].copy_(w2)
                     self.expert_home[(layer, e)] = ("gpu", slot)
                     slot += 1
                 elif rank < n_gpu + n_cpu:
-                    w13, w2 = weights.read_expert_stored(layer, e)
+                    w13, w2 = store.read_expert(layer, e, verify=True) if int4 else weights.read_expert_stored(layer, e)
                     w13, w2 = self._pin(w13), self._pin(w2)
                     cpu.hold("host experts", nbytes(w13) + nbytes(w2))
                     self.expert_home[(layer, e)] = ("cpu", (w13, w2))
@@ -138,7 +143,9 @@ class PlacedWeights:
         """Host ``src`` (a tensor, or fp8 + scales) into device ``dst`` in ``dst``'s dtype. fp8: the fp8 bytes
         and scales are copied to the device (a transient of the fp8 bytes) and dequantized there, so the link
         carries 1 byte per weight; the values are the resident engine's (:func:`dequantize_fp8_block`)."""
-        if isinstance(src, Fp8Weight):
+        if isinstance(src, Int4Weight):  # int4 store: codes + scales cross the link and stay as they are
+            dst.copy_(src, non_blocking=self.cuda)
+        elif isinstance(src, Fp8Weight):
             if self.cuda:
                 src = Fp8Weight(src.weight.to(dst.device, non_blocking=True),
                                 src.scale_inv.to(dst.device, non_blocking=True), src.rows, src.block)

@@ -8,6 +8,10 @@ by its ``w2`` [H, I] (fp8 checkpoints: the fp8 bytes as stored, then the w13 and
 ``manifest.json`` (layer, expert, offset, nbytes, dtype, shape, checksum per tensor, and the source
 checkpoint's identity) is written last.
 
+``convert_checkpoint(..., quantize="int4", group_size=128, symmetric=False)`` (CLI ``--quantize int4``) stores
+the routed experts as int4 codes + group scales (+ zero points) instead (:mod:`klotski.store.quantize`; the
+manifest's ``quantization`` entry records bits, group size and symmetry).
+
 ``ExpertStore(out_dir)`` answers (layer, expert) -> :class:`ExpertRecord` (path, offset, nbytes and the
 w13/w2 placement inside the record), reads experts through a :class:`klotski.io.DiskReader`, and verifies
 checksums (:class:`ChecksumError` names the tensor). ``open_store(model_dir, offload_dir, identity)`` opens the

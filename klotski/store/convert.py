@@ -33,6 +33,7 @@ from klotski.checkpoint import DTYPES, SafetensorsIndex, TensorInfo
 from klotski.model.quant import Fp8Weight, scale_name
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights, expert_names
+from klotski.quant.int4 import Int4Weight
 from klotski.store.directory import DEFAULT_LOCK_TIMEOUT, OffloadDir, fsync_dir
 from klotski.store.identity import IdentityMismatchError, checkpoint_identity, describe, same_source
 from klotski.store.manifest import (ALIGNMENT, CHECKSUM_ALGO, FORMAT, MANIFEST_NAME, NON_EXPERT_NAME, VERSION,
@@ -111,16 +112,19 @@ class _AtomicFile:
 SCALE_ALIGNMENT = 16  # fp32 scales start on an aligned offset inside the record
 
 
-def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str) -> tuple[list[ExpertRecord], int]:
+def _write_layer(weights: CheckpointWeights, layer: int, out_dir: str,
+                 read_expert: Callable | None = None) -> tuple[list[ExpertRecord], int]:
+    """``read_expert(layer, e) -> (w13, w2)``: the checkpoint's experts as stored by default; an int4 reader
+    (:mod:`klotski.store.quantize`) gives Int4Weight pairs."""
     with _AtomicFile(os.path.join(out_dir, layer_file_name(layer))) as out:
-        records = _write_records(weights, layer, out)
+        records = _write_records(weights, layer, out, read_expert or weights.read_expert_stored)
         return records, out.commit()
 
 
-def _write_records(weights: CheckpointWeights, layer: int, out: _AtomicFile) -> list[ExpertRecord]:
+def _write_records(weights: CheckpointWeights, layer: int, out: _AtomicFile, read_expert) -> list[ExpertRecord]:
     records = []
     for e in range(weights.spec.num_experts):
-        w13, w2 = weights.read_expert_stored(layer, e)  # fp8 weights stay fp8 (+ scales)
+        w13, w2 = read_expert(layer, e)
         start = out.tell()
         assert start % ALIGNMENT == 0
         pos = 0
@@ -137,12 +141,18 @@ def _write_records(weights: CheckpointWeights, layer: int, out: _AtomicFile) -> 
             pos += len(data)
             return packed
 
-        fp8 = isinstance(w13, Fp8Weight)
-        if fp8 != isinstance(w2, Fp8Weight):
-            raise ValueError(f"layer {layer} expert {e}: w13 and w2 must both be fp8 or both unquantized")
-        p13 = put("w13", w13.weight if fp8 else w13)
-        p2 = put("w2", w2.weight if fp8 else w2)
+        fp8, int4 = isinstance(w13, Fp8Weight), isinstance(w13, Int4Weight)
+        if fp8 != isinstance(w2, Fp8Weight) or int4 != isinstance(w2, Int4Weight):
+            raise ValueError(f"layer {layer} expert {e}: w13 and w2 must both be fp8, both int4 or both unquantized")
+        p13 = put("w13", w13.weight if fp8 else w13.qweight if int4 else w13)
+        p2 = put("w2", w2.weight if fp8 else w2.qweight if int4 else w2)
         extra = {}
+        if int4:
+            extra = dict(w13_scale=put("w13_scale", w13.scales, SCALE_ALIGNMENT),
+                         w2_scale=put("w2_scale", w2.scales, SCALE_ALIGNMENT), group_size=w13.group_size)
+            if w13.zeros is not None:
+                extra.update(w13_zeros=put("w13_zeros", w13.zeros, SCALE_ALIGNMENT),
+                             w2_zeros=put("w2_zeros", w2.zeros, SCALE_ALIGNMENT))
         if fp8:
             extra = dict(w13_scale=put("w13_scale", w13.scale_inv, SCALE_ALIGNMENT),
                          w2_scale=put("w2_scale", w2.scale_inv, SCALE_ALIGNMENT),
@@ -222,13 +232,22 @@ def store_files(out_dir: str, manifest: dict | None, copied: list[str] = ()) -> 
 
 def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        progress: Progress | None = None, replace: bool = False, reuse: bool = False,
-                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, identity: dict | None = None) -> dict:
+                       lock_timeout: float = DEFAULT_LOCK_TIMEOUT, identity: dict | None = None,
+                       quantize: str | None = None, group_size: int = 128, symmetric: bool = False,
+                       clip_search: bool = False) -> dict:
     """Convert ``model_dir`` (config.json + safetensors, either expert key layout) into a packed store in
     ``out_dir`` (created if needed) and return the manifest dict.
 
     ``out_dir`` must be empty, or hold a store of the same checkpoint (converted again, or kept as it is
     with ``reuse=True``); another checkpoint's store or a directory that is not Klotski's is refused unless
-    ``replace=True``. ``identity``: the checkpoint's identity when the caller already computed it."""
+    ``replace=True``. ``identity``: the checkpoint's identity when the caller already computed it.
+
+    ``quantize="int4"`` stores the routed experts as int4 (round-to-nearest, groups of ``group_size`` input
+    columns, ``symmetric`` or with zero points, ``clip_search``: per-group range search;
+    :mod:`klotski.store.quantize`). A store of the same checkpoint with other quantization settings counts
+    as another store."""
+    from klotski.store.quantize import int4_expert_reader
+
     model_dir, out_dir = os.fspath(model_dir), os.path.abspath(os.fspath(out_dir))
     if os.path.abspath(model_dir) == out_dir:
         raise ValueError(f"output directory must differ from the model directory ({model_dir})")
@@ -236,6 +255,7 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     index = SafetensorsIndex(model_dir)
     weights = CheckpointWeights(index, spec)  # validates names and shapes against the config
     identity = identity or checkpoint_identity(index)
+    read_expert, quantization = int4_expert_reader(weights, quantize, group_size, symmetric, clip_search)
     directory = OffloadDir(out_dir)
     report = progress or (lambda what, done, total: None)
     directory.ensure_ours(replace=replace)  # before the lock file (which marks the directory as ours) exists
@@ -244,18 +264,20 @@ def convert_checkpoint(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
                        waiting=lambda: report("waiting for another writer", 0, 1))
         old = read_manifest(out_dir)
         old_identity = (old or {}).get("source", {}).get("identity")
-        if old is not None and same_source(old_identity, identity):
+        if old is not None and same_source(old_identity, identity) and old.get("quantization") == quantization:
             if reuse:
                 return old
         elif old is not None and not replace:
+            what = (f"the expert store of {describe(old_identity)}, not of {describe(identity)}"
+                    if not same_source(old_identity, identity) else
+                    f"this checkpoint's experts quantized as {old.get('quantization')}, not as {quantization}")
             raise IdentityMismatchError(
-                f"{out_dir} holds the expert store of {describe(old_identity)}, not of {describe(identity)}; "
-                f"converting over it is refused: use another directory, or replace it (`klotski convert "
-                f"--replace`, or rebuild_store=True)")
+                f"{out_dir} holds {what}; converting over it is refused: use another directory, or replace "
+                f"it (`klotski convert --replace`, or rebuild_store=True)")
         stale = store_files(out_dir, old, _copied_files(model_dir))
         _check_space(weights, model_dir, out_dir, stale)
         _remove_old_store(out_dir, stale)
-        return _convert(weights, index, spec, model_dir, out_dir, identity, report)
+        return _convert(weights, index, spec, model_dir, out_dir, identity, report, read_expert, quantization)
 
 
 def _check_space(weights, model_dir: str, out_dir: str, replaced: list[str]) -> None:
@@ -298,9 +320,10 @@ def _remove_old_store(out_dir: str, stale: list[str]) -> None:
     fsync_dir(out_dir)
 
 
-def _convert(weights, index, spec, model_dir: str, out_dir: str, identity: dict, report: Progress) -> dict:
+def _convert(weights, index, spec, model_dir: str, out_dir: str, identity: dict, report: Progress, read_expert,
+             quantization: dict | None) -> dict:
     try:
-        return _write_store(weights, index, spec, model_dir, out_dir, identity, report)
+        return _write_store(weights, index, spec, model_dir, out_dir, identity, report, read_expert, quantization)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             _remove_old_store(out_dir, store_files(out_dir, None, _copied_files(model_dir)))  # nothing half-written
@@ -309,13 +332,14 @@ def _convert(weights, index, spec, model_dir: str, out_dir: str, identity: dict,
         raise
 
 
-def _write_store(weights, index, spec, model_dir: str, out_dir: str, identity: dict, report: Progress) -> dict:
+def _write_store(weights, index, spec, model_dir: str, out_dir: str, identity: dict, report: Progress, read_expert,
+                 quantization: dict | None) -> dict:
     layers = spec.moe_layers
     records: list[ExpertRecord] = []
     files: dict[str, dict] = {}
     for i, layer in enumerate(layers):
         report("experts", i, len(layers))
-        recs, size = _write_layer(weights, layer, out_dir)
+        recs, size = _write_layer(weights, layer, out_dir, read_expert)
         records += recs
         files[layer_file_name(layer)] = {"nbytes": size}
     report("experts", len(layers), len(layers))
@@ -341,7 +365,8 @@ def _write_store(weights, index, spec, model_dir: str, out_dir: str, identity: d
         "model_type": spec.model_type, "num_experts": spec.num_experts, "moe_layers": list(layers),
         "hidden_size": spec.hidden_size, "moe_intermediate_size": spec.moe_intermediate_size,
         "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        "fp8_block": list(spec.fp8_block) if spec.fp8_block else None,
+        "fp8_block": list(spec.fp8_block) if spec.fp8_block and quantization is None else None,
+        "quantization": quantization,
         "source": {"model_dir": os.path.abspath(model_dir), "expert_layout": "fused" if weights.layout.fused
                    else "per-expert", "identity": identity},
         "non_expert": NON_EXPERT_NAME,

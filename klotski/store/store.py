@@ -60,7 +60,7 @@ class ExpertStore:
         self._records: dict[tuple[int, int], ExpertRecord] = {}
         for d in self.manifest.get("experts", []):
             try:
-                rec = ExpertRecord.from_json(self.root, d, self.fp8_block)
+                rec = ExpertRecord.from_json(self.root, d, self.fp8_block, self.int4)
             except (KeyError, TypeError, ValueError) as e:
                 if isinstance(e, StoreError):
                     raise
@@ -98,6 +98,17 @@ class ExpertStore:
         """The weight block of an fp8 store (records hold fp8 weights + block scales), else None."""
         block = self.manifest.get("fp8_block")
         return tuple(int(b) for b in block) if block else None
+
+    @property
+    def int4(self) -> dict | None:
+        """An int4 store's ``quantization`` entry (method, bits, group_size, symmetric, scale_dtype), else None."""
+        q = self.manifest.get("quantization")
+        if not q:
+            return None
+        if q.get("method") != "int4" or int(q.get("bits", 0)) != 4:
+            raise StoreError(f"{self.root}: unsupported expert quantization {q!r} in the manifest; "
+                             f"supported: method 'int4', bits 4")
+        return q
 
     @property
     def non_expert_path(self) -> str:
@@ -202,7 +213,8 @@ class ExpertStore:
 
 
 def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool = False,
-               lock_timeout: float | None = None, progress=None) -> ExpertStore:
+               lock_timeout: float | None = None, progress=None, quantize: str | None = None,
+               **quantize_options) -> ExpertStore:
     """The packed store of the checkpoint ``model_dir`` (identity ``identity``) in ``offload_dir``, converted
     when missing or unfinished; another checkpoint's store is refused (IdentityMismatchError naming both)
     or, with ``rebuild=True``, replaced. The returned store holds the directory's shared lock until
@@ -217,6 +229,7 @@ def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool =
         directory.lock(exclusive=False, timeout=timeout)
         try:
             store = ExpertStore(directory.path, expect_identity=identity)
+            _check_quantization(store, quantize)
             store.directory = directory
             return store
         except StoreIncompleteError:
@@ -231,8 +244,19 @@ def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool =
         directory.unlock()  # a writer needs the exclusive lock: convert (waits for other readers / writers)
         if attempt == 0:
             convert_checkpoint(model_dir, directory.path, progress=progress, replace=rebuild, reuse=True,
-                               lock_timeout=timeout, identity=identity)
+                               lock_timeout=timeout, identity=identity, quantize=quantize, **quantize_options)
     raise StoreError(f"{offload_dir}: the store converted from {model_dir} could not be opened")
+
+
+def _check_quantization(store: ExpertStore, quantize: str | None) -> None:
+    held = "int4" if store.int4 is not None else None
+    if held != quantize:
+        def name(q):
+            return "int4" if q == "int4" else f"{store.manifest.get('dtype')} (unquantized)" if q is None else q
+        raise IdentityMismatchError(
+            f"expert store {store.root} holds {name(held)} experts, but {name(quantize)} experts were asked for "
+            f"(quantization={quantize!r}): use another offload_dir, or rebuild it (rebuild_store=True, or "
+            f"`klotski convert --replace{' --quantize int4' if quantize == 'int4' else ''}`)")
 
 
 __all__ = ["ExpertStore", "PackedTensor", "open_store"]

@@ -1,0 +1,69 @@
+"""Offloaded runs over int4 experts (``LLM(..., quantization="int4")``).
+
+The routed experts come from an int4 packed store in ``offload_dir`` (converted from the checkpoint on first
+use, as ``klotski convert MODEL_DIR OFFLOAD_DIR --quantize int4`` would), on every tier: device pool slots hold
+codes + scales (+ zero points) as stored, host copies and disk reads are the stored records, and the kernels
+compute from them. Dense weights, norms, router and embeddings come from the checkpoint in its dtype.
+The planner prices each expert at its stored bytes, on the device too (:meth:`ModelCosts.with_expert_bytes`).
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from klotski.model.weights import CheckpointWeights
+
+QUANTIZATIONS = ("int4",)
+
+
+def default_group_size(spec, largest: int = 128) -> int:
+    """The largest power-of-two group size <= ``largest`` dividing both hidden_size and moe_intermediate_size."""
+    g = largest
+    while g > 2 and (spec.hidden_size % g or spec.moe_intermediate_size % g):
+        g //= 2
+    return g
+
+
+def check_quantization(quantization) -> str | None:
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {quantization!r}")
+    return quantization
+
+
+def open_int4_store(weights: CheckpointWeights, store_dir: str | None, rebuild: bool = False):
+    """The int4 expert store of this checkpoint in ``store_dir`` (converted from the checkpoint when missing or
+    unfinished; another checkpoint's store, or one holding unquantized experts, is refused unless ``rebuild``)."""
+    from klotski.store import open_store
+
+    spec = weights.spec
+    if store_dir is None:
+        raise ValueError("quantization='int4' needs an offload_dir: the int4 experts live in the packed store "
+                         "there (converted on first use, or beforehand with `klotski convert MODEL_DIR "
+                         "OFFLOAD_DIR --quantize int4`)")
+    if not spec.moe_layers:
+        raise ValueError(f"quantization='int4' quantizes routed experts, and {spec.model_type} at "
+                         f"{weights.index.model_dir} has no MoE layer")
+    store = open_store(weights.index.model_dir, store_dir, weights.index.identity(), rebuild=rebuild,
+                       quantize="int4", group_size=default_group_size(spec))
+    check_store_shapes(store, spec, store_dir)
+    return store
+
+
+def check_store_shapes(store, spec, store_dir: str) -> None:
+    m = store.manifest
+    want = {"num_experts": spec.num_experts, "moe_layers": list(spec.moe_layers), "hidden_size": spec.hidden_size,
+            "moe_intermediate_size": spec.moe_intermediate_size}
+    bad = [f"{k} {m.get(k)!r} (checkpoint: {v!r})" for k, v in want.items() if m.get(k) != v]
+    if bad:
+        raise ValueError(f"expert store {store_dir} was converted from another model: {', '.join(bad)}; use "
+                         f"another offload_dir or convert again")
+
+
+def expert_nbytes(store) -> int:
+    """Stored bytes of the largest expert (codes, scales and zero points of w13 + w2, no record padding)."""
+    return max(sum(t.nbytes for t in rec.tensors) for rec in store.records())
+
+
+def int4_costs(store, mb, costs):
+    """(ModelBytes, ModelCosts) with every routed expert at its int4 stored size, on the device too."""
+    q = expert_nbytes(store)
+    return replace(mb, expert=q, expert_ckpt=q), costs.with_expert_bytes(q)
