@@ -250,13 +250,15 @@ def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool =
 
 def _check_quantization(store: ExpertStore, quantize: str | None) -> None:
     held = "int4" if store.int4 is not None else None
-    if held != quantize:
-        def name(q):
-            return "int4" if q == "int4" else f"{store.manifest.get('dtype')} (unquantized)" if q is None else q
-        raise IdentityMismatchError(
-            f"expert store {store.root} holds {name(held)} experts, but {name(quantize)} experts were asked for "
-            f"(quantization={quantize!r}): use another offload_dir, or rebuild it (rebuild_store=True, or "
-            f"`klotski convert --replace{' --quantize int4' if quantize == 'int4' else ''}`)")
+    if held == quantize:
+        return
+    if held == "int4":
+        what = "int4 experts: pass quantization='int4' to use it"
+    else:
+        what = f"{store.manifest.get('dtype')} experts, not int4 as asked (quantization={quantize!r})"
+    raise IdentityMismatchError(
+        f"expert store {store.root} holds {what}; or use another offload_dir, or rebuild it (rebuild_store=True, "
+        f"or `klotski convert --replace{' --quantize int4' if quantize == 'int4' else ''}`)")
 
 
 __all__ = ["ExpertStore", "PackedTensor", "open_store"]
