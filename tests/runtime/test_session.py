@@ -28,10 +28,20 @@ def mixtral(checkpoints):
     return path, ref
 
 
-def test_failed_replan_leaves_llm_usable(mixtral, tmp_path):
+@pytest.fixture(scope="module")
+def long_context(checkpoints):
+    """The tiny Mixtral with a context long enough for the 5000-token request below (the default 256 would
+    refuse it up front, before any re-plan)."""
+    path, _ = checkpoints.get("mixtral", max_position_embeddings=8192)
+    with LLM(path, device="cpu", policy="resident") as llm:
+        ref = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+    return path, ref
+
+
+def test_failed_replan_leaves_llm_usable(long_context, tmp_path):
     """A request whose re-plan cannot fit (5000 tokens of KV under these budgets) raises BudgetError; the
     executor that ran before is still there and serves the next normal request."""
-    path, ref = mixtral
+    path, ref = long_context
     with LLM(path, device="cpu", policy="klotski", offload_dir=str(tmp_path / "off"), **BUDGET) as llm:
         assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)] == ref
         before = llm.executor
