@@ -38,3 +38,12 @@ def fp8_checkpoints(tmp_path_factory, checkpoints):
     import fp8_models
 
     return fp8_models.Fp8Factory(str(tmp_path_factory.mktemp("fp8")), checkpoints)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Profiles, demo models and other caches go to a temporary XDG cache, never the user's ~/.cache."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache-all")))
+    yield
+    mp.undo()
