@@ -114,6 +114,10 @@ class LLM:
     use) and the learned prefetch table; a store converted from another checkpoint is refused, naming both,
     unless ``rebuild_store=True`` replaces it. ``quantization="int4"`` (offloaded policies): routed experts
     stored and computed as int4 from the packed store in ``offload_dir`` (see :mod:`klotski.runtime.int4`).
+    ``prefetch="lookahead"`` (klotski): predict hot experts with the next layer's router on the current residual
+    stream as well as the correlation table (:mod:`klotski.lookahead`); the default "table" uses the table only.
+    ``hardware``: a :class:`~klotski.hardware.HardwareProfile` to plan with (default: this machine's cached
+    profile, refitted by each LLM's first run; an explicit one is never changed).
 
     Threads: one ``LLM`` may be shared by several threads. Its calls (``generate``, ``logits``, ``close``) are
     serialised by a lock: a call waits until the one running has finished, then runs on its own (requests of
@@ -137,6 +141,8 @@ class LLM:
         batch_size: int | str = "auto",
         rebuild_store: bool = False,
         quantization: str | None = None,
+        prefetch: str = "table",
+        hardware=None,
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
@@ -157,7 +163,8 @@ class LLM:
                              f"layerwise): the int4 experts live in the packed store in offload_dir")
         offload = {} if policy == "resident" else dict(
             gpu_memory=gpu_memory, cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
-            batch_size=batch_size, rebuild_store=rebuild_store, quantization=quantization)
+            batch_size=batch_size, rebuild_store=rebuild_store, quantization=quantization, prefetch=prefetch,
+            hardware=hardware)
         self._lock = threading.RLock()
         self._box = {"session": open_session(policy, self.weights, self.device, self.dtype, max_num_seqs, **offload)}
         # closes the session when this LLM is closed, collected or the interpreter exits (never holds self)

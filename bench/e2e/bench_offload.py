@@ -96,6 +96,9 @@ def timed_run(llm, prompts, sp, hw):
     m = llm.metrics
     row = {"tokens_per_s": m.tokens_per_s, "wall_s": wall, "generated_tokens": m.generated_tokens, **dict(m.extra)}
     row["roofline"] = roofline(llm.executor, hw, row, m.generated_tokens, m.total_s)
+    spans = llm.executor.tracer.spans
+    row["cold_loads"] = sum(1 for span in spans if span[0] == "expert_io")  # loads started after a gate
+    row["prefetch_loads"] = sum(1 for span in spans if span[0] == "prefetch")
     return outs, row
 
 
@@ -141,7 +144,7 @@ def check_targets(rows: list[dict], baseline: dict | None) -> dict:
     """Issue #6's targets on this run: klotski >= 1.2x flexgen, >= 5x layerwise, >= 10x accelerate tokens/s;
     every policy within 15 % of its prediction (held out with --calibrate); klotski at >= 80 % of its roofline.
     Only the targets this run has the rows for."""
-    by = {r["policy"]: r for r in rows if not r.get("quantization")}
+    by = {r["policy"]: r for r in rows if not r.get("quantization") and r.get("prefetch", "table") == "table"}
     out = {}
     for r in rows:
         base = by.get(r["policy"])
@@ -241,6 +244,9 @@ def main() -> None:
                          "first policy's without klotski); a row with policy 'accelerate' in the table and the "
                          "JSON's rows; needs the bench extra: accelerate==1.15.0")
     ap.add_argument("--quantize", choices=("int4",), help="also run every policy over int4 experts (paired)")
+    ap.add_argument("--lookahead", action="store_true",
+                    help="also run klotski with prefetch='lookahead' (gate lookahead + table), paired with the "
+                         "table-only run: cold loads after the gate, prefetch precision/recall, tokens/s")
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int4: input columns per scale")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
@@ -280,35 +286,44 @@ def main() -> None:
                        "device": device, "tokens_identical": same, "targets": targets,
                        "rows": rows + ([baseline] if baseline else [])}, f, indent=1)
 
-    variants = [(p, q) for p in args.policies.split(",") for q in ([None, args.quantize] if args.quantize else [None])]
-    for policy, quant in variants:
+    variants = [(p, q, "table") for p in args.policies.split(",")
+                for q in ([None, args.quantize] if args.quantize else [None])]
+    if args.lookahead:  # klotski again with gate-lookahead prefetch, paired with the table-only run
+        variants += [(p, q, "lookahead") for p, q, _ in list(variants) if p == "klotski"]
+    from klotski.runtime.planning import machine_profile
+
+    # one profile for every variant: each LLM's first run would otherwise refit the cached profile and the next
+    # variant would plan from other rates (an explicit profile is never changed)
+    shared_hw = machine_profile(args.device if args.device != "auto" else
+                                ("cuda" if torch.cuda.is_available() else "cpu"))
+    for policy, quant, prefetch in variants:
         store = os.path.join(work, f"store-{policy}")
         if quant:
             from klotski.store import convert_checkpoint
 
             convert_checkpoint(model, store, quantize=quant, group_size=args.group_size)
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-                  offload_dir=store, num_batches=args.num_batches, batch_size=args.batch_size, quantization=quant)
+                  offload_dir=store, num_batches=args.num_batches, batch_size=args.batch_size, quantization=quant,
+                  prefetch=prefetch, hardware=shared_hw)
         count = llm.session.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, llm.spec.vocab_size, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
         plan_hw = llm.session.hardware
         outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
-        if quant:
-            policy_key = f"{policy}+{quant}"
-        else:
-            policy_key = policy
+        policy_key = f"{policy}+{quant}" if quant else policy
+        if prefetch != "table":
+            policy_key += f"@{prefetch}"
         tokens[policy_key] = [o.token_ids for o in outs]
-        if not quant:
+        if not quant and prefetch == "table":
             runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
                             "dtype": str(llm.executor.dtype).replace("torch.", "")}
-        row = {"policy": policy, "quantization": quant, "num_prompts": count, **row}
+        row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "num_prompts": count, **row}
         if args.calibrate:
             cal = llm.session.calibrate(llm.session.hardware, save=False)  # fitted on the first run ...
             in_sample = llm.session.metrics["predicted_tokens_per_s"]
             outs2, row2 = timed_run(llm, prompts[count:], sp, plan_hw)  # ... predicts a second run on other prompts
-            row = {"policy": policy, "quantization": quant, "num_prompts": count, **row2,
+            row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "num_prompts": count, **row2,
                    "predicted_tokens_per_s_uncalibrated": row["predicted_tokens_per_s"],
                    "first_run": {k: row[k] for k in ("tokens_per_s", "wall_s", "predicted_tokens_per_s")},
                    "predicted_first_run_in_sample": in_sample,
@@ -346,6 +361,12 @@ def main() -> None:
             gen = max(1, r.get("generated_tokens") or 1)
             print(f"{r['policy']:<10} {r.get('quantization') or '-':<5} {format_bytes(r['bytes_disk_read'] / gen):>16} "
                   f"{format_bytes(r['bytes_h2d'] / gen):>12} {r['tokens_per_s']:>8.2f}")
+    if args.lookahead:
+        print(f"{'policy':<10} {'prefetch':<9} {'cold loads':>10} {'prefetched':>10} {'precision':>9} {'recall':>7} {'tok/s':>8}")
+        for r in rows:
+            if r["policy"] == "klotski":
+                print(f"{r['policy']:<10} {r.get('prefetch', 'table'):<9} {r['cold_loads']:>10} {r['prefetch_loads']:>10} "
+                      f"{r.get('prefetch_precision', 0):>9.1%} {r.get('prefetch_recall', 0):>7.1%} {r['tokens_per_s']:>8.2f}")
     if baseline is not None:
         print_baseline(baseline, rows)
     print(f"greedy tokens identical across policies: {same}")

@@ -26,6 +26,7 @@ from klotski.runtime.planning import InfeasibleError, layout_for_plan, machine_p
 from klotski.units import format_bytes, parse_bytes
 
 OFFLOAD_POLICIES = ("layerwise", "flexgen", "klotski")
+PREFETCH_SOURCES = ("table", "lookahead")
 
 
 def check_offload_dir(offload_dir: str | os.PathLike) -> str:
@@ -79,12 +80,13 @@ class RunConfig:
     timeout_s: float | None = WAIT_TIMEOUT_S
     rebuild_store: bool = False  # replace another checkpoint's store in offload_dir (refused otherwise)
     quantization: str | None = None  # "int4": routed experts from an int4 store (klotski.runtime.int4)
+    prefetch: str = "table"  # klotski's hot-expert prediction: "table" (correlation) | "lookahead" (+ gate lookahead)
 
     @classmethod
     def of(cls, weights, device, dtype, policy: str, gpu_memory=None, cpu_memory=None, offload_dir=None,
            num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
            timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-           quantization: str | None = None) -> "RunConfig":
+           quantization: str | None = None, prefetch: str = "table") -> "RunConfig":
         """``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited
         (on CUDA the device's memory less 1 GiB)."""
         if policy not in OFFLOAD_POLICIES:
@@ -99,10 +101,12 @@ class RunConfig:
         from klotski.runtime.int4 import check_quantization
 
         check_quantization(quantization)
+        if prefetch not in PREFETCH_SOURCES:
+            raise ValueError(f"prefetch must be one of {PREFETCH_SOURCES}, got {prefetch!r}")
         store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
         return cls(weights, device, dtype, policy, gpu, cpu, store_dir, _count(num_batches, "num_batches"),
                    _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store),
-                   quantization)
+                   quantization, prefetch)
 
     @property
     def auto(self) -> bool:
@@ -203,4 +207,19 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
         from klotski.triton_kernels import fused_moe as experts_fn
     return OffloadedExecutor(weights, rp.layout, cfg.device, cfg.dtype, cfg.policy, gpu, cpu, rp.num_batches,
                              rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
-                             plan=rp.plan, timeout_s=cfg.timeout_s)
+                             plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
+
+
+def _predictor(cfg: RunConfig, rp: RunPlan, prefetcher, gpu: TierMeter):
+    """With ``prefetch="lookahead"`` and the klotski order: an ExpertPredictor over the shared table and every MoE
+    layer's norm + router, kept on the device (counted in the device budget)."""
+    from klotski.runtime.planning import order_of
+
+    if cfg.prefetch != "lookahead" or prefetcher is None or order_of(rp.plan) != "klotski":
+        return None
+    from klotski.lookahead import ExpertPredictor, GateLookahead
+
+    lookahead = GateLookahead.from_weights(cfg.weights, cfg.device, cfg.dtype)
+    gpu.hold("lookahead gates", sum(t.numel() * t.element_size() for w in lookahead.gates.values()
+                                    for t in w.values()))
+    return ExpertPredictor(cfg.weights.spec, prefetcher, lookahead)

@@ -46,7 +46,7 @@ class OffloadedExecutor:
     def __init__(self, weights, layout: Layout, device: torch.device, dtype: torch.dtype, policy: str,
                  gpu: TierMeter, cpu: TierMeter, num_batches: int, batch_size: int,
                  prefetcher: CorrelationPrefetcher | None, experts_fn, costs, expert_order=None, store=None,
-                 plan=None, timeout_s: float | None = WAIT_TIMEOUT_S):
+                 plan=None, timeout_s: float | None = WAIT_TIMEOUT_S, predictor=None):
         self.spec = weights.spec
         self.costs = costs  # bytes / FLOPs per op (traced with each span, for calibration)
         self.plan = plan
@@ -58,6 +58,8 @@ class OffloadedExecutor:
         self.num_batches, self.batch_size = num_batches, batch_size
         self.group_size = num_batches * batch_size
         self.prefetcher = prefetcher
+        # klotski.lookahead.ExpertPredictor (prefetch="lookahead"): table + gate lookahead, chosen per layer
+        self.predictor = predictor
         self.closed = False
         self.lanes = None
         self.w = PlacedWeights(weights, layout, device, dtype, gpu, cpu, expert_order, store=store)
@@ -171,7 +173,9 @@ class OffloadedExecutor:
             st.positions.append(mc.positions(S, self.device))
             if cache.tier == "cpu":
                 mc.pad = mc.pad.cpu()
-        if self.prefetcher is not None:
+        if self.predictor is not None:
+            self.predictor.reset_sequence()  # the table's too
+        elif self.prefetcher is not None:
             self.prefetcher.reset_sequence()
         self.runner.run(st)
         for t in st.kv_stores:
@@ -186,7 +190,9 @@ class OffloadedExecutor:
         return logits if all_logits else logits[:, 0]
 
     def record_routing(self, layer: int, topk_ids: torch.Tensor, predicted: list[int] | None) -> None:
-        if self.prefetcher is not None:
+        if self.predictor is not None:
+            self.predictor.observe(layer, topk_ids)  # learns the table too, scores both sources
+        elif self.prefetcher is not None:
             self.prefetcher.record(layer, topk_ids)
         if predicted:
             self.stats.update(predicted, topk_ids, self.spec.num_experts)
@@ -237,6 +243,10 @@ class OffloadedExecutor:
             "prefill_chunks": self.time["prefill_chunks"],
         }
         out.update(self.stats.as_dict())
+        if self.predictor is not None:
+            out["prefetch_sources"] = {m: self.predictor.source(m) for m in self.spec.moe_layers}
+            out["prefetch_lookahead_recall"] = self.predictor.hit_rate(source="lookahead")
+            out["prefetch_table_recall"] = self.predictor.hit_rate(source="table")
         return out
 
     def write_trace(self, path: str) -> None:

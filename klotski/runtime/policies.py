@@ -112,29 +112,33 @@ class KlotskiRunner:
             return min(self.ex.num_hot, pool.streaming_slots - 1)
         return min(self.ex.num_hot, pool.streaming_slots)
 
-    def _issue_hot(self, st, layer: int | None, prev_topk) -> None:
-        """Predict and prefetch ``layer``'s hot experts (after its weights, on the prefetch lane)."""
-        ex = self.ex
+    def _issue_hot(self, st, source: int, prev_topk, hidden=None) -> None:
+        """Predict and prefetch the hot experts of the MoE layer after ``source`` (-1: the first), on the
+        prefetch lane. ``prev_topk`` [T, k]: ``source``'s routing of the group; ``hidden`` [T, H]: the residual
+        rows entering ``source``'s MLP (gate lookahead, when the executor has a predictor)."""
+        ex, E = self.ex, self.ex.spec.num_experts
+        layer = self.next_moe[source]
         if layer is None or layer in st.hot:
             return
         budget = self.hot_budget()
-        if ex.prefetcher is not None:
-            pred = ex.prefetcher.predict(layer, prev_topk, budget + ex.spec.num_experts)
+        if ex.predictor is not None:
+            resident = [e for e in range(E) if ex.w.expert_tier(layer, e) == "gpu"]
+            streamed = ex.predictor.predict_next(source, hidden, prev_topk, budget, exclude=resident)
         else:
-            pred = list(range(ex.spec.num_experts))
-        streamed = [e for e in pred if ex.w.expert_tier(layer, e) != "gpu"][:budget]
+            pred = ex.prefetcher.predict(layer, prev_topk, budget + E) if ex.prefetcher is not None else range(E)
+            streamed = [e for e in pred if ex.w.expert_tier(layer, e) != "gpu"][:budget]
         st.predicted[layer] = streamed
         st.hot[layer] = [(e, ex.loads.expert(layer, e, "prefetch")) for e in streamed]
 
     def run(self, st) -> None:
         ex, spec = self.ex, self.ex.spec
         st.dense[0] = ex.loads.dense(0)
-        self._issue_hot(st, self.next_moe[-1], None)
+        self._issue_hot(st, -1, None)
         for layer in range(spec.num_layers):
             if layer + 1 < spec.num_layers and layer + 1 not in st.dense:
                 st.dense[layer + 1] = ex.loads.dense(layer + 1)
                 if self.early and self.next_moe[layer] == layer + 1:
-                    self._issue_hot(st, layer + 1, None)
+                    self._issue_hot(st, layer, None)
             idx, w = st.dense.pop(layer).wait()
             if spec.is_moe(layer):
                 self._moe_layer(st, w, layer)
@@ -143,7 +147,7 @@ class KlotskiRunner:
                     ex.compute.attention(st, w, layer, k)
                 rows, h = ex.compute.tokens(st, w)
                 ex.compute.finish_mlp(st, w, layer, rows, h, None)
-                self._issue_hot(st, self.next_moe[layer], st.prev_topk)
+                self._issue_hot(st, layer, st.prev_topk)
             ex.loads.release_dense(idx)
 
     def _moe_layer(self, st, w, layer: int) -> None:
@@ -172,7 +176,10 @@ class KlotskiRunner:
         ids_host = torch.cat(tids_host)
         ex.record_routing(layer, topk_ids, st.predicted.pop(layer, None))
         st.prev_topk = topk_ids
-        self._issue_hot(st, self.next_moe[layer], topk_ids)
+        resid = None
+        if ex.predictor is not None:  # the residual stream entering this MLP: the next router's lookahead input
+            resid = st.x.reshape(-1, ex.spec.hidden_size).index_select(0, rows)
+        self._issue_hot(st, layer, topk_ids, resid)
         used = set(torch.unique(ids_host).tolist())
         out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         # resident and hot experts first, in one grouped call

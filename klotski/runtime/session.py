@@ -63,6 +63,9 @@ class OffloadedSession:
     ``workload``: (prompt tokens, generated tokens) per sequence planned for before the first ``prepare``.
     ``rebuild_store``: replace a store of another checkpoint found in ``offload_dir`` (refused by default).
     ``quantization="int4"``: routed experts from an int4 store in ``offload_dir`` (:mod:`klotski.runtime.int4`).
+    ``prefetch``: how klotski predicts the next layer's hot experts: "table" (the correlation table) or
+    "lookahead" (also the next layer's router applied to the current residual stream, per layer whichever has
+    hit more so far; :mod:`klotski.lookahead`). Either only changes what loads early, never the tokens.
     """
 
     can_trace = True
@@ -71,9 +74,10 @@ class OffloadedSession:
                  num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
                  workload: tuple[int, int] = DEFAULT_WORKLOAD, prefetcher: CorrelationPrefetcher | None = None,
                  timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-                 quantization: str | None = None):
+                 quantization: str | None = None, prefetch: str = "table"):
         self.config = RunConfig.of(weights, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, num_batches,
-                                   batch_size, experts_fn, kv, hardware, timeout_s, rebuild_store, quantization)
+                                   batch_size, experts_fn, kv, hardware, timeout_s, rebuild_store, quantization,
+                                   prefetch)
         spec = weights.spec
         self.prefetcher, self.table_path = prefetcher, None
         if prefetcher is None and spec.moe_layers:
