@@ -10,7 +10,7 @@ Policies (:func:`build_schedule`):
 * ``layerwise`` (Accelerate-like): one batch; load a layer's weights, then compute it; no overlap.
 * ``flexgen`` (zig-zag): n batches share each layer's load; the next layer's whole weights load while this
   layer computes batch by batch (``overlap=False``: load just in time).
-* ``klotski`` (design §2): the gate and hot experts prefetch during the n attentions; each gate starts the
+* ``klotski`` (the Klotski paper's pipeline): the gate and hot experts prefetch during the n attentions; each gate starts the
   loads of the cold experts it discovers; experts run expert by expert over all n batches, GPU-resident and
   hot first, then cold in arrival order, each released after use.
 * ``resident``: everything on the GPU, no weight traffic.
@@ -192,7 +192,7 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
 
     ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap``: flexgen loads
     the next layer during this one; klotski issues a layer's prefetch as soon as the layer two back has
-    released its weights (instead of after the previous layer's gates, design §2).
+    released its weights (instead of after the previous layer's gates, as in the paper).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
@@ -351,7 +351,7 @@ def _klotski_layer(b: _Builder, ctx: _Context, layer: int) -> None:
     costs, lc, p, shape = ctx.costs, ctx.costs.layers[layer], ctx.placement, ctx.shape
     if ctx.early_prefetch:  # flexgen-like: as soon as layer-2 has released its weights (two layers in flight)
         issue = ctx.layer_release.get(layer - 2)
-    else:  # design §2: once layer-1's gates have issued its cold loads
+    else:  # the paper's order: once layer-1's gates have issued its cold loads
         issue = ctx.layer_issue.get(layer - 1)
     attn_w = _load(b, ctx, layer, "prefetch", "attn", lc.attn_bytes, p.attn, deps=(issue,))
     gate_w = _load(b, ctx, layer, "prefetch", "gate", lc.gate_bytes, p.gate, deps=(issue,))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One lent-GPU session, in ../shared/gpu.md's order; each step fits one `device` call (10 minutes) and writes
-# its logs and JSON under $OUT (the device tool copies $OUT back). Run from the repository root:
+# One lent-GPU session (15 minutes of device time in all, see README "Measured figures"); each step fits one
+# `device` call (10 minutes) and writes its logs and JSON under $OUT (copied back). Run from the repository root:
 #
 #   bash bench/gpu/session.sh smoke     # versions, build (no deps: the image has them), CUDA tests + whole suite
 #   bash bench/gpu/session.sh kernels   # fused_moe vs per-expert cuBLAS loop vs dense matmul, bf16, 3 shapes

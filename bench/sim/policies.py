@@ -3,7 +3,7 @@
     python bench/sim/policies.py [--models ...] [--hardware ...] [--prompt-len 512 --gen-len 32]
 
 Prints a markdown table (paste into bench/sim/README.md) and writes JSON to bench/results/sim_policies.json.
-Paper numbers (Klotski, ASPLOS'25, design §2: Mixtral bf16, input 512, output 32) are shown beside the
+Paper numbers (Klotski, ASPLOS'25: Mixtral bf16, input 512, output 32) are shown beside the
 matching rows.
 """
 from __future__ import annotations

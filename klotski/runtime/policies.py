@@ -1,4 +1,5 @@
-"""The order of loads and compute per layer under each offloading policy (design §2).
+"""The order of loads and compute per layer under each offloading policy (the Klotski paper's pipeline and
+its baselines).
 
 * ``layerwise`` (Accelerate-like): each micro-batch runs through the whole model on its own; every layer's
   weights (attention, gate, all experts) load just before it computes, nothing overlaps.
