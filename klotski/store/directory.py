@@ -77,6 +77,9 @@ class OffloadDir:
         names = sorted(os.listdir(self.path))
         if not names or LOCK_NAME in names:
             return []
+        names = [n for n in names if not _klotski_file(n)]  # e.g. a table an older Klotski left without a lock
+        if not names:
+            return []
         if MANIFEST_NAME in names:
             try:
                 with open(os.path.join(self.path, MANIFEST_NAME)) as f:
@@ -171,6 +174,15 @@ class OffloadDir:
     def leftovers(self) -> list[str]:
         """Temporary files of interrupted writers (call with the exclusive lock held)."""
         return sorted(n for n in os.listdir(self.path) if n.endswith(TMP_SUFFIX))
+
+
+def _klotski_file(name: str) -> bool:
+    """A file only Klotski writes (its names are its own): a prefetch table, a store's layer file or probe."""
+    import fnmatch
+
+    from klotski.prefetch import TABLE_GLOB
+
+    return any(fnmatch.fnmatch(name, p) for p in (TABLE_GLOB, "experts-layer[0-9][0-9][0-9].bin", ".klotski-probe.*"))
 
 
 def atomic_write(path: str, write: Callable[[object], None], mode: str = "wb") -> None:

@@ -96,6 +96,17 @@ def test_empty_or_foreign_offload_dir_is_refused(two_models, tmp_path, monkeypat
     assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
+def test_directory_with_only_an_older_klotski_table_is_ours(tmp_path):
+    from klotski.store import OffloadDir
+
+    d = tmp_path / "old"
+    d.mkdir()
+    (d / "klotski_prefetch.npz").write_bytes(b"table")
+    assert OffloadDir(d).foreign_entries() == []
+    (d / "notes.txt").write_text("mine")
+    assert OffloadDir(d).foreign_entries() == ["notes.txt"]
+
+
 def test_legacy_store_without_identity_is_refused(two_models, tmp_path):
     import json
 
