@@ -11,7 +11,7 @@
 """
 from klotski.experts.group import ExpertOffloadGroup
 from klotski.experts.module import OffloadedExperts, experts_source
-from klotski.experts.source import CheckpointExperts, ExpertShape, StoreExperts, open_store
+from klotski.experts.source import CheckpointExperts, ExpertShape, StoreExperts
 
 __all__ = ["CheckpointExperts", "ExpertOffloadGroup", "ExpertShape", "OffloadedExperts", "StoreExperts",
-           "experts_source", "open_store"]
+           "experts_source"]

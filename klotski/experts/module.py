@@ -310,10 +310,11 @@ def experts_source(weights, layer: int, offload_dir: str | None = None):
     checkpoint when missing) or, without ``offload_dir``, the checkpoint's own files."""
     if offload_dir is None:
         return CheckpointExperts(weights, layer)
-    from klotski.experts.source import open_store
+    from klotski.store import open_store
+    from klotski.store.directory import check_path
 
     spec = weights.spec
-    return StoreExperts(open_store(weights, offload_dir), layer, spec.moe_intermediate_size,
+    return StoreExperts(open_store(weights.index, check_path(offload_dir)), layer, spec.moe_intermediate_size,
                         spec.hidden_size)
 
 

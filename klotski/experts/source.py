@@ -18,7 +18,6 @@ fp8 block-scaled experts are refused here (the offloaded-experts module computes
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -123,12 +122,3 @@ class StoreExperts:
 
     def read_host(self, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.store.read_expert(self.layer, expert)
-
-
-def open_store(weights, offload_dir: str | os.PathLike):
-    """The packed expert store of the checkpoint behind ``weights`` in ``offload_dir``, converted when missing
-    or unfinished; another checkpoint's store is refused (see :func:`klotski.store.open_store`)."""
-    from klotski.store import open_store as _open
-    from klotski.store.directory import check_path
-
-    return _open(weights.index.model_dir, check_path(offload_dir), weights.index.identity())

@@ -41,15 +41,6 @@ def check_offload_dir(offload_dir: str | os.PathLike) -> str:
     return d.path
 
 
-def open_store(index, offload_dir: str, rebuild: bool = False):
-    """The packed expert store of the checkpoint behind ``index`` (a SafetensorsIndex) in ``offload_dir``,
-    converted when missing or unfinished; a store of another checkpoint is refused (or replaced with
-    ``rebuild``). See :func:`klotski.store.open_store`."""
-    from klotski.store import open_store as _open
-
-    return _open(index.model_dir, offload_dir, index.identity(), rebuild=rebuild)
-
-
 def _count(value, name: str) -> int | None:
     """None for "auto" (the planner decides), else a positive int."""
     if value in (None, "auto"):
@@ -200,6 +191,8 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
 
         store = open_int4_store(weights, cfg.offload_dir)
     elif cfg.offload_dir is not None and spec.moe_layers and p.experts_on("disk", spec.num_experts):
+        from klotski.store import open_store
+
         store = open_store(weights.index, cfg.offload_dir, rebuild=cfg.rebuild_store)
     gpu, cpu = TierMeter("gpu", cfg.gpu_budget), TierMeter("cpu", cfg.cpu_budget)
     experts_fn = cfg.experts_fn

@@ -42,7 +42,7 @@ def open_int4_store(weights: CheckpointWeights, store_dir: str | None, rebuild: 
     if not spec.moe_layers:
         raise ValueError(f"quantization='int4' quantizes routed experts, and {spec.model_type} at "
                          f"{weights.index.model_dir} has no MoE layer")
-    store = open_store(weights.index.model_dir, store_dir, weights.index.identity(), rebuild=rebuild,
+    store = open_store(weights.index, store_dir, rebuild=rebuild,
                        quantize="int4", group_size=default_group_size(spec))
     check_store_shapes(store, spec, store_dir)
     return store

@@ -14,7 +14,7 @@ manifest's ``quantization`` entry records bits, group size and symmetry).
 
 ``ExpertStore(out_dir)`` answers (layer, expert) -> :class:`ExpertRecord` (path, offset, nbytes and the
 w13/w2 placement inside the record), reads experts through a :class:`klotski.io.DiskReader`, and verifies
-checksums (:class:`ChecksumError` names the tensor). ``open_store(model_dir, offload_dir, identity)`` opens the
+checksums (:class:`ChecksumError` names the tensor). ``open_store(index, offload_dir)`` opens the
 store of that checkpoint, converting it first when missing, and refuses another checkpoint's store
 (:class:`IdentityMismatchError`); :class:`OffloadDir` holds the rules for writing into and locking a directory.
 """

@@ -212,11 +212,10 @@ class ExpertStore:
             raise ChecksumError(f"checksum mismatch for {self.non_expert_path}: expected {want}, got {got}")
 
 
-def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool = False,
-               lock_timeout: float | None = None, progress=None, quantize: str | None = None,
-               **quantize_options) -> ExpertStore:
-    """The packed store of the checkpoint ``model_dir`` (identity ``identity``) in ``offload_dir``, converted
-    when missing or unfinished; another checkpoint's store is refused (IdentityMismatchError naming both)
+def open_store(index, offload_dir, rebuild: bool = False, lock_timeout: float | None = None, progress=None,
+               quantize: str | None = None, **quantize_options) -> ExpertStore:
+    """The packed store of the checkpoint behind ``index`` (a :class:`~klotski.checkpoint.SafetensorsIndex`;
+    its identity is ``index.identity()``) in ``offload_dir``, converted when missing or unfinished; another checkpoint's store is refused (IdentityMismatchError naming both)
     or, with ``rebuild=True``, replaced. The returned store holds the directory's shared lock until
     ``close()``, so no other process replaces it while it is read; a finished store on a read-only
     directory is read without one."""
@@ -224,6 +223,7 @@ def open_store(model_dir: str, offload_dir: str, identity: dict, rebuild: bool =
     from klotski.store.directory import DEFAULT_LOCK_TIMEOUT, OffloadDir
 
     timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+    model_dir, identity = index.model_dir, index.identity()
     directory = OffloadDir(offload_dir)
     for attempt in range(2):
         directory.lock(exclusive=False, timeout=timeout)
