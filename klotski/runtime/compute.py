@@ -8,6 +8,7 @@ cast once when the layer's MLP finishes. Every op is traced with its FLOPs (for 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from klotski.costs import FFN_CHUNK_TOKENS
 from klotski.model.decoder import attention_step
@@ -15,7 +16,6 @@ from klotski.model.layers import rms_norm
 from klotski.model.moe import dense_mlp, shared_expert
 from klotski.model.router import route
 from klotski.runtime.cache import GroupCache
-from klotski.runtime.kv_staging import KVStaging
 from klotski.runtime.loader import Ticket
 from klotski.runtime.trace import Tracer
 from klotski.runtime.weights import PlacedWeights
@@ -31,7 +31,7 @@ def in_chunks(fn, h: torch.Tensor):
 
 
 class StepState:
-    """Mutable state of one forward: the group's hidden states [B, S, H], masks, in-flight loads."""
+    """Mutable state of one forward: the group's hidden states [B, S, H], masks, pending KV stores, logits."""
 
     def __init__(self, cache: GroupCache, S: int):
         self.cache = cache
@@ -40,40 +40,25 @@ class StepState:
         self.valid: torch.Tensor | None = None  # [B, S] bool: real (not padding) tokens
         self.masks: list[torch.Tensor] = []
         self.positions: list[torch.Tensor] = []
-        self.kv_loads: dict[tuple[int, int], Ticket] = {}
         self.kv_stores: list[Ticket] = []
-        self.prefetch_kv = True
-        self.dense: dict[int, Ticket] = {}
-        self.hot: dict[int, list[tuple[int, Ticket]]] = {}  # layer -> [(expert, ticket)] prefetched
-        self.predicted: dict[int, list[int]] = {}
-        self.prev_topk: torch.Tensor | None = None
+        self.all_logits = False
+        self.logits: torch.Tensor | None = None
 
 
 class Compute:
-    def __init__(self, spec, w: PlacedWeights, kv: KVStaging, tracer: Tracer, costs, rotary, activation: str,
-                 experts_fn, device: torch.device):
-        self.spec, self.w, self.kv, self.tracer, self.costs = spec, w, kv, tracer, costs
+    def __init__(self, spec, w: PlacedWeights, tracer: Tracer, costs, rotary, activation: str, experts_fn,
+                 device: torch.device):
+        self.spec, self.w, self.tracer, self.costs = spec, w, tracer, costs
         self.rotary, self.act, self.experts_fn, self.device = rotary, activation, experts_fn, device
 
-    def attention(self, st: StepState, w: dict, layer: int, k: int) -> None:
-        """Attention (+ residual) of micro-batch ``k``, its KV loaded/stored when the cache is in host memory."""
+    def attention(self, st: StepState, w: dict, layer: int, k: int, kv) -> None:
+        """Attention (+ residual) of micro-batch ``k`` over ``kv`` (its KV cache, or the device staging view of
+        it when the cache lives in host memory)."""
         s, e = st.cache.rows[k]
-        cache = st.cache
-        if cache.tier == "cpu":
-            nxt = (layer, k + 1) if k + 1 < cache.num_batches else (layer + 1, 0)
-            if (layer, k) not in st.kv_loads:
-                st.kv_loads[(layer, k)] = self.kv.load(st, layer, k)
-            if nxt[0] < self.spec.num_layers and nxt not in st.kv_loads and st.prefetch_kv:
-                st.kv_loads[nxt] = self.kv.load(st, *nxt)
-            idx, kv = st.kv_loads.pop((layer, k)).wait()
-        else:
-            kv = cache.micro[k]
         start = self.tracer.begin()
         st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
-        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, cache.length)
+        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
         self.tracer.end("compute", f"L{layer} attn b{k}", start, op="attn", flops=proj, score_flops=score)
-        if cache.tier == "cpu":
-            st.kv_stores.append(self.kv.store(st, layer, k, idx, kv))
 
     def tokens(self, st: StepState, w: dict, k: int | None = None):
         """Normed MLP inputs of the valid tokens of micro-batch ``k`` (None: the whole group)
@@ -112,6 +97,15 @@ class Compute:
                         expert_slots=table.to(self.device), out=out, activation=self.act)
         self.tracer.end("compute", f"L{layer} {name}", start, experts=used, op="experts", calls=max(1, used),
                         flops=self.costs.expert_flops(layer, tokens))
+
+    def lm_head(self, st: StepState) -> None:
+        """Final norm + LM head -> ``st.logits`` fp32 [B, S, V] (``st.all_logits``) or [B, V] (last column)."""
+        x = st.x if st.all_logits else st.x[:, -1:]
+        start = self.tracer.begin()
+        logits = F.linear(rms_norm(x, self.w.norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+        self.tracer.end("compute", "lm_head", start, op="lm_head",
+                        flops=self.costs.lm_head_flops(x.shape[0] * x.shape[1]))
+        st.logits = logits if st.all_logits else logits[:, 0]
 
     def finish_mlp(self, st: StepState, w: dict, layer: int, rows, h, routed_out) -> None:
         """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
