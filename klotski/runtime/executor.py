@@ -180,8 +180,6 @@ class OffloadedExecutor:
         elif self.prefetcher is not None:
             self.prefetcher.reset_sequence()
         self.runner.run(st)  # the policy's ops, built from the plan and the routing the gates produce
-        for t in st.kv_stores:
-            t.wait()
         cache.length += S
         for mc in cache.micro:
             mc.length = cache.length

@@ -109,6 +109,8 @@ class StepInterpreter:
         for op in step_ops(self.policy, builder, routing):
             step.execute(op)
         step.flush()
+        for t in st.kv_stores:  # the step's appended KV columns have landed in host memory
+            t.wait()
         if self.record:
             self.steps.append({"ops": builder.ops, "routing": routing.log, "lanes": ex.tracer.op_log,
                                "context": builder.ctx})
