@@ -108,7 +108,12 @@ def build_app(worker: EngineWorker, model_name: str, chat_template=None) -> Fast
             metrics.count_http(endpoint, 200)
             return StreamingResponse(_stream(call, stream_events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        results = await _collect(request, call)
+        try:
+            results = await _collect(request, call)
+        except asyncio.CancelledError:  # uvicorn's drain deadline passed (SIGTERM): answer, then end
+            metrics.count_http(endpoint, 503)
+            return JSONResponse(error_body("the server shut down before this request finished (the drain "
+                                           "deadline passed)", 503), status_code=503)
         if isinstance(results, ProtocolError):
             return error(endpoint, results)
         if results is None:  # the client went away
