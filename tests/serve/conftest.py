@@ -5,18 +5,16 @@ import os
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-pytest.importorskip("httpx")
+from klotski.demo import ASSET_DIR
 
-from serve_process import CHAT_TEMPLATE  # noqa: E402
-
-from klotski.demo import ASSET_DIR  # noqa: E402
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 @pytest.fixture(scope="session")
 def chat_model_dir(tmp_path_factory):
-    """The tiny MoE (files linked) plus a tokenizer_config.json holding a chat template."""
+    """The tiny MoE (files linked) plus a tokenizer_config.json holding a chat template (CHAT_TEMPLATE: a
+    small ChatML-like one, where Hugging Face checkpoints keep theirs)."""
     d = tmp_path_factory.mktemp("tiny-chat")
     for name in os.listdir(ASSET_DIR):
         os.symlink(os.path.join(ASSET_DIR, name), d / name)

@@ -8,9 +8,6 @@ import time
 
 import httpx
 
-# a small ChatML-like template, in tokenizer_config.json the way Hugging Face checkpoints ship one
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 START_TIMEOUT_S = 90.0
 
 

@@ -11,6 +11,8 @@ import time
 import pytest
 
 httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 
 from serve_process import ServerProcess  # noqa: E402
 

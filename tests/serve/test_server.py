@@ -2,15 +2,18 @@
 and refuses bad requests with a 4xx naming the problem. One server for the module (resident policy, groups of
 up to 8 sequences, 200 ms to fill a group)."""
 import json
+import os
 import threading
 
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 jinja2 = pytest.importorskip("jinja2")
 
-from serve_process import CHAT_TEMPLATE, ServerProcess  # noqa: E402
+from serve_process import ServerProcess  # noqa: E402
 
 from klotski import SamplingParams  # noqa: E402
 
@@ -101,15 +104,18 @@ def test_streaming_yields_the_same_tokens(server, client, reference_llm):
     assert [json.loads(line[6:])["choices"][0]["token_ids"][0] for line in lines[:-1]] == ref.token_ids[:3]
 
 
-def _chat_prompt(reference_llm, messages) -> list[int]:
+def _chat_prompt(model_dir, reference_llm, messages) -> list[int]:
+    """The template in the model's tokenizer_config.json, rendered here with plain jinja2."""
+    with open(os.path.join(model_dir, "tokenizer_config.json")) as f:
+        template = json.load(f)["chat_template"]
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    text = env.from_string(CHAT_TEMPLATE).render(messages=messages, add_generation_prompt=True, bos_token="<s>")
+    text = env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="<s>")
     return reference_llm.tokenizer.encode(text, add_special_tokens=False)
 
 
-def test_chat_uses_the_models_template(server, client, reference_llm):
+def test_chat_uses_the_models_template(server, client, reference_llm, chat_model_dir):
     messages = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def add(a, b):"}]
-    prompt = _chat_prompt(reference_llm, messages)
+    prompt = _chat_prompt(chat_model_dir, reference_llm, messages)
     assert prompt[0] == 0 and prompt.count(0) == 1  # <s> once: the template's, none added
     (ref,) = reference_llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(temperature=0,
                                                                                               max_tokens=8))
