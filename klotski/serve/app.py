@@ -207,7 +207,7 @@ def build_app(worker: EngineWorker, model_name: str, chat_template=None) -> Fast
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(worker.queued, worker.running, worker.group_capacity),
+        return PlainTextResponse(metrics.render(worker.queued, worker.running, worker.group_capacity, worker.busy),
                                  media_type="text/plain; version=0.0.4")
 
     return app

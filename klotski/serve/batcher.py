@@ -91,6 +91,11 @@ class EngineWorker:
         return len(self._queue)
 
     @property
+    def busy(self) -> bool:
+        """A batch group is in the engine (until its ``generate`` call has returned and been recorded)."""
+        return bool(self._running)
+
+    @property
     def running(self) -> int:
         return sum(1 for s in self._running if not (s.finished or s.cancelled))
 
@@ -176,11 +181,14 @@ class EngineWorker:
             self.llm.generate(prompt_token_ids=[s.prompt_token_ids for s in group],
                               sampling_params=[s.params for s in group],
                               on_tokens=lambda tokens, finished: self._step(group, tokens, finished))
-        except ValueError as e:  # a request this plan cannot serve (BudgetError is a ValueError)
+        except ValueError as e:  # refused before generating: a budget the group exceeds (BudgetError), ...
             if len(group) > 1 and not any(s.token_ids for s in group):
-                for s in group:  # find which one: each alone, the others are served
-                    self._running = [s]
-                    self._serve([s])
+                # ... so serve it in two halves (recursively: a request no group can serve fails alone)
+                log.warning("a batch group of %d sequences was refused (%s): serving it in halves", len(group), e)
+                half = (len(group) + 1) // 2
+                for part in (group[:half], group[half:]):
+                    self._running = part
+                    self._serve(part)
                 return
             self._fail(group, 400, str(e))
             return

@@ -63,7 +63,7 @@ class ServerMetrics:
             if isinstance(extra.get("weights_per_tier"), dict):
                 self.weights_per_tier = {k: int(v) for k, v in extra["weights_per_tier"].items()}
 
-    def render(self, queued: int, running: int, group_capacity: int) -> str:
+    def render(self, queued: int, running: int, group_capacity: int, busy: bool = False) -> str:
         """The Prometheus text format (version 0.0.4)."""
         out: list[str] = []
 
@@ -86,6 +86,8 @@ class ServerMetrics:
             metric("requests_queued", "gauge", "sequences waiting for a batch group", [({}, queued)])
             metric("requests_running", "gauge", "sequences generating in the current batch group",
                    [({}, running)])
+            metric("engine_busy", "gauge", "1 while a batch group is in the engine (recorded when it leaves)",
+                   [({}, int(busy))])
             metric("batch_group_capacity", "gauge", "sequences one batch group takes (the plan's batch x n)",
                    [({}, group_capacity)])
             metric("prompt_tokens_total", "counter", "prompt tokens admitted", [({}, self.prompt_tokens)])
