@@ -102,7 +102,7 @@ class EngineWorker:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queue ``seqs`` (one request's prompts, admitted all or none); raises :class:`Rejected`."""
         with self._cond:
-            if self._stopping or not self._thread.is_alive():
+            if self._stopping or (self._thread.ident is not None and not self._thread.is_alive()):
                 raise Rejected(503, "the server is shutting down", "shutting_down")
             if len(self._queue) + len(seqs) > self.max_queue:
                 raise Rejected(429, f"the admission queue is full ({len(self._queue)} of --max-queue "

@@ -116,3 +116,93 @@ def test_import_klotski_does_not_import_fastapi():
     code = "import klotski, klotski.cli, klotski.cli.serve, sys; print('fastapi' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+class _BudgetLLM:
+    """An engine that refuses groups larger than ``limit`` (as a BudgetError would) and otherwise generates
+    ``prompt[0] + step`` until each sequence's max_tokens."""
+
+    def __init__(self, limit: int, group: int = 4):
+        from klotski.engine import RunMetrics
+
+        self.limit, self.max_num_seqs, self.calls = limit, group, []
+        self.tokenizer, self.metrics = Tokenizer(ASSET_DIR), RunMetrics()
+
+    def generate(self, prompt_token_ids, sampling_params, on_tokens):
+        self.calls.append(len(prompt_token_ids))
+        if len(prompt_token_ids) > self.limit:
+            raise ValueError(f"budget exceeded by {len(prompt_token_ids)} sequences")
+        live = set(range(len(prompt_token_ids)))
+        for step in range(max(p.max_tokens for p in sampling_params)):
+            tokens = {i: prompt_token_ids[i][0] + step for i in live}
+            done = {i: "length" for i in live if step + 1 >= sampling_params[i].max_tokens}
+            live -= set(done) | set(on_tokens(tokens, done) or ())
+            if not live:
+                break
+
+
+def _collect_events(worker, prompts, max_tokens=3):
+    import threading
+
+    from klotski.serve.batcher import Sequence
+
+    done, events = threading.Event(), {}
+
+    def emitter(i):
+        def emit(event):
+            events.setdefault(i, []).append(event)
+            if len([e for evs in events.values() for e in evs if e["type"] != "delta"]) == len(prompts):
+                done.set()
+        return emit
+
+    seqs = [Sequence([p], SamplingParams(max_tokens=max_tokens), emitter(i)) for i, p in enumerate(prompts)]
+    worker.submit(seqs)
+    return seqs, events, done
+
+
+def test_a_group_the_budget_refuses_is_served_in_halves():
+    from klotski.serve.batcher import EngineWorker
+
+    llm = _BudgetLLM(limit=2)
+    worker = EngineWorker(llm, max_wait_s=5.0)  # the 4 arrive together: one group of 4 is tried first
+    _, events, done = _collect_events(worker, [10, 20, 30, 40])
+    worker.start()
+    try:
+        assert done.wait(30)
+    finally:
+        worker.stop()
+    assert llm.calls == [4, 2, 2]
+    assert {i: evs[-1]["token_ids"] for i, evs in events.items()} == {i: [p, p + 1, p + 2] for i, p in
+                                                                     enumerate([10, 20, 30, 40])}
+    assert worker.metrics.snapshot()["group_sizes"] == {2: 2}
+
+
+def test_a_request_no_group_can_serve_fails_alone_with_400():
+    from klotski.serve.batcher import EngineWorker
+
+    llm = _BudgetLLM(limit=0, group=2)
+    worker = EngineWorker(llm, max_wait_s=5.0)
+    _, events, done = _collect_events(worker, [10, 20])
+    worker.start()
+    try:
+        assert done.wait(30)
+    finally:
+        worker.stop()
+    assert [evs[-1]["type"] for evs in events.values()] == ["error", "error"]
+    assert events[0][-1]["status"] == 400 and "budget exceeded by 1" in events[0][-1]["message"]
+
+
+def test_full_queue_and_cancel_before_admission():
+    from klotski.serve.batcher import EngineWorker, Rejected, Sequence
+
+    worker = EngineWorker(_BudgetLLM(limit=4), max_queue=2)  # not started: everything stays queued
+    seqs = [Sequence([i], SamplingParams(max_tokens=1), lambda e: None) for i in range(2)]
+    worker.submit(seqs)
+    with pytest.raises(Rejected, match="queue is full") as e:
+        worker.submit([Sequence([9], SamplingParams(max_tokens=1), lambda e: None)])
+    assert e.value.status == 429
+    worker.cancel(seqs[0])
+    assert worker.queued == 1 and worker.metrics.snapshot()["cancelled"] == 1
+    worker.start()
+    worker.stop()
+    assert not worker.alive
