@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import sys
 import threading
 
 import uvicorn
@@ -20,7 +19,6 @@ from klotski.serve.batcher import EngineWorker
 from klotski.serve.chat import ChatTemplate
 
 log = logging.getLogger("klotski.serve")
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 class DrainingServer(uvicorn.Server):
@@ -50,11 +48,6 @@ def serve(llm, model_name: str, host: str = "127.0.0.1", port: int = 8000, max_w
           max_queue: int = 256, drain_timeout_s: float = 30.0, log_level: str = "info") -> int:
     """Serve ``llm`` (a :class:`klotski.engine.LLM`, closed on return) until SIGTERM / SIGINT."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    # The event loop shares the GIL with the engine worker and the runtime's loader threads. It gives the GIL
-    # up on every socket call and then waits for it, by default up to 5 ms each time, so a busy engine would
-    # let only a request or two through per batch group (and groups would stay small). A shorter switch
-    # interval bounds each wait.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     worker = EngineWorker(llm, max_wait_s=max_wait_ms / 1000.0, max_queue=max_queue)
     app = build_app(worker, model_name, ChatTemplate.from_model_dir(llm.model_dir))
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
