@@ -20,7 +20,6 @@ from klotski.demo import ASSET_DIR  # noqa: E402
 
 LONG = {"prompt": "def main():\n    ", "max_tokens": 1000, "temperature": 0, "ignore_eos": True, "stream": True}
 DRAIN_S = 5.0
-QUEUED_PATIENCE_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +65,13 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
 def test_full_queue_gets_429_and_cancelled_queued_requests_leave_it(server):
     with open_stream(server, LONG):  # runs alone: the requests below wait for the next group
         server.wait_for(lambda m: m["klotski_requests_running"] == 1, 30, "the long stream to run")
-
-        def queued_request():  # waits in the queue, then gives up (read timeout): its client goes away
-            with contextlib.suppress(httpx.TimeoutException):
-                httpx.post(f"{server.url}/v1/completions", json=dict(LONG, stream=False),
-                           timeout=httpx.Timeout(60, read=QUEUED_PATIENCE_S))
-
-        threads = [threading.Thread(target=queued_request) for _ in range(2)]
-        for t in threads:
-            t.start()
-        server.wait_for(lambda m: m["klotski_requests_queued"] == 2, 30, "two queued sequences")
-        r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
-        assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
-        for t in threads:
-            t.join(60)
+        with contextlib.ExitStack() as queued:  # two streams answered with headers only: they wait in the queue
+            for _ in range(2):
+                queued.enter_context(open_stream(server, LONG, chunks=0))
+            server.wait_for(lambda m: m["klotski_requests_queued"] == 2, 30, "two queued sequences")
+            r = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 429 and "queue is full" in r.json()["error"]["message"]
+        # their clients went away: the sequences left the queue without running
         server.wait_for(lambda m: m["klotski_requests_queued"] == 0, 30, "the queue to empty")
         assert server.metrics()["klotski_requests_running"] == 1
     server.wait_for(lambda m: m["klotski_requests_running"] == 0, 30, "the long stream to stop")
@@ -90,8 +82,9 @@ def test_full_queue_gets_429_and_cancelled_queued_requests_leave_it(server):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_cleanly(server):
-    """Two streams generating at SIGTERM finish in full; a request queued behind them runs until the drain
-    deadline cuts it; the process exits with status 0 and stops listening."""
+    """Two streams generating at SIGTERM finish in full; a 1000-token request queued behind them runs until
+    the drain deadline cuts it (on this CPU it cannot finish in time); the process exits with status 0 and
+    stops listening."""
     body = {"prompt": "# Copyright", "max_tokens": 60, "temperature": 0, "ignore_eos": True, "stream": True}
     queued = {}
 
@@ -121,11 +114,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly(server):
     assert server.proc.wait(DRAIN_S + 30) == 0, server.output()
     elapsed = time.monotonic() - t0
     long.join(30)
-    # 1000 tokens could not finish: cut at the deadline, with a 503 saying so (or the connection closed)
-    if "response" in queued:
-        assert queued["response"].status_code == 503, queued["response"].text
-        assert "drain deadline" in queued["response"].json()["error"]["message"]
-    assert DRAIN_S - 1 < elapsed < DRAIN_S + 20
+    r = queued.get("response")
+    if r is not None and r.status_code == 200:  # a fast machine generated all 1000 tokens within the deadline
+        assert len(r.json()["choices"][0]["token_ids"]) == 1000 and elapsed < DRAIN_S + 20
+    else:  # cut at the deadline: a 503 saying so (or the connection closed)
+        if r is not None:
+            assert r.status_code == 503 and "drain deadline" in r.json()["error"]["message"], r.text
+        assert DRAIN_S - 1 < elapsed < DRAIN_S + 20
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/health", timeout=5)
     assert "Traceback" not in server.output()
