@@ -124,9 +124,13 @@ async def run_phase(url: str, model: str, texts: list[str], clients: int, max_to
             "latency_p99_s": percentile(latencies, 0.99), "answers": answers}
 
 
-def measure(url: str, model: str, texts: list[str], clients: int, max_tokens: int) -> dict:
+def measure(url: str, model: str, texts: list[str], clients: int, max_tokens: int, deadline: float) -> dict:
+    """One phase, bounded by ``deadline`` (time.monotonic())."""
     before = scrape_idle(url)
-    phase = asyncio.run(run_phase(url, model, texts, clients, max_tokens))
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("--timeout-s passed before the phase started")
+    phase = asyncio.run(asyncio.wait_for(run_phase(url, model, texts, clients, max_tokens), left))
     after = scrape_idle(url)
     phase["batch_groups"] = group_stats(before, after)
     phase["server_finished"] = int(sum(v - before.get(k, 0.0) for k, v in after.items()
@@ -194,10 +198,8 @@ def main(argv=None) -> int:
             wait_healthy(url, proc, deadline)
             model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
             asyncio.run(run_phase(url, model, ["# warm-up\n"], 1, args.max_tokens))  # plan, prefetch table
-            seq = measure(url, model, texts, 1, args.max_tokens)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"--timeout-s {args.timeout_s} passed after the sequential phase")
-            conc = measure(url, model, texts, args.clients, args.max_tokens)
+            seq = measure(url, model, texts, 1, args.max_tokens, deadline)
+            conc = measure(url, model, texts, args.clients, args.max_tokens, deadline)
             capacity = int(scrape(url)["klotski_batch_group_capacity"])
         except BaseException:
             log.flush()

@@ -71,6 +71,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._stopping = False
         self._running: list[Sequence] = []
+        self._capacity = llm.max_num_seqs
         self._thread = threading.Thread(target=self._run, name="klotski-engine", daemon=True)
 
     # ---- HTTP side ---------------------------------------------------------------------------------------
@@ -79,7 +80,9 @@ class EngineWorker:
 
     @property
     def group_capacity(self) -> int:
-        return self.llm.max_num_seqs
+        """Sequences the next batch group takes, as the worker last read it from the engine (a re-plan may
+        change it; the HTTP side never touches the engine's session)."""
+        return self._capacity
 
     @property
     def alive(self) -> bool:
@@ -162,7 +165,7 @@ class EngineWorker:
                 if self._stopping:
                     return None
                 self._cond.wait()
-            size = self.group_capacity
+            size = self._capacity = self.llm.max_num_seqs
             deadline = self._queue[0].arrival + self.max_wait_s
             while self._queue and len(self._queue) < size and not self._stopping:
                 left = deadline - time.monotonic()
