@@ -9,7 +9,7 @@ PROMPTS = hf_models.PROMPTS
 SP = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
 # (policy, packed store?, gpu, cpu): experts from the store + host fp8 copies; host tier + checkpoint pieces;
 # attention, shared experts and experts all on disk
-RUNS = [("klotski", True, "700KiB", "200KiB"), ("flexgen", False, "700KiB", "200KiB"),
+RUNS = [("klotski", True, "700KiB", "120KiB"), ("flexgen", False, "700KiB", "200KiB"),
         ("flexgen", True, "560KiB", "120KiB")]
 
 
