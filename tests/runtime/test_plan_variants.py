@@ -40,6 +40,7 @@ def traced_run(path, policy, variant, monkeypatch, tmp_path):
     wrap(OffloadedExecutor, "_forward", lambda *a, **k: ("step",))
     wrap(WeightLoads, "dense", lambda layer, lane="prefetch", op_ids=(): ("dense", layer))
     wrap(WeightLoads, "expert", lambda layer, e, lane, op_ids=(): ("expert", layer, lane))
+    wrap(WeightLoads, "experts", lambda layer, experts, lane, op_ids=(): ("experts", layer))
     wrap(Compute, "attention", lambda st, w, layer, k, kv: ("attn", layer))
     wrap(Compute, "gate", lambda w, h, layer, k: ("gate", layer))
     with LLM(path, device="cpu", policy=policy, gpu_memory="700KiB", cpu_memory="200KiB", num_batches=2,
@@ -75,7 +76,7 @@ def test_flexgen_order_variants(mixtral, tmp_path, monkeypatch, policy, variant)
     assert out == ref
     assert (plan.num_hot, plan.overlap) == variant and runner == "flexgen"
     for step in steps:
-        nxt = first(step, lambda ev: ev[:2] == ("dense", 1))
+        nxt = first(step, lambda ev: ev[0] in ("dense", "experts") and ev[1] == 1)  # layer 1's first load
         if plan.overlap:  # layer 1 loads while layer 0 computes
             assert nxt < first(step, lambda ev: ev == ("attn", 0)), step
         else:  # layer 1 loads once layer 0's last batch has gone through its gate
