@@ -109,6 +109,7 @@ class Selected:
     remapped: int  # token-expert assignments moved to another expert
     distinct_before: int
     distinct_after: int
+    exact_ids: torch.Tensor | None = None  # the router's topk_ids [T, k] before selection
 
 
 def router_scores(spec: ModelSpec, logits: torch.Tensor, bias: torch.Tensor | None = None):
@@ -221,7 +222,7 @@ def select_experts(spec: ModelSpec, logits: torch.Tensor, topk_weights: torch.Te
     ids = topk_ids.long()
     distinct = int(torch.unique(ids).numel()) if T else 0
     if not sel.enabled or T == 0 or k >= E:
-        return Selected(topk_weights, topk_ids, 0, distinct, distinct)
+        return Selected(topk_weights, topk_ids, 0, distinct, distinct, topk_ids)
     if free is not None and free.shape != (E,):
         raise ValueError(f"select_experts: free must be a bool mask [{E}], got {list(free.shape)}")
     conf, choice = router_scores(spec, logits, bias)
@@ -233,12 +234,89 @@ def select_experts(spec: ModelSpec, logits: torch.Tensor, topk_weights: torch.Te
     drop = drop_set(scores, used, mandatory, free.to(ids.device) if sel.offload_aware and free is not None else None,
                     sel.aggressiveness, k)
     if not drop.any():
-        return Selected(topk_weights, topk_ids, 0, distinct, distinct)
+        return Selected(topk_weights, topk_ids, 0, distinct, distinct, topk_ids)
     new_ids, changed = remap(choice, ids, drop)
     if not changed.any():
-        return Selected(topk_weights, topk_ids, 0, distinct, distinct)
+        return Selected(topk_weights, topk_ids, 0, distinct, distinct, topk_ids)
     weights = torch.where(changed[:, None], router_weights(spec, logits, new_ids).to(topk_weights.dtype),
                           topk_weights)
     remapped = int((changed[:, None] & drop[ids]).sum())
     new_ids = new_ids.to(topk_ids.dtype)
-    return Selected(weights, new_ids, remapped, distinct, int(torch.unique(new_ids).numel()))
+    return Selected(weights, new_ids, remapped, distinct, int(torch.unique(new_ids).numel()), topk_ids)
+
+
+def is_decode_step(num_columns: int, cached_tokens: int) -> bool:
+    """A forward is a decode step when it runs one token column on a non-empty cache (the first forward on a
+    cache is the prefill, even for a one-token prompt; a prefill chunked down to one column is the exception
+    this rule misses: it is then selected like a decode step)."""
+    return num_columns == 1 and cached_tokens > 0
+
+
+def route_selected(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, sel: ExpertSelection,
+                   free: torch.Tensor | None = None) -> Selected:
+    """The router (:func:`klotski.model.router.route`, the same ops) followed by :func:`select_experts` on
+    h [T, H] (one batch's normed MLP inputs)."""
+    from klotski.model.router import router_logits, select
+
+    logits = router_logits(spec, w, h)
+    bias = w.get("router_bias") if spec.router_bias else None
+    weights, ids = select(spec, logits, bias)
+    return select_experts(spec, logits, weights, ids, sel, free, bias)
+
+
+class SelectionStats:
+    """Per MoE layer, over the decode steps selection ran on: distinct experts per step without and with
+    selection (the union over the micro-batches of one step) and assignments remapped.
+
+    ``begin_step(key)`` opens a step (a new key commits the previous one); ``record`` adds one batch's routing.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._totals: dict[int, list[int]] = {}  # layer -> [steps, distinct exact, distinct selected, remapped, pairs]
+        self._pending: dict[int, list] = {}  # layer -> [set exact, set selected, remapped, pairs] of the open step
+        self._step = None
+
+    def begin_step(self, key) -> None:
+        if key != self._step:
+            self._commit()
+            self._step = key
+
+    def _commit(self) -> None:
+        for layer, (exact, chosen, remapped, pairs) in self._pending.items():
+            t = self._totals.setdefault(layer, [0, 0, 0, 0, 0])
+            t[0] += 1
+            t[1] += len(exact)
+            t[2] += len(chosen)
+            t[3] += remapped
+            t[4] += pairs
+        self._pending = {}
+
+    def record(self, layer: int, exact_ids: torch.Tensor, chosen_ids: torch.Tensor, remapped: int) -> None:
+        p = self._pending.setdefault(layer, [set(), set(), 0, 0])
+        p[0].update(exact_ids.flatten().tolist())
+        p[1].update(chosen_ids.flatten().tolist())
+        p[2] += remapped
+        p[3] += exact_ids.numel()
+
+    def chosen_this_step(self, layer: int) -> set[int]:
+        """Experts the open step's earlier batches already chose at ``layer`` (loaded or loading)."""
+        p = self._pending.get(layer)
+        return set() if p is None else set(p[1])
+
+    def as_dict(self, sel: ExpertSelection) -> dict:
+        self._commit()
+        steps = {layer: t[0] for layer, t in self._totals.items()}
+        mean = lambda i: {layer: t[i] / t[0] for layer, t in sorted(self._totals.items()) if t[0]}  # noqa: E731
+        remapped = sum(t[3] for t in self._totals.values())
+        pairs = sum(t[4] for t in self._totals.values())
+        return {
+            "expert_selection": str(sel),
+            "selection_decode_steps": max(steps.values(), default=0),
+            "selection_remapped": remapped,
+            "selection_remapped_fraction": remapped / pairs if pairs else 0.0,
+            "selection_distinct_exact_per_layer": mean(1),
+            "selection_distinct_per_layer": mean(2),
+        }

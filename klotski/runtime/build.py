@@ -17,6 +17,7 @@ import torch
 
 from klotski.costs import ModelCosts
 from klotski.hardware import HardwareProfile
+from klotski.model.expert_selection import ExpertSelection
 from klotski.planner import Plan
 from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.loader import WAIT_TIMEOUT_S
@@ -72,12 +73,13 @@ class RunConfig:
     rebuild_store: bool = False  # replace another checkpoint's store in offload_dir (refused otherwise)
     quantization: str | None = None  # "int4": routed experts from an int4 store (klotski.runtime.int4)
     prefetch: str = "table"  # klotski's hot-expert prediction: "table" (correlation) | "lookahead" (+ gate lookahead)
+    expert_selection: ExpertSelection = ExpertSelection()  # decode-step expert selection (off: exact routing)
 
     @classmethod
     def of(cls, weights, device, dtype, policy: str, gpu_memory=None, cpu_memory=None, offload_dir=None,
            num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
            timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-           quantization: str | None = None, prefetch: str = "table") -> "RunConfig":
+           quantization: str | None = None, prefetch: str = "table", expert_selection=None) -> "RunConfig":
         """``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited
         (on CUDA the device's memory less 1 GiB)."""
         if policy not in OFFLOAD_POLICIES:
@@ -94,10 +96,11 @@ class RunConfig:
         check_quantization(quantization)
         if prefetch not in PREFETCH_SOURCES:
             raise ValueError(f"prefetch must be one of {PREFETCH_SOURCES}, got {prefetch!r}")
+        selection = ExpertSelection.parse(expert_selection)
         store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
         return cls(weights, device, dtype, policy, gpu, cpu, store_dir, _count(num_batches, "num_batches"),
                    _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store),
-                   quantization, prefetch)
+                   quantization, prefetch, selection)
 
     @property
     def auto(self) -> bool:
@@ -153,7 +156,7 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
     while True:
         try:
             plan = make_plan(costs, hw, policy, cfg.gpu_budget, cfg.cpu_budget, q, gen_len, cfg.num_batches,
-                             cfg.batch_size)
+                             cfg.batch_size, expert_selection=cfg.expert_selection)
             break
         except InfeasibleError as e:
             if q == 1:
@@ -198,9 +201,11 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
     experts_fn = cfg.experts_fn
     if experts_fn is None:
         from klotski.triton_kernels import fused_moe as experts_fn
-    return OffloadedExecutor(weights, rp.layout, cfg.device, cfg.dtype, cfg.policy, gpu, cpu, rp.num_batches,
-                             rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
-                             plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
+    ex = OffloadedExecutor(weights, rp.layout, cfg.device, cfg.dtype, cfg.policy, gpu, cpu, rp.num_batches,
+                           rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
+                           plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
+    ex.compute.selection = cfg.expert_selection  # applied by Compute.gate on decode steps
+    return ex
 
 
 def _predictor(cfg: RunConfig, rp: RunPlan, prefetcher, gpu: TierMeter):
