@@ -76,7 +76,7 @@ class ResidentSession:
     def metrics(self) -> dict:
         """Expert selection's counters when it is on (:class:`~klotski.model.expert_selection.SelectionStats`)."""
         ex = self.executor
-        if ex is None or not ex.selection.enabled:
+        if ex is None or not ex.selection.measured:
             return {}
         return ex.selection_stats.as_dict(ex.selection)
 

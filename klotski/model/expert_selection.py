@@ -93,6 +93,11 @@ class ExpertSelection:
         return self.mode != "off" and self.aggressiveness > 0
 
     @property
+    def measured(self) -> bool:
+        """Whether decode steps go through selection and its counters (``"lynx:0"``: exact routing, counted)."""
+        return self.mode != "off"
+
+    @property
     def offload_aware(self) -> bool:
         return self.mode == "lynx-offload"
 

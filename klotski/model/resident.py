@@ -71,7 +71,7 @@ class ResidentModel:
         cols = torch.arange(cache.length, cache.length + S, device=self.device)
         valid = cols[None, :] >= cache.pad[:, None]
         x = F.embedding(input_ids, self.embed)
-        select = self.selection.enabled and is_decode_step(S, cache.length)
+        select = self.selection.measured and is_decode_step(S, cache.length)
         if select:
             self.selection_stats.begin_step(object())
         all_free = torch.ones(self.spec.num_experts, dtype=torch.bool, device=self.device)

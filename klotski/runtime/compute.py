@@ -110,7 +110,7 @@ class Compute:
         st = self._step_ref() if self._step_ref is not None else None
         if decode is None:
             decode = st is not None and is_decode_step(st.S, st.cache.length)
-        if self.selection.enabled and decode:
+        if self.selection.measured and decode:
             self.selection_stats.begin_step(self._step_no)
             if free is None and self.selection.offload_aware:
                 free = self.free_experts(layer, st, h.device)
@@ -139,8 +139,8 @@ class Compute:
         return free.to(device)
 
     def selection_metrics(self) -> dict:
-        """Expert selection's counters (:meth:`SelectionStats.as_dict`); empty when selection is off."""
-        return self.selection_stats.as_dict(self.selection) if self.selection.enabled else {}
+        """Expert selection's counters (:meth:`SelectionStats.as_dict`); empty when its mode is "off"."""
+        return self.selection_stats.as_dict(self.selection) if self.selection.measured else {}
 
     def experts(self, h, topk_weights, topk_ids, slots: dict[int, int], out, layer: int, name: str,
                 ids_host: torch.Tensor | None = None) -> None:
