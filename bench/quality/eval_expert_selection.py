@@ -107,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--grid", default=",".join(map(str, GRID)), help="aggressiveness values per mode")
     p.add_argument("--policy", default="klotski")
     p.add_argument("--gpu-memory", default="16MiB")
-    p.add_argument("--cpu-memory", default="8MiB")
+    p.add_argument("--cpu-memory", default="32MiB")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-batches", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
