@@ -23,7 +23,8 @@ from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.loader import WAIT_TIMEOUT_S
 from klotski.runtime.memory import BudgetError, TierMeter
 from klotski.runtime.placement import Layout, ModelBytes, streamed_bytes
-from klotski.runtime.planning import InfeasibleError, layout_for_plan, machine_profile, make_plan, minimum_layout, model_costs
+from klotski.runtime.planning import (InfeasibleError, layout_for_plan, machine_profile, make_plan, minimum_layout,
+                                     model_costs, order_of)
 from klotski.units import format_bytes, parse_bytes
 
 OFFLOAD_POLICIES = ("layerwise", "flexgen", "klotski")
@@ -205,14 +206,13 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
                            rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
                            plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
     ex.compute.selection = cfg.expert_selection  # applied by Compute.gate on decode steps
+    ex.compute.loads_whole_layer = order_of(rp.plan) in ("flexgen", "layerwise")  # offload-aware: nothing to save
     return ex
 
 
 def _predictor(cfg: RunConfig, rp: RunPlan, prefetcher, gpu: TierMeter):
     """With ``prefetch="lookahead"`` and the klotski order: an ExpertPredictor over the shared table and every MoE
     layer's norm + router, kept on the device (counted in the device budget)."""
-    from klotski.runtime.planning import order_of
-
     if cfg.prefetch != "lookahead" or prefetcher is None or order_of(rp.plan) != "klotski":
         return None
     from klotski.lookahead import ExpertPredictor, GateLookahead

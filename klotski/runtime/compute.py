@@ -63,6 +63,9 @@ class Compute:
         self._step_ref = None  # weakref to the StepState the last tokens() call served
         self._step_no = 0
         self._resident: dict[int, torch.Tensor] = {}  # layer -> bool [E] device-resident experts
+        # set by build_executor: the run loads every expert of a layer whatever the gates pick (the flexgen and
+        # layerwise orders), so no expert costs a load of its own and offload-aware selection changes nothing
+        self.loads_whole_layer = False
 
     def attention(self, st: StepState, w: dict, layer: int, k: int) -> None:
         """Attention (+ residual) of micro-batch ``k``, its KV loaded/stored when the cache is in host memory."""
@@ -126,7 +129,9 @@ class Compute:
     def free_experts(self, layer: int, st: StepState | None, device) -> torch.Tensor:
         """Bool [E]: experts of ``layer`` that cost this step no load: device-resident ones, the hot experts
         prefetched for this layer (``st.predicted``), and those an earlier micro-batch of this step chose
-        (already loading or loaded)."""
+        (already loading or loaded); every expert when the run loads whole layers (``loads_whole_layer``)."""
+        if self.loads_whole_layer:
+            return torch.ones(self.spec.num_experts, dtype=torch.bool, device=device)
         if layer not in self._resident:
             self._resident[layer] = torch.tensor([self.w.expert_tier(layer, e) == "gpu"
                                                   for e in range(self.spec.num_experts)], dtype=torch.bool)

@@ -66,6 +66,14 @@ def test_offload_aware_changes_nothing_when_every_expert_is_resident(mixtral, tm
         assert llm.metrics.extra["selection_remapped"] == 0
 
 
+@pytest.mark.parametrize("policy", ["flexgen", "layerwise"])
+def test_offload_aware_is_exact_where_whole_layers_load(mixtral, tmp_path, policy):
+    exact = tokens(LLM(mixtral, device="cpu"))
+    with offloaded(mixtral, tmp_path, policy, "lynx-offload:1.0", n=2, b=4) as llm:
+        assert tokens(llm) == exact
+        assert llm.metrics.extra["selection_remapped"] == 0
+
+
 def test_free_set_holds_resident_prefetched_and_earlier_micro_batch_experts(mixtral, tmp_path):
     with offloaded(mixtral, tmp_path, "klotski", "lynx-offload:1.0", gpu="1200KiB", cpu="300KiB", n=2, b=4) as llm:
         tokens(llm)
