@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -153,61 +154,54 @@ def router_weights(spec: ModelSpec, logits: torch.Tensor, topk_ids: torch.Tensor
     return w
 
 
-def expert_scores(conf: torch.Tensor, choice: torch.Tensor, topk_ids: torch.Tensor, sel: ExpertSelection):
-    """Batch score per expert from binned confidence gaps -> (scores [E] fp32, top1 [T] expert ids)."""
+def expert_scores(conf: np.ndarray, choice: np.ndarray, topk_ids: np.ndarray, sel: ExpertSelection):
+    """Batch score per expert from binned confidence gaps: conf / choice [T, E], topk_ids [T, k] (host arrays)
+    -> (scores [E], top1 [T] expert ids)."""
     T, E = conf.shape
-    ranked = choice.gather(1, topk_ids)
-    top1_col = ranked.argmax(dim=1)  # first maximal column: the router's own top-1 on sorted output
-    top1 = topk_ids.gather(1, top1_col[:, None]).squeeze(1)
-    gap = (conf.gather(1, topk_ids) - conf.gather(1, top1[:, None])).clamp(max=0.0)
-    bins = torch.clamp(torch.floor(-gap / sel.bin_width), max=sel.num_bins - 1)
-    contrib = torch.exp(-(bins + 0.5) * sel.bin_width)
-    is_top1 = torch.zeros_like(gap, dtype=torch.bool).scatter_(1, top1_col[:, None], True)
-    contrib = torch.where(is_top1, torch.ones_like(contrib), contrib)
-    scores = torch.zeros(E, dtype=torch.float32, device=conf.device).index_add_(0, topk_ids.reshape(-1),
-                                                                                contrib.reshape(-1))
-    return scores, top1
+    rows = np.arange(T)
+    top1_col = np.take_along_axis(choice, topk_ids, 1).argmax(axis=1)  # first maximal column: the router's top-1
+    top1 = topk_ids[rows, top1_col]
+    gap = np.minimum(np.take_along_axis(conf, topk_ids, 1) - conf[rows, top1][:, None], 0.0)
+    bins = np.minimum(np.floor(-gap / sel.bin_width), sel.num_bins - 1)
+    contrib = np.exp(-(bins + 0.5) * sel.bin_width)
+    contrib[rows, top1_col] = 1.0
+    return np.bincount(topk_ids.ravel(), weights=contrib.ravel(), minlength=E), top1
 
 
-def drop_set(scores: torch.Tensor, used: torch.Tensor, mandatory: torch.Tensor, free: torch.Tensor | None,
-             aggressiveness: float, top_k: int) -> torch.Tensor:
+def drop_set(scores: np.ndarray, used: np.ndarray, mandatory: np.ndarray, free: np.ndarray | None,
+             aggressiveness: float, top_k: int) -> np.ndarray:
     """Bool [E]: the experts to drop. ``used`` / ``mandatory`` / ``free`` bool [E]."""
     droppable = used & ~mandatory
     if free is not None:
         droppable &= ~free
-    count = int(droppable.sum())
-    n_drop = min(int(math.floor(aggressiveness * count + 0.5)), int(used.sum()) - top_k)
-    drop = torch.zeros_like(used)
-    if n_drop <= 0:
-        return drop
-    ids = droppable.nonzero().squeeze(1).tolist()
-    order = sorted(ids, key=lambda e: (float(scores[e]), -e))  # lowest score first; ties: higher id first
-    drop[order[:n_drop]] = True
+    ids = np.flatnonzero(droppable)
+    n_drop = min(int(math.floor(aggressiveness * ids.size + 0.5)), int(used.sum()) - top_k)
+    drop = np.zeros_like(used)
+    if n_drop > 0:
+        order = np.lexsort((-ids, scores[ids]))  # lowest score first; ties: the higher id first
+        drop[ids[order[:n_drop]]] = True
     return drop
 
 
-def remap(choice: torch.Tensor, topk_ids: torch.Tensor, drop: torch.Tensor):
+def remap(choice: np.ndarray, topk_ids: np.ndarray, drop: np.ndarray):
     """Move assignments to dropped experts onto each token's best active expert it does not use yet.
     -> (new_ids [T, k], changed [T] bool); rows that cannot be refilled keep their ids."""
     T, E = choice.shape
-    used = torch.zeros(E, dtype=torch.bool, device=choice.device)
-    used[topk_ids.reshape(-1)] = True
+    used = np.bincount(topk_ids.ravel(), minlength=E) > 0
     active = used & ~drop
     moved = drop[topk_ids]  # [T, k]
-    has = torch.zeros(T, E, dtype=torch.bool, device=choice.device).scatter_(1, topk_ids, True)
-    cand = choice.masked_fill(~active[None, :] | has, float("-inf"))
-    # descending by score, ties -> lower id first (stable sort on the negated score)
-    order = torch.sort(-cand, dim=1, stable=True).indices
-    rank = (torch.cumsum(moved.long(), dim=1) - 1).clamp(min=0)
-    fill = order.gather(1, rank)
-    ok = torch.isfinite(cand.gather(1, fill)) | ~moved
-    changed = moved.any(dim=1) & ok.all(dim=1)
-    new_ids = torch.where(moved & changed[:, None], fill, topk_ids)
+    has = np.zeros((T, E), dtype=bool)
+    has[np.arange(T)[:, None], topk_ids] = True
+    cand = np.where(active[None, :] & ~has, choice, -np.inf)
+    order = np.argsort(-cand, axis=1, kind="stable")  # descending score, ties -> lower id first
+    rank = np.maximum(np.cumsum(moved, axis=1) - 1, 0)
+    fill = np.take_along_axis(order, rank, 1)
+    ok = np.isfinite(np.take_along_axis(cand, fill, 1)) | ~moved
+    changed = moved.any(axis=1) & ok.all(axis=1)
+    new_ids = np.where(moved & changed[:, None], fill, topk_ids)
     # keep the router's convention: columns by descending ranking score (top-1 first), ties by column
-    keys = choice.gather(1, new_ids)
-    cols = torch.sort(-keys, dim=1, stable=True).indices
-    new_ids = torch.where(changed[:, None], new_ids.gather(1, cols), topk_ids)
-    return new_ids, changed
+    cols = np.argsort(-np.take_along_axis(choice, new_ids, 1), axis=1, kind="stable")
+    return np.where(changed[:, None], np.take_along_axis(new_ids, cols, 1), topk_ids), changed
 
 
 def select_experts(spec: ModelSpec, logits: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
@@ -218,36 +212,45 @@ def select_experts(spec: ModelSpec, logits: torch.Tensor, topk_weights: torch.Te
     logits [T, E] (router logits), topk_weights [T, k] fp32 / topk_ids [T, k] (the router's output on them),
     ``free`` bool [E] (offload-aware mode: experts that cost no load), ``bias`` [E] (DeepSeek-V3's
     e_score_correction_bias). Returns :class:`Selected`; with selection off the inputs come back as they are.
+    The choice runs on the host over [T, E] arrays (one small copy; no per-op device syncs); the new weights
+    are computed on the logits' device.
     """
     T, k = topk_ids.shape
     if logits.dim() != 2 or logits.shape[0] != T or topk_weights.shape != topk_ids.shape:
         raise ValueError(f"select_experts: logits [T, E] and topk_weights/topk_ids [T, k] must agree, got "
                          f"{list(logits.shape)}, {list(topk_weights.shape)}, {list(topk_ids.shape)}")
     E = logits.shape[1]
-    ids = topk_ids.long()
-    distinct = int(torch.unique(ids).numel()) if T else 0
     if not sel.enabled or T == 0 or k >= E:
-        return Selected(topk_weights, topk_ids, 0, distinct, distinct, topk_ids)
-    if free is not None and free.shape != (E,):
+        return Selected(topk_weights, topk_ids, 0, _distinct(topk_ids, E), _distinct(topk_ids, E), topk_ids)
+    if free is not None and tuple(free.shape) != (E,):
         raise ValueError(f"select_experts: free must be a bool mask [{E}], got {list(free.shape)}")
     conf, choice = router_scores(spec, logits, bias)
+    conf, choice = conf.cpu().numpy(), choice.cpu().numpy()
+    ids = topk_ids.cpu().numpy().astype(np.int64)
+    distinct = _distinct(ids, E)
     scores, top1 = expert_scores(conf, choice, ids, sel)
-    used = torch.zeros(E, dtype=torch.bool, device=ids.device)
-    used[ids.reshape(-1)] = True
-    mandatory = torch.zeros_like(used)
+    used = np.bincount(ids.ravel(), minlength=E) > 0
+    mandatory = np.zeros(E, dtype=bool)
     mandatory[top1] = True
-    drop = drop_set(scores, used, mandatory, free.to(ids.device) if sel.offload_aware and free is not None else None,
-                    sel.aggressiveness, k)
+    keep_free = free.cpu().numpy().astype(bool) if sel.offload_aware and free is not None else None
+    drop = drop_set(scores, used, mandatory, keep_free, sel.aggressiveness, k)
     if not drop.any():
         return Selected(topk_weights, topk_ids, 0, distinct, distinct, topk_ids)
     new_ids, changed = remap(choice, ids, drop)
     if not changed.any():
         return Selected(topk_weights, topk_ids, 0, distinct, distinct, topk_ids)
-    weights = torch.where(changed[:, None], router_weights(spec, logits, new_ids).to(topk_weights.dtype),
-                          topk_weights)
     remapped = int((changed[:, None] & drop[ids]).sum())
-    new_ids = new_ids.to(topk_ids.dtype)
-    return Selected(weights, new_ids, remapped, distinct, int(torch.unique(new_ids).numel()), topk_ids)
+    new = torch.from_numpy(new_ids).to(device=topk_ids.device, dtype=topk_ids.dtype)
+    rows = torch.from_numpy(changed).to(topk_ids.device)
+    weights = torch.where(rows[:, None], router_weights(spec, logits, new.long()).to(topk_weights.dtype),
+                          topk_weights)
+    return Selected(weights, new, remapped, distinct, _distinct(new_ids, E), topk_ids)
+
+
+def _distinct(ids, num_experts: int) -> int:
+    if isinstance(ids, torch.Tensor):
+        ids = ids.cpu().numpy()
+    return int(np.count_nonzero(np.bincount(np.asarray(ids, dtype=np.int64).ravel(), minlength=num_experts)))
 
 
 def is_decode_step(num_columns: int, cached_tokens: int) -> bool:
