@@ -209,3 +209,22 @@ def test_parse_round_trips():
     for text in ("off", "lynx:0.5", "lynx-offload:0.25", "lynx:1"):
         assert str(ExpertSelection.parse(text)) == ("lynx:1" if text == "lynx:1" else text)
     assert ExpertSelection.parse(" LYNX:0.5 ") == ExpertSelection("lynx", 0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_selection_matches_cpu(name):
+    spec = CASES[name]
+    logits = logits_for(16, 21)
+    bias = bias_for(spec)
+    sel = ExpertSelection("lynx-offload", 0.7)
+    free = torch.arange(E) % 3 == 0
+    w, ids = select(spec, logits, bias)
+    cpu = select_experts(spec, logits, w, ids, sel, free=free, bias=bias)
+    dev = torch.device("cuda")
+    wd, idsd = select(spec, logits.to(dev), bias.to(dev) if bias is not None else None)
+    gpu = select_experts(spec, logits.to(dev), wd, idsd, sel, free=free.to(dev),
+                         bias=bias.to(dev) if bias is not None else None)
+    assert gpu.topk_ids.device.type == "cuda" and torch.equal(gpu.topk_ids.cpu(), cpu.topk_ids)
+    torch.testing.assert_close(gpu.topk_weights.cpu(), cpu.topk_weights, rtol=1e-5, atol=1e-6)
