@@ -19,6 +19,7 @@ from klotski.costs import ModelCosts
 from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
+from klotski.program import order_of
 from klotski.simulate import SimResult, simulate_model_step
 from klotski.units import format_bytes
 
@@ -99,8 +100,7 @@ class Planner:
                 StepShape("decode", b, n, 1, self.prompt_len + self.gen_len // 2, ctx))
 
     def simulate(self, policy, placement, b, n, num_hot=None, overlap=True) -> tuple[SimResult, SimResult]:
-        if policy == "klotski" and num_hot is None:  # klotski with its features off runs FlexGen's order
-            policy = "flexgen"
+        policy = order_of(policy, num_hot)  # klotski with its features off runs FlexGen's order
         key = (policy, placement, b, n, num_hot, overlap)
         if key not in self._cache:
             pre, dec = self.shapes(b, n)

@@ -165,7 +165,8 @@ def _peak_memory(schedule: Schedule, start: list, finish: list) -> dict:
 
 
 def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_hot=None, overlap=True,
-                        window: int | None = None, dtype: str | None = None) -> SimResult:
+                        window: int | None = None, dtype: str | None = None, dense_buffers: int | None = None,
+                        expert_slots: int | None = None) -> SimResult:
     """Simulate one step of the whole model; a window of layers plus exact extrapolation when periodic.
 
     Layers after the last change of layer kind are identical; the window covers the first layers up to that
@@ -185,7 +186,7 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         if (L - span) % 2:
             span += 1  # extrapolate an even number of layers: periods of one or two layers both divide it
         sched = build_schedule(policy, costs, placement, shape, routing, num_hot=num_hot, overlap=overlap,
-                               num_layers=span)
+                               num_layers=span, dense_buffers=dense_buffers, expert_slots=expert_slots)
         res = simulate(sched, hw, dtype=dtype)
         if span == L:
             return res

@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 
 from klotski.costs import FFN_CHUNK_TOKENS
 from klotski.model.decoder import attention_step
@@ -18,7 +19,6 @@ from klotski.model.layers import rms_norm
 from klotski.model.moe import dense_mlp, shared_expert
 from klotski.model.router import route
 from klotski.runtime.cache import GroupCache
-from klotski.runtime.kv_staging import KVStaging
 from klotski.runtime.loader import Ticket
 from klotski.runtime.trace import Tracer
 from klotski.runtime.weights import PlacedWeights
@@ -34,7 +34,7 @@ def in_chunks(fn, h: torch.Tensor):
 
 
 class StepState:
-    """Mutable state of one forward: the group's hidden states [B, S, H], masks, in-flight loads."""
+    """Mutable state of one forward: the group's hidden states [B, S, H], masks, pending KV stores, logits."""
 
     def __init__(self, cache: GroupCache, S: int):
         self.cache = cache
@@ -43,19 +43,15 @@ class StepState:
         self.valid: torch.Tensor | None = None  # [B, S] bool: real (not padding) tokens
         self.masks: list[torch.Tensor] = []
         self.positions: list[torch.Tensor] = []
-        self.kv_loads: dict[tuple[int, int], Ticket] = {}
         self.kv_stores: list[Ticket] = []
-        self.prefetch_kv = True
-        self.dense: dict[int, Ticket] = {}
-        self.hot: dict[int, list[tuple[int, Ticket]]] = {}  # layer -> [(expert, ticket)] prefetched
-        self.predicted: dict[int, list[int]] = {}
-        self.prev_topk: torch.Tensor | None = None
+        self.all_logits = False
+        self.logits: torch.Tensor | None = None
 
 
 class Compute:
-    def __init__(self, spec, w: PlacedWeights, kv: KVStaging, tracer: Tracer, costs, rotary, activation: str,
-                 experts_fn, device: torch.device, selection: ExpertSelection | None = None):
-        self.spec, self.w, self.kv, self.tracer, self.costs = spec, w, kv, tracer, costs
+    def __init__(self, spec, w: PlacedWeights, tracer: Tracer, costs, rotary, activation: str, experts_fn,
+                 device: torch.device, selection: ExpertSelection | None = None):
+        self.spec, self.w, self.tracer, self.costs = spec, w, tracer, costs
         self.rotary, self.act, self.experts_fn, self.device = rotary, activation, experts_fn, device
         # decode-step expert selection (klotski.model.expert_selection); off: the router's output as it is
         self.selection = ExpertSelection.parse(selection)
@@ -67,25 +63,14 @@ class Compute:
         # layerwise orders), so no expert costs a load of its own and offload-aware selection changes nothing
         self.loads_whole_layer = False
 
-    def attention(self, st: StepState, w: dict, layer: int, k: int) -> None:
-        """Attention (+ residual) of micro-batch ``k``, its KV loaded/stored when the cache is in host memory."""
+    def attention(self, st: StepState, w: dict, layer: int, k: int, kv) -> None:
+        """Attention (+ residual) of micro-batch ``k`` over ``kv`` (its KV cache, or the device staging view of
+        it when the cache lives in host memory)."""
         s, e = st.cache.rows[k]
-        cache = st.cache
-        if cache.tier == "cpu":
-            nxt = (layer, k + 1) if k + 1 < cache.num_batches else (layer + 1, 0)
-            if (layer, k) not in st.kv_loads:
-                st.kv_loads[(layer, k)] = self.kv.load(st, layer, k)
-            if nxt[0] < self.spec.num_layers and nxt not in st.kv_loads and st.prefetch_kv:
-                st.kv_loads[nxt] = self.kv.load(st, *nxt)
-            idx, kv = st.kv_loads.pop((layer, k)).wait()
-        else:
-            kv = cache.micro[k]
         start = self.tracer.begin()
         st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
-        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, cache.length)
+        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
         self.tracer.end("compute", f"L{layer} attn b{k}", start, op="attn", flops=proj, score_flops=score)
-        if cache.tier == "cpu":
-            st.kv_stores.append(self.kv.store(st, layer, k, idx, kv))
 
     def tokens(self, st: StepState, w: dict, k: int | None = None):
         """Normed MLP inputs of the valid tokens of micro-batch ``k`` (None: the whole group)
@@ -101,14 +86,16 @@ class Compute:
         return rows, rms_norm(flat.index_select(0, rows), w["post_attn_norm"], self.spec.rms_norm_eps)
 
     def gate(self, w: dict, h: torch.Tensor, layer: int, k, decode: bool | None = None,
-             free: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             free: torch.Tensor | None = None, inflight=None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, H] -> (topk_weights [T, top_k], topk_ids [T, top_k]).
 
         With ``self.selection`` enabled, a decode step's routing goes through batch-aware expert selection over
         this call's T tokens: one micro-batch under the klotski and flexgen orders (their gates run per
         micro-batch), one micro-batch at a time under layerwise. ``decode``: whether this forward is a decode
         step (None: judged from the step the last :meth:`tokens` call served: one column on a non-empty cache).
-        ``free`` bool [E]: for "lynx-offload", the experts that cost no load (None: :meth:`free_experts`)."""
+        ``free`` bool [E]: for "lynx-offload", the experts that cost no load (None: :meth:`free_experts`, with
+        ``inflight``: the experts of ``layer`` whose loads the step has already issued, e.g. the prefetched hot
+        set, when the caller knows them)."""
         start = self.tracer.begin()
         st = self._step_ref() if self._step_ref is not None else None
         if decode is None:
@@ -116,7 +103,7 @@ class Compute:
         if self.selection.measured and decode:
             self.selection_stats.begin_step(self._step_no)
             if free is None and self.selection.offload_aware:
-                free = self.free_experts(layer, st, h.device)
+                free = self.free_experts(layer, inflight, h.device)
             sel = route_selected(self.spec, w, h, self.selection, free)
             self.selection_stats.record(layer, sel.exact_ids, sel.topk_ids, sel.remapped)
             out = (sel.topk_weights, sel.topk_ids)
@@ -126,19 +113,18 @@ class Compute:
                         flops=self.costs.gate_flops(layer, h.shape[0]))
         return out
 
-    def free_experts(self, layer: int, st: StepState | None, device) -> torch.Tensor:
-        """Bool [E]: experts of ``layer`` that cost this step no load: device-resident ones, the hot experts
-        prefetched for this layer (``st.predicted``), and those an earlier micro-batch of this step chose
-        (already loading or loaded); every expert when the run loads whole layers (``loads_whole_layer``)."""
+    def free_experts(self, layer: int, inflight=None, device=None) -> torch.Tensor:
+        """Bool [E]: experts of ``layer`` that cost this step no load: device-resident ones, ``inflight`` (ids
+        whose loads are already issued, e.g. prefetched hot experts), and those an earlier micro-batch of this
+        step chose (loading or loaded); every expert when the run loads whole layers (``loads_whole_layer``)."""
+        device = device or self.device
         if self.loads_whole_layer:
             return torch.ones(self.spec.num_experts, dtype=torch.bool, device=device)
         if layer not in self._resident:
             self._resident[layer] = torch.tensor([self.w.expert_tier(layer, e) == "gpu"
                                                   for e in range(self.spec.num_experts)], dtype=torch.bool)
         free = self._resident[layer].clone()
-        extra = set(self.selection_stats.chosen_this_step(layer))
-        if st is not None:
-            extra.update(st.predicted.get(layer, ()))
+        extra = set(self.selection_stats.chosen_this_step(layer)) | {int(e) for e in inflight or ()}
         if extra:
             free[sorted(extra)] = True
         return free.to(device)
@@ -166,6 +152,15 @@ class Compute:
                         expert_slots=table.to(self.device), out=out, activation=self.act)
         self.tracer.end("compute", f"L{layer} {name}", start, experts=used, op="experts", calls=max(1, used),
                         flops=self.costs.expert_flops(layer, tokens))
+
+    def lm_head(self, st: StepState) -> None:
+        """Final norm + LM head -> ``st.logits`` fp32 [B, S, V] (``st.all_logits``) or [B, V] (last column)."""
+        x = st.x if st.all_logits else st.x[:, -1:]
+        start = self.tracer.begin()
+        logits = F.linear(rms_norm(x, self.w.norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+        self.tracer.end("compute", "lm_head", start, op="lm_head",
+                        flops=self.costs.lm_head_flops(x.shape[0] * x.shape[1]))
+        st.logits = logits if st.all_logits else logits[:, 0]
 
     def finish_mlp(self, st: StepState, w: dict, layer: int, rows, h, routed_out) -> None:
         """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""

@@ -1,7 +1,8 @@
 """The offloaded executor: ResidentModel's protocol (``new_cache`` / ``forward``) over placed weights.
 
-One ``forward`` runs one step of a batch group (B rows = n micro-batches). Per layer the policy
-(:mod:`klotski.runtime.policies`) orders the work; the executor owns the pieces it orders, one module each:
+One ``forward`` runs one step of a batch group (B rows = n micro-batches): the ops the plan's op builder
+(:mod:`klotski.program`) emits, executed in order by :class:`~klotski.runtime.interpreter.StepInterpreter`.
+The executor owns the pieces the ops use, one module each:
 
 * :class:`~klotski.runtime.loads.WeightLoads` (``ex.loads``): a layer's streamed attention/gate/shared
   weights into a dense buffer, one routed expert into an expert pool slot, each on a loader lane;
@@ -70,13 +71,13 @@ class OffloadedExecutor:
             act = expert_activation(self.spec) if self.spec.moe_layers else "silu"
             self.loads = WeightLoads(self.w, self.lanes, self.tracer, device, layout.dense_buffers, timeout_s)
             self.kv = KVStaging(self.spec, self.w, self.lanes, self.tracer, gpu, device, timeout_s)
-            self.compute = Compute(self.spec, self.w, self.kv, self.tracer, costs, make_rotary(self.spec, device),
-                                   act, experts_fn, device)
+            self.compute = Compute(self.spec, self.w, self.tracer, costs, make_rotary(self.spec, device), act,
+                                   experts_fn, device)
             self._cache_bytes = (None, 0)
             self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0, "prefill_chunks": 0}
-            from klotski.runtime.policies import runner_for
+            from klotski.runtime.interpreter import StepInterpreter
 
-            self.runner = runner_for(self)
+            self.runner = StepInterpreter(self)
         except BaseException:
             self.close()
             raise
@@ -163,6 +164,7 @@ class OffloadedExecutor:
         B, S = input_ids.shape
         ids = input_ids.to(self.device)
         st = StepState(cache, S)
+        st.all_logits = all_logits
         st.x = F.embedding(ids, self.w.embed)
         cols = torch.arange(cache.length, cache.length + S, device=self.device)
         st.valid = cols[None, :] >= cache.pad[:, None]
@@ -177,17 +179,11 @@ class OffloadedExecutor:
             self.predictor.reset_sequence()  # the table's too
         elif self.prefetcher is not None:
             self.prefetcher.reset_sequence()
-        self.runner.run(st)
-        for t in st.kv_stores:
-            t.wait()
+        self.runner.run(st)  # the policy's ops, built from the plan and the routing the gates produce
         cache.length += S
         for mc in cache.micro:
             mc.length = cache.length
-        x = st.x if all_logits else st.x[:, -1:]
-        start = self.tracer.begin()
-        logits = F.linear(rms_norm(x, self.w.norm, self.spec.rms_norm_eps), self.w.lm_head).float()
-        self.tracer.end("compute", "lm_head", start, op="lm_head", flops=self.costs.lm_head_flops(x.shape[0] * x.shape[1]))
-        return logits if all_logits else logits[:, 0]
+        return st.logits
 
     def record_routing(self, layer: int, topk_ids: torch.Tensor, predicted: list[int] | None) -> None:
         if self.predictor is not None:

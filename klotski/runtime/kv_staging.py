@@ -30,13 +30,14 @@ class KVStaging:
         self.pool = SlotPool(list(range(STAGING_BUFFERS)), "kv staging", timeout_s)
         self.bufs: list[dict[str, torch.Tensor]] = [{} for _ in range(STAGING_BUFFERS)]
 
-    def load(self, st, layer: int, k: int) -> Ticket:
+    def load(self, st, layer: int, k: int, op_ids: tuple = ()) -> Ticket:
         """Micro-batch ``k``'s KV of ``layer`` into a device staging buffer -> (buffer, KVCache view)."""
         cache = st.cache
         ticket = self.pool.reserve()
         rows = cache.rows[k][1] - cache.rows[k][0]
 
         def job(ln):
+            self.tracer.log_ops("kv_load", op_ids)
             idx, start = begin_load(self.pool, ticket, ln, self.tracer, self.w)
             view = KVCache(self.spec.num_layers, rows, cache.capacity, cache.device_pads[k])
             view.length = cache.length
@@ -61,7 +62,7 @@ class KVStaging:
 
         return self.lanes["kv_load"].submit(f"L{layer} b{k} kv load", job)
 
-    def store(self, st, layer: int, k: int, idx: int, view: KVCache) -> Ticket:
+    def store(self, st, layer: int, k: int, idx: int, view: KVCache, op_ids: tuple = ()) -> Ticket:
         """The columns this step appended to micro-batch ``k``'s layer, back into host memory; frees buffer
         ``idx`` once they have landed."""
         cache = st.cache
@@ -69,6 +70,7 @@ class KVStaging:
         first, count = cache.length, st.S  # the columns this step appended
 
         def job(ln):
+            self.tracer.log_ops("kv_store", op_ids)
             if after is not None:
                 ln.stream.wait_event(after)
             start = self.tracer.begin(ln.stream)

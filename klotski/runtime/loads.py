@@ -57,14 +57,16 @@ class WeightLoads:
     def pools(self) -> list[SlotPool]:
         return [self.dense_pool] + ([self.w.pool.slots] if self.w.pool is not None else [])
 
-    def dense(self, layer: int, lane: str = "prefetch") -> Ticket:
-        """The layer's weights as one dict (resident + streamed into a dense buffer) -> (buffer or None, w)."""
+    def dense(self, layer: int, lane: str = "prefetch", op_ids: tuple = ()) -> Ticket:
+        """The layer's weights as one dict (resident + streamed into a dense buffer) -> (buffer or None, w).
+        ``op_ids``: the ops of the step's op list this load executes (logged by the tracer when it runs)."""
         keys = self.w.streamed_keys(layer)
         if not keys:
             return ready((None, self.w.resident[layer]))
         ticket = self.dense_pool.reserve()
 
         def job(ln):
+            self.tracer.log_ops(lane, op_ids)
             idx, start = begin_load(self.dense_pool, ticket, ln, self.tracer, self.w)
             buf = self.dense_bufs[idx]
             for k in [k for k in buf if k not in keys]:
@@ -88,31 +90,61 @@ class WeightLoads:
         if idx is not None:
             self.dense_pool.release(idx, compute_event(self.cuda))
 
-    def expert(self, layer: int, e: int, lane: str) -> Ticket:
+    def expert(self, layer: int, e: int, lane: str, op_ids: tuple = ()) -> Ticket:
         """A routed expert in a device slot -> slot index (resident experts: their permanent slot)."""
         tier, what = self.w.expert_home[(layer, e)]
         if tier == "gpu":
             return ready(what)
-        pool = self.w.pool
-        ticket = pool.slots.reserve()
+        ticket = self.w.pool.slots.reserve()
 
         def job(ln):
-            slot, start = begin_load(pool.slots, ticket, ln, self.tracer, self.w)
-            try:
-                if tier == "cpu":
-                    moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], what[1])
-                elif tier == "store":
-                    moved = self.w.read_record(what, pool.w13[slot], pool.w2[slot])
-                else:
-                    moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], [what[1]])
-            except BaseException:
-                pool.slots.release(slot)
-                raise
-            self.tracer.end(lane, f"L{layer} e{e}", start, ln.stream, bytes=moved, tier=tier,
-                            read_bytes=moved if tier in ("disk", "store") else 0, read_s=self.w.take_read_seconds())
-            return slot
+            self.tracer.log_ops(lane, op_ids)
+            return self._fill_slot(layer, e, ticket, ln, lane)
 
         return self.lanes[lane].submit(f"L{layer} e{e}", job)
+
+    def experts(self, layer: int, experts: tuple[int, ...], lane: str, op_ids: tuple = ()) -> Ticket:
+        """Several streamed experts of one layer, one after another in one job on ``lane`` -> {expert: slot}.
+        Their slots are reserved now, in order."""
+        homes = [self.w.expert_home[(layer, e)][0] for e in experts]
+        if "gpu" in homes:
+            raise ValueError(f"layer {layer}: expert {experts[homes.index('gpu')]} is GPU-resident, not loaded")
+        tickets = [self.w.pool.slots.reserve() for _ in experts]
+
+        def job(ln):
+            self.tracer.log_ops(lane, op_ids)
+            out = {}
+            try:
+                for e, t in zip(experts, tickets):
+                    out[e] = self._fill_slot(layer, e, t, ln, lane)
+            except BaseException:
+                for slot in out.values():
+                    self.w.pool.slots.release(slot)
+                for t in tickets[len(out) + 1:]:
+                    self.w.pool.slots.withdraw(t)
+                raise
+            return out
+
+        return self.lanes[lane].submit(f"L{layer} x{len(experts)} experts", job)
+
+    def _fill_slot(self, layer: int, e: int, ticket: int, ln, lane: str) -> int:
+        """On lane ``ln``: take the slot reserved as ``ticket`` and fill it with expert ``e`` -> slot."""
+        tier, what = self.w.expert_home[(layer, e)]
+        pool = self.w.pool
+        slot, start = begin_load(pool.slots, ticket, ln, self.tracer, self.w)
+        try:
+            if tier == "cpu":
+                moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], what[1])
+            elif tier == "store":
+                moved = self.w.read_record(what, pool.w13[slot], pool.w2[slot])
+            else:
+                moved = self.w.fill(pool.w13[slot], what[0]) + self.w.fill(pool.w2[slot], [what[1]])
+        except BaseException:
+            pool.slots.release(slot)
+            raise
+        self.tracer.end(lane, f"L{layer} e{e}", start, ln.stream, bytes=moved, tier=tier,
+                        read_bytes=moved if tier in ("disk", "store") else 0, read_s=self.w.take_read_seconds())
+        return slot
 
     def release_expert(self, slot: int) -> None:
         if slot >= self.w.pool.num_pinned:

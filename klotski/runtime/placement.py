@@ -18,6 +18,7 @@ import torch
 
 from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights
+from klotski.program.pools import slot_targets  # noqa: F401 - re-exported: the pool sizing rule lives there
 from klotski.schedule import Placement
 
 CLASSES = ("attn", "gate", "shared")
@@ -116,23 +117,3 @@ def layout_memory(mb: ModelBytes, placement: Placement, dense_buffers: int, expe
     dev += (n_moe * placement.experts_on("gpu", E) + expert_slots) * mb.expert
     host += n_moe * placement.experts_on("cpu", E) * mb.expert_ckpt
     return Layout(placement, buffers, expert_slots, dev, host)
-
-
-def slot_targets(policy: str, spec: ModelSpec, experts_gpu: int = 0, num_hot: int | None = None,
-                 overlap: bool = True) -> tuple[int, int, int]:
-    """(minimum streaming expert slots, target slots, target dense buffers) of a policy when ``experts_gpu``
-    experts of every MoE layer are resident: only the others stream (none when all are resident)."""
-    E, K = spec.num_experts, max(spec.top_k, 1)
-    if not spec.moe_layers:
-        return 0, 0, 2 if policy != "layerwise" else 1
-    streamed = max(0, E - experts_gpu)
-    if streamed == 0:
-        return 0, 0, 2 if policy != "layerwise" else 1
-    if policy == "klotski":
-        hot = K if num_hot is None else num_hot
-        return 1, min(2 * streamed, hot + K + 2), 2
-    if policy == "flexgen":
-        return streamed, (2 if overlap else 1) * streamed, 2 if overlap else 1
-    if policy == "layerwise":
-        return streamed, streamed, 1
-    raise ValueError(f"unknown offloading policy {policy!r}; available: layerwise, flexgen, klotski")

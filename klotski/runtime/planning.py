@@ -26,6 +26,7 @@ from klotski.calibration import calibrate
 from klotski.costs import ModelCosts
 from klotski.hardware import HardwareProfile
 from klotski.profile_cache import ProfileCache
+from klotski.program import order_of as program_order
 from klotski.planner import BATCH_SIZES, GROUP_SIZES, InfeasibleError, Plan, Planner
 from klotski.routing_stats import RoutingStats
 from klotski.runtime.memory import BudgetError
@@ -128,11 +129,8 @@ def policy_uses_group(policy: str) -> bool:
 
 
 def order_of(plan: Plan) -> str:
-    """The op order a plan runs in: its policy's, except that a klotski plan with ``num_hot=None`` is the
-    planner's "FlexGen order" choice (klotski's own features off) and is simulated, sized and run as flexgen."""
-    if plan.policy == "klotski" and plan.num_hot is None:
-        return "flexgen"
-    return plan.policy
+    """The op order ``plan`` runs in (:func:`klotski.program.order_of`)."""
+    return program_order(plan.policy, plan.num_hot)
 
 
 def _step(plan: Plan, costs, hw, shape: StepShape) -> float:

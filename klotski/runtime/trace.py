@@ -30,6 +30,13 @@ class Tracer:
         self._base_time = 0.0
         self.compute_busy = 0.0
         self.wall = 0.0
+        self.op_log: list[tuple[str, int]] | None = None  # (lane, op id) as executed; on when a list is set
+
+    def log_ops(self, lane: str, op_ids) -> None:
+        """Record that ``lane`` executes the ops ``op_ids`` now (their ids in the step's op list)."""
+        if self.op_log is not None and op_ids:
+            with self._lock:
+                self.op_log.extend((lane, i) for i in op_ids)
 
     def now(self) -> float:
         return time.perf_counter() - self._t0

@@ -84,13 +84,10 @@ def test_free_set_holds_resident_prefetched_and_earlier_micro_batch_experts(mixt
         assert 0 < len(resident) < E  # the budget splits the experts
         costly = [e for e in range(E) if e not in resident]
 
-        class Step:  # what free_experts reads of a StepState
-            predicted = {layer: costly[:1]}
-
         stats = ex.compute.selection_stats
         stats.begin_step("test")
         stats.record(layer, torch.tensor([[costly[-1]]]), torch.tensor([[costly[-1]]]), 0)
-        free = set(ex.compute.free_experts(layer, Step(), torch.device("cpu")).nonzero().flatten().tolist())
+        free = set(ex.compute.free_experts(layer, costly[:1], torch.device("cpu")).nonzero().flatten().tolist())
         assert free == resident | {costly[0], costly[-1]}
 
 

@@ -23,7 +23,7 @@ def mixtral(checkpoints):
 
 
 def traced_run(path, policy, variant, monkeypatch, tmp_path):
-    """Run with the planner restricted to ``variant`` = (num_hot, overlap); -> (tokens, plan, runner, steps)
+    """Run with the planner restricted to ``variant`` = (num_hot, overlap); -> (tokens, plan, order, steps)
     where each step is the list of issue / compute events of one forward, in order."""
     log: list[tuple] = []
     monkeypatch.setattr(Planner, "variants", lambda self, p: [variant])
@@ -38,14 +38,14 @@ def traced_run(path, policy, variant, monkeypatch, tmp_path):
         monkeypatch.setattr(cls, name, f)
 
     wrap(OffloadedExecutor, "_forward", lambda *a, **k: ("step",))
-    wrap(WeightLoads, "dense", lambda layer, lane="prefetch": ("dense", layer))
-    wrap(WeightLoads, "expert", lambda layer, e, lane: ("expert", layer, lane))
-    wrap(Compute, "attention", lambda st, w, layer, k: ("attn", layer))
+    wrap(WeightLoads, "dense", lambda layer, lane="prefetch", op_ids=(): ("dense", layer))
+    wrap(WeightLoads, "expert", lambda layer, e, lane, op_ids=(): ("expert", layer, lane))
+    wrap(Compute, "attention", lambda st, w, layer, k, kv: ("attn", layer))
     wrap(Compute, "gate", lambda w, h, layer, k: ("gate", layer))
     with LLM(path, device="cpu", policy=policy, gpu_memory="700KiB", cpu_memory="200KiB", num_batches=2,
              batch_size=2, offload_dir=str(tmp_path / "off")) as llm:
         out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
-        plan, runner = llm.session.plan, type(llm.executor.runner).__name__
+        plan, runner = llm.session.plan, llm.executor.runner.policy  # the op order the interpreter runs
     monkeypatch.undo()
     steps, cur = [], None
     for ev in log:
@@ -73,7 +73,7 @@ def test_flexgen_order_variants(mixtral, tmp_path, monkeypatch, policy, variant)
     path, ref = mixtral
     out, plan, runner, steps = traced_run(path, policy, variant, monkeypatch, tmp_path)
     assert out == ref
-    assert (plan.num_hot, plan.overlap) == variant and runner == "FlexGenRunner"
+    assert (plan.num_hot, plan.overlap) == variant and runner == "flexgen"
     for step in steps:
         nxt = first(step, lambda ev: ev[:2] == ("dense", 1))
         if plan.overlap:  # layer 1 loads while layer 0 computes
@@ -89,7 +89,7 @@ def test_klotski_prefetch_variants(mixtral, tmp_path, monkeypatch, variant):
     num_hot, overlap = (K, False) if variant == "after-gates" else (E, True)
     out, plan, runner, steps = traced_run(path, "klotski", (num_hot, overlap), monkeypatch, tmp_path)
     assert out == ref
-    assert (plan.num_hot, plan.overlap) == (num_hot, overlap) and runner == "KlotskiRunner"
+    assert (plan.num_hot, plan.overlap) == (num_hot, overlap) and runner == "klotski"
     hot_issued = 0
     for step in steps:
         hot = [i for i, ev in enumerate(step) if ev == ("expert", 1, "prefetch")]

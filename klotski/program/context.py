@@ -1,0 +1,251 @@
+"""What every policy's op builder shares: the step's context, the op list being built, and the op emitters.
+
+An op builder (:mod:`klotski.program.layerwise`, :mod:`~klotski.program.flexgen`,
+:mod:`~klotski.program.klotski`) is a generator: it yields each :class:`~klotski.schedule.Op` as soon as it
+is built, in issue order, and reads the routing from a :class:`~klotski.program.routing.RoutingView` only
+after yielding the gate it depends on. The simulator collects the ops with the expected routing; the runtime
+executes each op as it is yielded, so when the builder resumes after a gate the view holds the routing that
+gate just produced.
+
+Emitters here are generators too (``op_id = yield from load_dense(...)``); each returns the id of the op a
+consumer depends on (or None when nothing was emitted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from klotski.costs import ModelCosts
+from klotski.schedule import Op, Placement, StepShape
+
+LOAD_LANES = ("prefetch", "expert_io")  # weight loads; KV moves have lanes of their own (kv_load, kv_store)
+
+
+@dataclass
+class StepContext:
+    """One step of a batch group under one plan: everything a builder reads besides the routing.
+
+    ``dense_buffers`` / ``expert_slots``: the device pools (a layer's streamed dense weights; streaming
+    expert slots, None: unbounded); ``kv``: where the group's KV cache lives ("gpu" | "cpu");
+    ``num_hot``: experts the klotski order prefetches per MoE layer; ``overlap``: flexgen loads the next
+    layer during this one, klotski issues the next layer's hot experts with its weights ("wide, early").
+    """
+
+    costs: ModelCosts
+    placement: Placement
+    shape: StepShape
+    num_hot: int
+    overlap: bool
+    dense_buffers: int = 2
+    expert_slots: int | None = None
+    num_layers: int | None = None  # a window of the first layers (the simulator's extrapolation)
+
+    @property
+    def layers(self) -> int:
+        L = self.costs.num_layers
+        return L if self.num_layers is None else min(self.num_layers, L)
+
+    def is_moe(self, layer: int) -> bool:
+        return self.costs.layers[layer].kind == "moe"
+
+    def next_moe(self, layer: int) -> int | None:
+        """The first MoE layer after ``layer`` (-1: the first of the model) inside the window."""
+        return next((i for i in range(layer + 1, self.layers) if self.is_moe(i)), None)
+
+
+@dataclass
+class Builder:
+    """The op list in issue order, and what later ops depend on."""
+
+    ctx: StepContext
+    ops: list[Op] = field(default_factory=list)
+    last_compute: int | None = None
+    layer_last_compute: list[int] = field(default_factory=list)
+    dense_release: dict[int, int | None] = field(default_factory=dict)  # layer -> its dense buffer's release
+    layer_free: dict[int, int | None] = field(default_factory=dict)  # layer -> its last release (or compute)
+    kv_stores: list[int] = field(default_factory=list)  # every KV store so far (staging buffer frees)
+    kv_loaded: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, batch) -> kv_load op
+    slot_loads: list[int] = field(default_factory=list)  # one entry per streaming slot taken, in reserve order
+    slot_release: dict[int, int] = field(default_factory=dict)  # load op -> the release that gives it back
+
+    def slot_free(self, count: int) -> tuple[int, ...]:
+        """Deps of a load taking ``count`` more streaming slots: the pool grants slots in reserve order, so
+        the i-th slot taken waits for the release of the one ``expert_slots`` earlier (when that release is
+        already built; a later one the runtime's pool waits for, the simulator cannot)."""
+        slots = self.ctx.expert_slots
+        if not slots:
+            return ()
+        n = len(self.slot_loads)
+        out = []
+        for i in range(n, n + count):
+            if i - slots >= 0:
+                out.append(self.slot_release.get(self.slot_loads[i - slots]))
+        return tuple(d for d in out if d is not None)
+
+    def add(self, kind, stream, device, layer, **kw) -> Op:
+        deps = kw.pop("deps", ())
+        deps = tuple(sorted({d for d in deps if d is not None})) if deps else ()
+        op = Op(id=len(self.ops), kind=kind, stream=stream, device=device, layer=layer, deps=deps, **kw)
+        self.ops.append(op)
+        if op.is_compute:
+            self.last_compute = op.id
+        return op
+
+
+# ---- weight loads ------------------------------------------------------------------------------------------
+
+def dense_bytes(ctx: StepContext, layer: int) -> dict[str, int]:
+    """Stored bytes of ``layer``'s attention / gate / shared weights per tier they live on."""
+    lc, p = ctx.costs.layers[layer], ctx.placement
+    out = {"gpu": 0, "cpu": 0, "disk": 0}
+    for cls in ("attn", "gate", "shared"):
+        out[getattr(p, cls)] += getattr(lc, f"{cls}_bytes")
+    return out
+
+
+def _copy(b: Builder, layer: int, stream: str, tensor: str, host_bytes: int, disk_bytes: int, deps,
+          alloc: int, expert: int | None = None, experts: tuple = ()):
+    """A load of ``host_bytes`` + ``disk_bytes`` stored bytes: a read of the disk part (disk link, into the
+    staging ring) then one copy of everything to the device, both on ``stream`` -> the copy op."""
+    deps = tuple(deps)
+    mem = {"gpu": alloc}
+    if disk_bytes:
+        read = b.add("read", stream, "cpu", layer, tensor=tensor, expert=expert, experts=experts, link="disk",
+                     bytes=disk_bytes, deps=deps, mem_alloc=mem)
+        yield read
+        deps, mem = (read.id,), {}
+    op = b.add("h2d", stream, "gpu", layer, tensor=tensor, expert=expert, experts=experts, link="h2d",
+               bytes=host_bytes + disk_bytes, deps=deps, mem_alloc=mem)
+    yield op
+    return op.id
+
+
+def load_dense(b: Builder, layer: int, deps=()):
+    """``layer``'s streamed dense weights into a dense buffer (one load, on the prefetch lane) -> load id.
+    ``deps``: what frees its buffer (the pool's reuse)."""
+    ctx = b.ctx
+    by_tier = dense_bytes(ctx, layer)
+    streamed = by_tier["cpu"] + by_tier["disk"]
+    if not streamed:
+        return None
+    return (yield from _copy(b, layer, "prefetch", "dense", by_tier["cpu"], by_tier["disk"], deps,
+                             ctx.costs.device_bytes(streamed)))
+
+
+def load_expert(b: Builder, layer: int, e: int, tier: str, stream: str, deps=()):
+    """One routed expert (host or disk) into a streaming slot -> load id."""
+    nbytes = b.ctx.costs.layers[layer].expert_bytes
+    alloc = b.ctx.costs.device_bytes(nbytes, expert=True)
+    deps = (*deps, *b.slot_free(1))
+    lid = yield from _copy(b, layer, stream, "expert", nbytes if tier == "cpu" else 0,
+                           nbytes if tier == "disk" else 0, deps, alloc, expert=e)
+    b.slot_loads.append(lid)
+    return lid
+
+
+def load_experts(b: Builder, layer: int, experts: tuple[int, ...], tier: str, deps=()):
+    """Several routed experts of one tier into streaming slots, one load on the prefetch lane -> load id."""
+    if not experts:
+        return None
+    nbytes = len(experts) * b.ctx.costs.layers[layer].expert_bytes
+    alloc = b.ctx.costs.device_bytes(nbytes, expert=True)
+    deps = (*deps, *b.slot_free(len(experts)))
+    lid = yield from _copy(b, layer, "prefetch", "experts", nbytes if tier == "cpu" else 0,
+                           nbytes if tier == "disk" else 0, deps, alloc, experts=tuple(experts))
+    b.slot_loads.extend([lid] * len(experts))
+    return lid
+
+
+def release(b: Builder, layer: int, tensor: str, load: int | None, nbytes: int, expert: int | None = None,
+            experts: tuple = ()):
+    """Give back the buffer / slot(s) ``load`` filled (nothing when nothing was loaded) -> release id."""
+    if load is None:
+        return None
+    op = b.add("release", "compute", "gpu", layer, tensor=tensor, expert=expert, experts=experts, deps=(load,),
+               mem_free={"gpu": b.ctx.costs.device_bytes(nbytes, expert=tensor in ("expert", "experts"))})
+    if tensor in ("expert", "experts"):
+        b.slot_release[load] = op.id
+    yield op
+    return op.id
+
+
+def release_dense(b: Builder, layer: int, load: int | None):
+    """Give back ``layer``'s dense buffer; closes the layer (its last compute and last release recorded)."""
+    by_tier = dense_bytes(b.ctx, layer)
+    rel = yield from release(b, layer, "dense", load, by_tier["cpu"] + by_tier["disk"])
+    b.dense_release[layer] = rel
+    b.layer_free[layer] = rel if rel is not None else b.layer_free.get(layer, b.last_compute)
+    b.layer_last_compute.append(b.last_compute)
+
+
+# ---- compute -------------------------------------------------------------------------------------------------
+
+def kv_load(b: Builder, layer: int, batch: int):
+    """Micro-batch ``batch``'s KV of ``layer`` into a device staging buffer (KV in host memory; once)."""
+    ctx = b.ctx
+    if ctx.placement.kv != "cpu" or (layer, batch) in b.kv_loaded:
+        return
+    lc, shape = ctx.costs.layers[layer], ctx.shape
+    buf = shape.batch_size * (shape.past_len + shape.q_len) * lc.kv_bytes_per_token
+    free = b.kv_stores[-2] if len(b.kv_stores) >= 2 else None  # two staging buffers
+    op = b.add("kv_load", "kv_load", "gpu", layer, batch=batch, tensor="kv", link="h2d",
+               bytes=shape.batch_size * shape.past_len * lc.kv_bytes_per_token, deps=(free,),
+               mem_alloc={"gpu": buf})
+    b.kv_loaded[(layer, batch)] = op.id
+    yield op
+
+
+def attention(b: Builder, layer: int, batch: int, weights: int | None, prefetch_kv: bool = True):
+    """[KV load], the attention of one micro-batch, [KV store]; with ``prefetch_kv`` the next micro-batch's
+    KV load is issued before this attention so that it overlaps it. -> the attention op id."""
+    ctx = b.ctx
+    costs, shape, lc = ctx.costs, ctx.shape, ctx.costs.layers[layer]
+    yield from kv_load(b, layer, batch)
+    if prefetch_kv:
+        nxt = (layer, batch + 1) if batch + 1 < shape.n else (layer + 1, 0)
+        if nxt[0] < ctx.layers:
+            yield from kv_load(b, *nxt)
+    seqs = shape.batch_size
+    proj, score, kv_read = costs.attn_flops(layer, seqs, shape.q_len, shape.past_len)
+    attn = b.add("attn", "compute", "gpu", layer, batch=batch, tensor="attn",
+                 deps=(b.kv_loaded.get((layer, batch)), weights), tokens=seqs * shape.q_len, flops=proj,
+                 score_flops=score, bytes=lc.attn_bytes + kv_read)
+    yield attn
+    if ctx.placement.kv == "cpu":
+        buf = seqs * (shape.past_len + shape.q_len) * lc.kv_bytes_per_token
+        store = b.add("kv_store", "kv_store", "cpu", layer, batch=batch, tensor="kv", link="d2h",
+                      bytes=seqs * shape.q_len * lc.kv_bytes_per_token, deps=(attn.id,), mem_free={"gpu": buf})
+        b.kv_stores.append(store.id)
+        yield store
+    return attn.id
+
+
+def gate(b: Builder, layer: int, batch: int, weights: int | None):
+    """The router of micro-batch ``batch`` (its routing is in the view once this op has run)."""
+    ctx = b.ctx
+    lc, tokens = ctx.costs.layers[layer], ctx.shape.tokens_per_batch
+    op = b.add("gate", "compute", "gpu", layer, batch=batch, tensor="gate", deps=(weights,), tokens=tokens,
+               flops=ctx.costs.gate_flops(layer, tokens), bytes=lc.gate_bytes)
+    yield op
+    return op.id
+
+
+def finish_mlp(b: Builder, layer: int, batch: int | None, weights: int | None, deps=()):
+    """The shared expert (or a dense layer's MLP) and the residual add of the routed output, over micro-batch
+    ``batch`` (None: the whole group)."""
+    ctx = b.ctx
+    lc = ctx.costs.layers[layer]
+    tokens = ctx.shape.tokens_per_batch * (ctx.shape.n if batch is None else 1)
+    op = b.add("shared", "compute", "gpu", layer, batch=batch, tensor="shared", deps=(weights, *deps),
+               tokens=tokens, flops=ctx.costs.shared_flops(layer, tokens), bytes=lc.shared_bytes)
+    yield op
+    return op.id
+
+
+def lm_head(b: Builder):
+    ctx = b.ctx
+    seqs = ctx.shape.batch_size * ctx.shape.n
+    ws = int(seqs * ctx.costs.spec.vocab_size * 4)
+    op = b.add("lm_head", "compute", "gpu", ctx.layers, tensor="lm_head", tokens=seqs,
+               flops=ctx.costs.lm_head_flops(seqs), bytes=ctx.costs.lm_head_bytes, mem_alloc={"gpu": ws},
+               mem_free={"gpu": ws})
+    yield op

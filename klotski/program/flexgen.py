@@ -1,0 +1,87 @@
+"""FlexGen's zig-zag order: the n micro-batches of a group share each layer's load.
+
+Per layer: the layer's streamed dense weights and every expert that is not GPU-resident load on the prefetch
+lane (host-resident experts in one load, disk-resident ones in another: a read then a copy); with
+``overlap`` the next layer's loads are issued at the start of this one (two layers in flight: each waits
+for the layer two back to give its buffers back), without it a layer loads when the previous one is done.
+Attention runs micro-batch by micro-batch, then per micro-batch the gate, one grouped call over the experts
+it selected and the residual add; the layer's slots and buffer are released at its end.
+
+``layerwise`` (Accelerate-like) is the same order for one micro-batch at a time, every layer loaded just in
+time and nothing overlapped: :func:`layerwise_ops`.
+"""
+from __future__ import annotations
+
+from klotski.program.context import (Builder, attention, finish_mlp, gate, load_dense, load_experts, release,
+                                     release_dense)
+from klotski.program.routing import RoutingView
+
+
+def _loads(b: Builder, view: RoutingView, layer: int, free):
+    """Issue ``layer``'s loads (after ``free``) -> (dense load, [(experts, load)] per tier)."""
+    ctx = b.ctx
+    dense = yield from load_dense(b, layer, deps=(free,))
+    groups = []
+    if ctx.is_moe(layer):
+        E = ctx.costs.layers[layer].num_experts
+        for tier in ("cpu", "disk"):
+            es = tuple(e for e in range(E) if view.tier(layer, e) == tier)
+            lid = yield from load_experts(b, layer, es, tier, deps=(free,))
+            if lid is not None:
+                groups.append((es, lid))
+    return dense, groups
+
+
+def _compute(b: Builder, view: RoutingView, layer: int, batches, dense, groups, prefetch_kv: bool):
+    """Attention of every micro-batch in ``batches``, then per micro-batch gate, experts, residual add;
+    the experts' slots are released after the last micro-batch's expert call."""
+    ctx = b.ctx
+    lc = ctx.costs.layers[layer]
+    for k in batches:
+        yield from attention(b, layer, k, dense, prefetch_kv=prefetch_kv)
+    loads = tuple(lid for _, lid in groups)
+    for i, k in enumerate(batches):
+        if not ctx.is_moe(layer):
+            yield from finish_mlp(b, layer, k, dense)
+            continue
+        g = yield from gate(b, layer, k, dense)
+        used = view.tokens(layer, k)
+        tokens = sum(used.values())
+        op = b.add("experts", "compute", "gpu", layer, batch=k, tensor="expert", deps=(g, *loads), tokens=tokens,
+                   calls=max(1, len(used)), flops=ctx.costs.expert_flops(layer, tokens),
+                   bytes=len(used) * lc.expert_bytes)
+        yield op
+        if i == len(batches) - 1:
+            for es, lid in groups:
+                b.layer_free[layer] = yield from release(b, layer, "experts", lid, len(es) * lc.expert_bytes,
+                                                         experts=es)
+        yield from finish_mlp(b, layer, k, dense, deps=(op.id,))
+
+
+def flexgen_ops(b: Builder, view: RoutingView):
+    ctx = b.ctx
+    reuse = 2 if ctx.overlap else 1  # layers in flight: a layer's loads wait for the layer `reuse` back
+    issued: dict[int, tuple] = {}
+
+    def issue(layer: int):
+        if layer < ctx.layers and layer not in issued:
+            issued[layer] = yield from _loads(b, view, layer, b.layer_free.get(layer - reuse))
+
+    for layer in range(ctx.layers):
+        yield from issue(layer)
+        if ctx.overlap:
+            yield from issue(layer + 1)  # the next layer loads while this one computes
+        dense, groups = issued.pop(layer)
+        yield from _compute(b, view, layer, range(ctx.shape.n), dense, groups, prefetch_kv=True)
+        yield from release_dense(b, layer, dense)
+
+
+def layerwise_ops(b: Builder, view: RoutingView):
+    """Each micro-batch through the whole model on its own; each layer loaded just before it computes."""
+    ctx = b.ctx
+    for k in range(ctx.shape.n):
+        for layer in range(ctx.layers):
+            prev = b.layer_free.get(layer - 1) if layer else b.layer_free.get(ctx.layers - 1)
+            dense, groups = yield from _loads(b, view, layer, prev)
+            yield from _compute(b, view, layer, [k], dense, groups, prefetch_kv=False)
+            yield from release_dense(b, layer, dense)

@@ -1,0 +1,30 @@
+"""The device pools a policy's order needs: one rule, read by the planner, the simulator and the runtime.
+
+* dense buffers: device copies of a layer's streamed attention / gate / shared weights; two let the next
+  layer load during this one;
+* streaming expert slots: where non-resident routed experts are loaded (GPU-resident experts have slots of
+  their own). FlexGen and layerwise load every streamed expert of a layer (twice that with FlexGen's
+  overlap: two layers in flight); klotski needs one at least and uses up to its prefetch width plus the cold
+  experts of a gate.
+"""
+from __future__ import annotations
+
+
+def slot_targets(policy: str, spec, experts_gpu: int = 0, num_hot: int | None = None,
+                 overlap: bool = True) -> tuple[int, int, int]:
+    """(minimum streaming expert slots, target slots, target dense buffers) of a policy when ``experts_gpu``
+    experts of every MoE layer are resident: only the others stream (none when all are resident)."""
+    E, K = spec.num_experts, max(spec.top_k, 1)
+    if not spec.moe_layers:
+        return 0, 0, 2 if policy != "layerwise" else 1
+    streamed = max(0, E - experts_gpu)
+    if streamed == 0:
+        return 0, 0, 2 if policy != "layerwise" else 1
+    if policy == "klotski":
+        hot = K if num_hot is None else num_hot
+        return 1, min(2 * streamed, hot + K + 2), 2
+    if policy == "flexgen":
+        return streamed, (2 if overlap else 1) * streamed, 2 if overlap else 1
+    if policy == "layerwise":
+        return streamed, streamed, 1
+    raise ValueError(f"unknown offloading policy {policy!r}; available: layerwise, flexgen, klotski")

@@ -1,0 +1,136 @@
+"""The routing an op builder reads: expected (the simulator), live (the runtime) or recorded (replays).
+
+A builder asks four questions, each only once the ops it depends on have been yielded:
+
+* ``tier(layer, e)`` -- where routed expert ``e`` lives: "gpu" | "cpu" | "disk";
+* ``hot(layer, source, budget)`` -- the experts to prefetch for MoE layer ``layer`` (at most ``budget``,
+  none GPU-resident), predicted once ``source`` (-1: nothing yet) has been routed; ``source`` None: from
+  popularity alone (the "wide, early" issue point, before the routing that would refine them);
+* ``selected(layer, batch)`` -- after micro-batch ``batch``'s gate: the experts it selects, most tokens first;
+* ``tokens(layer, batch)`` -- after the gates: tokens per selected expert over micro-batch ``batch``
+  (None: the whole group).
+
+:class:`ExpectedRouting` answers from :class:`~klotski.routing_stats.RoutingStats` (the planner's expected
+routing of a group); :class:`RecordingView` wraps another view and logs every answer, :class:`ReplayView`
+answers from such a log: the runtime's routing, replayed through the builder, gives the ops it ran.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+from klotski.routing_stats import GroupRouting, RoutingStats, expected_routing
+
+
+class RoutingView(Protocol):
+    def tier(self, layer: int, e: int) -> str: ...
+
+    def hot(self, layer: int, source: int | None, budget: int) -> list[int]: ...
+
+    def selected(self, layer: int, batch: int) -> list[int]: ...
+
+    def tokens(self, layer: int, batch: int | None) -> dict[int, int]: ...
+
+
+class ExpectedRouting:
+    """The planner's expected routing: experts ranked by popularity, the ``experts_gpu`` most popular of a
+    layer GPU-resident, the next ``experts_cpu`` in host memory, the rest on disk; a batch's selection is
+    the cold experts :func:`~klotski.routing_stats.expected_routing` assigns to it."""
+
+    def __init__(self, stats: RoutingStats, placement, shape):
+        self.stats, self.placement, self.shape = stats, placement, shape
+        self.num_hot: dict[int, int] = {}
+        self._cache: dict = {}
+        self._ranks: dict = {}
+
+    def _rank(self, layer: int) -> dict[int, int]:
+        key = self.stats._layer_key(layer)
+        if key not in self._ranks:
+            E = self.stats.num_experts
+            self._ranks[key] = {int(e): r for r, e in enumerate(self.stats.hot_experts(layer, E))}
+        return self._ranks[key]
+
+    def group(self, layer: int) -> GroupRouting:
+        E = self.stats.num_experts
+        g = self.placement.experts_on("gpu", E)
+        hot = min(self.num_hot.get(layer, 0), E - g)
+        key = (self.stats._layer_key(layer), g, hot)
+        if key not in self._cache:
+            self._cache[key] = expected_routing(self.stats, layer, self.shape.tokens_per_batch, self.shape.n, g, hot)
+        return self._cache[key]
+
+    def tier(self, layer: int, e: int) -> str:
+        E = self.stats.num_experts
+        r = self._rank(layer)[e]
+        g = self.placement.experts_on("gpu", E)
+        return "gpu" if r < g else "cpu" if r < g + self.placement.experts_on("cpu", E) else "disk"
+
+    def hot(self, layer: int, source: int | None, budget: int) -> list[int]:
+        self.num_hot[layer] = budget
+        r = self.group(layer)
+        ranks = self._rank(layer)
+        return sorted([e for e, _ in r.hot] + list(r.hot_unused), key=lambda e: ranks[e])[:budget]
+
+    def selected(self, layer: int, batch: int) -> list[int]:
+        r = self.group(layer)
+        first = [e for e, _ in r.resident + r.hot] if batch == 0 else []
+        return first + [e for e, _, b in r.cold if b == batch]
+
+    def tokens(self, layer: int, batch: int | None) -> dict[int, int]:
+        r = self.group(layer)
+        if batch is None:
+            return {e: t for e, t in r.resident + r.hot} | {e: t for e, t, _ in r.cold}
+        # one micro-batch: its expected distinct experts share its token-expert assignments
+        k = self.stats.top_k
+        per = max(1, r.per_batch)
+        total = self.shape.tokens_per_batch * k
+        return {e: total // per + (1 if e < total % per else 0) for e in range(per)}
+
+
+class RecordingView:
+    """Answers from ``inner`` and logs each answer under its question, for :class:`ReplayView`."""
+
+    def __init__(self, inner: RoutingView):
+        self.inner = inner
+        self.log: dict[tuple, object] = {}
+
+    def _ask(self, key: tuple, fn):
+        out = fn()
+        self.log[key] = out
+        return out
+
+    def tier(self, layer, e):
+        return self._ask(("tier", layer, e), lambda: self.inner.tier(layer, e))
+
+    def hot(self, layer, source, budget):
+        return self._ask(("hot", layer, source, budget), lambda: list(self.inner.hot(layer, source, budget)))
+
+    def selected(self, layer, batch):
+        return self._ask(("selected", layer, batch), lambda: list(self.inner.selected(layer, batch)))
+
+    def tokens(self, layer, batch):
+        return self._ask(("tokens", layer, batch), lambda: dict(self.inner.tokens(layer, batch)))
+
+
+class ReplayView:
+    """The answers a :class:`RecordingView` logged; a question it never saw is an error (the replay then
+    diverged from the run)."""
+
+    def __init__(self, log: dict):
+        self.log = log
+
+    def _get(self, key: tuple):
+        if key not in self.log:
+            raise KeyError(f"replay asked {key}, which the recorded run never asked")
+        return self.log[key]
+
+    def tier(self, layer, e):
+        return self._get(("tier", layer, e))
+
+    def hot(self, layer, source, budget):
+        return self._get(("hot", layer, source, budget))
+
+    def selected(self, layer, batch):
+        return self._get(("selected", layer, batch))
+
+    def tokens(self, layer, batch):
+        return self._get(("tokens", layer, batch))
