@@ -16,6 +16,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
                    help="replace a store of another checkpoint found in --offload-dir (refused otherwise)")
     p.add_argument("--num-batches", default="auto", help="batches per batch group (n), or auto")
     p.add_argument("--batch-size", default="auto", help="sequences per batch, or auto")
+    p.add_argument("--expert-selection", default="off", metavar="off|lynx:A|lynx-offload:A",
+                   help="decode-step expert selection with aggressiveness A in [0, 1] (default: off, exact routing)")
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the streams")
     p.add_argument("--timeline", default=None, metavar="FILE.png", help="write a compute-vs-I/O timeline picture")
 
@@ -44,7 +46,8 @@ def build_llm(args, model_dir: str, policy: str | None = None):
     if policy != "resident":
         kwargs = dict(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, offload_dir=args.offload_dir,
                       num_batches=args.num_batches, batch_size=args.batch_size, rebuild_store=args.rebuild_store)
-    return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy, **kwargs)
+    return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy,
+               expert_selection=getattr(args, "expert_selection", "off"), **kwargs)
 
 
 def write_traces(llm, args, suffix: str = "") -> None:
