@@ -61,3 +61,39 @@ def test_planner_decode_step_moves_fewer_bytes_with_selection(make_tiny_config):
     assert b.prefill_s == pytest.approx(a.prefill_s)  # prefill is exact
     assert sum(b.bytes_per_step.values()) < sum(a.bytes_per_step.values())
     assert b.decode_step_s <= a.decode_step_s
+
+
+def test_make_plan_prices_decode_with_the_selection(make_tiny_config):
+    from klotski.runtime.planning import make_plan
+
+    costs = ModelCosts.from_config(make_tiny_config(layers=4, experts=16, top_k=4, hidden=256, inter=512),
+                                   name="tiny16")
+    hw = preset("rtx3090")
+    mib = 1 << 20
+    exact = make_plan(costs, hw, "klotski", 24 * mib, 1 << 34, 64, 16, num_batches=2, batch_size=4)
+    sel = make_plan(costs, hw, "klotski", 24 * mib, 1 << 34, 64, 16, num_batches=2, batch_size=4,
+                    expert_selection=ExpertSelection("lynx", 1.0))
+    off = make_plan(costs, hw, "klotski", 24 * mib, 1 << 34, 64, 16, num_batches=2, batch_size=4,
+                    expert_selection=ExpertSelection.parse("lynx:0"))
+    assert off == exact  # aggressiveness 0: the exact plan
+    assert sel.decode_step_s <= exact.decode_step_s and sel.tokens_per_s >= exact.tokens_per_s
+
+
+def test_selection_stats_union_over_micro_batches():
+    from klotski.model.expert_selection import SelectionStats
+
+    s = SelectionStats()
+    s.begin_step(1)
+    s.record(0, torch.tensor([[0, 1], [0, 2]]), torch.tensor([[0, 1], [0, 1]]), 1)
+    s.record(0, torch.tensor([[3, 1]]), torch.tensor([[3, 1]]), 0)  # a second micro-batch of the same step
+    assert s.chosen_this_step(0) == {0, 1, 3}
+    s.begin_step(2)
+    s.record(0, torch.tensor([[4, 5]]), torch.tensor([[4, 5]]), 0)
+    assert s.chosen_this_step(0) == {4, 5}
+    d = s.as_dict(ExpertSelection("lynx", 1.0))
+    assert d["selection_decode_steps"] == 2 and d["selection_remapped"] == 1
+    assert d["selection_distinct_exact_per_layer"] == {0: (4 + 2) / 2}  # {0,1,2,3} then {4,5}
+    assert d["selection_distinct_per_layer"] == {0: (3 + 2) / 2}
+    assert d["selection_remapped_fraction"] == pytest.approx(1 / 8)
+    s.reset()
+    assert s.as_dict(ExpertSelection("lynx", 1.0))["selection_decode_steps"] == 0
