@@ -209,8 +209,8 @@ def main(argv=None) -> int:
         if ok:
             best[mode] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
-    head = (f"| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
-            f"remapped | expert KiB / decode step | vs exact | prefill identical |\n|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
+            "remapped | expert KiB / decode step | vs exact | prefill identical |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.2f}% | {r['argmax_agree']:.3f} | "
              f"{r['greedy_agree']:.3f} | {r['distinct']:.2f} | {100 * r['remapped_fraction']:.1f}% | "
              f"{r['expert_bytes_per_step'] / 1024:.0f} | {100 * r['bytes_vs_exact']:+.1f}% | "

@@ -27,8 +27,8 @@ already use (within the router's allowed groups for grouped routers); a token th
 
 Offload-aware mode ("lynx-offload"): experts marked ``free`` (device-resident, already loading, or already
 chosen by an earlier micro-batch of the same step) are never dropped, so every dropped expert is a load
-avoided and remapped assignments land on experts that cost no load. On an engine where every expert is
-resident it changes nothing.
+avoided, and remapped assignments land on experts that are loaded for this step anyway (the batch's kept
+set, free ones included). On an engine where every expert is resident it changes nothing.
 """
 from __future__ import annotations
 
