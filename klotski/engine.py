@@ -101,6 +101,17 @@ class RunMetrics:
         return self.generated_tokens / self.total_s if self.total_s > 0 else 0.0
 
 
+def _chunk_hook(on_tokens, start: int, size: int):
+    """``on_tokens`` over a call's prompt indices, seen from the batch of prompts ``start .. start+size-1``."""
+
+    def hook(tokens: dict[int, int], finished: dict[int, str]) -> list[int]:
+        stop = on_tokens({start + r: t for r, t in tokens.items()}, {start + r: f for r, f in finished.items()})
+        stop = stop or ()
+        return [i - start for i in stop if start <= i < start + size]
+
+    return hook
+
+
 def _close_session(box: dict) -> None:
     box["session"].close()
 
@@ -237,14 +248,29 @@ class LLM:
             raise ValueError(f"prompt {i}: stop token id {bad[0]} outside the vocabulary [0, {self.spec.vocab_size})")
 
     # ---- public API ------------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], sampling_params: SamplingParams) -> None:
+        """Raise ValueError (naming the problem) unless ``generate`` can serve this one request: its token ids
+        are in the vocabulary, prompt + ``max_tokens`` fit the model's context, its stop tokens exist."""
+        ids = self._prompt_ids(None, [prompt_token_ids])
+        if not isinstance(sampling_params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
+        self._check_request(0, ids[0], sampling_params)
+
     def generate(
         self,
         prompts: str | list[str] | None = None,
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         prompt_token_ids: list[list[int]] | None = None,
         use_tqdm: bool = False,
+        on_tokens=None,
     ) -> list[RequestOutput]:
-        """One output per prompt, in order; ``.token_ids`` holds only the generated tokens."""
+        """One output per prompt, in order; ``.token_ids`` holds only the generated tokens.
+
+        ``on_tokens(tokens, finished)`` (for servers: streaming, cancellation, stop strings): called on the
+        calling thread after every decode step with ``tokens`` = {prompt index: token id} for the prompts that
+        sampled one and ``finished`` = {prompt index: "stop" | "length"} for those that finished with it; it
+        returns the indices to stop now (or None). A stopped prompt's output holds the tokens it had.
+        """
         ids = self._prompt_ids(prompts, prompt_token_ids)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -264,12 +290,12 @@ class LLM:
             bar = tqdm(total=sum(p.max_tokens for p in params), desc="generating", unit="tok")
         with self._lock:
             try:
-                return self._generate(ids, params, bar)
+                return self._generate(ids, params, bar, on_tokens)
             finally:
                 if bar:
                     bar.close()
 
-    def _generate(self, ids, params, bar) -> list[RequestOutput]:
+    def _generate(self, ids, params, bar, on_tokens=None) -> list[RequestOutput]:
         self._check_open()
         session = self.session
         session.prepare(ids, [p.max_tokens for p in params])  # re-plan for this workload, warm up
@@ -282,6 +308,7 @@ class LLM:
             new = generate_batch(
                 session.executor, chunk, chunk_params, self.spec.eos_token_ids, self.generator,
                 on_step=(lambda n: bar.update(n)) if bar else None,
+                on_tokens=_chunk_hook(on_tokens, b, len(chunk)) if on_tokens else None,
             )
             outputs += [RequestOutput(p, t, self.tokenizer.decode(t)) for p, t in zip(chunk, new)]
         total_s = time.perf_counter() - start  # the run itself: side-file saves and profile feedback excluded

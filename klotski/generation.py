@@ -1,8 +1,9 @@
 """Batched autoregressive generation over any executor with ``new_cache`` and ``forward``.
 
 Prompts of different lengths are left-padded into one batch; each step samples one token per unfinished
-request; a request stops at EOS (unless ``ignore_eos``), at one of its ``stop_token_ids`` or at
-``max_tokens``. The stop token is kept in ``token_ids`` (as vLLM does).
+request; a request stops at EOS (unless ``ignore_eos``), at one of its ``stop_token_ids``, at
+``max_tokens``, or when the caller's ``on_tokens`` hook stops it (a cancelled request, a stop string). The stop
+token is kept in ``token_ids`` (as vLLM does).
 """
 from __future__ import annotations
 
@@ -37,8 +38,17 @@ def generate_batch(
     eos_token_ids: tuple[int, ...],
     engine_generator: torch.Generator,
     on_step=None,
+    on_tokens=None,
 ) -> list[list[int]]:
-    """Generate for one batch; returns the new token ids of each prompt."""
+    """Generate for one batch; returns the new token ids of each prompt.
+
+    ``on_step(n)``: after each step, the number of tokens it sampled. ``on_tokens(tokens, finished)``: after
+    each step, ``tokens`` = {row: token} for every row (index into ``prompts``) that sampled one, ``finished`` =
+    {row: "stop" (EOS or a stop token) | "length" (max_tokens)} for the rows that finished with it; it returns
+    the rows to stop now (an iterable, or None): they sample no further token. A stopped row still rides in
+    the batch's forwards until the batch ends (its KV rows are part of the batch), and the batch ends as soon
+    as every row is finished or stopped.
+    """
     ids, pad = left_pad(prompts)
     steps = max(p.max_tokens for p in params)
     cache = executor.new_cache(len(prompts), ids.shape[1] + steps, pad)
@@ -50,12 +60,17 @@ def generate_batch(
     for _ in range(steps):
         rows = [i for i in range(len(prompts)) if not done[i]]
         tokens = sampler.sample(logits[rows], rows)
+        finished = {}
         for r, t in zip(rows, tokens):
             outputs[r].append(t)
             if t in stops[r] or len(outputs[r]) >= params[r].max_tokens:
                 done[r] = True
+                finished[r] = "stop" if t in stops[r] else "length"
         if on_step is not None:
             on_step(len(rows))
+        if on_tokens is not None:
+            for r in on_tokens(dict(zip(rows, tokens)), finished) or ():
+                done[r] = True
         if all(done):
             break
         nxt = torch.tensor([o[-1] for o in outputs], dtype=torch.long)[:, None]

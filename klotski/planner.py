@@ -20,6 +20,7 @@ from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
 from klotski.program import order_of
+from klotski.program.pools import pools_for
 from klotski.simulate import SimResult, simulate_model_step
 from klotski.units import format_bytes
 
@@ -51,6 +52,8 @@ class Plan:
     bytes_per_step: dict  # link -> bytes moved in one decode step
     num_hot: int | None = None
     overlap: bool = True
+    dense_buffers: int = 2  # the runtime's pools the plan was simulated with (klotski.program.pools)
+    expert_slots: int = 0
     hardware: str = ""
     model: str = ""
     extra: dict = field(default_factory=dict)
@@ -92,6 +95,7 @@ class Planner:
         self.decode_routing = decode_routing or self.routing
         self._cache: dict = {}
         self.prune = True  # skip candidates whose tokens/s bound cannot beat the incumbent (same decisions)
+        self.kv_tiers = ("gpu", "cpu")  # where the KV cache may live (a caller that fixes it narrows this)
 
     # ---- one candidate ----------------------------------------------------------------------------------
     def shapes(self, b: int, n: int) -> tuple[StepShape, StepShape]:
@@ -112,6 +116,8 @@ class Planner:
     def score(self, policy, placement, b, n, num_hot=None, overlap=True) -> Plan:
         pre, dec = self.simulate(policy, placement, b, n, num_hot, overlap)
         n_eff = 1 if policy in ("layerwise", "resident") else n
+        buffers, slots = pools_for(order_of(policy, num_hot), self.costs.spec, placement, num_hot,
+                                   overlap and policy != "layerwise")
         steps = self.gen_len - 1
         total = pre.makespan + steps * dec.makespan
         busy = pre.busy.get("compute", 0.0) + steps * dec.busy.get("compute", 0.0)
@@ -120,7 +126,8 @@ class Planner:
                     gen_len=self.gen_len, tokens_per_s=b * n_eff * self.gen_len / total, prefill_s=pre.makespan,
                     decode_step_s=dec.makespan, bubble_fraction=max(0.0, 1 - busy / total), peak_mem=peak,
                     bytes_per_step=dict(dec.bytes_moved), num_hot=num_hot if policy == "klotski" else None,
-                    overlap=overlap, hardware=self.hw.name, model=self.costs.name)
+                    overlap=overlap, dense_buffers=buffers, expert_slots=slots, hardware=self.hw.name,
+                    model=self.costs.name)
 
     def fits(self, plan: Plan) -> bool:
         return plan.peak_mem["gpu"] <= self.hw.gpu_memory and plan.peak_mem["cpu"] <= self.hw.cpu_memory
@@ -230,7 +237,7 @@ class Planner:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
         ns = (1,) if policy in ("layerwise", "resident") else GROUP_SIZES
-        kvs = ("gpu",) if policy == "resident" else ("gpu", "cpu")
+        kvs = ("gpu",) if policy == "resident" else self.kv_tiers
         best: Plan | None = None
         best_key = None
         coarse_b = [i for i, b in enumerate(BATCH_SIZES) if b in (2, 16, 128)]

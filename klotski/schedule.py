@@ -126,9 +126,22 @@ class Schedule:
         return out
 
 
-def static_memory(costs: ModelCosts, placement: Placement, shape: StepShape, policy: str) -> dict:
-    """Bytes each tier holds for the whole run: placed weights, the KV cache, the group's hidden states."""
+def pool_bytes(costs: ModelCosts, placement: Placement, dense_buffers: int, expert_slots: int) -> int:
+    """Device bytes of the runtime's fixed pools: ``dense_buffers`` copies of the largest layer's streamed
+    attention / gate / shared weights and ``expert_slots`` streaming expert slots (device dtype)."""
+    streamed = max((sum(getattr(lc, f"{c}_bytes") for c in ("attn", "gate", "shared") if getattr(placement, c) != "gpu")
+                    for lc in costs.layers), default=0)
+    expert = max((lc.expert_bytes for lc in costs.layers if lc.kind == "moe"), default=0)
+    return (dense_buffers * costs.device_bytes(streamed) if streamed else 0) + \
+        expert_slots * costs.device_bytes(expert, expert=True)
+
+
+def static_memory(costs: ModelCosts, placement: Placement, shape: StepShape, policy: str,
+                  pools: tuple[int, int] = (0, 0)) -> dict:
+    """Bytes each tier holds for the whole run: placed weights, the runtime's pools (``pools`` = (dense
+    buffers, streaming expert slots)), the KV cache, the group's hidden states."""
     mem = {t: 0 for t in TIERS}
+    mem["gpu"] += pool_bytes(costs, placement, *pools)
     gpu_weights = costs.embed_bytes + costs.lm_head_bytes
     gpu_experts = 0
     seqs = shape.batch_size * shape.n
@@ -183,10 +196,10 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
     ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap``: flexgen loads
     the next layer during this one; klotski issues the next layer's hot experts with its weights ("wide,
     early"). ``dense_buffers`` / ``expert_slots``: the runtime's pools (default: the policy's targets,
-    :func:`klotski.program.pools.slot_targets`).
+    :func:`klotski.program.pools.pools_for`).
     """
     from klotski.program import Builder, ExpectedRouting, StepContext, step_ops
-    from klotski.program.pools import slot_targets
+    from klotski.program.pools import pools_for
 
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
@@ -201,8 +214,7 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
         shape = StepShape(shape.phase, shape.batch_size, 1, shape.q_len, shape.past_len, shape.context_len)
         overlap = False
     if dense_buffers is None or expert_slots is None:
-        _, slots, buffers = slot_targets("flexgen" if policy == "resident" else policy, spec,
-                                         placement.experts_on("gpu", spec.num_experts), num_hot, overlap)
+        buffers, slots = pools_for(policy, spec, placement, num_hot, overlap)
         dense_buffers = buffers if dense_buffers is None else dense_buffers
         expert_slots = slots if expert_slots is None else expert_slots
     ctx = StepContext(costs, placement, shape, num_hot if num_hot is not None else spec.top_k, overlap,
@@ -210,5 +222,6 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
     b = Builder(ctx)
     for _ in step_ops(policy, b, ExpectedRouting(routing, placement, shape)):
         pass
-    return Schedule(policy, shape, placement, b.ops, static_memory(costs, placement, shape, policy), ctx.layers,
+    return Schedule(policy, shape, placement, b.ops,
+                    static_memory(costs, placement, shape, policy, (dense_buffers, expert_slots)), ctx.layers,
                     b.layer_last_compute)

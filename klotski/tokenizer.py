@@ -22,12 +22,13 @@ class Tokenizer:
     def available(self) -> bool:
         return self._tok is not None
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens=False`` for text that already holds them (a rendered chat template)."""
         if self._tok is None:
             raise FileNotFoundError(
                 f"text prompts need a tokenizer, but {self.path} does not exist; pass prompt_token_ids instead"
             )
-        return self._tok.encode(text, add_special_tokens=True).ids
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         if self._tok is None:

@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ("demo", "generate", "bench", "plan", "profile", "convert")
+VERBS = ("demo", "generate", "bench", "plan", "profile", "convert", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 
-def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident") -> None:
+def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident", traces: bool = True) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default)")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     p.add_argument("--policy", default=policy_default,
@@ -18,6 +18,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
     p.add_argument("--batch-size", default="auto", help="sequences per batch, or auto")
     p.add_argument("--expert-selection", default="off", metavar="off|lynx:A|lynx-offload:A",
                    help="decode-step expert selection with aggressiveness A in [0, 1] (default: off, exact routing)")
+    if not traces:
+        return
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the streams")
     p.add_argument("--timeline", default=None, metavar="FILE.png", help="write a compute-vs-I/O timeline picture")
 
@@ -46,6 +48,8 @@ def build_llm(args, model_dir: str, policy: str | None = None):
     if policy != "resident":
         kwargs = dict(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, offload_dir=args.offload_dir,
                       num_batches=args.num_batches, batch_size=args.batch_size, rebuild_store=args.rebuild_store)
+    if getattr(args, "max_num_seqs", None) is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
     return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy,
                expert_selection=getattr(args, "expert_selection", "off"), **kwargs)
 

@@ -103,11 +103,11 @@ def dense_bytes(ctx: StepContext, layer: int) -> dict[str, int]:
 
 
 def _copy(b: Builder, layer: int, stream: str, tensor: str, host_bytes: int, disk_bytes: int, deps,
-          alloc: int, expert: int | None = None, experts: tuple = ()):
+          expert: int | None = None, experts: tuple = ()):
     """A load of ``host_bytes`` + ``disk_bytes`` stored bytes: a read of the disk part (disk link, into the
     staging ring) then one copy of everything to the device, both on ``stream`` -> the copy op."""
     deps = tuple(deps)
-    mem = {"gpu": alloc}
+    mem = {}  # it fills a buffer of the runtime's fixed pools (counted for the whole step)
     if disk_bytes:
         read = b.add("read", stream, "cpu", layer, tensor=tensor, expert=expert, experts=experts, link="disk",
                      bytes=disk_bytes, deps=deps, mem_alloc=mem)
@@ -127,17 +127,15 @@ def load_dense(b: Builder, layer: int, deps=()):
     streamed = by_tier["cpu"] + by_tier["disk"]
     if not streamed:
         return None
-    return (yield from _copy(b, layer, "prefetch", "dense", by_tier["cpu"], by_tier["disk"], deps,
-                             ctx.costs.device_bytes(streamed)))
+    return (yield from _copy(b, layer, "prefetch", "dense", by_tier["cpu"], by_tier["disk"], deps))
 
 
 def load_expert(b: Builder, layer: int, e: int, tier: str, stream: str, deps=()):
     """One routed expert (host or disk) into a streaming slot -> load id."""
     nbytes = b.ctx.costs.layers[layer].expert_bytes
-    alloc = b.ctx.costs.device_bytes(nbytes, expert=True)
     deps = (*deps, *b.slot_free(1))
     lid = yield from _copy(b, layer, stream, "expert", nbytes if tier == "cpu" else 0,
-                           nbytes if tier == "disk" else 0, deps, alloc, expert=e)
+                           nbytes if tier == "disk" else 0, deps, expert=e)
     b.slot_loads.append(lid)
     return lid
 
@@ -147,10 +145,9 @@ def load_experts(b: Builder, layer: int, experts: tuple[int, ...], tier: str, de
     if not experts:
         return None
     nbytes = len(experts) * b.ctx.costs.layers[layer].expert_bytes
-    alloc = b.ctx.costs.device_bytes(nbytes, expert=True)
     deps = (*deps, *b.slot_free(len(experts)))
     lid = yield from _copy(b, layer, "prefetch", "experts", nbytes if tier == "cpu" else 0,
-                           nbytes if tier == "disk" else 0, deps, alloc, experts=tuple(experts))
+                           nbytes if tier == "disk" else 0, deps, experts=tuple(experts))
     b.slot_loads.extend([lid] * len(experts))
     return lid
 
@@ -160,8 +157,7 @@ def release(b: Builder, layer: int, tensor: str, load: int | None, nbytes: int, 
     """Give back the buffer / slot(s) ``load`` filled (nothing when nothing was loaded) -> release id."""
     if load is None:
         return None
-    op = b.add("release", "compute", "gpu", layer, tensor=tensor, expert=expert, experts=experts, deps=(load,),
-               mem_free={"gpu": b.ctx.costs.device_bytes(nbytes, expert=tensor in ("expert", "experts"))})
+    op = b.add("release", "compute", "gpu", layer, tensor=tensor, expert=expert, experts=experts, deps=(load,))
     if tensor in ("expert", "experts"):
         b.slot_release[load] = op.id
     yield op

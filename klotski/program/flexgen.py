@@ -3,7 +3,8 @@
 Per layer: the layer's streamed dense weights and every expert that is not GPU-resident load on the prefetch
 lane (host-resident experts in one load, disk-resident ones in another: a read then a copy); with
 ``overlap`` the next layer's loads are issued at the start of this one (two layers in flight: each waits
-for the layer two back to give its buffers back), without it a layer loads when the previous one is done.
+for the layer two back to give its buffers back) and a KV cache in host memory loads one micro-batch ahead;
+without it everything loads just in time (with n = 1 that is the layerwise order).
 Attention runs micro-batch by micro-batch, then per micro-batch the gate, one grouped call over the experts
 it selected and the residual add; the layer's slots and buffer are released at its end.
 
@@ -72,7 +73,7 @@ def flexgen_ops(b: Builder, view: RoutingView):
         if ctx.overlap:
             yield from issue(layer + 1)  # the next layer loads while this one computes
         dense, groups = issued.pop(layer)
-        yield from _compute(b, view, layer, range(ctx.shape.n), dense, groups, prefetch_kv=True)
+        yield from _compute(b, view, layer, range(ctx.shape.n), dense, groups, prefetch_kv=ctx.overlap)
         yield from release_dense(b, layer, dense)
 
 

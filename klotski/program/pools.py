@@ -28,3 +28,12 @@ def slot_targets(policy: str, spec, experts_gpu: int = 0, num_hot: int | None = 
     if policy == "layerwise":
         return streamed, streamed, 1
     raise ValueError(f"unknown offloading policy {policy!r}; available: layerwise, flexgen, klotski")
+
+
+def pools_for(policy: str, spec, placement, num_hot: int | None, overlap: bool) -> tuple[int, int]:
+    """(dense buffers, streaming expert slots) the runtime allocates for a plan: the policy's targets for
+    its placement (``policy``: the order it runs in, :func:`klotski.program.order_of`)."""
+    E = spec.num_experts
+    _, slots, buffers = slot_targets("flexgen" if policy == "resident" else policy, spec,
+                                     placement.experts_on("gpu", E) if E else 0, num_hot, overlap)
+    return buffers, slots

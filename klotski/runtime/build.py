@@ -26,6 +26,7 @@ from klotski.runtime.placement import Layout, ModelBytes, streamed_bytes
 from klotski.runtime.planning import (InfeasibleError, layout_for_plan, machine_profile, make_plan, minimum_layout,
                                      model_costs, order_of)
 from klotski.units import format_bytes, parse_bytes
+from klotski.schedule import staging_bytes
 
 OFFLOAD_POLICIES = ("layerwise", "flexgen", "klotski")
 PREFETCH_SOURCES = ("table", "lookahead")
@@ -147,8 +148,6 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
             f"one layer's attention+gate+shared and {lo} expert slot(s) {format_bytes(one_layer)}, "
             f"activations {format_bytes(act_min)})", min_gpu_memory=minimum.device_bytes + act_min
         )
-    piece = max(mb.expert_ckpt, max(max(c.values()) for c in mb.per_layer_ckpt))
-    ring = 2 * (-(-(piece + 16384) // 4096) * 4096)  # disk staging ring: 2 aligned slots
     hw = hardware or cfg.hardware or machine_profile(cfg.device)
     prompt_len, gen_len = workload
     # A prompt whose activations do not fit runs in chunks (chunked prefill): plan for the longest chunk
@@ -157,14 +156,13 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
     while True:
         try:
             plan = make_plan(costs, hw, policy, cfg.gpu_budget, cfg.cpu_budget, q, gen_len, cfg.num_batches,
-                             cfg.batch_size, expert_selection=cfg.expert_selection)
+                             cfg.batch_size, kv=None if cfg.kv == "auto" else cfg.kv,
+                             expert_selection=cfg.expert_selection)
             break
         except InfeasibleError as e:
             if q == 1:
                 raise BudgetError(str(e), e.min_gpu_memory, e.min_cpu_memory) from None
             q = (q + 1) // 2
-    if cfg.kv == "cpu":
-        plan = replace(plan, placement=replace(plan.placement, kv="cpu"))
     n = cfg.num_batches or plan.n
     # what the plan's schedule reserves too (the runtime's forward re-checks with the real lengths: a longer
     # prompt chunks, a KV cache that does not fit the device goes to host memory)
@@ -172,11 +170,14 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
     reserve = costs.activation_bytes(planned, plan.n, q, q + gen_len)
     if plan.placement.kv == "gpu":
         reserve += costs.kv_bytes(planned * (q + gen_len))
+    ring = staging_bytes(costs, plan.placement)  # the disk staging ring, as the planner counts it
     host_cap = cpu_cap - ring - (costs.kv_bytes(planned * (q + gen_len)) if plan.placement.kv == "cpu" else 0)
     try:
         layout = layout_for_plan(mb, spec, plan, gpu_cap, reserve, host_cap)
     except BudgetError:  # the pools fit with less room for activations: the forward runs in smaller chunks
         layout = layout_for_plan(mb, spec, plan, gpu_cap, act_min, host_cap)
+    # what runs: the plan's placement with the pools that fit (the prediction is made for these)
+    plan = replace(plan, dense_buffers=layout.dense_buffers, expert_slots=layout.expert_slots)
     return RunPlan(plan, layout, n, (prompt_len, gen_len), hw, costs)
 
 

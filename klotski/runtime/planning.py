@@ -5,8 +5,8 @@
   refined by every offloaded run (:func:`calibrate_from_run`).
 * :func:`make_plan` -- the planner's plan for (policy, budgets, model, workload). ``num_batches`` /
   ``batch_size`` given explicitly are fixed and the planner picks the rest (placement, KV tier, prefetch
-  width) for them. The placement is the planner's; the runtime only sizes its fixed device pools around it
-  (:func:`layout_for_plan`).
+  width) for them. The placement is the planner's and the runtime never changes it; the plan's pools are
+  the runtime's, shrunk only when activations need the room (:func:`layout_for_plan`).
 * :func:`calibrate_from_run` -- fit the profile's rates to the per-op timings of a measured run (the
   executor's trace) with :func:`klotski.calibration.calibrate`, and cache the result as the profile.
 
@@ -64,10 +64,11 @@ def model_costs(spec, checkpoint_dtype: str, dtype: torch.dtype) -> ModelCosts:
 
 def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: int | None, cpu_budget: int | None,
               prompt_len: int, gen_len: int, num_batches: int | None = None, batch_size: int | None = None,
-              expert_selection=None) -> Plan:
-    """The planner's plan; ``num_batches`` / ``batch_size`` (None = the planner's choice) fix the group shape.
-    ``expert_selection`` (an enabled :class:`~klotski.model.expert_selection.ExpertSelection`): decode steps
-    are planned with the fewer distinct experts it leaves (:meth:`RoutingStats.with_selection`)."""
+              kv: str | None = None, expert_selection=None) -> Plan:
+    """The planner's plan; ``num_batches`` / ``batch_size`` (None = the planner's choice) fix the group shape,
+    ``kv`` ("gpu" | "cpu"; None = the planner's choice) the KV cache's tier. ``expert_selection`` (an enabled
+    :class:`~klotski.model.expert_selection.ExpertSelection`): decode steps are planned with the fewer distinct
+    experts it leaves (:meth:`RoutingStats.with_selection`)."""
     hw = replace(hw, gpu_memory=gpu_budget if gpu_budget is not None else UNLIMITED,
                  cpu_memory=cpu_budget if cpu_budget is not None else UNLIMITED)
     decode_routing = None
@@ -76,6 +77,8 @@ def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: i
         decode_routing = RoutingStats.uniform(spec.num_experts, max(spec.top_k, 1)).with_selection(
             expert_selection.aggressiveness, expert_selection.offload_aware)
     planner = Planner(costs, hw, prompt_len, gen_len, decode_routing=decode_routing)
+    if kv is not None:
+        planner.kv_tiers = (kv,)
     if num_batches is None and batch_size is None:
         return planner.plan(policy)
     ns = [num_batches] if num_batches is not None else ([1] if policy == "layerwise" else list(GROUP_SIZES))
@@ -85,7 +88,7 @@ def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: i
     best = None
     for n in ns:
         for b in bs:
-            for kv in ("gpu", "cpu"):
+            for kv in planner.kv_tiers:
                 for hot, overlap in planner.variants(policy):
                     p = planner.evaluate(policy, b, n, kv, hot, overlap)
                     if p is not None and (best is None or p.tokens_per_s > best.tokens_per_s):
@@ -135,57 +138,37 @@ def order_of(plan: Plan) -> str:
 
 def _step(plan: Plan, costs, hw, shape: StepShape) -> float:
     return simulate_model_step(order_of(plan), costs, plan.placement, shape, hw, num_hot=plan.num_hot,
-                               overlap=plan.overlap).makespan
+                               overlap=plan.overlap, dense_buffers=plan.dense_buffers,
+                               expert_slots=plan.expert_slots).makespan
 
 
 def layout_for_plan(mb: ModelBytes, spec, plan: Plan, gpu_cap: int, reserve_gpu: int, host_cap: int | None = None) -> Layout:
-    """Device pools around the plan's placement: dense buffers (2 when the policy overlaps the next layer's
-    load) and streaming expert slots (klotski: at least one, up to its prefetch width plus the cold queue;
-    flexgen/layerwise: every streamed expert of a layer, twice with overlap). The runtime's pools are fixed-size,
-    so when the slots the policy needs do not fit next to the plan's GPU-resident experts (the simulation
-    allocates them only while in use), GPU-resident experts give way one at a time."""
+    """The runtime's layout of ``plan``: exactly its placement, and its pools (``plan.dense_buffers``,
+    ``plan.expert_slots``). Nothing is re-placed. When the pools do not fit next to the placed weights and
+    ``reserve_gpu`` bytes of activations, the streaming expert slots shrink toward the order's minimum and
+    then the dense buffers to one (fewer loads in flight, the same weights where the planner put them);
+    the caller re-predicts for the pools that result. A plan whose host-tier weights exceed ``host_cap``, or
+    whose smallest pools do not fit, is refused with a BudgetError naming what it needs."""
     p = plan.placement
     E = mb.num_experts
     policy = order_of(plan)
-    def host_fit(p: Placement) -> Placement:  # what host memory cannot hold goes to disk
-        if host_cap is None:
-            return p
-        while layout_memory(mb, p, 1, 0).host_bytes > host_cap and E and p.experts_on("cpu", E) > 0:
-            p = replace(p, experts_cpu=p.experts_on("cpu", E) - 1)
-        for cls in ("shared", "attn", "gate"):
-            if layout_memory(mb, p, 1, 0).host_bytes > host_cap and getattr(p, cls) == "cpu":
-                p = replace(p, **{cls: "disk"})
-        return p
-
-    p = host_fit(p)  # the planner's CPU side counted a disk window the runtime does not keep
-    while True:
-        lo, hi, buffers = slot_targets(policy, spec, p.experts_on("gpu", E) if E else 0, plan.num_hot,
-                                       plan.overlap)
-        if not streamed_bytes(mb, p):
-            buffers = 0
+    host = layout_memory(mb, p, 1, 0).host_bytes
+    if host_cap is not None and host > host_cap:
+        raise BudgetError(
+            f"cpu_memory cannot hold the {policy} plan's host-resident weights ({p.describe(E)}): they need "
+            f"{format_bytes(host)}, {format_bytes(host_cap)} is left after the KV cache and the disk staging ring")
+    lo, _, _ = slot_targets(policy, spec, p.experts_on("gpu", E) if E else 0, plan.num_hot, plan.overlap)
+    hi = max(plan.expert_slots, lo)
+    for buffers in sorted({plan.dense_buffers, 1}, reverse=True):
         for slots in range(hi, lo - 1, -1):
             lay = layout_memory(mb, p, buffers, slots)
             if lay.device_bytes + reserve_gpu <= gpu_cap:
-                return layout_memory(mb, host_fit(p), buffers, slots)
-        if buffers == 2:
-            for slots in range(hi, lo - 1, -1):
-                lay = layout_memory(mb, p, 1, slots)
-                if lay.device_bytes + reserve_gpu <= gpu_cap:
-                    return layout_memory(mb, host_fit(p), 1, slots)
-        if E and p.experts_gpu > 0:
-            p = replace(p, experts_gpu=p.experts_on("gpu", E) - 1,
-                        experts_cpu=None if p.experts_cpu is None else p.experts_cpu + 1)
-            continue
-        demote = next((c for c in ("shared", "attn", "gate") if getattr(p, c) == "gpu"), None)
-        if demote is not None:  # then resident classes stream (from host memory when it has room)
-            host = layout_memory(mb, replace(p, **{demote: "cpu"}), 1, 0).host_bytes
-            p = replace(p, **{demote: "cpu" if host_cap is None or host <= host_cap else "disk"})
-            continue
-        lay = layout_memory(mb, p, 1, lo)
-        raise BudgetError(
-            f"gpu_memory {format_bytes(gpu_cap)} cannot hold the runtime's pools for the {policy} plan "
-            f"({plan.placement.describe(E)}): needs {format_bytes(lay.device_bytes + reserve_gpu)} "
-            f"including activations {format_bytes(reserve_gpu)}")
+                return lay
+    lay = layout_memory(mb, p, 1, lo)
+    raise BudgetError(
+        f"gpu_memory {format_bytes(gpu_cap)} cannot hold the {policy} plan ({p.describe(E)}) with its smallest "
+        f"pools ({lo} expert slot(s), one dense buffer): needs {format_bytes(lay.device_bytes + reserve_gpu)} "
+        f"including activations {format_bytes(reserve_gpu)}")
 
 
 def minimum_layout(mb: ModelBytes, spec, policy: str) -> Layout:

@@ -108,10 +108,15 @@ def test_klotski_wide_early_prefetch(setup):
     assert res.makespan == pytest.approx(18.0)
 
 
-def test_klotski_uses_less_gpu_memory_than_flexgen(setup):
-    _, k = run("klotski", setup)
-    _, f = run("flexgen", setup)
-    assert k.peak_mem["gpu"] < f.peak_mem["gpu"]
+def test_klotski_uses_less_gpu_memory_than_flexgen(make_tiny_config):
+    # the pools: klotski streams through top_k hot + top_k + 2 slots, flexgen holds two layers of experts
+    costs = ModelCosts.from_config(make_tiny_config(experts=8, top_k=2))
+    shape = StepShape("decode", batch_size=8, n=2, q_len=1, past_len=4, context_len=8)
+    p = Placement(experts_gpu=0, kv="gpu")
+    k = simulate(build_schedule("klotski", costs, p, shape, num_hot=2, overlap=False), preset("rtx3090"))
+    f = simulate(build_schedule("flexgen", costs, p, shape), preset("rtx3090"))
+    expert = costs.device_bytes(costs.layers[0].expert_bytes, expert=True)
+    assert f.peak_mem["gpu"] - k.peak_mem["gpu"] == (16 - 6) * expert
 
 
 def test_resident_has_no_weight_traffic(setup):
