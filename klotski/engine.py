@@ -11,6 +11,7 @@ import torch
 from klotski.checkpoint import SafetensorsIndex
 from klotski.generation import generate_batch, left_pad
 from klotski.model import ModelSpec
+from klotski.model.expert_selection import ExpertSelection
 from klotski.model.weights import CheckpointWeights
 from klotski.sampling import SamplingParams
 from klotski.session import POLICIES, Session, open_session
@@ -129,6 +130,12 @@ class LLM:
     stream as well as the correlation table (:mod:`klotski.lookahead`); the default "table" uses the table only.
     ``hardware``: a :class:`~klotski.hardware.HardwareProfile` to plan with (default: this machine's cached
     profile, refitted by each LLM's first run; an explicit one is never changed).
+    ``expert_selection``: "off" (default, exact routing), "lynx:A" or "lynx-offload:A" with A in [0, 1]: on
+    decode steps, batch-aware expert selection remaps low-confidence token-expert assignments onto experts
+    the batch needs anyway (every token keeps its top-1 and gets top_k experts; prefill is exact); "lynx-offload"
+    never drops device-resident, prefetched or already-loading experts, so each drop is a load avoided. See
+    :mod:`klotski.model.expert_selection`; ``metrics.extra`` reports remapped assignments and distinct experts
+    per layer.
 
     Threads: one ``LLM`` may be shared by several threads. Its calls (``generate``, ``logits``, ``close``) are
     serialised by a lock: a call waits until the one running has finished, then runs on its own (requests of
@@ -154,9 +161,11 @@ class LLM:
         quantization: str | None = None,
         prefetch: str = "table",
         hardware=None,
+        expert_selection: str | None = "off",
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
+        selection = ExpertSelection.parse(expert_selection)  # a bad value fails here, before anything loads
         if isinstance(max_num_seqs, bool) or not isinstance(max_num_seqs, int) or max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be an int >= 1, got {max_num_seqs!r}")
         for name, value in (("gpu_memory", gpu_memory), ("cpu_memory", cpu_memory)):
@@ -177,7 +186,8 @@ class LLM:
             batch_size=batch_size, rebuild_store=rebuild_store, quantization=quantization, prefetch=prefetch,
             hardware=hardware)
         self._lock = threading.RLock()
-        self._box = {"session": open_session(policy, self.weights, self.device, self.dtype, max_num_seqs, **offload)}
+        self._box = {"session": open_session(policy, self.weights, self.device, self.dtype, max_num_seqs,
+                                             expert_selection=selection, **offload)}
         # closes the session when this LLM is closed, collected or the interpreter exits (never holds self)
         self._finalizer = weakref.finalize(self, _close_session, self._box)
         self.generator = torch.Generator().manual_seed(seed)

@@ -82,13 +82,17 @@ class Plan:
 class Planner:
     """Plans one model on one machine for a prompt / generation length."""
 
-    def __init__(self, costs: ModelCosts, hw, prompt_len: int, gen_len: int, routing: RoutingStats | None = None):
+    def __init__(self, costs: ModelCosts, hw, prompt_len: int, gen_len: int, routing: RoutingStats | None = None,
+                 decode_routing: RoutingStats | None = None):
+        """``decode_routing``: the routing of decode steps when it differs from ``routing`` (expert selection:
+        ``routing.with_selection(...)``); None = ``routing``."""
         if prompt_len < 1 or gen_len < 1:
             raise ValueError(f"prompt_len and gen_len must be >= 1, got {prompt_len}, {gen_len}")
         self.costs, self.hw = costs, hw
         self.prompt_len, self.gen_len = prompt_len, gen_len
         spec = costs.spec
         self.routing = routing or RoutingStats.uniform(max(spec.num_experts, 1), max(spec.top_k, 1))
+        self.decode_routing = decode_routing or self.routing
         self._cache: dict = {}
         self.prune = True  # skip candidates whose tokens/s bound cannot beat the incumbent (same decisions)
         self.kv_tiers = ("gpu", "cpu")  # where the KV cache may live (a caller that fixes it narrows this)
@@ -105,8 +109,8 @@ class Planner:
         if key not in self._cache:
             pre, dec = self.shapes(b, n)
             self._cache[key] = tuple(
-                simulate_model_step(policy, self.costs, placement, s, self.hw, self.routing, num_hot=num_hot,
-                                    overlap=overlap) for s in (pre, dec))
+                simulate_model_step(policy, self.costs, placement, s, self.hw, r, num_hot=num_hot, overlap=overlap)
+                for s, r in ((pre, self.routing), (dec, self.decode_routing)))
         return self._cache[key]
 
     def score(self, policy, placement, b, n, num_hot=None, overlap=True) -> Plan:
@@ -197,9 +201,10 @@ class Planner:
         key = ("bound", policy, b, n, kv, num_hot, overlap)
         if key not in self._cache:
             total = 0.0
-            for shape, steps in zip(self.shapes(b, n), (1, self.gen_len - 1)):
+            for shape, steps, routing in zip(self.shapes(b, n), (1, self.gen_len - 1),
+                                             (self.routing, self.decode_routing)):
                 static = lean_static_gpu(self.costs, shape, kv, policy)
-                total += steps * step_time_lower_bound(self.costs, self.hw, self.routing, policy, shape, kv,
+                total += steps * step_time_lower_bound(self.costs, self.hw, routing, policy, shape, kv,
                                                        num_hot, static)
             n_eff = 1 if policy in ("layerwise", "resident") else n
             self._cache[key] = b * n_eff * self.gen_len / total if total > 0 else float("inf")

@@ -10,12 +10,19 @@ popularity weights ``p`` (equivalently: top-k of ``log p + Gumbel noise``). Toke
 ``pi_e = int_0^inf p_e exp(-p_e t) P(fewer than k other clocks rang by t) dt`` (numerical quadrature), or
 directly from measured counts (``pi_e = count_e / tokens``), in which case weights reproducing them are
 fitted so that sampling and the analytic model agree.
+
+Decode steps with batch-aware expert selection (:mod:`klotski.model.expert_selection`, aggressiveness ``a``)
+keep every expert that is some token's top-1 and drop a fraction ``a`` of the others. Under Plackett-Luce an
+expert is a token's top-1 with probability ``p_e``, so ``t1_e = 1 - (1 - p_e) ** T`` is the chance it is
+mandatory and the selected touch probability is modelled per expert as ``t1_e + (1 - a) (t_e - t1_e)``
+(never fewer than ``top_k`` experts in all; offload-aware selection leaves the resident and prefetched
+experts at ``t_e``). :meth:`RoutingStats.with_selection` returns stats with that model applied.
 """
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -84,6 +91,15 @@ class RoutingStats:
     weights: dict[int, np.ndarray] = field(default_factory=dict)
     pis: dict[int, np.ndarray] = field(default_factory=dict)
     source: str = "uniform"
+    drop: float = 0.0  # expert selection: fraction of the non-top-1 experts dropped (0: exact routing)
+    keeps_free: bool = False  # offload-aware selection: resident / prefetched experts are never dropped
+
+    def with_selection(self, drop: float, keeps_free: bool = False) -> "RoutingStats":
+        """These statistics on decode steps under expert selection dropping ``drop`` of the optional experts."""
+        if not 0.0 <= drop <= 1.0:
+            raise ValueError(f"selection drop fraction must be in [0, 1], got {drop}")
+        return replace(self, pis=self.pis, drop=float(drop), keeps_free=bool(keeps_free),
+                       source=f"{self.source}+selection({drop:g}{', keeps free' if keeps_free else ''})")
 
     # ---- constructors -----------------------------------------------------------------------------------
     @classmethod
@@ -161,10 +177,24 @@ class RoutingStats:
             self.pis[key] = inclusion_probs(self.weights[key], self.top_k)
         return self.pis[key]
 
-    def touch_probs(self, tokens: float, layer: int = 0) -> np.ndarray:
-        """[E] P(expert e is used by at least one of ``tokens`` tokens)."""
+    def exact_touch_probs(self, tokens: float, layer: int = 0) -> np.ndarray:
+        """[E] P(expert e is used by at least one of ``tokens`` tokens) without expert selection."""
         pi = self.inclusion(layer)
         return -np.expm1(tokens * np.log1p(-np.minimum(pi, 1 - 1e-15)))
+
+    def touch_probs(self, tokens: float, layer: int = 0) -> np.ndarray:
+        """[E] P(expert e is used by at least one of ``tokens`` tokens), expert selection applied."""
+        t = self.exact_touch_probs(tokens, layer)
+        if self.drop <= 0.0:
+            return t
+        p1 = self.layer_weights(layer)
+        t1 = np.minimum(-np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15))), t)
+        optional = t - t1
+        floor = min(float(self.top_k), float(t.sum()))  # a token still needs top_k distinct experts
+        keep = 1.0 - self.drop
+        if optional.sum() > 0 and t1.sum() + keep * optional.sum() < floor:
+            keep = (floor - t1.sum()) / optional.sum()
+        return t1 + keep * optional
 
     def expected_distinct(self, tokens: float, layer: int = 0) -> float:
         """Expected number of distinct experts ``tokens`` tokens touch at ``layer``."""
@@ -218,6 +248,10 @@ def expected_routing(stats: RoutingStats, layer: int, tokens_per_batch: int, n: 
     pi = stats.inclusion(layer)
     touch = stats.touch_probs(total, layer)
     res, hot, rest = order[:num_resident], order[num_resident:num_resident + num_hot], order[num_resident + num_hot:]
+    if stats.drop > 0 and stats.keeps_free:  # offload-aware selection drops none of the resident / hot experts
+        free = order[:num_resident + num_hot]
+        touch = touch.copy()
+        touch[free] = stats.exact_touch_probs(total, layer)[free]
 
     def used(ids):
         ids = sorted(ids, key=lambda e: -touch[e])

@@ -52,8 +52,9 @@ class ResidentSession:
 
     can_trace = False
 
-    def __init__(self, weights, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 64):
-        self.executor: ResidentModel | None = ResidentModel(weights, device, dtype)
+    def __init__(self, weights, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 64,
+                 expert_selection=None):
+        self.executor: ResidentModel | None = ResidentModel(weights, device, dtype, expert_selection=expert_selection)
         self._group = max_num_seqs
 
     @property
@@ -65,14 +66,19 @@ class ResidentSession:
             raise RuntimeError("this resident session is closed")
 
     def reset_metrics(self) -> None:
-        pass
+        if self.executor is not None:
+            self.executor.selection_stats.reset()
 
     def finish(self) -> None:
         return None
 
     @property
     def metrics(self) -> dict:
-        return {}
+        """Expert selection's counters when it is on (:class:`~klotski.model.expert_selection.SelectionStats`)."""
+        ex = self.executor
+        if ex is None or not ex.selection.measured:
+            return {}
+        return ex.selection_stats.as_dict(ex.selection)
 
     def write_trace(self, path: str) -> None:
         raise RuntimeError("the resident policy runs no streams: there is no trace to write")
@@ -84,13 +90,14 @@ class ResidentSession:
 
 
 def open_session(policy: str, weights, device: torch.device, dtype: torch.dtype, max_num_seqs: int = 64,
-                 **offload) -> Session:
+                 expert_selection=None, **offload) -> Session:
     """The session for ``policy``; ``offload``: :class:`~klotski.runtime.session.OffloadedSession`'s options
-    (budgets, ``offload_dir``, group shape), ignored by the resident policy."""
+    (budgets, ``offload_dir``, group shape), ignored by the resident policy. ``expert_selection``: decode-step
+    expert selection under every policy (:mod:`klotski.model.expert_selection`)."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
     if policy == "resident":
-        return ResidentSession(weights, device, dtype, max_num_seqs)
+        return ResidentSession(weights, device, dtype, max_num_seqs, expert_selection=expert_selection)
     from klotski.runtime.session import OffloadedSession
 
-    return OffloadedSession(weights, device, dtype, policy, **offload)
+    return OffloadedSession(weights, device, dtype, policy, expert_selection=expert_selection, **offload)

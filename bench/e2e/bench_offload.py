@@ -21,6 +21,11 @@ budgets and prompts: over the checkpoint's experts, then over int4 experts (``kl
 into the policy's store, ``LLM(..., quantization="int4")``); the table gets a ``quant`` column, bytes read per
 generated token, and an int4 / checkpoint-dtype tokens/s ratio per policy (target >= 2x when disk-bound).
 
+``--expert-selection off,lynx:A,lynx-offload:A`` runs klotski once more per setting (``LLM(...,
+expert_selection=...)``), paired on the same checkpoint, prompts and budgets: expert bytes loaded per decode
+step and tokens/s against the "off" row (bench/e2e/selection_rows.py; target >= 25 % fewer, offload-aware
+>= 10 % fewer than plain).
+
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
 more row, a "klotski / accelerate" speedup and whether its greedy tokens match. It needs the ``bench`` extra
@@ -39,6 +44,9 @@ import tempfile
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import selection_rows  # noqa: E402
 
 
 def build_checkpoint(path: str, args) -> None:
@@ -144,7 +152,8 @@ def check_targets(rows: list[dict], baseline: dict | None) -> dict:
     """Issue #6's targets on this run: klotski >= 1.2x flexgen, >= 5x layerwise, >= 10x accelerate tokens/s;
     every policy within 15 % of its prediction (held out with --calibrate); klotski at >= 80 % of its roofline.
     Only the targets this run has the rows for."""
-    by = {r["policy"]: r for r in rows if not r.get("quantization") and r.get("prefetch", "table") == "table"}
+    by = {r["policy"]: r for r in rows if not r.get("quantization") and r.get("prefetch", "table") == "table"
+          and not r.get("expert_selection_setting")}
     out = {}
     for r in rows:
         base = by.get(r["policy"])
@@ -248,6 +257,8 @@ def main() -> None:
                     help="also run klotski with prefetch='lookahead' (gate lookahead + table), paired with the "
                          "table-only run: cold loads after the gate, prefetch precision/recall, tokens/s")
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int4: input columns per scale")
+    ap.add_argument("--expert-selection", default="", help="comma list, e.g. off,lynx:0.5,lynx-offload:0.5: klotski "
+                    "again per setting (paired rows: expert bytes per decode step, tokens/s; bench/e2e/selection_rows.py)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
     if args.model and args.preset:
@@ -290,13 +301,17 @@ def main() -> None:
                 for q in ([None, args.quantize] if args.quantize else [None])]
     if args.lookahead:  # klotski again with gate-lookahead prefetch, paired with the table-only run
         variants += [(p, q, "lookahead") for p, q, _ in list(variants) if p == "klotski"]
+    variants = [(p, q, f, None) for p, q, f in variants]
+    if args.expert_selection:  # klotski once per selection setting (the "off" row is the paired exact run)
+        variants += [("klotski", None, "table", s) for s in args.expert_selection.split(",")]
+        selection_rows.count_decode_loads()
     from klotski.runtime.planning import machine_profile
 
     # one profile for every variant: each LLM's first run would otherwise refit the cached profile and the next
     # variant would plan from other rates (an explicit profile is never changed)
     shared_hw = machine_profile(args.device if args.device != "auto" else
                                 ("cuda" if torch.cuda.is_available() else "cpu"))
-    for policy, quant, prefetch in variants:
+    for policy, quant, prefetch, selection in variants:
         store = os.path.join(work, f"store-{policy}")
         if quant:
             from klotski.store import convert_checkpoint
@@ -304,18 +319,23 @@ def main() -> None:
             convert_checkpoint(model, store, quantize=quant, group_size=args.group_size)
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                   offload_dir=store, num_batches=args.num_batches, batch_size=args.batch_size, quantization=quant,
-                  prefetch=prefetch, hardware=shared_hw)
+                  prefetch=prefetch, hardware=shared_hw, expert_selection=selection or "off")
         count = llm.session.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, llm.spec.vocab_size, (2 * count, args.prompt_len), generator=g).tolist()
         llm.generate(prompt_token_ids=prompts[:1], sampling_params=sp)  # warm-up run (prefetch table)
         plan_hw = llm.session.hardware
+        since = len(llm.executor.__dict__.get("bench_forwards", []))
         outs, row = timed_run(llm, prompts[:count], sp, plan_hw)
+        if selection is not None:
+            row.update(selection_rows.decode_fields(llm.executor, since), expert_selection_setting=selection)
         policy_key = f"{policy}+{quant}" if quant else policy
         if prefetch != "table":
             policy_key += f"@{prefetch}"
+        if selection is not None:
+            policy_key += f"~{selection}"  # selection changes tokens: not in the cross-policy comparison
         tokens[policy_key] = [o.token_ids for o in outs]
-        if not quant and prefetch == "table":
+        if not quant and prefetch == "table" and selection is None:
             runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
                             "dtype": str(llm.executor.dtype).replace("torch.", "")}
         row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "num_prompts": count, **row}
@@ -335,7 +355,7 @@ def main() -> None:
         print(f"{policy_key}: {row['tokens_per_s']:.2f} tokens/s ({count} prompts), {time.perf_counter() - t_start:.0f} s "
               f"since start", flush=True)
         save(rows, None, None)  # so far (tokens compared at the end)
-    plain = {k: v for k, v in tokens.items() if "+" not in k}  # int4 runs compute other weights: compared apart
+    plain = {k: v for k, v in tokens.items() if "+" not in k and "~" not in k}  # int4 runs compute other weights: compared apart
     quant_tokens = {k: v for k, v in tokens.items() if "+" in k}
     same = all(_same(group) for group in (plain, quant_tokens) if group)
     baseline = None
@@ -369,8 +389,12 @@ def main() -> None:
                       f"{r.get('prefetch_precision', 0):>9.1%} {r.get('prefetch_recall', 0):>7.1%} {r['tokens_per_s']:>8.2f}")
     if baseline is not None:
         print_baseline(baseline, rows)
+    if args.expert_selection:
+        selection_rows.print_selection(rows, format_bytes)
     print(f"greedy tokens identical across policies: {same}")
     targets = check_targets(rows, baseline)
+    if args.expert_selection:
+        targets.update(selection_rows.selection_targets(rows))
     for name, t in targets.items():
         print(f"target {name}: {t['value']:.2f} (want {t['want']}) -> {'met' if t['met'] else 'MISSED'}")
     save(rows, baseline, same, targets)

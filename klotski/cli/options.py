@@ -16,6 +16,8 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
                    help="replace a store of another checkpoint found in --offload-dir (refused otherwise)")
     p.add_argument("--num-batches", default="auto", help="batches per batch group (n), or auto")
     p.add_argument("--batch-size", default="auto", help="sequences per batch, or auto")
+    p.add_argument("--expert-selection", default="off", metavar="off|lynx:A|lynx-offload:A",
+                   help="decode-step expert selection with aggressiveness A in [0, 1] (default: off, exact routing)")
     if not traces:
         return
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the streams")
@@ -48,7 +50,8 @@ def build_llm(args, model_dir: str, policy: str | None = None):
                       num_batches=args.num_batches, batch_size=args.batch_size, rebuild_store=args.rebuild_store)
     if getattr(args, "max_num_seqs", None) is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
-    return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy, **kwargs)
+    return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy,
+               expert_selection=getattr(args, "expert_selection", "off"), **kwargs)
 
 
 def write_traces(llm, args, suffix: str = "") -> None:

@@ -14,7 +14,7 @@ from klotski.model.attention import gqa_attention
 from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
 from klotski.model.mla import mla_attention
-from klotski.model.moe import ExpertsFn, dense_mlp, moe_block
+from klotski.model.moe import ExpertsFn, Router, dense_mlp, moe_block
 from klotski.model.rope import RotaryEmbedding
 from klotski.model.spec import ModelSpec
 from klotski.triton_kernels.fused_moe import fused_moe_torch
@@ -52,14 +52,16 @@ def mlp_step(
     layer: int,
     valid: torch.Tensor | None = None,
     experts_fn: ExpertsFn = fused_moe_torch,
+    router: Router | None = None,
 ) -> torch.Tensor:
-    """x [B, S, H] -> x + mlp(norm(x)); only the ``valid`` [B, S] tokens (not padding) go through the MLP."""
+    """x [B, S, H] -> x + mlp(norm(x)); only the ``valid`` [B, S] tokens (not padding) go through the MLP.
+    ``router``: see :func:`klotski.model.moe.moe_block`."""
     B, S, H = x.shape
     flat = x.reshape(B * S, H)
     rows = valid.reshape(-1).nonzero().squeeze(1) if valid is not None else None
     tokens = flat if rows is None else flat.index_select(0, rows)
     h = rms_norm(tokens, w["post_attn_norm"], spec.rms_norm_eps)
-    y = moe_block(spec, w, h, experts_fn) if spec.is_moe(layer) else dense_mlp(spec, w, h)
+    y = moe_block(spec, w, h, experts_fn, router) if spec.is_moe(layer) else dense_mlp(spec, w, h)
     if rows is None:
         return (flat + y).view(B, S, H)
     return flat.index_add(0, rows, y.to(flat.dtype)).view(B, S, H)

@@ -12,6 +12,7 @@ from klotski.model.spec import ModelSpec
 from klotski.triton_kernels.fused_moe import fused_moe_torch
 
 ExpertsFn = Callable[..., torch.Tensor]  # fused_moe signature
+Router = Callable[[dict, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (w, h [T, H]) -> (weights, ids)
 
 
 def expert_activation(spec: ModelSpec) -> str:
@@ -33,10 +34,12 @@ def shared_expert(spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor) 
 
 
 def moe_block(
-    spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, experts_fn: ExpertsFn = fused_moe_torch
+    spec: ModelSpec, w: dict[str, torch.Tensor], h: torch.Tensor, experts_fn: ExpertsFn = fused_moe_torch,
+    router: Router | None = None,
 ) -> torch.Tensor:
-    """h [T, H] -> [T, H]: routed experts (``w13`` [E, 2I, H], ``w2`` [E, H, I]) plus the shared expert."""
-    topk_weights, topk_ids = route(spec, w, h)
+    """h [T, H] -> [T, H]: routed experts (``w13`` [E, 2I, H], ``w2`` [E, H, I]) plus the shared expert.
+    ``router(w, h) -> (topk_weights, topk_ids)`` replaces :func:`route` (e.g. with expert selection)."""
+    topk_weights, topk_ids = route(spec, w, h) if router is None else router(w, h)
     out = experts_fn(h, w["w13"], w["w2"], topk_weights, topk_ids, activation=expert_activation(spec))
     shared = shared_expert(spec, w, h)
     return out if shared is None else out + shared

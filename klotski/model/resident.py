@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from klotski.model.decoder import attention_step, make_rotary, mlp_step
+from klotski.model.expert_selection import ExpertSelection, SelectionStats, is_decode_step, route_selected
 from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
 from klotski.model.moe import ExpertsFn
@@ -27,8 +28,13 @@ class ResidentModel:
         device: torch.device,
         dtype: torch.dtype,
         experts_fn: ExpertsFn | None = None,
+        expert_selection=None,
     ):
         self.spec: ModelSpec = weights.spec
+        # decode steps: batch-aware expert selection over the whole batch (klotski.model.expert_selection);
+        # every expert is resident here, so "lynx-offload" finds nothing worth dropping and changes nothing
+        self.selection = ExpertSelection.parse(expert_selection)
+        self.selection_stats = SelectionStats()
         self.device = device
         self.dtype = dtype
         self.experts_fn = experts_fn or default_experts_fn(device)
@@ -47,6 +53,11 @@ class ResidentModel:
             self.layers.append(w)
         self.rotary = make_rotary(self.spec, device)
 
+    def _selected_route(self, layer: int, w: dict, h: torch.Tensor, free: torch.Tensor):
+        out = route_selected(self.spec, w, h, self.selection, free)
+        self.selection_stats.record(layer, out.exact_ids, out.topk_ids, out.remapped)
+        return out.topk_weights, out.topk_ids
+
     def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor) -> KVCache:
         return KVCache(self.spec.num_layers, batch_size, capacity, pad.to(self.device))
 
@@ -60,9 +71,14 @@ class ResidentModel:
         cols = torch.arange(cache.length, cache.length + S, device=self.device)
         valid = cols[None, :] >= cache.pad[:, None]
         x = F.embedding(input_ids, self.embed)
+        select = self.selection.measured and is_decode_step(S, cache.length)
+        if select:
+            self.selection_stats.begin_step(object())
+        all_free = torch.ones(self.spec.num_experts, dtype=torch.bool, device=self.device)
         for i, w in enumerate(self.layers):
             x = attention_step(self.spec, w, x, cache, i, self.rotary, mask, positions)
-            x = mlp_step(self.spec, w, x, i, valid, self.experts_fn)
+            router = (lambda w_, h_, i=i: self._selected_route(i, w_, h_, all_free)) if select else None
+            x = mlp_step(self.spec, w, x, i, valid, self.experts_fn, router)
         cache.length += S
         if not all_logits:
             x = x[:, -1:]

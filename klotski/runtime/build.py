@@ -17,12 +17,14 @@ import torch
 
 from klotski.costs import ModelCosts
 from klotski.hardware import HardwareProfile
+from klotski.model.expert_selection import ExpertSelection
 from klotski.planner import Plan
 from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.loader import WAIT_TIMEOUT_S
 from klotski.runtime.memory import BudgetError, TierMeter
 from klotski.runtime.placement import Layout, ModelBytes, streamed_bytes
-from klotski.runtime.planning import InfeasibleError, layout_for_plan, machine_profile, make_plan, minimum_layout, model_costs
+from klotski.runtime.planning import (InfeasibleError, layout_for_plan, machine_profile, make_plan, minimum_layout,
+                                     model_costs, order_of)
 from klotski.units import format_bytes, parse_bytes
 from klotski.schedule import staging_bytes
 
@@ -73,12 +75,13 @@ class RunConfig:
     rebuild_store: bool = False  # replace another checkpoint's store in offload_dir (refused otherwise)
     quantization: str | None = None  # "int4": routed experts from an int4 store (klotski.runtime.int4)
     prefetch: str = "table"  # klotski's hot-expert prediction: "table" (correlation) | "lookahead" (+ gate lookahead)
+    expert_selection: ExpertSelection = ExpertSelection()  # decode-step expert selection (off: exact routing)
 
     @classmethod
     def of(cls, weights, device, dtype, policy: str, gpu_memory=None, cpu_memory=None, offload_dir=None,
            num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
            timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-           quantization: str | None = None, prefetch: str = "table") -> "RunConfig":
+           quantization: str | None = None, prefetch: str = "table", expert_selection=None) -> "RunConfig":
         """``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited
         (on CUDA the device's memory less 1 GiB)."""
         if policy not in OFFLOAD_POLICIES:
@@ -95,10 +98,11 @@ class RunConfig:
         check_quantization(quantization)
         if prefetch not in PREFETCH_SOURCES:
             raise ValueError(f"prefetch must be one of {PREFETCH_SOURCES}, got {prefetch!r}")
+        selection = ExpertSelection.parse(expert_selection)
         store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
         return cls(weights, device, dtype, policy, gpu, cpu, store_dir, _count(num_batches, "num_batches"),
                    _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store),
-                   quantization, prefetch)
+                   quantization, prefetch, selection)
 
     @property
     def auto(self) -> bool:
@@ -152,7 +156,8 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
     while True:
         try:
             plan = make_plan(costs, hw, policy, cfg.gpu_budget, cfg.cpu_budget, q, gen_len, cfg.num_batches,
-                             cfg.batch_size, kv=None if cfg.kv == "auto" else cfg.kv)
+                             cfg.batch_size, kv=None if cfg.kv == "auto" else cfg.kv,
+                             expert_selection=cfg.expert_selection)
             break
         except InfeasibleError as e:
             if q == 1:
@@ -198,16 +203,17 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
     experts_fn = cfg.experts_fn
     if experts_fn is None:
         from klotski.triton_kernels import fused_moe as experts_fn
-    return OffloadedExecutor(weights, rp.layout, cfg.device, cfg.dtype, cfg.policy, gpu, cpu, rp.num_batches,
-                             rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
-                             plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
+    ex = OffloadedExecutor(weights, rp.layout, cfg.device, cfg.dtype, cfg.policy, gpu, cpu, rp.num_batches,
+                           rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
+                           plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
+    ex.compute.selection = cfg.expert_selection  # applied by Compute.gate on decode steps
+    ex.compute.loads_whole_layer = order_of(rp.plan) in ("flexgen", "layerwise")  # offload-aware: nothing to save
+    return ex
 
 
 def _predictor(cfg: RunConfig, rp: RunPlan, prefetcher, gpu: TierMeter):
     """With ``prefetch="lookahead"`` and the klotski order: an ExpertPredictor over the shared table and every MoE
     layer's norm + router, kept on the device (counted in the device budget)."""
-    from klotski.runtime.planning import order_of
-
     if cfg.prefetch != "lookahead" or prefetcher is None or order_of(rp.plan) != "klotski":
         return None
     from klotski.lookahead import ExpertPredictor, GateLookahead

@@ -209,6 +209,7 @@ class OffloadedExecutor:
         self.w.counters.reset()
         self.tracer.reset()
         self.stats = PrefetchStats()
+        self.compute.selection_stats.reset()
         self.time = {"prefill_s": 0.0, "decode_s": 0.0, "forwards": 0, "tokens_in": 0, "prefill_chunks": 0}
         self.gpu.reset_peak()
         self.cpu.reset_peak()
@@ -239,6 +240,7 @@ class OffloadedExecutor:
             "prefill_chunks": self.time["prefill_chunks"],
         }
         out.update(self.stats.as_dict())
+        out.update(self.compute.selection_metrics())  # expert selection: remapped assignments, distinct per layer
         if self.predictor is not None:
             out["prefetch_sources"] = {m: self.predictor.source(m) for m in self.spec.moe_layers}
             out["prefetch_lookahead_recall"] = self.predictor.hit_rate(source="lookahead")

@@ -28,6 +28,7 @@ from klotski.hardware import HardwareProfile
 from klotski.profile_cache import ProfileCache
 from klotski.program import order_of as program_order
 from klotski.planner import BATCH_SIZES, GROUP_SIZES, InfeasibleError, Plan, Planner
+from klotski.routing_stats import RoutingStats
 from klotski.runtime.memory import BudgetError
 from klotski.runtime.placement import Layout, ModelBytes, layout_memory, slot_targets, streamed_bytes
 from klotski.schedule import Placement, StepShape
@@ -63,12 +64,19 @@ def model_costs(spec, checkpoint_dtype: str, dtype: torch.dtype) -> ModelCosts:
 
 def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: int | None, cpu_budget: int | None,
               prompt_len: int, gen_len: int, num_batches: int | None = None, batch_size: int | None = None,
-              kv: str | None = None) -> Plan:
+              kv: str | None = None, expert_selection=None) -> Plan:
     """The planner's plan; ``num_batches`` / ``batch_size`` (None = the planner's choice) fix the group shape,
-    ``kv`` ("gpu" | "cpu"; None = the planner's choice) the KV cache's tier."""
+    ``kv`` ("gpu" | "cpu"; None = the planner's choice) the KV cache's tier. ``expert_selection`` (an enabled
+    :class:`~klotski.model.expert_selection.ExpertSelection`): decode steps are planned with the fewer distinct
+    experts it leaves (:meth:`RoutingStats.with_selection`)."""
     hw = replace(hw, gpu_memory=gpu_budget if gpu_budget is not None else UNLIMITED,
                  cpu_memory=cpu_budget if cpu_budget is not None else UNLIMITED)
-    planner = Planner(costs, hw, prompt_len, gen_len)
+    decode_routing = None
+    spec = costs.spec
+    if expert_selection is not None and expert_selection.enabled and spec.num_experts:
+        decode_routing = RoutingStats.uniform(spec.num_experts, max(spec.top_k, 1)).with_selection(
+            expert_selection.aggressiveness, expert_selection.offload_aware)
+    planner = Planner(costs, hw, prompt_len, gen_len, decode_routing=decode_routing)
     if kv is not None:
         planner.kv_tiers = (kv,)
     if num_batches is None and batch_size is None:

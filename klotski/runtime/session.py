@@ -66,6 +66,8 @@ class OffloadedSession:
     ``prefetch``: how klotski predicts the next layer's hot experts: "table" (the correlation table) or
     "lookahead" (also the next layer's router applied to the current residual stream, per layer whichever has
     hit more so far; :mod:`klotski.lookahead`). Either only changes what loads early, never the tokens.
+    ``expert_selection``: "off" (default) | "lynx:A" | "lynx-offload:A" on decode steps
+    (:mod:`klotski.model.expert_selection`, applied in ``Compute.gate``; the planner counts its fewer experts).
     """
 
     can_trace = True
@@ -74,10 +76,10 @@ class OffloadedSession:
                  num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
                  workload: tuple[int, int] = DEFAULT_WORKLOAD, prefetcher: CorrelationPrefetcher | None = None,
                  timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-                 quantization: str | None = None, prefetch: str = "table"):
+                 quantization: str | None = None, prefetch: str = "table", expert_selection=None):
         self.config = RunConfig.of(weights, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, num_batches,
                                    batch_size, experts_fn, kv, hardware, timeout_s, rebuild_store, quantization,
-                                   prefetch)
+                                   prefetch, expert_selection=expert_selection)
         spec = weights.spec
         self.prefetcher, self.table_path = prefetcher, None
         if prefetcher is None and spec.moe_layers:

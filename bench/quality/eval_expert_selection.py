@@ -1,0 +1,239 @@
+"""Quality and expert traffic of batch-aware expert selection (klotski.model.expert_selection) against
+aggressiveness, on the trained tiny MoE over held-out text, through the offloaded runtime.
+
+One offloaded ``LLM`` (policy, budgets and group shape fixed: every row runs the same plan and placement)
+runs ``B = num_batches x batch_size`` windows of the held-out split of ``train_tiny_moe.py``'s corpus
+(spread evenly over it), each ``<s>`` + ``--prompt-len`` tokens of prefill then ``--decode-steps`` teacher-forced
+decode steps (the true next token fed back: every step is a real decode step with a batch of B tokens). Per
+selection setting (the executor's ``compute.selection`` switched between rows; the prefetch table restored
+to the same learned state before each row):
+
+* ``ppl``: perplexity of the held-out tokens the decode steps predict (prefill predictions are exact and
+  left out), and its change against exact routing;
+* ``argmax agree``: teacher-forced next-token argmax equal to exact routing's, per position;
+* ``greedy agree``: free-running greedy decoding of ``--greedy-tokens`` from the same prompts, positions equal
+  to exact routing's greedy tokens;
+* ``distinct``: distinct experts per MoE layer per decode step (the union over the step's micro-batches;
+  mean over layers), as the runtime's metrics count them;
+* ``expert bytes/step``: routed-expert bytes loaded (host or disk -> device pool) per decode step, from the
+  runtime's trace.
+
+Prefill logits of every row are checked bit-identical to exact routing's. The exact row runs "lynx:0" (exact
+routing, the selection counters on), checked identical to "off".
+
+    python bench/quality/eval_expert_selection.py --model klotski/assets/tiny_moe
+
+Writes ``bench/results/<date>-expert-selection.{json,md}`` and a plot ``...-expert-selection.png`` (skipped,
+with a message, when matplotlib is not installed).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from train_tiny_moe import encode_stream, split_corpus  # noqa: E402
+
+from klotski import LLM  # noqa: E402
+from klotski.model.expert_selection import ExpertSelection  # noqa: E402
+
+EXPERT_LOAD = re.compile(r"^L\d+ e\d+$")  # span names of routed-expert loads (klotski.runtime.loads)
+GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+
+
+def windows(stream: torch.Tensor, count: int, length: int, bos: int) -> torch.Tensor:
+    """``count`` windows of ``<s>`` + length - 1 tokens spread evenly over ``stream`` -> [count, length]."""
+    step = length - 1
+    if stream.numel() < count * step:
+        raise ValueError(f"held-out text has {stream.numel()} tokens, fewer than {count} windows x {step}")
+    stride = (stream.numel() - step) // count
+    rows = [[bos] + stream[i * stride: i * stride + step].tolist() for i in range(count)]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def expert_bytes(ex, since: int) -> int:
+    return sum(a.get("bytes", 0) for _, name, _, _, a in ex.tracer.spans[since:] if EXPERT_LOAD.match(name))
+
+
+@torch.inference_mode()
+def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int) -> dict:
+    """Teacher-forced decode over ``seqs`` [B, 1 + prompt_len + steps + 1], then free-running greedy."""
+    B = seqs.shape[0]
+    pad = torch.zeros(B, dtype=torch.long)
+    P = 1 + prompt_len
+    ex.reset_metrics()
+    cache = ex.new_cache(B, P + steps, pad)
+    prefill = ex.forward(seqs[:, :P], cache).float().cpu()
+    nll, argmax, per_step = 0.0, [], []
+    for j in range(steps):
+        n0 = len(ex.tracer.spans)
+        logits = ex.forward(seqs[:, P + j: P + j + 1], cache).float().cpu()
+        per_step.append(expert_bytes(ex, n0))
+        target = seqs[:, P + j + 1]
+        nll += float(F.cross_entropy(logits, target, reduction="sum"))
+        argmax.append(logits.argmax(-1))
+    metrics = ex.metrics
+    cache = ex.new_cache(B, P + greedy, pad)
+    logits = ex.forward(seqs[:, :P], cache)
+    out = []
+    for _ in range(greedy):
+        nxt = logits.argmax(-1).cpu()
+        out.append(nxt)
+        logits = ex.forward(nxt[:, None], cache)
+    dist = metrics.get("selection_distinct_per_layer", {})
+    exact = metrics.get("selection_distinct_exact_per_layer", {})
+    return {"prefill": prefill, "nll": nll, "tokens": B * steps, "argmax": torch.stack(argmax, 1),
+            "greedy": torch.stack(out, 1), "expert_bytes_per_step": sum(per_step) / max(1, steps),
+            "distinct_per_layer": dist, "distinct": sum(dist.values()) / max(1, len(dist)),
+            "distinct_router": sum(exact.values()) / max(1, len(exact)),
+            "remapped_fraction": metrics.get("selection_remapped_fraction", 0.0)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="klotski/assets/tiny_moe")
+    p.add_argument("--modes", default="lynx,lynx-offload")
+    p.add_argument("--grid", default=",".join(map(str, GRID)), help="aggressiveness values per mode")
+    p.add_argument("--policy", default="klotski")
+    p.add_argument("--gpu-memory", default="16MiB")
+    p.add_argument("--cpu-memory", default="32MiB")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-batches", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--decode-steps", type=int, default=48)
+    p.add_argument("--greedy-tokens", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    p.add_argument("--tag", default=time.strftime("%Y%m%d") + "-expert-selection")
+    return p.parse_args(argv)
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot(rows: list[dict], path: str) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed"
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode in sorted({r["mode"] for r in rows if r["mode"] != "exact"}):
+        pts = [r for r in rows if r["mode"] in (mode, "exact")]
+        a = [r["aggressiveness"] for r in pts]
+        axes[0].plot(a, [100 * r["ppl_change"] for r in pts], "o-", label=mode)
+        axes[1].plot(a, [r["distinct"] for r in pts], "o-", label=mode)
+        axes[2].plot([r["expert_bytes_per_step"] / 2**20 for r in pts], [100 * r["ppl_change"] for r in pts], "o-",
+                     label=mode)
+    axes[0].set(xlabel="aggressiveness", ylabel="perplexity change (%)")
+    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[1].set(xlabel="aggressiveness", ylabel="distinct experts / layer / decode step")
+    axes[2].set(xlabel="expert MiB loaded / decode step", ylabel="perplexity change (%)")
+    axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return f"wrote {os.path.normpath(path)}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    report = json.loads((Path(args.model) / "train_report.json").read_text())
+    targs = report["args"]
+    _, val_texts, corpus = split_corpus(Path(report["corpus"]["root"]), targs["val_fraction"], targs["train_chars"])
+    if corpus["sha256"] != report["corpus"]["sha256"]:
+        print("warning: the corpus differs from the one the model was trained on", file=sys.stderr)
+    llm = LLM(args.model, device="cpu", policy=args.policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
+              num_batches=args.num_batches, batch_size=args.batch_size)
+    try:
+        spec, ex = llm.spec, llm.executor
+        B = args.num_batches * args.batch_size
+        bos = spec.bos_token_id if spec.bos_token_id is not None else 0
+        seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos)
+        settings = ["off", "lynx:0"] + [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
+        run_row(ex, seqs, args.prompt_len, 4, 2)  # warm-up: the prefetch table learns this text's routing
+        table = copy.deepcopy(ex.prefetcher.__dict__) if ex.prefetcher is not None else None
+        res = {}
+        for s in settings:
+            ex.compute.selection = ExpertSelection.parse(s)
+            if table is not None:
+                ex.prefetcher.__dict__.update(copy.deepcopy(table))
+            res[s] = run_row(ex, seqs, args.prompt_len, args.decode_steps, args.greedy_tokens)
+            print(f"{s}: done ({time.time() - t0:.0f} s)", flush=True)
+        placement = ex.layout.describe(spec.num_experts)
+    finally:
+        llm.close()
+    off, ref = res.pop("off"), res["lynx:0"]
+    assert torch.equal(off["prefill"], ref["prefill"]) and torch.equal(off["argmax"], ref["argmax"]), \
+        "lynx:0 must be exact routing"
+    base_ppl = math.exp(ref["nll"] / ref["tokens"])
+    rows = []
+    for s, r in res.items():
+        sel = ExpertSelection.parse(s)
+        ppl = math.exp(r["nll"] / r["tokens"])
+        rows.append({"setting": "exact" if s == "lynx:0" else s, "mode": "exact" if s == "lynx:0" else sel.mode,
+                     "aggressiveness": sel.aggressiveness, "ppl": ppl, "ppl_change": ppl / base_ppl - 1,
+                     "argmax_agree": float((r["argmax"] == ref["argmax"]).float().mean()),
+                     "greedy_agree": float((r["greedy"] == ref["greedy"]).float().mean()),
+                     "distinct": r["distinct"], "distinct_router": r["distinct_router"],
+                     "distinct_per_layer": r["distinct_per_layer"], "remapped_fraction": r["remapped_fraction"],
+                     "expert_bytes_per_step": r["expert_bytes_per_step"],
+                     "prefill_identical": bool(torch.equal(r["prefill"], ref["prefill"]))})
+    exact_bytes = rows[0]["expert_bytes_per_step"]
+    for r in rows:
+        r["bytes_vs_exact"] = r["expert_bytes_per_step"] / exact_bytes - 1 if exact_bytes else 0.0
+    best = {}
+    for mode in args.modes.split(","):
+        ok = [r for r in rows if r["mode"] == mode and r["ppl_change"] <= 0.01]
+        if ok:
+            best[mode] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
+    cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
+    head = ("| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
+            "remapped | expert KiB / decode step | vs exact | prefill identical |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['setting']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.2f}% | {r['argmax_agree']:.3f} | "
+             f"{r['greedy_agree']:.3f} | {r['distinct']:.2f} | {100 * r['remapped_fraction']:.1f}% | "
+             f"{r['expert_bytes_per_step'] / 1024:.0f} | {100 * r['bytes_vs_exact']:+.1f}% | "
+             f"{'yes' if r['prefill_identical'] else 'NO'} |" for r in rows]
+    md = (f"# Expert selection on {args.model}\n\n`{cmd}`\n\npolicy {args.policy}, gpu {args.gpu_memory}, cpu "
+          f"{args.cpu_memory}, {args.num_batches} x {args.batch_size} sequences, placement {placement}; "
+          f"{B} held-out windows of {args.prompt_len} prefill tokens + {args.decode_steps} teacher-forced decode "
+          f"steps ({ref['tokens']} predicted tokens), {args.greedy_tokens} greedy tokens. Distinct experts: mean over "
+          f"the {spec.num_experts}-expert MoE layers of the union over the step's micro-batches.\n\n"
+          + head + "\n" + "\n".join(lines)
+          + "\n\nLargest aggressiveness with perplexity cost <= 1%: "
+          + (", ".join(f"{m}: {s}" for m, s in best.items()) or "none") + "\n")
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    base = os.path.join(args.out, args.tag)
+    write_atomic(base + ".md", md)
+    write_atomic(base + ".json", json.dumps({"command": cmd, "model": args.model, "args": vars(args),
+                                             "placement": placement, "corpus": corpus, "rows": rows,
+                                             "best_within_1pct": best, "seconds": time.time() - t0}, indent=1))
+    print(plot(rows, base + ".png"))
+    print(f"wrote {os.path.normpath(base)}.md / .json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
