@@ -7,9 +7,10 @@ One linear weight ``W`` [N, K] (N outputs, K inputs, group size G dividing K) is
     scales   [N, K/G]  float   (fp16 / bf16 / fp32; used as fp32)
     zeros    [N, K/G]  uint8   zero point per group (codes 0..15), or None: symmetric, zero point 8
 
-and ``W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``, computed in fp32 (:func:`dequantize_int4`,
-the only place this arithmetic is written in torch; the Triton kernels do the same operations in the same
-order, so a kernel's dequantized tile equals this function's output). Stacks of experts add leading dims
+and ``W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``, computed in fp32 (:func:`dequantize_int4_torch`,
+the only place this arithmetic is written in torch; the host kernel ``klotski._C.dequantize_int4_host`` that
+:func:`dequantize_int4` runs on the CPU and the Triton kernels do the same operations in the same order, so
+their values equal this function's). Stacks of experts add leading dims
 (``[S, N, K/2]`` ...). This is the family of layouts vLLM's Triton w4a16 MoE kernel reads (codes packed
 along K, low nibble first, scales [N, K/G]); zero points here are one byte each, not packed.
 
@@ -53,9 +54,37 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(code - zero) * scale`` in fp32, rounded once to ``dtype``: [..., N, K/2] codes -> [..., N, K].
 
-    The codes are split into their nibble planes in place of an interleaved copy and the group values
-    broadcast over [..., N, K/G, G] views (no repeated scale tensors): the CPU path runs this per loaded expert.
+    On the host (contiguous CPU tensors) this runs ``klotski._C.dequantize_int4_host``, one pass over the codes
+    with the same IEEE operations as :func:`dequantize_int4_torch` (bit-identical values, several times faster:
+    the CPU path dequantizes every int4 expert it computes, ``bench/kernels/bench_int4_cpu.py``); elsewhere it
+    is :func:`dequantize_int4_torch`.
     """
+    if _host_ready(qweight, scales, zeros):
+        *lead, n, half = qweight.shape
+        out = torch.empty(*lead, n, 2 * half, dtype=torch.float32)
+        from klotski import _C
+
+        _C.dequantize_int4_host(qweight.data_ptr(), scales.data_ptr(), _SCALE_KIND[scales.dtype],
+                                0 if zeros is None else zeros.data_ptr(), out.data_ptr(), qweight.numel() // half,
+                                2 * half, group_size, torch.get_num_threads())
+        return out if dtype == torch.float32 else out.to(dtype)
+    return dequantize_int4_torch(qweight, scales, zeros, group_size, dtype)
+
+
+_SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # klotski._C.dequantize_int4_host
+
+
+def _host_ready(qweight, scales, zeros) -> bool:
+    ts = (qweight, scales) + (() if zeros is None else (zeros,))
+    return (qweight.device.type == "cpu" and qweight.numel() > 0 and all(t.is_contiguous() for t in ts)
+            and scales.dtype in _SCALE_KIND)
+
+
+def dequantize_int4_torch(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                          group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The arithmetic of :func:`dequantize_int4` in torch ops (any device; the reference the host kernel and
+    the Triton kernels match). The codes are split into their nibble planes in place of an interleaved copy
+    and the group values broadcast over [..., N, K/G, G] views (no repeated scale tensors)."""
     *lead, n, half = qweight.shape
     k = 2 * half
     codes = torch.empty(*lead, n, half, 2, dtype=torch.uint8, device=qweight.device)
