@@ -122,3 +122,21 @@ def test_host_dequantize_equals_torch_reference(scale_dtype, symmetric):
     q = torch.randint(0, 256, (6, 8), dtype=torch.uint8, generator=g)[:, ::2]
     s = torch.rand(6, 1).to(scale_dtype)
     assert torch.equal(dequantize_int4(q, s, None, 8), dequantize_int4_torch(q, s, None, 8))
+
+
+def test_pool_slots_dequantize_into_the_pools_scratch():
+    """A pool's slots dequantize (reuse=True) into one fp32 buffer per pool and thread: same values as a fresh
+    dequantization, the same memory for every slot, another pool's buffer apart."""
+    w = quantize_int4(torch.randn(3, 16, 32), 8)
+    pool = Int4Weight.empty((3, 16, 32), 8, False, torch.float32)
+    other = Int4Weight.empty((3, 16, 32), 8, False, torch.float32)
+    pool.copy_(w)
+    other.copy_(w)
+    a = pool[0].dequantize(reuse=True)
+    assert torch.equal(a, w[0].dequantize())
+    ptr = a.data_ptr()
+    b = pool[2].dequantize(reuse=True)
+    assert b.data_ptr() == ptr and torch.equal(b, w[2].dequantize())
+    assert other[1].dequantize(reuse=True).data_ptr() != ptr
+    assert pool[1].dequantize(torch.bfloat16, reuse=True).data_ptr() != ptr  # only fp32 is written in place
+    assert w[0].dequantize(reuse=True).data_ptr() != w[0].dequantize(reuse=True).data_ptr()  # no pool: fresh
