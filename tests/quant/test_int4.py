@@ -139,4 +139,5 @@ def test_pool_slots_dequantize_into_the_pools_scratch():
     assert b.data_ptr() == ptr and torch.equal(b, w[2].dequantize())
     assert other[1].dequantize(reuse=True).data_ptr() != ptr
     assert pool[1].dequantize(torch.bfloat16, reuse=True).data_ptr() != ptr  # only fp32 is written in place
-    assert w[0].dequantize(reuse=True).data_ptr() != w[0].dequantize(reuse=True).data_ptr()  # no pool: fresh
+    x, y = w[0].dequantize(reuse=True), w[0].dequantize(reuse=True)  # no pool: fresh tensors
+    assert x.data_ptr() != y.data_ptr()
