@@ -12,7 +12,8 @@ repetitions of:
   fp32 slot; int4: the codes + scales copied into the int4 slot as they are;
 * ``moe``: ``fused_moe_torch`` over that slot for M tokens routed to it (int4: dequantizes the slot to fp32,
   then the same fp32 matmuls; this is the exact reference the CPU runtime runs);
-* ``dequant``: the int4 dequantization alone (``klotski.quant.dequantize_int4`` of w13 and w2);
+* ``dequant``: the int4 dequantization alone (``klotski.quant.dequantize_int4`` of w13 and w2 into the slot
+  pool's reused fp32 buffer, as ``moe`` does); ``dequant_fresh``: the same into newly allocated tensors;
 * ``int4mm_bf16`` (not used by Klotski; for comparison): torch's CPU int4 weight-only matmul
   (``aten._weight_int4pack_mm_for_cpu``, bf16 activations; its own zero-point convention, so not exact) over
   w13 and w2, with and without the per-load repacking (``_convert_weight_to_int4pack_for_cpu``) it needs.
@@ -131,7 +132,8 @@ def main() -> None:
                 ("int4", "load"): lambda: (islot13[0].copy_(q13), islot2[0].copy_(q2)),
                 ("bf16", "moe"): lambda: fused_moe_torch(x, slot13, slot2, wts, ids),
                 ("int4", "moe"): lambda: fused_moe_torch(x, islot13, islot2, wts, ids),
-                ("int4", "dequant"): lambda: (q13.dequantize(), q2.dequantize()),
+                ("int4", "dequant"): lambda: (islot13[0].dequantize(reuse=True), islot2[0].dequantize(reuse=True)),
+                ("int4", "dequant_fresh"): lambda: (q13.dequantize(), q2.dequantize()),
             }
             try:
                 a13, a2 = int4mm_fn(q13, xb, False), int4mm_fn(q2, torch.zeros(m, inter, dtype=torch.bfloat16), False)
