@@ -189,11 +189,13 @@ def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: s
 
 
 def _record_bytes(weights: CheckpointWeights, layer: int) -> int:
-    """Bytes of one layer file: every expert record (fp8: + scales) padded to the alignment."""
+    """Bytes of one layer file: every expert record (fp8: + scales; a 4-bit checkpoint's: its codes, scales and
+    zero points, no more than the slot layout takes) padded to the alignment."""
     total = 0
+    size = lambda p: p.int4.stored_nbytes if p.int4 is not None else p.stored_nbytes  # noqa: E731
     for e in range(weights.spec.num_experts):
         w13, w2 = weights.expert_pieces(layer, e)
-        n = sum(p.stored_nbytes for p in w13) + w2.stored_nbytes + 2 * SCALE_ALIGNMENT
+        n = sum(size(p) for p in w13) + size(w2) + 6 * SCALE_ALIGNMENT
         total += -(-n // ALIGNMENT) * ALIGNMENT
     return total
 
