@@ -189,10 +189,11 @@ def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: s
 
 
 def _record_bytes(weights: CheckpointWeights, layer: int) -> int:
-    """Bytes of one layer file: every expert record (fp8: + scales; a 4-bit checkpoint's: its codes, scales and
-    zero points, no more than the slot layout takes) padded to the alignment."""
+    """Bytes of one layer file: every expert record (fp8: + scales) padded to the alignment. A 4-bit checkpoint's
+    experts: their stored codes + scales + zero points with a 10 % margin (the slot layout keeps a byte per zero
+    point where the checkpoint packs eight in an int32; a per-channel checkpoint's scales are repeated)."""
     total = 0
-    size = lambda p: p.int4.stored_nbytes if p.int4 is not None else p.stored_nbytes  # noqa: E731
+    size = lambda p: int(p.int4.stored_nbytes * 1.1) if p.int4 is not None else p.stored_nbytes  # noqa: E731
     for e in range(weights.spec.num_experts):
         w13, w2 = weights.expert_pieces(layer, e)
         n = sum(size(p) for p in w13) + size(w2) + 6 * SCALE_ALIGNMENT
