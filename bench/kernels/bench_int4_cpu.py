@@ -14,6 +14,8 @@ repetitions of:
   then the same fp32 matmuls; this is the exact reference the CPU runtime runs);
 * ``dequant``: the int4 dequantization alone (``klotski.quant.dequantize_int4`` of w13 and w2 into the slot
   pool's reused fp32 buffer, as ``moe`` does); ``dequant_fresh``: the same into newly allocated tensors;
+  ``dequant_torch``: the torch-op reference (``dequantize_int4_torch``, fresh tensors: the CPU path before the
+  host kernel and the pool's buffer);
 * ``int4mm_bf16`` (not used by Klotski; for comparison): torch's CPU int4 weight-only matmul
   (``aten._weight_int4pack_mm_for_cpu``, bf16 activations; its own zero-point convention, so not exact) over
   w13 and w2, with and without the per-load repacking (``_convert_weight_to_int4pack_for_cpu``) it needs.
@@ -100,7 +102,7 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
 
-    from klotski.quant.int4 import Int4Weight, quantize_int4
+    from klotski.quant.int4 import Int4Weight, dequantize_int4_torch, quantize_int4
     from klotski.triton_kernels.fused_moe import fused_moe_torch
 
     H, inter, G = args.hidden, args.inter, args.group_size
@@ -134,6 +136,8 @@ def main() -> None:
                 ("int4", "moe"): lambda: fused_moe_torch(x, islot13, islot2, wts, ids),
                 ("int4", "dequant"): lambda: (islot13[0].dequantize(reuse=True), islot2[0].dequantize(reuse=True)),
                 ("int4", "dequant_fresh"): lambda: (q13.dequantize(), q2.dequantize()),
+                ("int4", "dequant_torch"): lambda: tuple(dequantize_int4_torch(q.qweight, q.scales, q.zeros, G)
+                                                         for q in (q13, q2)),
             }
             try:
                 a13, a2 = int4mm_fn(q13, xb, False), int4mm_fn(q2, torch.zeros(m, inter, dtype=torch.bfloat16), False)
