@@ -12,7 +12,11 @@ the only place this arithmetic is written in torch; the host kernel ``klotski._C
 :func:`dequantize_int4` runs on the CPU and the Triton kernels do the same operations in the same order, so
 their values equal this function's). Stacks of experts add leading dims
 (``[S, N, K/2]`` ...). This is the family of layouts vLLM's Triton w4a16 MoE kernel reads (codes packed
-along K, low nibble first, scales [N, K/G]); zero points here are one byte each, not packed.
+along K, low nibble first, scales [N, K/G]); zero points here are one byte each, not packed. Packing them two per
+byte was weighed and left: GPTQ ``gptq`` (v1) checkpoints store each zero point minus one, so a zero point 0
+reads back as 16, which a nibble cannot hold (and those codes cannot be re-centred without changing the weights);
+and the saving is small, 1 byte per 2 groups against G/2 code bytes + 2 scale bytes per group: 0.75 % of an
+expert's bytes at group 128 with 16-bit scales, 2.6 % at group 32.
 
 Round-to-nearest quantization (:func:`quantize_int4`) follows GPTQ's grid: asymmetric groups span
 [min(w, 0), max(w, 0)] in 15 steps with an integer zero point; symmetric groups span [-amax, amax]
