@@ -176,3 +176,22 @@ def test_cli_convert_and_generate(prequantized, tmp_path, capsys):
     assert "int4 experts (group 8, symmetric) from checkpoint:compressed-tensors" in out and "checksums match" in out
     assert main(["generate", "--model", q, "--prompt", "ab", "--policy", "klotski", "--gpu-memory", "2MiB",
                  "--cpu-memory", "2MiB", "--offload-dir", store, "--max-tokens", "4"]) == 0
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prequantized_on_cuda(prequantized, tmp_path):
+    """On a GPU the checkpoint's int4 experts run through the Triton int4 kernels (fp32 compute): the greedy
+    tokens of the resident engine over the dequantized weights on the same GPU."""
+    q, ref, _ = prequantized("mixtral", "gptq", 16, False)
+    llm = LLM(ref, device="cuda", dtype="float32")
+    want = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+    llm.close()
+    llm = LLM(q, device="cuda", dtype="float32", policy="klotski", gpu_memory="700KiB", cpu_memory="200KiB",
+              offload_dir=str(tmp_path / "store"), num_batches=2, batch_size=2)
+    try:
+        got = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+        assert isinstance(llm.executor.w.pool.w13, Int4Weight)
+    finally:
+        llm.close()
+    assert got == want
