@@ -195,3 +195,21 @@ def test_prequantized_on_cuda(prequantized, tmp_path):
     finally:
         llm.close()
     assert got == want
+
+
+def test_offloaded_experts_refuse_4bit_experts(prequantized, tmp_path):
+    """klotski.experts.OffloadedExperts computes in the model's dtype: a 4-bit checkpoint's experts (read raw
+    from the checkpoint, or from an int4 store) are refused by name, never read as the wrong bytes."""
+    from klotski.experts import OffloadedExperts
+
+    q, _, _ = prequantized("mixtral", "awq", 16, False)
+    with pytest.raises(ValueError, match="pre-quantized awq checkpoint's 4-bit experts are not supported"):
+        OffloadedExperts.from_checkpoint(q, 0, gpu_memory="64MiB", cpu_memory="64MiB")
+    with pytest.raises(ValueError, match="pre-quantized awq checkpoint's 4-bit experts are not supported"):
+        OffloadedExperts.from_checkpoint(q, 0, gpu_memory="64MiB", cpu_memory="64MiB", offload_dir=str(tmp_path / "s"))
+    # an int4 store (here converted from the 4-bit checkpoint) is refused by StoreExperts as well
+    from klotski.experts.source import StoreExperts
+
+    convert_checkpoint(q, tmp_path / "store")
+    with pytest.raises(ValueError, match="holds int4 experts, which OffloadedExperts does not support"):
+        StoreExperts(ExpertStore(tmp_path / "store"), 0, 48, 64)
