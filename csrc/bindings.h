@@ -11,4 +11,5 @@ void register_ring_buffer(pybind11::module_& m);
 void register_disk_reader(pybind11::module_& m);
 void register_h2d_copy(pybind11::module_& m);
 void register_cufile(pybind11::module_& m);
+void register_int4_dequant(pybind11::module_& m);
 }  // namespace klotski

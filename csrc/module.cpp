@@ -3,7 +3,7 @@
 #include "bindings.h"
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "Klotski native I/O: aligned/pinned host buffers, disk reads, host-to-device copies";
+  m.doc() = "Klotski native I/O: aligned/pinned host buffers, disk reads, host-to-device copies; host int4 dequantization";
   klotski::register_errors(m);
   klotski::register_host_memory(m);
   klotski::register_cuda_loader(m);
@@ -11,4 +11,5 @@ PYBIND11_MODULE(_C, m) {
   klotski::register_disk_reader(m);
   klotski::register_h2d_copy(m);
   klotski::register_cufile(m);
+  klotski::register_int4_dequant(m);
 }

@@ -39,7 +39,10 @@ class CheckpointError(ValueError):
 @dataclass(frozen=True)
 class TensorInfo:
     """Where one tensor's bytes live. ``offset`` is absolute in ``path``. An fp8 block-scaled weight carries
-    where its scales live in ``scale_inv`` (attached by :class:`klotski.model.weights.CheckpointWeights`)."""
+    where its scales live in ``scale_inv`` (attached by :class:`klotski.model.weights.CheckpointWeights`).
+    A linear layer of a pre-quantized 4-bit checkpoint has no bytes of its own: its info carries the layer
+    (``int4``, a :class:`klotski.quant.linears.QuantizedLinear`) and describes the dequantized tensor
+    (``dtype``, ``shape``, ``nbytes``); it is read through ``CheckpointWeights.read_stored``, never raw."""
 
     name: str
     path: str
@@ -48,6 +51,7 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     scale_inv: "TensorInfo | None" = None
+    int4: object = None  # klotski.quant.linears.QuantizedLinear of a pre-quantized layer
 
     @property
     def stored_nbytes(self) -> int:
@@ -60,6 +64,8 @@ class TensorInfo:
 
     def row_slice(self, index: int) -> "TensorInfo":
         """The contiguous sub-tensor ``t[index]`` of a tensor with a leading dimension (e.g. one expert)."""
+        if self.int4 is not None:
+            raise CheckpointError(f"{self.name}: a 4-bit quantized layer has no row slices")
         if not self.shape or not 0 <= index < self.shape[0]:
             raise IndexError(f"{self.name}: index {index} out of range for shape {list(self.shape)}")
         per = self.nbytes // self.shape[0]
@@ -167,6 +173,9 @@ class SafetensorsIndex:
 
 
 def read_tensor(info: TensorInfo, out: torch.Tensor | None = None) -> torch.Tensor:
+    if info.int4 is not None:
+        raise CheckpointError(f"{info.name} is a 4-bit quantized layer of {info.path}: it has no bytes of its own "
+                              f"to read (CheckpointWeights.read_stored dequantizes it)")
     if out is None:
         out = torch.empty(info.shape, dtype=info.dtype)
     elif out.dtype != info.dtype or out.numel() * out.element_size() != info.nbytes or not out.is_contiguous():

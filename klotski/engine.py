@@ -125,7 +125,8 @@ class LLM:
     plan's batch group). ``offload_dir`` holds the packed expert store of this checkpoint (converted on first
     use) and the learned prefetch table; a store converted from another checkpoint is refused, naming both,
     unless ``rebuild_store=True`` replaces it. ``quantization="int4"`` (offloaded policies): routed experts
-    stored and computed as int4 from the packed store in ``offload_dir`` (see :mod:`klotski.runtime.int4`).
+    stored and computed as int4 from the packed store in ``offload_dir`` (see :mod:`klotski.runtime.int4`);
+    implied for a pre-quantized GPTQ / AWQ / compressed-tensors checkpoint (whose experts are converted as stored).
     ``prefetch="lookahead"`` (klotski): predict hot experts with the next layer's router on the current residual
     stream as well as the correlation table (:mod:`klotski.lookahead`); the default "table" uses the table only.
     ``hardware``: a :class:`~klotski.hardware.HardwareProfile` to plan with (default: this machine's cached

@@ -139,8 +139,9 @@ def _moe_chunk_torch(hidden_states, w13, w2, topk_weights, topk_ids, expert_slot
 
 
 def slot_weight(w, slot: int, dtype: torch.dtype) -> torch.Tensor:
-    """One slot's weight [N, K] for the matmul: the pool's tensor, or an int4 slot dequantized into ``dtype``."""
-    return w[slot].dequantize(dtype) if isinstance(w, Int4Weight) else w[slot]
+    """One slot's weight [N, K] for the matmul: the pool's tensor, or an int4 slot dequantized into ``dtype``
+    (into the pool's scratch buffer on the host: used before the next slot of the same pool is dequantized)."""
+    return w[slot].dequantize(dtype, reuse=True) if isinstance(w, Int4Weight) else w[slot]
 
 
 def interpreter_enabled() -> bool:

@@ -15,7 +15,9 @@ def add_parser(sub):
     p.add_argument("--verify", action="store_true", help="re-read every expert and check its checksum")
     p.add_argument("--quantize", choices=["int4"], default=None,
                    help="store the routed experts as int4 (round-to-nearest, group-wise scales); run with "
-                        "LLM(..., quantization='int4', offload_dir=OUT_DIR)")
+                        "LLM(..., quantization='int4', offload_dir=OUT_DIR). A pre-quantized GPTQ / AWQ / "
+                        "compressed-tensors checkpoint is always stored as int4, from its own codes (the "
+                        "--group-size / --symmetric / --clip-search options do not apply)")
     p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default 128)")
     p.add_argument("--symmetric", action="store_true", help="int4: no zero points (zero point 8)")
     p.add_argument("--clip-search", action="store_true",
@@ -47,9 +49,11 @@ def run(args) -> int:
     if bar is not None:
         bar.close()
     nbytes = sum(f["nbytes"] for f in manifest["files"].values())
+    q = manifest.get("quantization")
     print(f"wrote {args.out_dir}: {len(manifest['experts'])} experts in {len(manifest['moe_layers'])} MoE layers, "
-          f"{nbytes / 2**20:.1f} MiB" + (f", int4 experts (group {args.group_size}, "
-                                          f"{'symmetric' if args.symmetric else 'zero points'})" if args.quantize else ""))
+          f"{nbytes / 2**20:.1f} MiB" + (f", int4 experts (group {q['group_size']}, "
+                                          f"{'symmetric' if q['symmetric'] else 'zero points'}) from {q['source']}"
+                                          if q else ""))
     if args.verify:
         n = ExpertStore(args.out_dir).verify()
         print(f"verified {n} experts: checksums match")

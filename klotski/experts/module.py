@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from klotski.experts.group import DEMAND, PREFETCH, ExpertOffloadGroup
-from klotski.experts.source import CheckpointExperts, StoreExperts
+from klotski.experts.source import CheckpointExperts, StoreExperts, refuse_int4_checkpoint
 
 HEAT_DECAY = 0.9
 STAT_KEYS = ("forwards", "routed", "hits", "loads", "host_loads", "disk_loads", "host_bytes", "disk_bytes",
@@ -311,6 +311,8 @@ def experts_source(weights, layer: int, offload_dir: str | None = None):
     if offload_dir is None:
         return CheckpointExperts(weights, layer)
     from klotski.store import open_store
+
+    refuse_int4_checkpoint(weights)
     from klotski.store.directory import check_path
 
     spec = weights.spec

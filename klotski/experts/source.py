@@ -48,6 +48,14 @@ def _placed(pieces: list[tuple[int, int]]) -> tuple[list[int], int]:
     return out, at
 
 
+def refuse_int4_checkpoint(weights) -> None:
+    """OffloadedExperts computes in the model's dtype: a pre-quantized 4-bit checkpoint's experts are refused."""
+    if weights.int4 is not None:
+        raise ValueError(f"{weights.index.model_dir}: a pre-quantized {weights.int4.method} checkpoint's 4-bit "
+                         f"experts are not supported by OffloadedExperts (it computes in the model's dtype); "
+                         f"use klotski.LLM")
+
+
 class CheckpointExperts:
     """Experts of MoE layer ``layer`` read straight from the checkpoint (a
     :class:`klotski.model.weights.CheckpointWeights`)."""
@@ -56,6 +64,7 @@ class CheckpointExperts:
         if weights.block is not None:
             raise ValueError(f"{weights.index.model_dir}: fp8 block-scaled experts are not supported by "
                              f"OffloadedExperts (it computes in the model's dtype); use klotski.LLM")
+        refuse_int4_checkpoint(weights)
         spec = weights.spec
         if layer not in spec.moe_layers:
             raise ValueError(f"layer {layer} of {weights.index.model_dir} is not a MoE layer "
@@ -94,6 +103,9 @@ class StoreExperts:
     def __init__(self, store, layer: int, intermediate_size: int, hidden_size: int):
         if store.fp8_block is not None:
             raise ValueError(f"expert store {store.root} holds fp8 experts, which OffloadedExperts does not "
+                             f"support (it computes in the model's dtype); use klotski.LLM")
+        if store.int4 is not None:
+            raise ValueError(f"expert store {store.root} holds int4 experts, which OffloadedExperts does not "
                              f"support (it computes in the model's dtype); use klotski.LLM")
         if layer not in store.moe_layers:
             raise ValueError(f"layer {layer} is not in expert store {store.root} (MoE layers {store.moe_layers})")

@@ -83,6 +83,9 @@ class ModelSpec:
     # fp8 block-scaled checkpoint (quantization_config quant_method "fp8"): the (rows, cols) weight block of
     # every ``*_scale_inv`` tensor; None for unquantized checkpoints. See :mod:`klotski.model.quant`.
     fp8_block: tuple[int, int] | None = None
+    # pre-quantized 4-bit checkpoint (GPTQ / AWQ GEMM / compressed-tensors W4A16): its format
+    # (:class:`klotski.quant.checkpoint_formats.Int4Format`); None otherwise. See :mod:`klotski.quant.linears`.
+    int4_checkpoint: Any = None
 
     # ---- derived -------------------------------------------------------------------------------------
     @property
@@ -133,7 +136,10 @@ class ModelSpec:
                              f"({type(e).__name__}: {e})") from None
         check_spec(spec)
         block = parse_quantization(config)
-        return replace(spec, fp8_block=block) if block else spec
+        if block:
+            return replace(spec, fp8_block=block)
+        int4 = parse_int4_quantization(config)
+        return replace(spec, int4_checkpoint=int4) if int4 else spec
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelSpec":
@@ -182,27 +188,24 @@ def register(*model_types: str):
 
 # ---- shared parsing helpers ---------------------------------------------------------------------------
 
-def _four_bit_note(config: dict) -> str:
-    """What Klotski knows of a 4-bit quantization_config (klotski.quant.checkpoint_formats): the setting it
-    cannot read, or that the layout is readable but loading such a checkpoint is not wired up yet."""
+def parse_int4_quantization(config: dict):
+    """The 4-bit format of a GPTQ / AWQ / compressed-tensors ``quantization_config`` (None for none or fp8);
+    an unsupported setting raises :class:`UnsupportedModelError` naming it and listing what is supported."""
     from klotski.quant.checkpoint_formats import UnsupportedQuantization, parse_int4_checkpoint
 
     try:
-        fmt = parse_int4_checkpoint(config)
+        return parse_int4_checkpoint(config)
     except UnsupportedQuantization as e:
-        return f". 4-bit: {e}"
-    return (f". 4-bit: this {fmt.method} layout (group {fmt.group_size}, "
-            f"{'symmetric' if fmt.symmetric else 'zero points'}) converts into Klotski's int4 expert layout "
-            f"(klotski.quant.checkpoint_formats), but loading a pre-quantized checkpoint is not wired up yet; "
-            f"quantize an unquantized checkpoint instead: `klotski convert MODEL_DIR OUT_DIR --quantize int4`")
+        raise UnsupportedModelError(str(e)) from None
 
 
 def parse_quantization(config: dict) -> tuple[int, int] | None:
-    """The fp8 weight block of ``quantization_config`` (None when the config declares none).
+    """The fp8 weight block of ``quantization_config`` (None when the config declares none or another method,
+    which :func:`parse_int4_quantization` reads or refuses).
 
     Supported: ``quant_method`` "fp8", ``fmt`` "e4m3", 2-D ``weight_block_size``, ``activation_scheme``
     "dynamic" (activations are never quantized here: weights are dequantized to the compute dtype).
-    Anything else raises :class:`UnsupportedModelError` naming the field.
+    Any other fp8 setting raises :class:`UnsupportedModelError` naming the field.
     """
     q = config.get("quantization_config")
     if not q:
@@ -210,8 +213,7 @@ def parse_quantization(config: dict) -> tuple[int, int] | None:
     where = f"config.json ({config.get('model_type')}) quantization_config"
     method = str(q.get("quant_method", "")).lower()
     if method != "fp8":
-        raise UnsupportedModelError(f"{where}: quant_method {q.get('quant_method')!r} is not supported; "
-                                    f"supported: 'fp8' (block-scaled e4m3, as DeepSeek-V3)" + _four_bit_note(config))
+        return None  # 4-bit formats: parse_int4_quantization (refuses every other method by name)
     fmt = str(q.get("fmt", "e4m3")).lower()
     if fmt != "e4m3":
         raise UnsupportedModelError(f"{where}: fp8 fmt {q.get('fmt')!r} is not supported; supported: 'e4m3'")

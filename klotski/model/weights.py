@@ -13,6 +13,15 @@ but the embeddings, LM head and router). The ``read_*`` methods return such weig
 given dtype); ``read_*_stored`` return them as stored (:class:`~klotski.model.quant.Fp8Weight`) for the host
 tier and the packed store; :meth:`CheckpointWeights.info` / :meth:`expert_pieces` attach the scales' byte
 locations to a weight's :class:`~klotski.checkpoint.TensorInfo` for the disk tier.
+
+Pre-quantized 4-bit checkpoints (GPTQ / AWQ GEMM / compressed-tensors W4A16, ``spec.int4_checkpoint``): any
+linear weight may be stored as the format's codes + scales (+ zero points) in place of ``<base>.weight``
+(:mod:`klotski.quant.linears`); :attr:`CheckpointWeights.quantized` maps each such logical weight name to its
+layer. Routed experts are read in the int4 slot layout as stored (:meth:`read_expert_int4`, what the int4
+store is converted from); every other quantized linear is dequantized at load into :attr:`dequant_dtype` (the
+checkpoint's ``torch_dtype``): ``read_*`` return it dequantized, and once an int4 store is open its
+``non_expert.safetensors`` holds the dequantized copies, which the host and disk tiers then read
+(:meth:`use_dequantized`).
 """
 from __future__ import annotations
 
@@ -28,8 +37,18 @@ from klotski.model.names import (  # noqa: F401  (re-exported)
 )
 from klotski.model.quant import FP8_DTYPE, SCALE_SUFFIX, Fp8Weight, concat, scale_name, scale_shape
 from klotski.model.spec import ModelSpec
+from klotski.quant.int4 import Int4Weight
+from klotski.quant.linears import concat_rows, find_quantized_linear
 
 FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+DEQUANT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _quantized_marker(index: SafetensorsIndex, spec: ModelSpec, base: str) -> bool:
+    """Whether the linear ``base`` is stored as a 4-bit layer of the checkpoint's format."""
+    fmt = spec.int4_checkpoint
+    marker = "weight_packed" if fmt is not None and fmt.method == "compressed-tensors" else "qweight"
+    return fmt is not None and f"{base}.{marker}" in index
 
 
 def detect_layout(index: SafetensorsIndex, spec: ModelSpec) -> ExpertLayout:
@@ -42,7 +61,7 @@ def detect_layout(index: SafetensorsIndex, spec: ModelSpec) -> ExpertLayout:
         if f"{base}.gate_up_proj" in index:
             return ExpertLayout(prefix, True, ("gate_proj", "up_proj", "down_proj"))
         for proj in (("w1", "w3", "w2"), ("gate_proj", "up_proj", "down_proj")):
-            if f"{base}.0.{proj[0]}.weight" in index:
+            if f"{base}.0.{proj[0]}.weight" in index or _quantized_marker(index, spec, f"{base}.0.{proj[0]}"):
                 return ExpertLayout(prefix, False, proj)
     raise CheckpointError(
         f"{index.model_dir}: cannot find layer {layer}'s experts: expected "
@@ -59,6 +78,11 @@ class CheckpointWeights:
         self.spec = spec
         self.block = spec.fp8_block
         self.scales: dict[str, TensorInfo] = {}  # fp8 weight name -> its block scale
+        self.int4 = spec.int4_checkpoint  # Int4Format of a pre-quantized 4-bit checkpoint, else None
+        self.quantized: dict = {}  # logical weight name -> QuantizedLinear (4-bit checkpoints)
+        self.dequantized_infos: dict[str, TensorInfo] = {}  # quantized non-expert name -> its dequantized copy
+        self.dequant_dtype = DEQUANT_DTYPES.get(spec.torch_dtype, torch.float16)
+        self.expert_keys: set[str] = set()
         self.layout = detect_layout(index, spec)
         self.globals = global_sources(spec, index)
         self.layers = [layer_sources(spec, i, self.layout) for i in range(spec.num_layers)]
@@ -71,11 +95,18 @@ class CheckpointWeights:
             for src in sources.values():
                 expected.update(zip(src.names, src.shapes))
         for layer in self.spec.moe_layers:
-            expected.update(expert_names(self.spec, layer, self.layout))
+            names = expert_names(self.spec, layer, self.layout)
+            expected.update(names)
+            self.expert_keys.update(names)
         problems = []
         for name, shape in expected.items():
             if name not in self.index:
-                problems.append(f"missing tensor {name!r} (expected shape {list(shape)})")
+                found, why = (None, []) if self.int4 is None else find_quantized_linear(self.index, self.int4, name,
+                                                                                        shape)
+                if found is not None:
+                    self.quantized[name] = found
+                problems += why if found is not None or why else [f"missing tensor {name!r} (expected shape "
+                                                                   f"{list(shape)})"]
                 continue
             info = self.index[name]
             if tuple(info.shape) != tuple(shape):
@@ -85,6 +116,10 @@ class CheckpointWeights:
         problems += self._check_scales(expected)
         fp8 = [n for n in expected if n in self.index and self.index[n].dtype in FLOAT8]
         used = set(expected) | {scale_name(n) for n in fp8}  # checked by _check_scales
+        used.update(p for q in self.quantized.values() for p in q.part_names())
+        if self.int4 is not None and not self.quantized and not problems:
+            problems.append(f"config.json declares a {self.int4.method} 4-bit quantization_config but no linear "
+                            f"weight is stored in that format")
         extra = [n for n in self.index.names() if n not in used and not any(p.match(n) for p in ignored)]
         for n in sorted(extra):
             problems.append(self._stray_scale(n) or f"unexpected tensor {n!r} in {self.index[n].path}")
@@ -140,13 +175,26 @@ class CheckpointWeights:
 
     # ---- reading ---------------------------------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
-        """Where tensor ``name``'s bytes live, with its block scale's location attached if it is fp8."""
+        """Where tensor ``name``'s bytes live, with its block scale's location attached if it is fp8. A 4-bit
+        quantized layer: its dequantized copy in the open int4 store, else an info carrying the layer
+        (``TensorInfo.int4``; read by :meth:`read_stored`, never raw)."""
+        if name in self.dequantized_infos:
+            return self.dequantized_infos[name]
+        q = self.quantized.get(name)
+        if q is not None:
+            marker = next(iter(q.parts.values()))
+            size = torch.empty((), dtype=self.dequant_dtype).element_size()
+            return TensorInfo(name, marker.path, marker.offset, q.shape[0] * q.shape[1] * size, self.dequant_dtype,
+                              q.shape, int4=q)
         info = self.index[name]
         scale = self.scales.get(name)
         return info if scale is None else replace(info, scale_inv=scale)
 
     def read_stored(self, info: TensorInfo) -> "torch.Tensor | Fp8Weight":
-        """One tensor as stored: a CPU tensor, or an :class:`Fp8Weight` when ``info`` carries a scale."""
+        """One tensor as stored: a CPU tensor, or an :class:`Fp8Weight` when ``info`` carries a scale; a 4-bit
+        layer dequantized into :attr:`dequant_dtype`."""
+        if info.int4 is not None:
+            return info.int4.read(self.index).dequantize(info.dtype)
         if info.scale_inv is None:
             return self.index.read(info)
         return Fp8Weight(self.index.read(info), self.index.read(info.scale_inv).float(), (info.shape[0],),
@@ -190,6 +238,34 @@ class CheckpointWeights:
         """(w13 [2I, H], w2 [H, I]) of one expert as stored (tensors, or :class:`Fp8Weight` for fp8)."""
         w13_pieces, w2_info = self.expert_pieces(layer, expert)
         return concat([self.read_stored(p) for p in w13_pieces]), self.read_stored(w2_info)
+
+    def read_expert_int4(self, layer: int, expert: int) -> tuple[Int4Weight, Int4Weight]:
+        """(w13 [2I, H], w2 [H, I]) of one expert of a 4-bit checkpoint, in the int4 slot layout as stored
+        (gate and up rows stacked; each with its own group size, see :func:`klotski.quant.linears.regroup`)."""
+        w13_pieces, w2_info = self.expert_pieces(layer, expert)
+        missing = [i.name for i in (*w13_pieces, w2_info) if i.int4 is None]
+        if missing:
+            raise CheckpointError(f"{self.index.model_dir}: expert weight {missing[0]!r} is not stored as a "
+                                  f"{self.int4.method if self.int4 else '4-bit'} layer; a checkpoint whose routed "
+                                  f"experts are partly unquantized is not supported")
+        return concat_rows([p.int4.read(self.index) for p in w13_pieces]), w2_info.int4.read(self.index)
+
+    def use_dequantized(self, path: str) -> None:
+        """Read every quantized non-expert layer from its dequantized copy in the safetensors file ``path``
+        (an int4 store's ``non_expert.safetensors``): the host and disk tiers then move plain tensors."""
+        from klotski.checkpoint import index_file
+
+        infos = index_file(path)
+        for name, q in self.quantized.items():
+            if name in self.expert_keys:
+                continue
+            info = infos.get(name)
+            if info is None or info.dtype != self.dequant_dtype or tuple(info.shape) != q.shape:
+                got = "absent" if info is None else f"{info.dtype} {list(info.shape)}"
+                raise CheckpointError(f"{path} should hold the dequantized {name!r} ({self.dequant_dtype} "
+                                      f"{list(q.shape)}), got {got}: the store was not converted from this "
+                                      f"{self.int4.method} checkpoint; convert it again")
+            self.dequantized_infos[name] = info
 
     def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 [2I, H], w2 [H, I]) of one expert, reading only its bytes (fp8: dequantized, fp32 or ``dtype``)."""

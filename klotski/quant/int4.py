@@ -7,11 +7,16 @@ One linear weight ``W`` [N, K] (N outputs, K inputs, group size G dividing K) is
     scales   [N, K/G]  float   (fp16 / bf16 / fp32; used as fp32)
     zeros    [N, K/G]  uint8   zero point per group (codes 0..15), or None: symmetric, zero point 8
 
-and ``W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``, computed in fp32 (:func:`dequantize_int4`,
-the only place this arithmetic is written in torch; the Triton kernels do the same operations in the same
-order, so a kernel's dequantized tile equals this function's output). Stacks of experts add leading dims
+and ``W[n, k] = (code[n, k] - zero[n, k // G]) * scale[n, k // G]``, computed in fp32 (:func:`dequantize_int4_torch`,
+the only place this arithmetic is written in torch; the host kernel ``klotski._C.dequantize_int4_host`` that
+:func:`dequantize_int4` runs on the CPU and the Triton kernels do the same operations in the same order, so
+their values equal this function's). Stacks of experts add leading dims
 (``[S, N, K/2]`` ...). This is the family of layouts vLLM's Triton w4a16 MoE kernel reads (codes packed
-along K, low nibble first, scales [N, K/G]); zero points here are one byte each, not packed.
+along K, low nibble first, scales [N, K/G]); zero points here are one byte each, not packed. Packing them two per
+byte was weighed and left: GPTQ ``gptq`` (v1) checkpoints store each zero point minus one, so a zero point 0
+reads back as 16, which a nibble cannot hold (and those codes cannot be re-centred without changing the weights);
+and the saving is small, 1 byte per 2 groups against G/2 code bytes + 2 scale bytes per group: 0.75 % of an
+expert's bytes at group 128 with 16-bit scales, 2.6 % at group 32.
 
 Round-to-nearest quantization (:func:`quantize_int4`) follows GPTQ's grid: asymmetric groups span
 [min(w, 0), max(w, 0)] in 15 steps with an integer zero point; symmetric groups span [-amax, amax]
@@ -19,7 +24,8 @@ Round-to-nearest quantization (:func:`quantize_int4`) follows GPTQ's grid: asymm
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,12 +56,47 @@ def group_expand(t: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                    dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
     """``(code - zero) * scale`` in fp32, rounded once to ``dtype``: [..., N, K/2] codes -> [..., N, K].
 
-    The codes are split into their nibble planes in place of an interleaved copy and the group values
-    broadcast over [..., N, K/G, G] views (no repeated scale tensors): the CPU path runs this per loaded expert.
+    On the host (contiguous CPU tensors) this runs ``klotski._C.dequantize_int4_host``, one pass over the codes
+    with the same IEEE operations as :func:`dequantize_int4_torch` (bit-identical values, several times faster:
+    the CPU path dequantizes every int4 expert it computes, ``bench/kernels/bench_int4_cpu.py``); elsewhere it
+    is :func:`dequantize_int4_torch`. ``out``: a contiguous fp32 CPU tensor of the result's size to write into
+    (host path, ``dtype`` fp32 only; a fresh multi-MiB buffer costs as much in page faults as the dequantization).
     """
+    if _host_ready(qweight, scales, zeros):
+        *lead, n, half = qweight.shape
+        if out is None or dtype != torch.float32:
+            out = torch.empty(*lead, n, 2 * half, dtype=torch.float32)
+        elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != qweight.numel() * 2:
+            raise ValueError(f"dequantize_int4: out must be a contiguous float32 tensor of {qweight.numel() * 2} "
+                             f"elements, got {out.dtype} {list(out.shape)}")
+        else:
+            out = out.view(*lead, n, 2 * half)
+        from klotski import _C
+
+        _C.dequantize_int4_host(qweight.data_ptr(), scales.data_ptr(), _SCALE_KIND[scales.dtype],
+                                0 if zeros is None else zeros.data_ptr(), out.data_ptr(), qweight.numel() // half,
+                                2 * half, group_size, torch.get_num_threads())
+        return out if dtype == torch.float32 else out.to(dtype)
+    return dequantize_int4_torch(qweight, scales, zeros, group_size, dtype)
+
+
+_SCALE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # klotski._C.dequantize_int4_host
+
+
+def _host_ready(qweight, scales, zeros) -> bool:
+    ts = (qweight, scales) + (() if zeros is None else (zeros,))
+    return (qweight.device.type == "cpu" and qweight.numel() > 0 and all(t.is_contiguous() for t in ts)
+            and scales.dtype in _SCALE_KIND)
+
+
+def dequantize_int4_torch(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                          group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The arithmetic of :func:`dequantize_int4` in torch ops (any device; the reference the host kernel and
+    the Triton kernels match). The codes are split into their nibble planes in place of an interleaved copy
+    and the group values broadcast over [..., N, K/G, G] views (no repeated scale tensors)."""
     *lead, n, half = qweight.shape
     k = 2 * half
     codes = torch.empty(*lead, n, half, 2, dtype=torch.uint8, device=qweight.device)
@@ -75,6 +116,8 @@ class Int4Weight:
     scales: torch.Tensor  # [..., N, K/G] float
     zeros: torch.Tensor | None  # [..., N, K/G] uint8, or None (symmetric)
     group_size: int
+    # a slot pool's (Int4Weight.empty) reusable fp32 buffer, shared with its slot views: dequantize(reuse=True)
+    scratch: "DequantScratch | None" = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         check_int4(self.qweight, self.scales, self.zeros, self.group_size)
@@ -111,7 +154,7 @@ class Int4Weight:
         if self.qweight.dim() <= 2:
             raise IndexError("an unstacked Int4Weight [N, K] has no slot dim to index")
         return Int4Weight(self.qweight[index], self.scales[index],
-                          None if self.zeros is None else self.zeros[index], self.group_size)
+                          None if self.zeros is None else self.zeros[index], self.group_size, self.scratch)
 
     def copy_(self, src: "Int4Weight", non_blocking: bool = False) -> "Int4Weight":
         """Copy ``src`` (same shape, group size and symmetry; any device) into this weight's tensors."""
@@ -138,9 +181,14 @@ class Int4Weight:
         return Int4Weight(self.qweight.clone(), self.scales.clone(),
                           None if self.zeros is None else self.zeros.clone(), self.group_size)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight values [..., N, K] in ``dtype`` (fp32 arithmetic, one rounding)."""
-        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, reuse: bool = False) -> torch.Tensor:
+        """The weight values [..., N, K] in ``dtype`` (fp32 arithmetic, one rounding). ``reuse`` (a slot of a
+        pool, fp32, host): written into the pool's scratch buffer, valid until this thread dequantizes another
+        slot of the same pool (``fused_moe_torch`` uses each slot's weight before the next)."""
+        out = None
+        if reuse and self.scratch is not None and dtype == torch.float32 and self.device.type == "cpu":
+            out = self.scratch.buffer(self.qweight.numel() * 2)
+        return dequantize_int4(self.qweight, self.scales, self.zeros, self.group_size, dtype, out)
 
     def describe(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
@@ -157,7 +205,20 @@ class Int4Weight:
         return Int4Weight(torch.empty(*lead, n, k // 2, dtype=torch.uint8, device=device),
                           torch.empty(*lead, n, groups, dtype=scale_dtype, device=device),
                           None if symmetric else torch.empty(*lead, n, groups, dtype=torch.uint8, device=device),
-                          group_size)
+                          group_size, DequantScratch())
+
+
+class DequantScratch:
+    """A per-thread fp32 host buffer that one pool's slots are dequantized into (grown on demand, kept)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def buffer(self, numel: int) -> torch.Tensor:
+        buf = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < numel:
+            buf = self._local.buf = torch.empty(numel, dtype=torch.float32)
+        return buf[:numel]
 
 
 def check_group(k: int, group_size: int, what: str) -> None:

@@ -95,7 +95,7 @@ class RunConfig:
             gpu = torch.cuda.get_device_properties(device).total_memory - (1 << 30)
         from klotski.runtime.int4 import check_quantization
 
-        check_quantization(quantization)
+        quantization = check_quantization(quantization, weights.spec)
         if prefetch not in PREFETCH_SOURCES:
             raise ValueError(f"prefetch must be one of {PREFETCH_SOURCES}, got {prefetch!r}")
         selection = ExpertSelection.parse(expert_selection)

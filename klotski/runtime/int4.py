@@ -5,6 +5,11 @@ use, as ``klotski convert MODEL_DIR OFFLOAD_DIR --quantize int4`` would), on eve
 codes + scales (+ zero points) as stored, host copies and disk reads are the stored records, and the kernels
 compute from them. Dense weights, norms, router and embeddings come from the checkpoint in its dtype.
 The planner prices each expert at its stored bytes, on the device too (:meth:`ModelCosts.with_expert_bytes`).
+
+A pre-quantized 4-bit checkpoint (GPTQ / AWQ GEMM / compressed-tensors W4A16) runs offloaded this way whether
+or not ``quantization="int4"`` is passed: its experts are converted once, as stored, into the store, and its
+other quantized linears are dequantized into the store's ``non_expert.safetensors``, which the host and disk
+tiers then read (:meth:`~klotski.model.weights.CheckpointWeights.use_dequantized`).
 """
 from __future__ import annotations
 
@@ -23,9 +28,12 @@ def default_group_size(spec, largest: int = 128) -> int:
     return g
 
 
-def check_quantization(quantization) -> str | None:
+def check_quantization(quantization, spec=None) -> str | None:
+    """``quantization`` checked; "int4" for a pre-quantized 4-bit checkpoint (``spec.int4_checkpoint``)."""
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be None or one of {QUANTIZATIONS}, got {quantization!r}")
+    if spec is not None and spec.int4_checkpoint is not None:
+        return "int4"
     return quantization
 
 
@@ -36,7 +44,9 @@ def open_int4_store(weights: CheckpointWeights, store_dir: str | None, rebuild: 
 
     spec = weights.spec
     if store_dir is None:
-        raise ValueError("quantization='int4' needs an offload_dir: the int4 experts live in the packed store "
+        what = (f"a pre-quantized {spec.int4_checkpoint.method} checkpoint" if spec.int4_checkpoint is not None
+                else "quantization='int4'")
+        raise ValueError(f"{what} needs an offload_dir when offloaded: the int4 experts live in the packed store "
                          "there (converted on first use, or beforehand with `klotski convert MODEL_DIR "
                          "OFFLOAD_DIR --quantize int4`)")
     if not spec.moe_layers:
@@ -44,7 +54,13 @@ def open_int4_store(weights: CheckpointWeights, store_dir: str | None, rebuild: 
                          f"{weights.index.model_dir} has no MoE layer")
     store = open_store(weights.index, store_dir, rebuild=rebuild,
                        quantize="int4", group_size=default_group_size(spec))
-    check_store_shapes(store, spec, store_dir)
+    try:
+        check_store_shapes(store, spec, store_dir)
+        if weights.int4 is not None:  # the dequantized non-expert layers converted beside the experts
+            weights.use_dequantized(store.non_expert_path)
+    except BaseException:
+        store.close()
+        raise
     return store
 
 

@@ -85,6 +85,9 @@ class PlacedWeights:
                     cpu.hold(f"host {cls}", nbytes(host[key]))
                 else:
                     disk[key] = [weights.info(n) for n in src.names]
+                    if any(i.int4 is not None for i in disk[key]):  # no raw bytes: its dequantized copy is read
+                        raise ValueError(f"layer {i} {key}: a 4-bit quantized layer streamed from disk needs the "
+                                         f"int4 store's dequantized copy (open_int4_store) first")
                     pieces += disk[key]
                 if tier != "gpu":
                     shapes[key] = shape

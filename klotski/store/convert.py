@@ -164,8 +164,10 @@ def _write_records(weights: CheckpointWeights, layer: int, out: _AtomicFile, rea
     return records
 
 
-def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: str) -> tuple[int, str]:
-    """Stream tensors (bytes copied verbatim) into a safetensors file, header padded to 8 bytes.
+def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: str,
+                       read: Callable | None = None) -> tuple[int, str]:
+    """Stream tensors (bytes copied verbatim; ``read(info)`` in place of ``index.read``: a 4-bit layer's
+    dequantized values) into a safetensors file, header padded to 8 bytes.
     Returns (bytes, checksum of the whole file)."""
     header, offset = {}, 0
     for info in infos:
@@ -179,16 +181,22 @@ def _write_safetensors(index: SafetensorsIndex, infos: list[TensorInfo], path: s
         out.write(len(raw).to_bytes(8, "little"))
         out.write(raw)
         for info in infos:
-            out.write(_as_bytes(index.read(info)))
+            t = (read or index.read)(info)
+            if t.dtype != info.dtype or tuple(t.shape) != tuple(info.shape):
+                raise StoreError(f"{info.name}: read {t.dtype} {list(t.shape)}, expected {info.dtype} {list(info.shape)}")
+            out.write(_as_bytes(t))
         return out.commit(), out.checksum
 
 
 def _record_bytes(weights: CheckpointWeights, layer: int) -> int:
-    """Bytes of one layer file: every expert record (fp8: + scales) padded to the alignment."""
+    """Bytes of one layer file: every expert record (fp8: + scales) padded to the alignment. A 4-bit checkpoint's
+    experts: their stored codes + scales + zero points with a 10 % margin (the slot layout keeps a byte per zero
+    point where the checkpoint packs eight in an int32; a per-channel checkpoint's scales are repeated)."""
     total = 0
+    size = lambda p: int(p.int4.stored_nbytes * 1.1) if p.int4 is not None else p.stored_nbytes  # noqa: E731
     for e in range(weights.spec.num_experts):
         w13, w2 = weights.expert_pieces(layer, e)
-        n = sum(p.stored_nbytes for p in w13) + w2.stored_nbytes + 2 * SCALE_ALIGNMENT
+        n = sum(size(p) for p in w13) + size(w2) + 6 * SCALE_ALIGNMENT
         total += -(-n // ALIGNMENT) * ALIGNMENT
     return total
 
@@ -292,8 +300,7 @@ def _check_space(weights, model_dir: str, out_dir: str, replaced: list[str]) -> 
 
 
 def _non_expert_bytes(weights: CheckpointWeights) -> int:
-    expert_keys = _expert_keys(weights)
-    return sum(i.nbytes for n, i in weights.index.tensors.items() if n not in expert_keys) + 65536
+    return sum(i.nbytes for i in _non_expert_infos(weights)) + 65536
 
 
 def _expert_keys(weights: CheckpointWeights) -> set[str]:
@@ -303,6 +310,16 @@ def _expert_keys(weights: CheckpointWeights) -> set[str]:
         keys.update(names)
         keys.update(scale_name(n) for n in names)  # fp8 scales travel in the expert records
     return keys
+
+
+def _non_expert_infos(weights: CheckpointWeights) -> list[TensorInfo]:
+    """What ``non_expert.safetensors`` holds: every checkpoint tensor but the routed experts' (verbatim); of a
+    4-bit checkpoint, each quantized non-expert layer dequantized under its logical name in place of its
+    codes, scales and zero points (:meth:`CheckpointWeights.use_dequantized` reads them from there)."""
+    expert_keys = _expert_keys(weights)
+    parts = {p for q in weights.quantized.values() for p in q.part_names()}
+    infos = [weights.index[n] for n in sorted(weights.index.names()) if n not in expert_keys and n not in parts]
+    return infos + [weights.info(n) for n in sorted(weights.quantized) if n not in weights.expert_keys]
 
 
 def _remove_old_store(out_dir: str, stale: list[str]) -> None:
@@ -344,10 +361,9 @@ def _write_store(weights, index, spec, model_dir: str, out_dir: str, identity: d
         files[layer_file_name(layer)] = {"nbytes": size}
     report("experts", len(layers), len(layers))
 
-    expert_keys = _expert_keys(weights)
-    others = [index[n] for n in sorted(index.names()) if n not in expert_keys]
+    others = _non_expert_infos(weights)
     report("non-expert tensors", 0, 1)
-    size, crc = _write_safetensors(index, others, os.path.join(out_dir, NON_EXPERT_NAME))
+    size, crc = _write_safetensors(index, others, os.path.join(out_dir, NON_EXPERT_NAME), weights.read_stored)
     files[NON_EXPERT_NAME] = {"nbytes": size, "checksum": crc}
     report("non-expert tensors", 1, 1)
 

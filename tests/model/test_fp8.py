@@ -138,7 +138,8 @@ def test_scale_with_wrong_shape_is_refused(fp8_checkpoints, tmp_path):
 
 
 @pytest.mark.parametrize("qc,match", [
-    ({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported; supported: 'fp8'"),
+    ({"quant_method": "awq", "bits": 8}, "awq bits 8 is not supported; supported 4-bit checkpoints: gptq .* "
+                                         r"\(and fp8 block-scaled, quant_method 'fp8'\)"),
     ({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [16, 24]}, "fp8 fmt 'e5m2' is not supported"),
     ({"quant_method": "fp8", "fmt": "e4m3"}, "weight_block_size must be two positive ints .* got None"),
     ({"quant_method": "fp8", "weight_block_size": [128]}, r"weight_block_size must be two positive ints .* got \[128\]"),

@@ -95,3 +95,49 @@ def test_clip_search_never_worse_per_group(symmetric):
     err = lambda q: (q.dequantize() - w).square().reshape(64, 4, 32).sum(-1)  # noqa: E731
     assert (err(searched) <= err(plain) * (1 + 1e-6)).all()
     assert err(searched).sum() < 0.97 * err(plain).sum()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_host_dequantize_equals_torch_reference(scale_dtype, symmetric):
+    """The host kernel (klotski._C, what dequantize_int4 runs on the CPU) gives the torch reference's values
+    bit for bit: stacked slots, odd group counts, fp16 subnormal / negative / zero scales, several threads."""
+    from klotski.quant.int4 import dequantize_int4_torch
+
+    g = torch.Generator().manual_seed(3)
+    for shape, group in (((3, 10, 48), 16), ((2, 5, 7, 24), 8), ((1100, 2048), 128)):  # the last: 2 threads
+        *lead, n, k = shape
+        q = torch.randint(0, 256, (*lead, n, k // 2), dtype=torch.uint8, generator=g)
+        scales = (torch.randn(*lead, n, k // group, generator=g) * 10.0 ** torch.randint(-7, 2, (1,), generator=g))
+        scales.view(-1)[:3] = torch.tensor([0.0, -1e-6, 6e-8])  # zero, negative, fp16-subnormal
+        scales = scales.to(scale_dtype)
+        zeros = None if symmetric else torch.randint(0, 17, (*lead, n, k // group), dtype=torch.uint8, generator=g)
+        for dtype in (torch.float32, torch.bfloat16):
+            got = dequantize_int4(q, scales, zeros, group, dtype)
+            want = dequantize_int4_torch(q, scales, zeros, group, dtype)
+            assert got.dtype == dtype and got.shape == want.shape
+            assert torch.equal(got.view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               want.view(-1).view(torch.int16 if dtype != torch.float32 else torch.int32))
+    # non-contiguous codes take the torch path, same values
+    q = torch.randint(0, 256, (6, 8), dtype=torch.uint8, generator=g)[:, ::2]
+    s = torch.rand(6, 1).to(scale_dtype)
+    assert torch.equal(dequantize_int4(q, s, None, 8), dequantize_int4_torch(q, s, None, 8))
+
+
+def test_pool_slots_dequantize_into_the_pools_scratch():
+    """A pool's slots dequantize (reuse=True) into one fp32 buffer per pool and thread: same values as a fresh
+    dequantization, the same memory for every slot, another pool's buffer apart."""
+    w = quantize_int4(torch.randn(3, 16, 32), 8)
+    pool = Int4Weight.empty((3, 16, 32), 8, False, torch.float32)
+    other = Int4Weight.empty((3, 16, 32), 8, False, torch.float32)
+    pool.copy_(w)
+    other.copy_(w)
+    a = pool[0].dequantize(reuse=True)
+    assert torch.equal(a, w[0].dequantize())
+    ptr = a.data_ptr()
+    b = pool[2].dequantize(reuse=True)
+    assert b.data_ptr() == ptr and torch.equal(b, w[2].dequantize())
+    assert other[1].dequantize(reuse=True).data_ptr() != ptr
+    assert pool[1].dequantize(torch.bfloat16, reuse=True).data_ptr() != ptr  # only fp32 is written in place
+    x, y = w[0].dequantize(reuse=True), w[0].dequantize(reuse=True)  # no pool: fresh tensors
+    assert x.data_ptr() != y.data_ptr()
