@@ -247,7 +247,9 @@ class _Step:
         w = self.layer_weights(layer)
         ex.tracer.log_ops("compute", [op.id])
         rows, h = ex.compute.tokens(st, w, k)
-        topk_w, topk_ids = ex.compute.gate(w, h, layer, k)
+        # in flight for this layer: its prefetched hot experts and the cold loads earlier gates issued
+        inflight = {e for (lay, e) in self.expert_load if lay == layer}
+        topk_w, topk_ids = ex.compute.gate(w, h, layer, k, inflight=sorted(inflight))
         ids_host = topk_ids.cpu()  # the host decides which experts to load
         self.routed[(layer, k)] = (rows, h, topk_w, topk_ids, ids_host)
         self.view.gates[(layer, k)] = ids_host
