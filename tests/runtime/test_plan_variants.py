@@ -42,7 +42,7 @@ def traced_run(path, policy, variant, monkeypatch, tmp_path):
     wrap(WeightLoads, "expert", lambda layer, e, lane, op_ids=(): ("expert", layer, lane))
     wrap(WeightLoads, "experts", lambda layer, experts, lane, op_ids=(): ("experts", layer))
     wrap(Compute, "attention", lambda st, w, layer, k, kv: ("attn", layer))
-    wrap(Compute, "gate", lambda w, h, layer, k: ("gate", layer))
+    wrap(Compute, "gate", lambda w, h, layer, k, **kw: ("gate", layer))
     with LLM(path, device="cpu", policy=policy, gpu_memory="700KiB", cpu_memory="200KiB", num_batches=2,
              batch_size=2, offload_dir=str(tmp_path / "off")) as llm:
         out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
