@@ -214,6 +214,22 @@ def print_baseline(b: dict, rows: list[dict]) -> None:
               f"both computed in {b['dtype']}: {why}")
 
 
+def add_model_args(ap, layers, gpu_memory: str, cpu_memory: str) -> None:
+    """The random Mixtral-shaped checkpoint's shapes (:func:`build_checkpoint`), the device and the budgets."""
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=layers,
+                    help="layers of the default model (4) or of --preset (all)" if layers is None else None)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--gpu-memory", default=gpu_memory)
+    ap.add_argument("--cpu-memory", default=cpu_memory)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="existing checkpoint (default: build a random Mixtral-shaped one)")
@@ -225,17 +241,7 @@ def main() -> None:
     ap.add_argument("--shard-size", default="4GB", help="with --preset: safetensors shard size")
     ap.add_argument("--checkpoint-dir", help="with --preset: write the checkpoint here and keep it (a finished "
                                              "one there is reused) instead of a temporary directory")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--inter", type=int, default=1024)
-    ap.add_argument("--layers", type=int, help="layers of the default model (4) or of --preset (all)")
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--gpu-memory", default="32MiB")
-    ap.add_argument("--cpu-memory", default="16MiB")
+    add_model_args(ap, layers=None, gpu_memory="32MiB", cpu_memory="16MiB")
     ap.add_argument("--num-prompts", default="group", help="'group' = one batch group of the plan")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=16)

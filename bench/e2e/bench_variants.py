@@ -48,23 +48,13 @@ def only_variant(variant):
 
 
 def main() -> None:
+    bo = _bench_offload()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--inter", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--gpu-memory", default="64MiB")
-    ap.add_argument("--cpu-memory", default="24MiB")
+    bo.add_model_args(ap, layers=8, gpu_memory="64MiB", cpu_memory="24MiB")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--gen-len", type=int, default=16)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
-    bo = _bench_offload()
     from klotski import LLM, SamplingParams
     from klotski.runtime.planning import machine_profile
 
