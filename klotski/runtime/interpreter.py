@@ -49,7 +49,7 @@ class LiveRouting:
     def hot(self, layer: int, source: int | None, budget: int) -> list[int]:
         ex = self.ex
         prev = self.last_topk if source is not None and source >= 0 else None
-        hidden = self.resid.get(source) if source is not None else None
+        hidden = self.resid.pop(source, None) if source is not None else None  # used once
         src = layer - 1 if source is None else source  # early: predicted while layer - 1 starts
         if ex.predictor is not None:
             resident = [e for e in range(self.E) if self.tier(layer, e) == "gpu"]
@@ -297,6 +297,10 @@ class _Step:
             out = None
         ex.tracer.log_ops("compute", [op.id])
         ex.compute.finish_mlp(st, w, layer, rows, h, out)
+        # the micro-batch's (or the group's) MLP is done: its hidden rows need not stay alive for the step
+        whole = op.batch is None or op.batch == self.ctx.shape.n - 1  # the layer's last MLP of the step
+        for key in [k for k in self.routed if k[0] == layer and (whole or k[1] == op.batch)]:
+            del self.routed[key]
 
     def _release(self, op: Op) -> None:
         ex = self.ex
