@@ -15,7 +15,7 @@ needs_deepseek = pytest.mark.skipif("deepseek_v2" not in kmodel.PARSERS, reason=
 def test_mixtral_8x7b_bytes_match_design_numbers():
     c = ModelCosts.from_config(model_config("mixtral-8x7b"))
     lc = c.layers[0]
-    assert lc.expert_bytes == 3 * 4096 * 14336 * 2  # ~352 MB (design §1)
+    assert lc.expert_bytes == 3 * 4096 * 14336 * 2  # ~352 MB: one Mixtral-8x7B expert in bf16
     assert lc.num_experts * lc.expert_bytes == pytest.approx(2.82e9, rel=0.01)
     assert lc.attn_bytes == (4096 * (4096 + 2 * 1024) + 4096 * 4096) * 2
     assert lc.gate_bytes == 4096 * 8 * 2
