@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from klotski.model.decoder import make_rotary
-from klotski.model.layers import rms_norm
 from klotski.model.moe import expert_activation
 from klotski.prefetch import CorrelationPrefetcher, PrefetchStats
 from klotski.runtime.cache import GroupCache

@@ -6,7 +6,7 @@ Tensor classes of one layer (by canonical weight name): ``norm`` (always on the 
 
 :func:`layout_memory` turns a placement into device/host byte needs plus pool sizes: ``dense_buffers`` (device
 copies of a layer's streamed attn/gate/shared weights: 2 lets the next layer load during this one) and
-``expert_slots`` (streaming expert slots; flexgen and layerwise need a whole layer, klotski only one).
+``expert_slots`` (streaming expert slots; how many each order needs is :mod:`klotski.program.pools`).
 The placement itself comes from the planner (:mod:`klotski.runtime.planning`); this module only measures
 what a placement needs in bytes.
 """
@@ -16,9 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from klotski.model.spec import ModelSpec
 from klotski.model.weights import CheckpointWeights
-from klotski.program.pools import slot_targets  # noqa: F401 - re-exported: the pool sizing rule lives there
 from klotski.schedule import Placement
 
 CLASSES = ("attn", "gate", "shared")

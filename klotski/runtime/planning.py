@@ -30,7 +30,8 @@ from klotski.program import order_of as program_order
 from klotski.planner import BATCH_SIZES, GROUP_SIZES, InfeasibleError, Plan, Planner
 from klotski.routing_stats import RoutingStats
 from klotski.runtime.memory import BudgetError
-from klotski.runtime.placement import Layout, ModelBytes, layout_memory, slot_targets, streamed_bytes
+from klotski.program.pools import slot_targets
+from klotski.runtime.placement import Layout, ModelBytes, layout_memory
 from klotski.schedule import Placement, StepShape
 from klotski.simulate import simulate_model_step
 from klotski.units import format_bytes
