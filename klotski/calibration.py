@@ -84,8 +84,8 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
     copies: dict[str, list[int]] = {}  # link -> [copies with bytes, bytes]
     for op, seconds in observations:
         cat = _category(op)
-        if cat is None or seconds <= 0:
-            continue
+        if cat is None or seconds <= 0 or (op.link is not None and op.bytes <= 0):
+            continue  # a copy of nothing (a prefill's KV load of an empty cache) says nothing of its link
         dev = "cpu" if (op.link is None and op.device == "cpu") else "gpu"
         pred[(cat, dev)] = pred.get((cat, dev), 0.0) + op_seconds(op, hw, dtype)
         meas[(cat, dev)] = meas.get((cat, dev), 0.0) + seconds

@@ -210,6 +210,26 @@ class ModelCosts:
         kv_read = seqs * (past_len + q_len) * lc.kv_bytes_per_token
         return proj, score, kv_read
 
+    def attn_host_split(self, layer: int, tokens: int) -> tuple[float, int, int, int]:
+        """Attention split for the host (CPU attention over a KV cache in host memory): the device computes
+        Q/K/V, the host the scores over its KV, the device the output projection. Returns ``(output-side
+        FLOPs, output-side weight bytes, bytes to the host, bytes back)`` for ``tokens`` new tokens: the
+        output projection (MLA: the absorbed W_uv too); Q/K/V (MLA: the absorbed query, latent and rope key)
+        and the attention output (MLA: the latent-space output) in the activation dtype."""
+        spec, lc = self.spec, self.layers[layer]
+        if spec.attention == "mla":
+            h, r, dr, dv = spec.num_heads, spec.kv_lora_rank, spec.qk_rope_head_dim, spec.v_head_dim
+            out_params = h * dv * spec.hidden_size
+            out_flops = 2.0 * tokens * (out_params + h * r * dv)
+            up, down = tokens * (h * (r + dr) + r + dr), tokens * h * r
+        else:
+            q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            out_params = q * spec.hidden_size
+            out_flops = 2.0 * tokens * out_params
+            up, down = tokens * (q + 2 * kv), tokens * q
+        out_bytes = int(lc.attn_bytes * out_params / max(lc.attn_params, 1))
+        return out_flops, out_bytes, _nbytes(up, self.act_bytes), _nbytes(down, self.act_bytes)
+
     def gate_flops(self, layer: int, tokens: int) -> float:
         return 2.0 * tokens * self.spec.hidden_size * self.layers[layer].num_experts
 

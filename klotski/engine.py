@@ -137,6 +137,10 @@ class LLM:
     never drops device-resident, prefetched or already-loading experts, so each drop is a load avoided. See
     :mod:`klotski.model.expert_selection`; ``metrics.extra`` reports remapped assignments and distinct experts
     per layer.
+    ``host_compute`` (offloaded): "auto" (default: on a GPU the planner also places attention per phase on the
+    CPU over a KV cache in host memory, and computes cold host-resident experts on the CPU when their tokens
+    cost less there than a load; nothing changes in CPU mode), "off", or a fixed
+    :class:`klotski.program.host.HostCompute` (see :mod:`klotski.program.host`).
 
     Threads: one ``LLM`` may be shared by several threads. Its calls (``generate``, ``logits``, ``close``) are
     serialised by a lock: a call waits until the one running has finished, then runs on its own (requests of
@@ -163,6 +167,7 @@ class LLM:
         prefetch: str = "table",
         hardware=None,
         expert_selection: str | None = "off",
+        host_compute="auto",
     ):
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; available: {', '.join(POLICIES)}")
@@ -185,7 +190,7 @@ class LLM:
         offload = {} if policy == "resident" else dict(
             gpu_memory=gpu_memory, cpu_memory=cpu_memory, offload_dir=offload_dir, num_batches=num_batches,
             batch_size=batch_size, rebuild_store=rebuild_store, quantization=quantization, prefetch=prefetch,
-            hardware=hardware)
+            hardware=hardware, host_compute=host_compute)
         self._lock = threading.RLock()
         self._box = {"session": open_session(policy, self.weights, self.device, self.dtype, max_num_seqs,
                                              expert_selection=selection, **offload)}

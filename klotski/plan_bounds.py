@@ -13,8 +13,8 @@ the GPU. Two bounds, the larger wins:
   every non-resident expert; ``klotski`` loads its prefetch set and the used cold experts, at least
   ``expected_distinct - 1`` experts of a layer minus the resident ones (three roundings of half an expert).
 
-Both assume every compute op runs on the GPU (the schedule's only device today): a future CPU-side expert
-or attention must be left out of the link bound. ``tests/planner/test_plan_bounds.py`` checks the bound
+Both assume every compute op runs on the GPU; a candidate that may compute attention or cold experts on the
+CPU (``host_relaxed``) leaves them out of both bounds. ``tests/planner/test_plan_bounds.py`` checks the bound
 against full simulations.
 """
 from __future__ import annotations
@@ -24,12 +24,13 @@ from klotski.schedule import Op, Placement, StepShape, static_memory
 
 
 def step_time_lower_bound(costs, hw, routing, policy: str, shape: StepShape, kv: str, num_hot: int | None,
-                          lean_static_gpu: int, dtype: str | None = None) -> float:
+                          lean_static_gpu: int, dtype: str | None = None, host_relaxed: bool = False) -> float:
     """Seconds one step of ``shape`` takes at least under ``policy`` (see the module docstring).
 
     ``lean_static_gpu``: the step's static GPU bytes with no weight class placed on the GPU (the smallest
     static memory of any placement of this candidate); what the GPU can hold beyond it bounds the resident
-    weights.
+    weights. ``host_relaxed``: the candidate may compute attention and cold experts on the CPU
+    (:mod:`klotski.program.host`): attention, KV loads and routed experts are then left out of the bound.
     """
     dtype = dtype or costs.act_dtype
     n = 1 if policy in ("layerwise", "resident") else shape.n
@@ -44,9 +45,10 @@ def step_time_lower_bound(costs, hw, routing, policy: str, shape: StepShape, kv:
         proj, score, kv_read = costs.attn_flops(i, b, q, shape.past_len)
         attn = Op(0, "attn", "compute", "gpu", i, tokens=tokens, flops=proj, score_flops=score,
                   bytes=lc.attn_bytes + kv_read)
-        compute += n * op_seconds(attn, hw, dtype)
+        if not host_relaxed:
+            compute += n * op_seconds(attn, hw, dtype)
         used += lc.attn_bytes + lc.shared_bytes
-        if kv_on_cpu:
+        if kv_on_cpu and not host_relaxed:
             load = Op(0, "kv_load", "kv_load", "gpu", i, link="h2d", bytes=b * shape.past_len * lc.kv_bytes_per_token)
             kv_link += n * op_seconds(load, hw, dtype)
         if lc.shared_bytes:
@@ -65,7 +67,8 @@ def step_time_lower_bound(costs, hw, routing, policy: str, shape: StepShape, kv:
             experts = max(0.0, routing.expected_distinct(tokens * n, i) - 1.0)
         else:
             experts = lc.num_experts
-        used += experts * lc.expert_bytes
+        if not host_relaxed:
+            used += experts * lc.expert_bytes
     seqs = b * n
     compute += op_seconds(Op(0, "lm_head", "compute", "gpu", costs.num_layers, tokens=seqs,
                              flops=costs.lm_head_flops(seqs), bytes=costs.lm_head_bytes), hw, dtype)

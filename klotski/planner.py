@@ -20,6 +20,7 @@ from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
 from klotski.program import order_of
+from klotski.program.host import HostCompute
 from klotski.program.pools import pools_for
 from klotski.simulate import SimResult, simulate_model_step
 from klotski.units import format_bytes
@@ -57,6 +58,7 @@ class Plan:
     hardware: str = ""
     model: str = ""
     extra: dict = field(default_factory=dict)
+    host: HostCompute = field(default_factory=HostCompute)  # attention per phase / cold experts on the CPU
 
     @property
     def total_s(self) -> float:
@@ -72,6 +74,9 @@ class Plan:
             f"predicted   {self.tokens_per_s:.2f} tokens/s (prefill {self.prefill_s:.2f} s, decode step "
             f"{self.decode_step_s * 1e3:.1f} ms, total {self.total_s:.1f} s), compute bubble "
             f"{self.bubble_fraction:.1%}",
+            f"host        {self.host.describe()}"
+            + (f" (an expert of {self.model or 'this model'} runs on the CPU up to "
+               f"{self.extra['cpu_expert_max_tokens']} tokens)" if "cpu_expert_max_tokens" in self.extra else ""),
             "peak memory " + ", ".join(f"{t} {format_bytes(self.peak_mem.get(t, 0))}" for t in TIERS),
             "per decode step " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_per_step.items()))
             if self.bytes_per_step else "per decode step: no transfers",
@@ -83,9 +88,11 @@ class Planner:
     """Plans one model on one machine for a prompt / generation length."""
 
     def __init__(self, costs: ModelCosts, hw, prompt_len: int, gen_len: int, routing: RoutingStats | None = None,
-                 decode_routing: RoutingStats | None = None):
+                 decode_routing: RoutingStats | None = None, host="off"):
         """``decode_routing``: the routing of decode steps when it differs from ``routing`` (expert selection:
-        ``routing.with_selection(...)``); None = ``routing``."""
+        ``routing.with_selection(...)``); None = ``routing``. ``host``: "off" (everything on the device),
+        "search" (also search attention per phase on the CPU over a host KV cache, and cold experts on the CPU
+        by the rule of :mod:`klotski.program.host`) or a fixed :class:`HostCompute`."""
         if prompt_len < 1 or gen_len < 1:
             raise ValueError(f"prompt_len and gen_len must be >= 1, got {prompt_len}, {gen_len}")
         self.costs, self.hw = costs, hw
@@ -96,6 +103,27 @@ class Planner:
         self._cache: dict = {}
         self.prune = True  # skip candidates whose tokens/s bound cannot beat the incumbent (same decisions)
         self.kv_tiers = ("gpu", "cpu")  # where the KV cache may live (a caller that fixes it narrows this)
+        if host == "off":
+            self.host_choices = (HostCompute(),)
+        elif host == "search":
+            self.host_choices = tuple(HostCompute(p, d, x) for x in ("off", "auto") for p in ("gpu", "cpu")
+                                      for d in ("gpu", "cpu"))
+        elif isinstance(host, HostCompute):
+            self.host_choices = (host,)
+        else:
+            raise ValueError(f"host must be 'off', 'search' or a HostCompute, got {host!r}")
+
+    def host_for(self, policy: str, kv: str) -> tuple:
+        """The host-compute choices of a candidate: none for ``resident``; CPU attention only over a host KV."""
+        if policy == "resident":
+            return (HostCompute(),)
+        out = []
+        for h in self.host_choices:
+            if kv != "cpu":
+                h = HostCompute(experts=h.experts)
+            if h not in out:
+                out.append(h)
+        return tuple(out)
 
     # ---- one candidate ----------------------------------------------------------------------------------
     def shapes(self, b: int, n: int) -> tuple[StepShape, StepShape]:
@@ -103,18 +131,25 @@ class Planner:
         return (StepShape("prefill", b, n, self.prompt_len, 0, ctx),
                 StepShape("decode", b, n, 1, self.prompt_len + self.gen_len // 2, ctx))
 
-    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True) -> tuple[SimResult, SimResult]:
+    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True,
+                 host: HostCompute | None = None) -> tuple[SimResult, SimResult]:
         policy = order_of(policy, num_hot)  # klotski with its features off runs FlexGen's order
-        key = (policy, placement, b, n, num_hot, overlap)
-        if key not in self._cache:
-            pre, dec = self.shapes(b, n)
-            self._cache[key] = tuple(
-                simulate_model_step(policy, self.costs, placement, s, self.hw, r, num_hot=num_hot, overlap=overlap)
-                for s, r in ((pre, self.routing), (dec, self.decode_routing)))
-        return self._cache[key]
+        host = host or HostCompute()
+        out = []
+        for shape, routing in zip(self.shapes(b, n), (self.routing, self.decode_routing)):
+            # a phase's step depends on that phase's attention placement only
+            phase_host = HostCompute(host.attn(shape.phase), host.attn(shape.phase), host.experts)
+            key = (policy, placement, b, n, num_hot, overlap, shape.phase) + (
+                (phase_host,) if phase_host != HostCompute() else ())
+            if key not in self._cache:
+                self._cache[key] = simulate_model_step(policy, self.costs, placement, shape, self.hw, routing,
+                                                       num_hot=num_hot, overlap=overlap, host=phase_host)
+            out.append(self._cache[key])
+        return tuple(out)
 
-    def score(self, policy, placement, b, n, num_hot=None, overlap=True) -> Plan:
-        pre, dec = self.simulate(policy, placement, b, n, num_hot, overlap)
+    def score(self, policy, placement, b, n, num_hot=None, overlap=True, host: HostCompute | None = None) -> Plan:
+        host = host or HostCompute()
+        pre, dec = self.simulate(policy, placement, b, n, num_hot, overlap, host)
         n_eff = 1 if policy in ("layerwise", "resident") else n
         buffers, slots = pools_for(order_of(policy, num_hot), self.costs.spec, placement, num_hot,
                                    overlap and policy != "layerwise")
@@ -127,13 +162,22 @@ class Planner:
                     decode_step_s=dec.makespan, bubble_fraction=max(0.0, 1 - busy / total), peak_mem=peak,
                     bytes_per_step=dict(dec.bytes_moved), num_hot=num_hot if policy == "klotski" else None,
                     overlap=overlap, dense_buffers=buffers, expert_slots=slots, hardware=self.hw.name,
-                    model=self.costs.name)
+                    model=self.costs.name, host=host, extra=self._host_extra(host))
+
+    def _host_extra(self, host: HostCompute) -> dict:
+        """The rule's threshold for the plan's description (the largest MoE layer's, "auto" only)."""
+        if host.experts != "auto" or not self.costs.spec.moe_layers:
+            return {}
+        from klotski.program.host import ExpertRule
+
+        rule = ExpertRule(self.costs, self.hw)
+        return {"cpu_expert_max_tokens": max(rule.max_cpu_tokens(i) for i in self.costs.spec.moe_layers)}
 
     def fits(self, plan: Plan) -> bool:
         return plan.peak_mem["gpu"] <= self.hw.gpu_memory and plan.peak_mem["cpu"] <= self.hw.cpu_memory
 
     # ---- placement ----------------------------------------------------------------------------------------
-    def place(self, policy, b, n, kv, num_hot=None, overlap=True) -> Placement | None:
+    def place(self, policy, b, n, kv, num_hot=None, overlap=True, host: HostCompute | None = None) -> Placement | None:
         """Greedy weight placement for one candidate, or None when even the leanest does not fit."""
         costs, hw = self.costs, self.hw
         spec = costs.spec
@@ -151,7 +195,7 @@ class Planner:
         static = static_memory(costs, lean, pre, policy)["gpu"]
         if static > hw.gpu_memory:  # the simulated peak is static + dynamic >= static: no need to simulate
             return None
-        pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap)
+        pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap, host)
         dyn = max(pre_sim.peak_mem["gpu"], dec_sim.peak_mem["gpu"]) - static
         free = hw.gpu_memory - static - dyn
         if free < 0:
@@ -201,11 +245,12 @@ class Planner:
         key = ("bound", policy, b, n, kv, num_hot, overlap)
         if key not in self._cache:
             total = 0.0
+            relaxed = any(h != HostCompute() for h in self.host_for(policy, kv))  # host compute may take work
             for shape, steps, routing in zip(self.shapes(b, n), (1, self.gen_len - 1),
                                              (self.routing, self.decode_routing)):
                 static = lean_static_gpu(self.costs, shape, kv, policy)
                 total += steps * step_time_lower_bound(self.costs, self.hw, routing, policy, shape, kv,
-                                                       num_hot, static)
+                                                       num_hot, static, host_relaxed=relaxed)
             n_eff = 1 if policy in ("layerwise", "resident") else n
             self._cache[key] = b * n_eff * self.gen_len / total if total > 0 else float("inf")
         return self._cache[key]
@@ -219,13 +264,15 @@ class Planner:
     def evaluate(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
         key = ("eval", policy, b, n, kv, num_hot, overlap)
         if key not in self._cache:
-            p = self.place(policy, b, n, kv, num_hot, overlap)
-            plan = None
-            if p is not None:
-                plan = self.score(policy, p, b, n, num_hot, overlap)
-                if not self.fits(plan):
-                    plan = None
-            self._cache[key] = plan
+            best = None
+            for host in self.host_for(policy, kv):  # each host-compute choice, placed on its own
+                p = self.place(policy, b, n, kv, num_hot, overlap, host)
+                if p is None:
+                    continue
+                plan = self.score(policy, p, b, n, num_hot, overlap, host)
+                if self.fits(plan) and (best is None or plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9)):
+                    best = plan
+            self._cache[key] = best
         return self._cache[key]
 
     def plan(self, policy: str = "klotski", seeds=()) -> Plan:

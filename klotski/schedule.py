@@ -34,8 +34,8 @@ from klotski.routing_stats import RoutingStats
 
 POLICIES = ("layerwise", "flexgen", "klotski", "resident")
 TIERS = ("gpu", "cpu", "disk")
-COMPUTE_KINDS = ("attn", "gate", "expert", "experts", "shared", "lm_head")
-COPY_KINDS = ("read", "h2d", "kv_load", "kv_store")
+COMPUTE_KINDS = ("attn", "gate", "expert", "experts", "shared", "lm_head", "attn_qkv", "attn_core", "attn_out")
+COPY_KINDS = ("read", "h2d", "kv_load", "kv_store", "act_d2h", "act_h2d")  # act_*: activations to / from the host
 
 
 @dataclass(slots=True)  # slots: the planner builds hundreds of thousands of ops per search
@@ -44,7 +44,8 @@ class Op:
 
     id: int
     kind: str  # attn | gate | expert | experts | shared | lm_head | read | h2d | kv_load | kv_store | release
-    stream: str  # compute | prefetch | expert_io | kv_load | kv_store | disk
+    # | attn_qkv / attn_core / attn_out (attention split around the host) | act_d2h / act_h2d (activations)
+    stream: str  # compute | prefetch | expert_io | kv_load | kv_store | cpu_attn | cpu_experts
     device: str  # compute: where it runs ("gpu" | "cpu"); copies / release: the tier written / freed
     layer: int
     batch: int | None = None
@@ -189,14 +190,16 @@ def staging_bytes(costs: ModelCosts, placement: Placement) -> int:
 def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: StepShape,
                    routing: RoutingStats | None = None, num_hot: int | None = None, overlap: bool = True,
                    num_layers: int | None = None, dense_buffers: int | None = None,
-                   expert_slots: int | None = None) -> Schedule:
+                   expert_slots: int | None = None, host=None, expert_rule=None) -> Schedule:
     """The ops of one step under ``policy``, built by the policy's op builder (:mod:`klotski.program`) from the
     expected ``routing``. ``num_layers`` < model layers builds a window (first layers).
 
     ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap``: flexgen loads
     the next layer during this one; klotski issues the next layer's hot experts with its weights ("wide,
     early"). ``dense_buffers`` / ``expert_slots``: the runtime's pools (default: the policy's targets,
-    :func:`klotski.program.pools.pools_for`).
+    :func:`klotski.program.pools.pools_for`). ``host``: a :class:`klotski.program.host.HostCompute` (attention
+    per phase and cold experts on the CPU; None: everything on the device); ``expert_rule``: its
+    :class:`~klotski.program.host.ExpertRule` (needed for ``experts="auto"``).
     """
     from klotski.program import Builder, ExpectedRouting, StepContext, step_ops
     from klotski.program.pools import pools_for
@@ -217,8 +220,12 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
         buffers, slots = pools_for(policy, spec, placement, num_hot, overlap)
         dense_buffers = buffers if dense_buffers is None else dense_buffers
         expert_slots = slots if expert_slots is None else expert_slots
+    from klotski.program.host import HostCompute
+
+    host = HostCompute() if host is None or policy == "resident" else host
     ctx = StepContext(costs, placement, shape, num_hot if num_hot is not None else spec.top_k, overlap,
-                      dense_buffers=dense_buffers, expert_slots=expert_slots, num_layers=num_layers)
+                      dense_buffers=dense_buffers, expert_slots=expert_slots, num_layers=num_layers, host=host,
+                      expert_rule=expert_rule)
     b = Builder(ctx)
     for _ in step_ops(policy, b, ExpectedRouting(routing, placement, shape)):
         pass

@@ -25,7 +25,7 @@ from klotski.costs import op_seconds
 from klotski.schedule import TIERS, Op, Schedule, build_schedule
 
 
-LINK_PRIORITY = {"kv_load": 0, "kv_store": 0, "expert_io": 1, "prefetch": 2}
+LINK_PRIORITY = {"kv_load": 0, "kv_store": 0, "cpu_attn": 0, "cpu_experts": 1, "expert_io": 1, "prefetch": 2}
 
 
 @dataclass
@@ -166,7 +166,7 @@ def _peak_memory(schedule: Schedule, start: list, finish: list) -> dict:
 
 def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_hot=None, overlap=True,
                         window: int | None = None, dtype: str | None = None, dense_buffers: int | None = None,
-                        expert_slots: int | None = None) -> SimResult:
+                        expert_slots: int | None = None, host=None, expert_rule=None) -> SimResult:
     """Simulate one step of the whole model; a window of layers plus exact extrapolation when periodic.
 
     Layers after the last change of layer kind are identical; the window covers the first layers up to that
@@ -174,11 +174,18 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
     pipeline is periodic (and every stream's last finish per layer keeps that period: a prefetch stream that
     still runs further ahead each layer holds more weights each layer) and the remaining layers each add one period (and their ops' busy time);
     otherwise the window doubles, up to the whole model.
+
+    ``host`` (:class:`klotski.program.host.HostCompute`): attention per phase and cold experts on the CPU, each on
+    its own lane; with ``experts="auto"`` the decision rule is ``expert_rule`` (default: on ``hw``).
     """
     L = costs.num_layers
     kinds = [lc.kind for lc in costs.layers]
     first_uniform = max((i for i in range(1, L) if kinds[i] != kinds[i - 1]), default=0)
     dtype = dtype or costs.act_dtype
+    if host is not None and host.experts == "auto" and expert_rule is None:
+        from klotski.program.host import ExpertRule
+
+        expert_rule = ExpertRule(costs, hw, dtype)
     # a period of one layer needs 4 layers in the window, of two layers (flexgen's buffers) 6
     w = window or (6 if policy == "flexgen" else 4)
     while True:
@@ -186,7 +193,8 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         if (L - span) % 2:
             span += 1  # extrapolate an even number of layers: periods of one or two layers both divide it
         sched = build_schedule(policy, costs, placement, shape, routing, num_hot=num_hot, overlap=overlap,
-                               num_layers=span, dense_buffers=dense_buffers, expert_slots=expert_slots)
+                               num_layers=span, dense_buffers=dense_buffers, expert_slots=expert_slots, host=host,
+                               expert_rule=expert_rule)
         res = simulate(sched, hw, dtype=dtype)
         if span == L:
             return res

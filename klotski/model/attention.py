@@ -25,6 +25,12 @@ def gqa_attention(
     positions: torch.Tensor,
 ) -> torch.Tensor:
     """x [B, S, H] (normed) -> attention output [B, S, H]; appends S columns to ``cache`` at ``cache.length``."""
+    return gqa_output(spec, w, gqa_core(spec, gqa_project(spec, w, x, rotary, positions), cache, layer, mask))
+
+
+def gqa_project(spec: ModelSpec, w: dict[str, torch.Tensor], x: torch.Tensor, rotary: RotaryEmbedding,
+                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, S, H] (normed) -> rotated q [B, heads, S, D], k / v [B, kv_heads, S, D]."""
     B, S, _ = x.shape
     D, nh, nkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
     q = F.linear(x, w["q"], w.get("q_bias"))
@@ -43,14 +49,26 @@ def gqa_attention(
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = v.view(B, S, nkv, D).transpose(1, 2)
     cos, sin = rotary.cos_sin(positions, q.dtype)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+
+def gqa_core(spec: ModelSpec, qkv: tuple[torch.Tensor, ...], cache: KVCache, layer: int,
+             mask: torch.Tensor) -> torch.Tensor:
+    """Append k / v to ``cache`` (wherever it lives: the offloaded runtime runs this on the host over a host
+    cache) and attend -> [B, heads, S, D]."""
+    q, k, v = qkv
+    S, D, nh, nkv = q.shape[2], spec.head_dim, spec.num_heads, spec.num_kv_heads
     keys = cache.buffer(layer, "k", (nkv, cache.capacity, D), True, k)
     values = cache.buffer(layer, "v", (nkv, cache.capacity, D), True, v)
     end = cache.length + S
     keys[:, :, cache.length : end] = k
     values[:, :, cache.length : end] = v
-    out = F.scaled_dot_product_attention(
+    return F.scaled_dot_product_attention(
         q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=D**-0.5, enable_gqa=nkv != nh
     )
-    return F.linear(out.transpose(1, 2).reshape(B, S, nh * D), w["o"])
+
+
+def gqa_output(spec: ModelSpec, w: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """[B, heads, S, D] -> the output projection [B, S, H]."""
+    B, _, S, _ = out.shape
+    return F.linear(out.transpose(1, 2).reshape(B, S, spec.num_heads * spec.head_dim), w["o"])

@@ -10,16 +10,21 @@ from typing import Callable
 
 import torch
 
-from klotski.model.attention import gqa_attention
+from klotski.model.attention import gqa_attention, gqa_core, gqa_output, gqa_project
 from klotski.model.kv_cache import KVCache
 from klotski.model.layers import rms_norm
-from klotski.model.mla import mla_attention
+from klotski.model.mla import mla_absorbed_core, mla_absorbed_output, mla_attention, mla_project_absorbed
 from klotski.model.moe import ExpertsFn, Router, dense_mlp, moe_block
 from klotski.model.rope import RotaryEmbedding
 from klotski.model.spec import ModelSpec
 from klotski.triton_kernels.fused_moe import fused_moe_torch
 
 ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"gqa": gqa_attention, "mla": mla_attention}
+# attention split around its cache, for a runtime that attends where the cache lives (the host):
+# (project(spec, w, normed x, rotary, positions) -> parts, core(spec, parts, cache, layer, mask) -> out,
+#  output(spec, w, out) -> [B, S, H]); MLA in its absorbed form (the core needs no weight)
+ATTENTION_SPLIT = {"gqa": (gqa_project, gqa_core, gqa_output),
+                   "mla": (mla_project_absorbed, mla_absorbed_core, mla_absorbed_output)}
 
 
 def rope_dim(spec: ModelSpec) -> int:

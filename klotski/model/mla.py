@@ -75,8 +75,26 @@ def mla_attention(
     ``mask`` [B, 1, S, kv_len] bool; ``absorb`` forces the absorbed (True) or expanded (False) form.
     """
     B, S, _ = x.shape
-    h, dn, dr, dv, r = (spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim,
-                        spec.kv_lora_rank)
+    h, dn, dv = spec.num_heads, spec.qk_nope_head_dim, spec.v_head_dim
+    q_nope, q_rope, latent, k_rope = _project(spec, w, x, rotary, positions)
+    if absorb if absorb is not None else prefer_absorbed(spec, S):
+        query = _absorb_query(spec, w, q_nope, q_rope)
+        return mla_absorbed_output(spec, w, mla_absorbed_core(spec, (query, latent, k_rope), cache, layer, mask))
+    c, kr = _append(spec, cache, layer, latent, k_rope)
+    L = c.shape[1]
+    kv = F.linear(c, w["kv_b"]).view(B, L, h, dn + dv).transpose(1, 2)
+    k_nope, v = kv.split([dn, dv], dim=-1)
+    key = torch.cat([k_nope, kr[:, None].expand(B, h, L, spec.qk_rope_head_dim)], dim=-1)
+    query = torch.cat([q_nope, q_rope], dim=-1)
+    out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, scale=softmax_scale(spec))
+    return F.linear(out.transpose(1, 2).reshape(B, S, h * dv), w["o"], w.get("o_bias"))
+
+
+def _project(spec, w, x, rotary, positions):
+    """x [B, S, H] (normed) -> q_nope [B, h, S, dn], rotated q_rope [B, h, S, dr], normed latent [B, S, r],
+    rotated k_rope [B, S, dr]."""
+    B, S, _ = x.shape
+    h, dn, dr, r = spec.num_heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.kv_lora_rank
     if spec.q_lora_rank:
         q = F.linear(rms_norm(F.linear(x, w["q_a"], w.get("q_a_bias")), w["q_a_norm"], LATENT_NORM_EPS), w["q_b"])
     else:
@@ -87,27 +105,50 @@ def mla_attention(
     cos, sin = rotary.cos_sin(positions, x.dtype)
     q_rope = rotate(spec, q_rope, cos, sin)
     k_rope = rotate(spec, k_rope[:, None], cos, sin)[:, 0]  # [B, S, dr]
+    return q_nope, q_rope, latent, k_rope
 
-    latents = cache.buffer(layer, "latent", (cache.capacity, r), True, latent)
-    rope_keys = cache.buffer(layer, "k_rope", (cache.capacity, dr), True, k_rope)
+
+def _append(spec, cache, layer, latent, k_rope):
+    """Write the S new latent / rope-key columns at ``cache.length`` -> the filled c [B, L, r], kr [B, L, dr]."""
+    S = latent.shape[1]
+    latents = cache.buffer(layer, "latent", (cache.capacity, spec.kv_lora_rank), True, latent)
+    rope_keys = cache.buffer(layer, "k_rope", (cache.capacity, spec.qk_rope_head_dim), True, k_rope)
     end = cache.length + S
     latents[:, cache.length : end] = latent
     rope_keys[:, cache.length : end] = k_rope
-    c, kr = latents[:, :end], rope_keys[:, :end]  # [B, L, r], [B, L, dr]
+    return latents[:, :end], rope_keys[:, :end]
 
-    scale = softmax_scale(spec)
+
+def _absorb_query(spec, w, q_nope, q_rope):
+    """The absorbed query [B, h, S, r + dr]: q_nope W_uk per head, then the rotated q_rope."""
+    dn, dv, r = spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+    w_kvb = w["kv_b"].view(spec.num_heads, dn + dv, r)
+    return torch.cat([torch.matmul(q_nope, w_kvb[:, :dn]), q_rope], dim=-1)
+
+
+def mla_project_absorbed(spec: ModelSpec, w: dict[str, torch.Tensor], x: torch.Tensor, rotary: RotaryEmbedding,
+                         positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The device's half before the cache: x [B, S, H] (normed) -> (absorbed query [B, h, S, r + dr], latent
+    [B, S, r], k_rope [B, S, dr])."""
+    q_nope, q_rope, latent, k_rope = _project(spec, w, x, rotary, positions)
+    return _absorb_query(spec, w, q_nope, q_rope), latent, k_rope
+
+
+def mla_absorbed_core(spec: ModelSpec, parts: tuple[torch.Tensor, ...], cache: KVCache, layer: int,
+                      mask: torch.Tensor) -> torch.Tensor:
+    """Append the latent / rope key to ``cache`` (wherever it lives) and attend in latent space (MQA over keys
+    [c, k_rope], values c) -> out_c [B, h, S, r]. Needs no weight: it can run where the cache is."""
+    query, latent, k_rope = parts
+    c, kr = _append(spec, cache, layer, latent, k_rope)
+    key = torch.cat([c, kr], dim=-1)[:, None]  # [B, 1, L, r + dr]: one shared "KV head"
+    return F.scaled_dot_product_attention(query, key, c[:, None], attn_mask=mask, scale=softmax_scale(spec),
+                                          enable_gqa=True)
+
+
+def mla_absorbed_output(spec: ModelSpec, w: dict[str, torch.Tensor], out_c: torch.Tensor) -> torch.Tensor:
+    """out_c [B, h, S, r] -> W_uv per head, then the output projection [B, S, H]."""
+    B, h, S, _ = out_c.shape
+    dn, dv, r = spec.qk_nope_head_dim, spec.v_head_dim, spec.kv_lora_rank
     w_kvb = w["kv_b"].view(h, dn + dv, r)
-    if absorb if absorb is not None else prefer_absorbed(spec, S):
-        q_c = torch.matmul(q_nope, w_kvb[:, :dn])  # [B, h, S, r]
-        query = torch.cat([q_c, q_rope], dim=-1)
-        key = torch.cat([c, kr], dim=-1)[:, None]  # [B, 1, L, r + dr]: one shared "KV head"
-        out_c = F.scaled_dot_product_attention(query, key, c[:, None], attn_mask=mask, scale=scale, enable_gqa=True)
-        out = torch.matmul(out_c, w_kvb[:, dn:].transpose(1, 2))  # [B, h, S, dv]
-    else:
-        L = c.shape[1]
-        kv = F.linear(c, w["kv_b"]).view(B, L, h, dn + dv).transpose(1, 2)
-        k_nope, v = kv.split([dn, dv], dim=-1)
-        key = torch.cat([k_nope, kr[:, None].expand(B, h, L, dr)], dim=-1)
-        query = torch.cat([q_nope, q_rope], dim=-1)
-        out = F.scaled_dot_product_attention(query, key, v, attn_mask=mask, scale=scale)
+    out = torch.matmul(out_c, w_kvb[:, dn:].transpose(1, 2))  # [B, h, S, dv]
     return F.linear(out.transpose(1, 2).reshape(B, S, h * dv), w["o"], w.get("o_bias"))

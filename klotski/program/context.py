@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from klotski.costs import ModelCosts
+from klotski.program.host import ExpertRule, HostCompute
 from klotski.schedule import Op, Placement, StepShape
 
 LOAD_LANES = ("prefetch", "expert_io")  # weight loads; KV moves have lanes of their own (kv_load, kv_store)
@@ -38,6 +39,23 @@ class StepContext:
     dense_buffers: int = 2
     expert_slots: int | None = None
     num_layers: int | None = None  # a window of the first layers (the simulator's extrapolation)
+    host: HostCompute = field(default_factory=HostCompute)  # attention per phase, cold experts on the CPU
+    expert_rule: ExpertRule | None = None  # the cold-expert decision (host.experts == "auto")
+
+    @property
+    def attn_device(self) -> str:
+        """Where this step's attention runs: the plan's choice for its phase, on the CPU only over a KV cache in
+        host memory."""
+        return self.host.attn(self.shape.phase) if self.placement.kv == "cpu" else "gpu"
+
+    def expert_on_cpu(self, layer: int, tier: str, tokens: int) -> bool:
+        """Whether a cold expert of ``tier`` with ``tokens`` tokens (expected over the group) runs on the CPU."""
+        mode = self.host.experts
+        if tier != "cpu" or mode == "off":
+            return False
+        if mode == "all":
+            return True
+        return self.expert_rule is not None and self.expert_rule.cpu_wins(layer, tokens)
 
     @property
     def layers(self) -> int:
@@ -64,6 +82,7 @@ class Builder:
     layer_free: dict[int, int | None] = field(default_factory=dict)  # layer -> its last release (or compute)
     kv_stores: list[int] = field(default_factory=list)  # every KV store so far (staging buffer frees)
     kv_loaded: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, batch) -> kv_load op
+    attn_back: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, batch) -> CPU attention output
     slot_loads: list[int] = field(default_factory=list)  # one entry per streaming slot taken, in reserve order
     slot_release: dict[int, int] = field(default_factory=dict)  # load op -> the release that gives it back
 
@@ -86,7 +105,7 @@ class Builder:
         deps = tuple(sorted({d for d in deps if d is not None})) if deps else ()
         op = Op(id=len(self.ops), kind=kind, stream=stream, device=device, layer=layer, deps=deps, **kw)
         self.ops.append(op)
-        if op.is_compute:
+        if op.is_compute and op.stream == "compute":  # host-side compute has lanes of its own
             self.last_compute = op.id
         return op
 
@@ -194,6 +213,8 @@ def attention(b: Builder, layer: int, batch: int, weights: int | None, prefetch_
     """[KV load], the attention of one micro-batch, [KV store]; with ``prefetch_kv`` the next micro-batch's
     KV load is issued before this attention so that it overlaps it. -> the attention op id."""
     ctx = b.ctx
+    if ctx.attn_device == "cpu":
+        return (yield from cpu_attention(b, layer, batch, weights, prefetch_kv))
     costs, shape, lc = ctx.costs, ctx.shape, ctx.costs.layers[layer]
     yield from kv_load(b, layer, batch)
     if prefetch_kv:
@@ -213,6 +234,79 @@ def attention(b: Builder, layer: int, batch: int, weights: int | None, prefetch_
         b.kv_stores.append(store.id)
         yield store
     return attn.id
+
+
+def _cpu_attention_issue(b: Builder, layer: int, batch: int, weights: int | None):
+    """Q/K/V of micro-batch ``batch`` on the device, then on the ``cpu_attn`` lane: Q/K/V to the host, attention
+    over the host KV cache (appending the step's columns there), the output back (once per micro-batch)."""
+    ctx = b.ctx
+    if (layer, batch) in b.attn_back:
+        return
+    costs, shape, lc = ctx.costs, ctx.shape, ctx.costs.layers[layer]
+    seqs, tokens = shape.batch_size, shape.batch_size * shape.q_len
+    proj, score, kv_read = costs.attn_flops(layer, seqs, shape.q_len, shape.past_len)
+    out_flops, out_bytes, up, down = costs.attn_host_split(layer, tokens)
+    qkv = b.add("attn_qkv", "compute", "gpu", layer, batch=batch, tensor="attn", deps=(weights,), tokens=tokens,
+                flops=max(0.0, proj - out_flops), bytes=lc.attn_bytes - out_bytes)
+    yield qkv
+    send = b.add("act_d2h", "cpu_attn", "cpu", layer, batch=batch, tensor="qkv", link="d2h", bytes=up,
+                 deps=(qkv.id,))
+    yield send
+    core = b.add("attn_core", "cpu_attn", "cpu", layer, batch=batch, tensor="attn", tokens=tokens,
+                 score_flops=score, bytes=kv_read, deps=(send.id,))
+    yield core
+    back = b.add("act_h2d", "cpu_attn", "gpu", layer, batch=batch, tensor="attn_out", link="h2d", bytes=down,
+                 deps=(core.id,))
+    yield back
+    b.attn_back[(layer, batch)] = back.id
+
+
+def cpu_attention(b: Builder, layer: int, batch: int, weights: int | None, prefetch_kv: bool = True):
+    """Attention of one micro-batch with its scores on the CPU over the host KV cache (no KV load or store).
+    With ``prefetch_kv`` the next micro-batch's Q/K/V and CPU attention are issued before this one's output
+    projection, so the CPU works on it while the device finishes this one. -> the output projection's id."""
+    ctx = b.ctx
+    yield from _cpu_attention_issue(b, layer, batch, weights)
+    if prefetch_kv and batch + 1 < ctx.shape.n:
+        yield from _cpu_attention_issue(b, layer, batch + 1, weights)
+    tokens = ctx.shape.tokens_per_batch
+    out_flops, out_bytes, _, _ = ctx.costs.attn_host_split(layer, tokens)
+    out = b.add("attn_out", "compute", "gpu", layer, batch=batch, tensor="attn", tokens=tokens, flops=out_flops,
+                bytes=out_bytes, deps=(b.attn_back.pop((layer, batch)), weights))
+    yield out
+    return out.id
+
+
+def on_host(b: Builder, view, layer: int, batch: int | None, e: int, tier: str) -> bool:
+    """Whether cold expert ``e`` (of ``tier``) of ``layer`` runs on the CPU instead of being loaded: the plan's
+    mode, and under "auto" the rule on the tokens ``view`` expects it to get (asked only then)."""
+    mode = b.ctx.host.experts
+    if tier != "cpu" or mode == "off":
+        return False
+    if mode == "all":
+        return True
+    return b.ctx.expert_on_cpu(layer, tier, view.expected(layer, batch, e))
+
+
+def cpu_experts(b: Builder, layer: int, batch: int | None, experts: tuple[int, ...], tokens: int, deps=()):
+    """Host-resident routed ``experts`` computed on the CPU with their weights in place, over micro-batch
+    ``batch`` (None: the whole group), on the ``cpu_experts`` lane: the hidden rows to the host, one call over
+    the experts, the fp32 outputs back. -> the id of the copy back (None when no expert)."""
+    if not experts:
+        return None
+    ctx = b.ctx
+    lc, costs = ctx.costs.layers[layer], ctx.costs
+    send = b.add("act_d2h", "cpu_experts", "cpu", layer, batch=batch, tensor="hidden", link="d2h",
+                 bytes=costs.hidden_bytes(tokens), deps=deps)
+    yield send
+    op = b.add("experts", "cpu_experts", "cpu", layer, batch=batch, tensor="expert", experts=tuple(experts),
+               tokens=tokens, calls=len(experts), flops=costs.expert_flops(layer, tokens),
+               bytes=len(experts) * lc.expert_bytes, deps=(send.id,))
+    yield op
+    back = b.add("act_h2d", "cpu_experts", "gpu", layer, batch=batch, tensor="expert_out", link="h2d",
+                 bytes=tokens * costs.spec.hidden_size * 4, deps=(op.id,))
+    yield back
+    return back.id
 
 
 def gate(b: Builder, layer: int, batch: int, weights: int | None):

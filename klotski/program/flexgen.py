@@ -13,29 +13,33 @@ time and nothing overlapped: :func:`layerwise_ops`.
 """
 from __future__ import annotations
 
-from klotski.program.context import (Builder, attention, finish_mlp, gate, load_dense, load_experts, release,
-                                     release_dense)
+from klotski.program.context import (Builder, attention, cpu_experts, finish_mlp, gate, load_dense, load_experts,
+                                     on_host, release, release_dense)
 from klotski.program.routing import RoutingView
 
 
 def _loads(b: Builder, view: RoutingView, layer: int, free):
-    """Issue ``layer``'s loads (after ``free``) -> (dense load, [(experts, load)] per tier)."""
+    """Issue ``layer``'s loads (after ``free``) -> (dense load, [(experts, load)] per tier, experts computed on
+    the host). Host-resident experts the plan computes on the CPU (judged from the tokens expected before any
+    gate) are not loaded."""
     ctx = b.ctx
     dense = yield from load_dense(b, layer, deps=(free,))
-    groups = []
+    groups, host = [], ()
     if ctx.is_moe(layer):
         E = ctx.costs.layers[layer].num_experts
+        host = tuple(e for e in range(E) if on_host(b, view, layer, None, e, view.tier(layer, e)))
         for tier in ("cpu", "disk"):
-            es = tuple(e for e in range(E) if view.tier(layer, e) == tier)
+            es = tuple(e for e in range(E) if view.tier(layer, e) == tier and e not in host)
             lid = yield from load_experts(b, layer, es, tier, deps=(free,))
             if lid is not None:
                 groups.append((es, lid))
-    return dense, groups
+    return dense, groups, host
 
 
-def _compute(b: Builder, view: RoutingView, layer: int, batches, dense, groups, prefetch_kv: bool):
-    """Attention of every micro-batch in ``batches``, then per micro-batch gate, experts, residual add;
-    the experts' slots are released after the last micro-batch's expert call."""
+def _compute(b: Builder, view: RoutingView, layer: int, batches, dense, groups, host, prefetch_kv: bool):
+    """Attention of every micro-batch in ``batches``, then per micro-batch gate, experts (the ``host`` ones on
+    the CPU lane beside the device call), residual add; the experts' slots are released after the last
+    micro-batch's expert call."""
     ctx = b.ctx
     lc = ctx.costs.layers[layer]
     for k in batches:
@@ -47,6 +51,10 @@ def _compute(b: Builder, view: RoutingView, layer: int, batches, dense, groups, 
             continue
         g = yield from gate(b, layer, k, dense)
         used = view.tokens(layer, k)
+        on_cpu = tuple(e for e in host if e in used)
+        back = yield from cpu_experts(b, layer, k, on_cpu, sum(used[e] for e in on_cpu), deps=(g,))
+        if on_cpu:
+            used = {e: t for e, t in used.items() if e not in on_cpu}
         tokens = sum(used.values())
         op = b.add("experts", "compute", "gpu", layer, batch=k, tensor="expert", deps=(g, *loads), tokens=tokens,
                    calls=max(1, len(used)), flops=ctx.costs.expert_flops(layer, tokens),
@@ -56,7 +64,7 @@ def _compute(b: Builder, view: RoutingView, layer: int, batches, dense, groups, 
             for es, lid in groups:
                 b.layer_free[layer] = yield from release(b, layer, "experts", lid, len(es) * lc.expert_bytes,
                                                          experts=es)
-        yield from finish_mlp(b, layer, k, dense, deps=(op.id,))
+        yield from finish_mlp(b, layer, k, dense, deps=(op.id, back))
 
 
 def flexgen_ops(b: Builder, view: RoutingView):
@@ -72,8 +80,8 @@ def flexgen_ops(b: Builder, view: RoutingView):
         yield from issue(layer)
         if ctx.overlap:
             yield from issue(layer + 1)  # the next layer loads while this one computes
-        dense, groups = issued.pop(layer)
-        yield from _compute(b, view, layer, range(ctx.shape.n), dense, groups, prefetch_kv=ctx.overlap)
+        dense, groups, host = issued.pop(layer)
+        yield from _compute(b, view, layer, range(ctx.shape.n), dense, groups, host, prefetch_kv=ctx.overlap)
         yield from release_dense(b, layer, dense)
 
 
@@ -83,6 +91,6 @@ def layerwise_ops(b: Builder, view: RoutingView):
     for k in range(ctx.shape.n):
         for layer in range(ctx.layers):
             prev = b.layer_free.get(layer - 1) if layer else b.layer_free.get(ctx.layers - 1)
-            dense, groups = yield from _loads(b, view, layer, prev)
-            yield from _compute(b, view, layer, [k], dense, groups, prefetch_kv=False)
+            dense, groups, host = yield from _loads(b, view, layer, prev)
+            yield from _compute(b, view, layer, [k], dense, groups, host, prefetch_kv=False)
             yield from release_dense(b, layer, dense)

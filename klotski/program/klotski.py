@@ -7,7 +7,9 @@ of the experts it selected that are neither GPU-resident, hot nor already loadin
 run, the next MoE layer's hot experts are issued (predicted from this layer's routing). Then the experts run
 expert by expert over the tokens of all n micro-batches: the GPU-resident and hot ones in one grouped call,
 the cold ones in the order they were issued, each slot released right after use; unused hot experts are
-released first. The shared expert and the residual add close the layer.
+released first. The shared expert and the residual add close the layer. A cold expert the plan computes on the
+host (:mod:`klotski.program.host`) is not loaded: after the gates, the host-side experts run in one call on
+the ``cpu_experts`` lane while the device computes the others.
 
 With ``overlap`` (the planner's "wide, early" variant) the next MoE layer's hot experts are issued with its
 dense weights at the start of this layer, predicted from popularity alone (the routing that would refine
@@ -16,8 +18,8 @@ find a slot.
 """
 from __future__ import annotations
 
-from klotski.program.context import (Builder, attention, finish_mlp, gate, load_dense, load_expert, release,
-                                     release_dense)
+from klotski.program.context import (Builder, attention, cpu_experts, finish_mlp, gate, load_dense, load_expert,
+                                     on_host, release, release_dense)
 from klotski.program.routing import RoutingView
 
 
@@ -72,6 +74,7 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
     lc = ctx.costs.layers[layer]
     pending = {e for e, _ in mine}
     cold: list[tuple[int, int]] = []
+    host: list[int] = []  # cold experts computed on the CPU (host-resident, cheaper there: no load)
     for k in range(ctx.shape.n):
         yield from attention(b, layer, k, w)
         g = yield from gate(b, layer, k, w)
@@ -79,9 +82,13 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
             if e in pending or view.tier(layer, e) == "gpu":
                 continue
             pending.add(e)
+            if on_host(b, view, layer, k, e, view.tier(layer, e)):
+                host.append(e)
+                continue
             cold.append((e, (yield from load_expert(b, layer, e, view.tier(layer, e), "expert_io", deps=(g,)))))
     yield from issue_hot(ctx.next_moe(layer), layer, deps=(b.last_compute,))
     used = view.tokens(layer, None)
+    back = yield from cpu_experts(b, layer, None, tuple(host), sum(used.get(e, 0) for e in host), deps=(g,))
     for e, lid in mine:  # prefetched but not selected: give the slot back at once
         if e not in used:
             yield from release(b, layer, "expert", lid, lc.expert_bytes, expert=e)
@@ -98,4 +105,4 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
         yield b.add("expert", "compute", "gpu", layer, expert=e, tensor="expert", deps=(lid,), tokens=used[e],
                     flops=ctx.costs.expert_flops(layer, used[e]), bytes=lc.expert_bytes)
         yield from release(b, layer, "expert", lid, lc.expert_bytes, expert=e)
-    yield from finish_mlp(b, layer, None, w)
+    yield from finish_mlp(b, layer, None, w, deps=(back,))

@@ -8,7 +8,10 @@ A builder asks four questions, each only once the ops it depends on have been yi
   popularity alone (the "wide, early" issue point, before the routing that would refine them);
 * ``selected(layer, batch)`` -- after micro-batch ``batch``'s gate: the experts it selects, most tokens first;
 * ``tokens(layer, batch)`` -- after the gates: tokens per selected expert over micro-batch ``batch``
-  (None: the whole group).
+  (None: the whole group);
+* ``expected(layer, batch, e)`` -- the tokens expert ``e`` is expected to get over the whole group, judged
+  after micro-batch ``batch``'s gate (None: before any gate); asked only to place a cold expert on the host
+  (:mod:`klotski.program.host`).
 
 :class:`ExpectedRouting` answers from :class:`~klotski.routing_stats.RoutingStats` (the planner's expected
 routing of a group); :class:`RecordingView` wraps another view and logs every answer, :class:`ReplayView`
@@ -29,6 +32,8 @@ class RoutingView(Protocol):
     def selected(self, layer: int, batch: int) -> list[int]: ...
 
     def tokens(self, layer: int, batch: int | None) -> dict[int, int]: ...
+
+    def expected(self, layer: int, batch: int | None, e: int) -> int: ...
 
 
 class ExpectedRouting:
@@ -79,11 +84,18 @@ class ExpectedRouting:
         r = self.group(layer)
         if batch is None:
             return {e: t for e, t in r.resident + r.hot} | {e: t for e, t, _ in r.cold}
-        # one micro-batch: its expected distinct experts share its token-expert assignments
+        # one micro-batch: its expected distinct experts share its token-expert assignments; they are spread
+        # evenly over the popularity order, so their tiers mix as the layer's do
         k = self.stats.top_k
         per = max(1, r.per_batch)
         total = self.shape.tokens_per_batch * k
-        return {e: total // per + (1 if e < total % per else 0) for e in range(per)}
+        E = self.stats.num_experts
+        order = sorted(self._rank(layer), key=self._rank(layer).get)
+        ids = [order[(i * E) // per] for i in range(per)]
+        return {e: total // per + (1 if i < total % per else 0) for i, e in enumerate(ids)}
+
+    def expected(self, layer: int, batch: int | None, e: int) -> int:
+        return self.tokens(layer, None).get(e, 0)
 
 
 class RecordingView:
@@ -110,6 +122,9 @@ class RecordingView:
     def tokens(self, layer, batch):
         return self._ask(("tokens", layer, batch), lambda: dict(self.inner.tokens(layer, batch)))
 
+    def expected(self, layer, batch, e):
+        return self._ask(("expected", layer, batch, e), lambda: int(self.inner.expected(layer, batch, e)))
+
 
 class ReplayView:
     """The answers a :class:`RecordingView` logged; a question it never saw is an error (the replay then
@@ -134,3 +149,6 @@ class ReplayView:
 
     def tokens(self, layer, batch):
         return self._get(("tokens", layer, batch))
+
+    def expected(self, layer, batch, e):
+        return self._get(("expected", layer, batch, e))

@@ -76,12 +76,14 @@ class RunConfig:
     quantization: str | None = None  # "int4": routed experts from an int4 store (klotski.runtime.int4)
     prefetch: str = "table"  # klotski's hot-expert prediction: "table" (correlation) | "lookahead" (+ gate lookahead)
     expert_selection: ExpertSelection = ExpertSelection()  # decode-step expert selection (off: exact routing)
+    host_compute: object = "auto"  # "auto" (planner searches on CUDA; off in CPU mode) | "off" | a HostCompute
 
     @classmethod
     def of(cls, weights, device, dtype, policy: str, gpu_memory=None, cpu_memory=None, offload_dir=None,
            num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
            timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-           quantization: str | None = None, prefetch: str = "table", expert_selection=None) -> "RunConfig":
+           quantization: str | None = None, prefetch: str = "table", expert_selection=None,
+           host_compute="auto") -> "RunConfig":
         """``gpu_memory`` / ``cpu_memory``: ints (bytes) or strings with a unit ("24GiB"); None = unlimited
         (on CUDA the device's memory less 1 GiB)."""
         if policy not in OFFLOAD_POLICIES:
@@ -99,10 +101,23 @@ class RunConfig:
         if prefetch not in PREFETCH_SOURCES:
             raise ValueError(f"prefetch must be one of {PREFETCH_SOURCES}, got {prefetch!r}")
         selection = ExpertSelection.parse(expert_selection)
+        from klotski.program.host import HostCompute
+
+        if not (host_compute in ("auto", "off") or isinstance(host_compute, HostCompute)):
+            raise ValueError(f"host_compute must be 'auto', 'off' or a klotski.program.host.HostCompute, got "
+                             f"{host_compute!r}")
         store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
         return cls(weights, device, dtype, policy, gpu, cpu, store_dir, _count(num_batches, "num_batches"),
                    _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store),
-                   quantization, prefetch, selection)
+                   quantization, prefetch, selection, host_compute)
+
+    @property
+    def planner_host(self):
+        """What the planner does with host compute: search it on a GPU ("auto"), never in CPU mode (the device
+        is the CPU already), or the fixed choice given."""
+        if self.host_compute == "auto":
+            return "search" if self.device.type == "cuda" else "off"
+        return self.host_compute
 
     @property
     def auto(self) -> bool:
@@ -157,7 +172,7 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
         try:
             plan = make_plan(costs, hw, policy, cfg.gpu_budget, cfg.cpu_budget, q, gen_len, cfg.num_batches,
                              cfg.batch_size, kv=None if cfg.kv == "auto" else cfg.kv,
-                             expert_selection=cfg.expert_selection)
+                             expert_selection=cfg.expert_selection, host=cfg.planner_host)
             break
         except InfeasibleError as e:
             if q == 1:
@@ -207,6 +222,10 @@ def build_executor(cfg: RunConfig, rp: RunPlan, prefetcher=None) -> OffloadedExe
                            rp.plan.batch_size, prefetcher, experts_fn, rp.costs, expert_order, store=store,
                            plan=rp.plan, timeout_s=cfg.timeout_s, predictor=_predictor(cfg, rp, prefetcher, gpu))
     ex.compute.selection = cfg.expert_selection  # applied by Compute.gate on decode steps
+    if ex.host.experts == "auto":  # the cold-expert rule on the profile the plan was made on
+        from klotski.program.host import ExpertRule
+
+        ex.expert_rule = ExpertRule(rp.costs, rp.hardware)
     ex.compute.loads_whole_layer = order_of(rp.plan) in ("flexgen", "layerwise")  # offload-aware: nothing to save
     return ex
 

@@ -4,6 +4,12 @@ shared expert / dense MLP, and the per-step state they work on (:class:`StepStat
 Hidden states of the whole batch group stay on the device (``StepState.x`` [B, S, H]); micro-batch ``k`` is
 the row range ``cache.rows[k]``. Routed experts accumulate into one fp32 output [T, H] over the valid tokens,
 cast once when the layer's MLP finishes. Every op is traced with its FLOPs (for calibration).
+
+Host-side compute (:mod:`klotski.program.host`) runs on lanes of its own: attention over a KV cache in host
+memory (:meth:`Compute.attention_qkv` on the device, :meth:`Compute.attention_on_host` on the ``cpu_attn``
+lane, :meth:`Compute.attention_out` back on the device) and routed experts computed from their host copies
+(:meth:`Compute.experts_on_host` on the ``cpu_experts`` lane, its fp32 output added before the layer's MLP
+finishes). Host work is traced on its lane with the host clock.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from klotski.costs import FFN_CHUNK_TOKENS
-from klotski.model.decoder import attention_step
+from klotski.model.decoder import ATTENTION_SPLIT, attention_step
 from klotski.model.expert_selection import ExpertSelection, SelectionStats, is_decode_step, route_selected
 from klotski.model.layers import rms_norm
 from klotski.model.moe import dense_mlp, shared_expert
@@ -22,6 +28,17 @@ from klotski.runtime.cache import GroupCache
 from klotski.runtime.loader import Ticket
 from klotski.runtime.trace import Tracer
 from klotski.runtime.weights import PlacedWeights
+from klotski.triton_kernels.fused_moe import fused_moe_torch
+
+
+def _event(device: torch.device):
+    """A CUDA event on the current stream (what a lane waits for before reading the compute stream's
+    tensors); None on CPU."""
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event()
+    ev.record()
+    return ev
 
 
 def in_chunks(fn, h: torch.Tensor):
@@ -71,6 +88,87 @@ class Compute:
         st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
         proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
         self.tracer.end("compute", f"L{layer} attn b{k}", start, op="attn", flops=proj, score_flops=score)
+
+    # ---- attention over a KV cache in host memory ---------------------------------------------------------
+    def attention_qkv(self, st: StepState, w: dict, layer: int, k: int):
+        """Norm + Q/K/V projections of micro-batch ``k`` on the device -> (parts, the event they are ready at)
+        (:data:`klotski.model.decoder.ATTENTION_SPLIT`: GQA q / k / v, MLA the absorbed query, latent, rope key)."""
+        s, e = st.cache.rows[k]
+        start = self.tracer.begin()
+        h = rms_norm(st.x[s:e], w["input_norm"], self.spec.rms_norm_eps)
+        parts = ATTENTION_SPLIT[self.spec.attention][0](self.spec, w, h, self.rotary, st.positions[k])
+        out_flops, _, _, _ = self.costs.attn_host_split(layer, (e - s) * st.S)
+        proj, _, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
+        self.tracer.end("compute", f"L{layer} qkv b{k}", start, op="attn_qkv", flops=max(0.0, proj - out_flops))
+        return parts, _event(self.device)
+
+    def attention_on_host(self, st: StepState, layer: int, k: int, parts, ready, lanes, op_ids=()) -> Ticket:
+        """On the ``cpu_attn`` lane: ``parts`` to host memory, attention of micro-batch ``k`` over its host KV
+        cache (appending this step's columns there), the output back to the device -> Ticket(output)."""
+        cache = st.cache.micro[k]
+        mask = st.masks[k]
+        split = ATTENTION_SPLIT[self.spec.attention][1]
+        _, score, kv_read = self.costs.attn_flops(layer, st.cache.rows[k][1] - st.cache.rows[k][0], st.S,
+                                                  st.cache.length)
+
+        def job(ln):
+            self.tracer.log_ops("cpu_attn", op_ids)
+            if ready is not None:
+                ln.stream.wait_event(ready)
+            t0 = self.tracer.now()
+            host = tuple(t.to("cpu") for t in parts)
+            out = split(self.spec, host, cache, layer, mask.to("cpu"))
+            back = out.to(self.device)
+            self.tracer.host_span("cpu_attn", f"L{layer} attn b{k}", t0, op="attn_core", score_flops=score,
+                                  kv_bytes=kv_read)
+            return back
+
+        return lanes["cpu_attn"].submit(f"L{layer} b{k} cpu attention", job)
+
+    def attention_out(self, st: StepState, w: dict, layer: int, k: int, out: torch.Tensor) -> None:
+        """The output projection (+ residual) of micro-batch ``k`` on the device."""
+        s, e = st.cache.rows[k]
+        start = self.tracer.begin()
+        st.x[s:e] = st.x[s:e] + ATTENTION_SPLIT[self.spec.attention][2](self.spec, w, out)
+        flops, _, _, _ = self.costs.attn_host_split(layer, (e - s) * st.S)
+        self.tracer.end("compute", f"L{layer} attn out b{k}", start, op="attn_out", flops=flops)
+
+    # ---- routed experts from their host copies -------------------------------------------------------------
+    def experts_on_host(self, h, topk_weights, ids_host, experts: tuple[int, ...], layer: int, lanes,
+                        op_ids=()) -> Ticket:
+        """On the ``cpu_experts`` lane: the hidden rows h [T, H] to host memory, the host-resident ``experts``
+        computed there with their weights in place (cast to h's dtype when stored otherwise, as a load would),
+        the fp32 output [T, H] back to the device -> Ticket(output)."""
+        ready = _event(self.device)
+        E = self.spec.num_experts
+        homes = [self.w.expert_home[(layer, e)] for e in experts]
+        for e, (tier, _) in zip(experts, homes):
+            if tier != "cpu":
+                raise RuntimeError(f"layer {layer} expert {e} is on {tier}, not in host memory: it cannot be "
+                                   f"computed on the CPU in place")
+        tokens = int(sum(int((ids_host == e).sum()) for e in experts))
+
+        def job(ln):
+            self.tracer.log_ops("cpu_experts", op_ids)
+            if ready is not None:
+                ln.stream.wait_event(ready)
+            t0 = self.tracer.now()
+            x, tw = h.to("cpu"), topk_weights.to("cpu")
+            out = torch.zeros(x.shape, dtype=torch.float32)
+            table = torch.full((E,), -1, dtype=torch.int32)
+            for e, (_, (w13, w2)) in zip(experts, homes):
+                if w13.dtype != x.dtype:
+                    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+                table.fill_(-1)
+                table[e] = 0
+                fused_moe_torch(x, w13[None], w2[None], tw, ids_host, expert_slots=table, out=out,
+                                activation=self.act)
+            back = out.to(self.device)
+            self.tracer.host_span("cpu_experts", f"L{layer} cpu x{len(experts)}", t0, op="experts",
+                                  experts=len(experts), flops=self.costs.expert_flops(layer, tokens))
+            return back
+
+        return lanes["cpu_experts"].submit(f"L{layer} cpu experts", job)
 
     def tokens(self, st: StepState, w: dict, k: int | None = None):
         """Normed MLP inputs of the valid tokens of micro-batch ``k`` (None: the whole group)

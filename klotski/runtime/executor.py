@@ -19,6 +19,7 @@ nothing of planning: :class:`~klotski.runtime.session.OffloadedSession` plans, b
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from klotski.model.decoder import make_rotary
 from klotski.model.moe import expert_activation
 from klotski.prefetch import CorrelationPrefetcher, PrefetchStats
+from klotski.program.host import HostCompute
 from klotski.runtime.cache import GroupCache
 from klotski.runtime.compute import Compute, StepState
 from klotski.runtime.kv_staging import KVStaging
@@ -62,6 +64,10 @@ class OffloadedExecutor:
         self.predictor = predictor
         self.closed = False
         self.lanes = None
+        # host compute (klotski.program.host): the plan's attention per phase and cold-expert mode; the rule is
+        # set by build_executor from the profile the plan was made on
+        self.host = getattr(plan, "host", None) or HostCompute()
+        self.expert_rule = None
         self.w = PlacedWeights(weights, layout, device, dtype, gpu, cpu, expert_order, store=store)
         try:  # anything started so far (the disk reader, lane threads) is stopped if the build is interrupted
             self.lanes = Lanes(device, timeout_s)
@@ -77,6 +83,11 @@ class OffloadedExecutor:
             from klotski.runtime.interpreter import StepInterpreter
 
             self.runner = StepInterpreter(self)
+            if self.host.experts != "off" and not self.w.host_experts_plain():
+                if self.host.experts == "all":
+                    raise ValueError("cold experts on the CPU need plain host copies of the experts; this run's "
+                                     "host experts are quantized (fp8 / int4): use host compute experts='off'")
+                self.host = replace(self.host, experts="off")  # "auto": every cold expert is loaded
         except BaseException:
             self.close()
             raise

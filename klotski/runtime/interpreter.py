@@ -9,7 +9,11 @@ ops of :func:`klotski.program.step_ops` one at a time:
   in op order;
 * compute ops (``attn``, ``gate``, ``experts`` / ``expert``, ``shared``, ``lm_head``) run on the compute
   stream, each first waiting for the loads it depends on; ``kv_store`` is submitted after its attention;
-* ``release`` gives the buffer or slot back (with an event the next writer waits on).
+* ``release`` gives the buffer or slot back (with an event the next writer waits on);
+* host compute (:mod:`klotski.program.host`): ``attn_qkv`` / ``attn_out`` run on the compute stream, the
+  ``act_d2h`` / ``attn_core`` / ``act_h2d`` of CPU attention and the ``act_d2h`` / ``experts`` (device "cpu") /
+  ``act_h2d`` of CPU experts run as one job on their lane (``cpu_attn`` / ``cpu_experts``), submitted at the
+  copy back; the device waits for its result right before the output projection / the layer's MLP finish.
 
 The routing reaches the builder through :class:`LiveRouting`: when the builder resumes after a gate, that
 gate has run and its ``topk_ids`` are in the view. Consecutive cold ``expert`` ops whose loads have already
@@ -41,6 +45,8 @@ class LiveRouting:
         self.resid: dict[int, torch.Tensor] = {}  # layer -> rows entering its MLP (gate lookahead input)
         self.predicted: dict[int, list[int]] = {}
         self.last_source: int | None = -1
+        self.group_tokens = 0  # valid tokens of the step (set per step): the expectation before any gate
+        self.n = 1  # micro-batches of the step
 
     def tier(self, layer: int, e: int) -> str:
         t = self.ex.w.expert_tier(layer, e)
@@ -76,6 +82,15 @@ class LiveRouting:
         counts = self._counts(layer, batch)
         return {int(e): int(counts[e]) for e in torch.nonzero(counts).flatten().tolist()}
 
+    def expected(self, layer: int, batch: int | None, e: int) -> int:
+        """Tokens expert ``e`` is expected to get over the group: before any gate, a uniform share of the
+        group's token-expert pairs; after micro-batch ``batch``'s gate, what the gates so far gave it,
+        projected over the group's ``n`` micro-batches (the later ones routing like these)."""
+        if batch is None:
+            return -(-self.group_tokens * max(self.ex.spec.top_k, 1) // max(self.E, 1))
+        seen = sum(int((self.gates[(layer, k)] == e).sum()) for k in range(batch + 1) if (layer, k) in self.gates)
+        return -(-seen * self.n // (batch + 1))
+
 
 class StepInterpreter:
     """Runs the executor's plan: one :meth:`run` per forward (one step of a batch group)."""
@@ -96,12 +111,14 @@ class StepInterpreter:
         pool = ex.w.pool
         return StepContext(ex.costs, replace(ex.layout.placement, kv=cache.tier), shape, ex.num_hot, self.overlap,
                            dense_buffers=ex.layout.dense_buffers,
-                           expert_slots=pool.streaming_slots if pool is not None else 0)
+                           expert_slots=pool.streaming_slots if pool is not None else 0, host=ex.host,
+                           expert_rule=ex.expert_rule)
 
     def run(self, st) -> None:
         ex = self.ex
         view = LiveRouting(ex)
         builder = Builder(self.context(st))
+        view.group_tokens, view.n = int(st.valid.sum()), builder.ctx.shape.n
         routing = RecordingView(view) if self.record else view
         if self.record:
             ex.tracer.op_log = []
@@ -135,6 +152,10 @@ class _Step:
         self.out: dict[tuple[int, int | None], torch.Tensor] = {}  # routed experts' fp32 accumulators
         self.cold: list[Op] = []  # cold expert ops waiting to run as one call
         self.deferred: list[Op] = []  # releases of their slots
+        self.host_ops: list[Op] = []  # host-lane ops issued as one job at their copy back (act_h2d)
+        self.qkv: dict[tuple[int, int], tuple] = {}  # (layer, batch) -> (Q/K/V parts, ready event)
+        self.attn_back: dict[tuple[int, int], object] = {}  # (layer, batch) -> Ticket of the CPU attention
+        self.host_out: dict[tuple[int, int | None], object] = {}  # (layer, batch) -> Ticket of CPU experts
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def result(self, load_id: int):
@@ -260,7 +281,44 @@ class _Step:
             if ex.predictor is not None:  # the residual stream entering this MLP: the next router's lookahead
                 self.view.resid[layer] = st.x.reshape(-1, ex.spec.hidden_size).index_select(0, group[0])
 
+    # ---- host compute: its ops run as one job on their lane at the copy back ---------------------------------
+    def _act_d2h(self, op: Op) -> None:
+        self.host_ops.append(op)
+
+    def _attn_core(self, op: Op) -> None:
+        self.host_ops.append(op)
+
+    def _act_h2d(self, op: Op) -> None:
+        ex, st = self.ex, self.st
+        ops, self.host_ops = self.host_ops + [op], []
+        ids = tuple(o.id for o in ops)
+        key = (op.layer, op.batch)
+        if op.tensor == "attn_out":
+            parts, ready = self.qkv.pop(key)
+            self.attn_back[key] = ex.compute.attention_on_host(st, op.layer, op.batch, parts, ready, ex.lanes, ids)
+        elif op.tensor == "expert_out":
+            call = next(o for o in ops if o.kind == "experts")
+            rows, h, topk_w, topk_ids, ids_host = self.group(op.layer, op.batch)
+            self.host_out[key] = ex.compute.experts_on_host(h, topk_w, ids_host, call.experts, op.layer, ex.lanes,
+                                                            ids)
+        else:
+            raise ValueError(f"op {op.id}: unknown copy back of {op.tensor!r}")
+
+    def _attn_qkv(self, op: Op) -> None:
+        w = self.layer_weights(op.layer)
+        self.ex.tracer.log_ops("compute", [op.id])
+        self.qkv[(op.layer, op.batch)] = self.ex.compute.attention_qkv(self.st, w, op.layer, op.batch)
+
+    def _attn_out(self, op: Op) -> None:
+        w = self.layer_weights(op.layer)
+        out = self.attn_back.pop((op.layer, op.batch)).wait()
+        self.ex.tracer.log_ops("compute", [op.id])
+        self.ex.compute.attention_out(self.st, w, op.layer, op.batch, out)
+
     def _experts(self, op: Op) -> None:
+        if op.device == "cpu":  # host-resident experts on the CPU lane: issued with their copy back
+            self.host_ops.append(op)
+            return
         layer, k = op.layer, op.batch
         if k is None:  # klotski: resident and hot experts over the whole group
             slots = {e: self.slot(layer, e, self.expert_load.get((layer, e))) for e in op.experts}
@@ -292,6 +350,9 @@ class _Step:
             rows, h = self.group(layer, op.batch)[:2]
             out = self.out.pop((layer, op.batch), None)
             out = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if out is None else out
+            host = self.host_out.pop((layer, op.batch), None)
+            if host is not None:  # the experts computed on the CPU (fp32, on the device by now)
+                out = out + host.wait()
         else:  # a dense layer's MLP
             rows, h = ex.compute.tokens(st, w, op.batch)
             out = None

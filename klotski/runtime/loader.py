@@ -142,7 +142,7 @@ class Lane:
 
 
 class Lanes:
-    NAMES = ("prefetch", "expert_io", "kv_load", "kv_store")
+    NAMES = ("prefetch", "expert_io", "kv_load", "kv_store", "cpu_attn", "cpu_experts")  # cpu_*: host compute
 
     def __init__(self, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S):
         self.lanes: dict[str, Lane] = {}

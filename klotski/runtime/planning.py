@@ -65,11 +65,12 @@ def model_costs(spec, checkpoint_dtype: str, dtype: torch.dtype) -> ModelCosts:
 
 def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: int | None, cpu_budget: int | None,
               prompt_len: int, gen_len: int, num_batches: int | None = None, batch_size: int | None = None,
-              kv: str | None = None, expert_selection=None) -> Plan:
+              kv: str | None = None, expert_selection=None, host="off") -> Plan:
     """The planner's plan; ``num_batches`` / ``batch_size`` (None = the planner's choice) fix the group shape,
     ``kv`` ("gpu" | "cpu"; None = the planner's choice) the KV cache's tier. ``expert_selection`` (an enabled
     :class:`~klotski.model.expert_selection.ExpertSelection`): decode steps are planned with the fewer distinct
-    experts it leaves (:meth:`RoutingStats.with_selection`)."""
+    experts it leaves (:meth:`RoutingStats.with_selection`). ``host``: "off" | "search" | a fixed
+    :class:`~klotski.program.host.HostCompute` (attention per phase and cold experts on the CPU)."""
     hw = replace(hw, gpu_memory=gpu_budget if gpu_budget is not None else UNLIMITED,
                  cpu_memory=cpu_budget if cpu_budget is not None else UNLIMITED)
     decode_routing = None
@@ -77,7 +78,7 @@ def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: i
     if expert_selection is not None and expert_selection.enabled and spec.num_experts:
         decode_routing = RoutingStats.uniform(spec.num_experts, max(spec.top_k, 1)).with_selection(
             expert_selection.aggressiveness, expert_selection.offload_aware)
-    planner = Planner(costs, hw, prompt_len, gen_len, decode_routing=decode_routing)
+    planner = Planner(costs, hw, prompt_len, gen_len, decode_routing=decode_routing, host=host)
     if kv is not None:
         planner.kv_tiers = (kv,)
     if num_batches is None and batch_size is None:
@@ -140,7 +141,7 @@ def order_of(plan: Plan) -> str:
 def _step(plan: Plan, costs, hw, shape: StepShape) -> float:
     return simulate_model_step(order_of(plan), costs, plan.placement, shape, hw, num_hot=plan.num_hot,
                                overlap=plan.overlap, dense_buffers=plan.dense_buffers,
-                               expert_slots=plan.expert_slots).makespan
+                               expert_slots=plan.expert_slots, host=plan.host).makespan
 
 
 def layout_for_plan(mb: ModelBytes, spec, plan: Plan, gpu_cap: int, reserve_gpu: int, host_cap: int | None = None) -> Layout:
@@ -208,7 +209,7 @@ def prediction_metrics(plan: Plan, costs: ModelCosts, hw: HardwareProfile, plann
     is predicted on. Without a run, the plan's own prediction."""
     out = {"planned_tokens_per_s": plan.tokens_per_s, "planned_workload": list(planned_workload),
            "plan": {"batch_size": plan.batch_size, "n": plan.n, "num_hot": plan.num_hot, "overlap": plan.overlap,
-                    "placement": plan.placement.describe(num_experts)},
+                    "placement": plan.placement.describe(num_experts), "host": plan.host.describe()},
            "hardware_profile": f"{hw.name} [{hw.source}]"}
     if not run_workload:
         out["predicted_tokens_per_s"] = plan.tokens_per_s

@@ -68,6 +68,8 @@ class OffloadedSession:
     hit more so far; :mod:`klotski.lookahead`). Either only changes what loads early, never the tokens.
     ``expert_selection``: "off" (default) | "lynx:A" | "lynx-offload:A" on decode steps
     (:mod:`klotski.model.expert_selection`, applied in ``Compute.gate``; the planner counts its fewer experts).
+    ``host_compute``: "auto" (on CUDA the planner chooses attention per phase and cold experts on the CPU; off
+    in CPU mode), "off", or a fixed :class:`klotski.program.host.HostCompute` (:mod:`klotski.program.host`).
     """
 
     can_trace = True
@@ -76,10 +78,11 @@ class OffloadedSession:
                  num_batches="auto", batch_size="auto", experts_fn=None, kv: str = "auto", hardware=None,
                  workload: tuple[int, int] = DEFAULT_WORKLOAD, prefetcher: CorrelationPrefetcher | None = None,
                  timeout_s: float | None = WAIT_TIMEOUT_S, rebuild_store: bool = False,
-                 quantization: str | None = None, prefetch: str = "table", expert_selection=None):
+                 quantization: str | None = None, prefetch: str = "table", expert_selection=None,
+                 host_compute="auto"):
         self.config = RunConfig.of(weights, device, dtype, policy, gpu_memory, cpu_memory, offload_dir, num_batches,
                                    batch_size, experts_fn, kv, hardware, timeout_s, rebuild_store, quantization,
-                                   prefetch, expert_selection=expert_selection)
+                                   prefetch, expert_selection=expert_selection, host_compute=host_compute)
         spec = weights.spec
         self.prefetcher, self.table_path = prefetcher, None
         if prefetcher is None and spec.moe_layers:

@@ -1,4 +1,5 @@
-"""Timeline of one run: spans per stream (compute, prefetch, expert_io, kv_load, kv_store), measured.
+"""Timeline of one run: spans per stream (compute, prefetch, expert_io, kv_load, kv_store, and the host's
+cpu_attn / cpu_experts lanes), measured.
 
 CPU mode: spans are wall-clock (``time.perf_counter``) around the real work. CUDA mode: a compute span is a
 pair of CUDA events on the compute stream and a copy span a pair on its copy stream, resolved after the
@@ -14,7 +15,7 @@ import time
 
 import torch
 
-STREAMS = ("compute", "prefetch", "expert_io", "kv_load", "kv_store")
+STREAMS = ("compute", "prefetch", "expert_io", "kv_load", "kv_store", "cpu_attn", "cpu_experts")
 
 
 class Tracer:
@@ -74,6 +75,11 @@ class Tracer:
             self._base_event.record()
             self._base_time = self.now()
         return self.now()
+
+    def host_span(self, stream_name: str, name: str, start: float, **args) -> None:
+        """A span of host work (CPU attention, CPU experts) from ``start`` (:meth:`now`) to now, on the host
+        clock whatever the device."""
+        self.add(stream_name, name, start, self.now(), **args)
 
     def end_window(self, start: float) -> None:
         if self.cuda:

@@ -242,6 +242,12 @@ class PlacedWeights:
     def source(self, layer: int, key: str):
         return self.host[layer].get(key) if key in self.host[layer] else self.disk[layer][key]
 
+    def host_experts_plain(self) -> bool:
+        """Whether every host-resident expert is a plain tensor pair (CPU expert compute reads them in place;
+        fp8 / int4 host copies are not computed from on the CPU)."""
+        return all(isinstance(what[0], torch.Tensor) and type(what[0]) is torch.Tensor
+                   for tier, what in self.expert_home.values() if tier == "cpu")
+
     def expert_tier(self, layer: int, e: int) -> str:
         return self.expert_home[(layer, e)][0]
 
