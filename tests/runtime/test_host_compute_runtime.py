@@ -1,0 +1,90 @@
+"""Host compute in the runtime (CPU mode): attention on the CPU over the host KV cache and cold experts computed
+on the CPU from their host copies give the resident engine's greedy tokens and logits (fp32, 1e-5 relative) for
+every architecture under every offloaded policy; the lanes run the builder's ops (replayed from the recorded
+routing); the trace has no KV-load span when attention runs on the CPU; the rule's "auto" mode runs too."""
+from functools import partialmethod
+
+import pytest
+import torch
+
+from klotski import LLM, SamplingParams
+from klotski.program.host import HostCompute
+from klotski.runtime import OffloadedSession
+from klotski.runtime.interpreter import StepInterpreter
+from tests.runtime.test_op_program import check_steps
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 3]]
+SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+FORCED = HostCompute(prefill_attn="cpu", decode_attn="cpu", experts="all")
+_REFS: dict = {}
+
+
+def reference(checkpoints, arch):
+    if arch not in _REFS:
+        path, _ = checkpoints.get(arch)
+        with LLM(path, device="cpu") as llm:
+            toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+            _REFS[arch] = (path, toks, llm.logits(PROMPTS))
+    return _REFS[arch]
+
+
+def run(path, policy, host, gpu_memory="700KiB", record=False, monkeypatch=None):
+    if record:
+        monkeypatch.setattr(StepInterpreter, "__init__", partialmethod(StepInterpreter.__init__, record=True))
+    with LLM(path, device="cpu") as llm:
+        llm.session.close()
+        llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, policy, gpu_memory, None,
+                                       None, num_batches=2, batch_size=2, kv="cpu", host_compute=host)
+        toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+        spans = {s[0] for s in llm.executor.tracer.spans}
+        logits = llm.logits(PROMPTS)
+        runner, ex = llm.executor.runner, llm.executor
+        host_experts = ex.layout.placement.experts_on("cpu", llm.spec.num_experts) if llm.spec.moe_layers else 0
+    if record:
+        monkeypatch.undo()
+    return toks, logits, spans, runner, host_experts
+
+
+def rel(a, b):
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("policy", ["layerwise", "flexgen", "klotski"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_host_compute_is_exact(checkpoints, arch, policy):
+    path, ref_toks, ref_logits = reference(checkpoints, arch)
+    toks, logits, spans, _, host_experts = run(path, policy, FORCED)
+    assert toks == ref_toks
+    assert rel(logits, ref_logits) < 1e-5
+    assert "cpu_attn" in spans and not spans & {"kv_load", "kv_store"}  # no KV crosses the link
+    assert host_experts > 0
+    if policy != "klotski":  # (klotski prefetches its hot experts; only the cold ones are computed on the host)
+        assert "cpu_experts" in spans
+
+
+@pytest.mark.parametrize("policy", ["flexgen", "klotski"])
+def test_host_lanes_run_the_builders_ops(checkpoints, monkeypatch, policy):
+    path, ref_toks, _ = reference(checkpoints, "mixtral")
+    toks, _, spans, runner, _ = run(path, policy, FORCED, record=True, monkeypatch=monkeypatch)
+    assert toks == ref_toks
+    check_steps(runner)  # the replayed builder's ops == what each lane executed, host lanes included
+    lanes = {lane for step in runner.steps for lane, _ in step["lanes"]}
+    assert {"cpu_attn", "cpu_experts"} <= lanes and "kv_load" not in lanes
+
+
+def test_decode_on_the_cpu_after_a_staged_prefill_and_the_rule(checkpoints):
+    """Prefill attention on the device (KV staged from and back to host memory), decode on the CPU over the same
+    host cache; cold experts by the rule on this machine's profile."""
+    path, ref_toks, ref_logits = reference(checkpoints, "mixtral")
+    toks, logits, spans, _, _ = run(path, "klotski", HostCompute(decode_attn="cpu", experts="auto"))
+    assert toks == ref_toks and rel(logits, ref_logits) < 1e-5
+    assert {"kv_load", "kv_store", "cpu_attn"} <= spans
+
+
+def test_bad_host_compute_is_refused(checkpoints):
+    path, _, _ = reference(checkpoints, "mixtral")
+    with pytest.raises(ValueError, match="host_compute"):
+        LLM(path, device="cpu", policy="klotski", host_compute="cpu")
+    with pytest.raises(ValueError, match="decode_attn"):
+        HostCompute(decode_attn="host")
