@@ -119,6 +119,10 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
     _preset("l4", "NVIDIA L4 24GB, PCIe 4.0 x16", 24, 24e9, 250e9,
             {"bfloat16": 85e12, "float16": 85e12, "float32": 25e12, "float8_e4m3": 170e12}, 40e12,
             "121 TFLOP/s dense bf16 peak, 300 GB/s", cpu_gib=128),
+    _preset("a5000", "NVIDIA RTX A5000 24GB, PCIe 4.0 x16", 24, 24e9, 650e9,
+            {"bfloat16": 75e12, "float16": 75e12, "float32": 19e12, "float8_e4m3": 75e12}, 35e12,
+            "MoE-Gen's card (arXiv 2503.09716); NVIDIA RTX A5000 datasheet: 27.8 TFLOP/s fp32, 222.2 TFLOP/s "
+            "tensor with sparsity (111 dense fp16/bf16), 768 GB/s GDDR6; host memory 256 GiB assumed"),
     _preset("a100-80gb", "NVIDIA A100 80GB SXM, PCIe 4.0 x16", 80, 24e9, 1700e9,
             {"bfloat16": 220e12, "float16": 220e12, "float32": 19e12, "float8_e4m3": 220e12}, 120e12,
             "312 TFLOP/s dense bf16 peak, 2.0 TB/s", disk=5.0e9, cpu_gib=512),
@@ -126,7 +130,7 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
             {"bfloat16": 650e12, "float16": 650e12, "float32": 60e12, "float8_e4m3": 1200e12}, 300e12,
             "989 TFLOP/s dense bf16 peak, 3.35 TB/s", disk=6.0e9, cpu_gib=512),
 ]}
-PRESET_ALIASES = {"rtx3090": "rtx3090-pcie4", "3090": "rtx3090-pcie4", "h800": "h800-pcie5",
+PRESET_ALIASES = {"rtx3090": "rtx3090-pcie4", "3090": "rtx3090-pcie4", "h800": "h800-pcie5", "rtx-a5000": "a5000",
                   "a100": "a100-80gb", "h100": "h100-80gb"}
 
 

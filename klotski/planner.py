@@ -1,7 +1,10 @@
 """Constraint-sensitive planner: batch size, n and placement that maximise generated tokens per second.
 
 For a policy, the planner searches (batch size, n, KV placement, klotski's prefetch width / flexgen's
-overlap) on a coarse grid and then hill-climbs to neighbouring points. For each point the weight placement
+overlap) on a coarse grid and then hill-climbs to neighbouring points. With ``host="search"`` the hill-climb
+also chooses host compute per candidate (:mod:`klotski.program.host`: attention per phase on the CPU over a
+host KV cache, cold experts on the CPU by the cost rule), starting from the coarse scan's best device-only
+point. For each point the weight placement
 is filled greedily: everything starts off the GPU, one simulation measures the step's dynamic GPU memory,
 then gates, attention, shared experts and finally the most popular experts of every layer become resident
 while they fit; what does not fit in pinned CPU memory goes to disk (streamed through a rolling window).
@@ -103,27 +106,19 @@ class Planner:
         self._cache: dict = {}
         self.prune = True  # skip candidates whose tokens/s bound cannot beat the incumbent (same decisions)
         self.kv_tiers = ("gpu", "cpu")  # where the KV cache may live (a caller that fixes it narrows this)
-        if host == "off":
-            self.host_choices = (HostCompute(),)
-        elif host == "search":
-            self.host_choices = tuple(HostCompute(p, d, x) for x in ("off", "auto") for p in ("gpu", "cpu")
-                                      for d in ("gpu", "cpu"))
-        elif isinstance(host, HostCompute):
-            self.host_choices = (host,)
-        else:
+        if not (host in ("off", "search") or isinstance(host, HostCompute)):
             raise ValueError(f"host must be 'off', 'search' or a HostCompute, got {host!r}")
+        self.host = host
+        self._host_full = True  # "search": evaluate() searches host compute (off during plan()'s coarse scan)
 
-    def host_for(self, policy: str, kv: str) -> tuple:
-        """The host-compute choices of a candidate: none for ``resident``; CPU attention only over a host KV."""
-        if policy == "resident":
-            return (HostCompute(),)
-        out = []
-        for h in self.host_choices:
-            if kv != "cpu":
-                h = HostCompute(experts=h.experts)
-            if h not in out:
-                out.append(h)
-        return tuple(out)
+    def host_search(self, policy: str, kv: str) -> bool:
+        """Whether evaluate() searches host compute for this candidate (never for ``resident``)."""
+        return self.host == "search" and self._host_full and policy != "resident"
+
+    def fixed_host(self, policy: str, kv: str) -> HostCompute:
+        """The one host-compute choice of a candidate when not searching (CPU attention needs a host KV)."""
+        h = self.host if isinstance(self.host, HostCompute) and policy != "resident" else HostCompute()
+        return h if kv == "cpu" else HostCompute(experts=h.experts)
 
     # ---- one candidate ----------------------------------------------------------------------------------
     def shapes(self, b: int, n: int) -> tuple[StepShape, StepShape]:
@@ -242,10 +237,11 @@ class Planner:
 
     def upper_bound(self, policy, b, n, kv, num_hot, overlap) -> float:
         """Tokens/s no placement of this candidate can exceed (``klotski.plan_bounds``; no simulation)."""
-        key = ("bound", policy, b, n, kv, num_hot, overlap)
+        key = ("bound", policy, b, n, kv, num_hot, overlap, self.host_search(policy, kv))
         if key not in self._cache:
             total = 0.0
-            relaxed = any(h != HostCompute() for h in self.host_for(policy, kv))  # host compute may take work
+            # host compute may take attention, KV copies and experts off the device: bound without them
+            relaxed = self.host_search(policy, kv) or self.fixed_host(policy, kv) != HostCompute()
             for shape, steps, routing in zip(self.shapes(b, n), (1, self.gen_len - 1),
                                              (self.routing, self.decode_routing)):
                 static = lean_static_gpu(self.costs, shape, kv, policy)
@@ -262,18 +258,41 @@ class Planner:
         return self.upper_bound(policy, b, n, kv, num_hot, overlap) * (1 + 1e-9) <= rate
 
     def evaluate(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
-        key = ("eval", policy, b, n, kv, num_hot, overlap)
+        search = self.host_search(policy, kv)
+        key = ("eval+host" if search else "eval", policy, b, n, kv, num_hot, overlap)
         if key not in self._cache:
-            best = None
-            for host in self.host_for(policy, kv):  # each host-compute choice, placed on its own
+            if not search:
+                host = self.fixed_host(policy, kv)
                 p = self.place(policy, b, n, kv, num_hot, overlap, host)
-                if p is None:
-                    continue
-                plan = self.score(policy, p, b, n, num_hot, overlap, host)
-                if self.fits(plan) and (best is None or plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9)):
-                    best = plan
-            self._cache[key] = best
+                plan = None if p is None else self.score(policy, p, b, n, num_hot, overlap, host)
+                self._cache[key] = plan if plan is not None and self.fits(plan) else None
+            else:
+                self._cache[key] = self._search_host(policy, b, n, kv, num_hot, overlap)
         return self._cache[key]
+
+    def _search_host(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
+        """The best host compute of a candidate: per cold-expert mode ("off", "auto"), the weights are placed
+        with attention on the device (it needs the most device memory: KV staging), then each phase takes the
+        attention placement that makes its step shortest (a phase's step depends on its own placement only)."""
+        best = None
+        attns = ("gpu", "cpu") if kv == "cpu" else ("gpu",)
+        for experts in ("off", "auto"):
+            base = HostCompute(experts=experts)
+            p = self.place(policy, b, n, kv, num_hot, overlap, base)
+            if p is None:
+                continue
+            pick = []
+            for phase in (0, 1):  # prefill, decode
+                times = {a: self.simulate(policy, p, b, n, num_hot, overlap, HostCompute(a, a, experts))[phase]
+                         for a in attns}
+                pick.append(min(attns, key=lambda a: (times[a].makespan, a != "gpu")))
+            for host in dict.fromkeys((HostCompute(pick[0], pick[1], experts), base)):
+                plan = self.score(policy, p, b, n, num_hot, overlap, host)
+                if self.fits(plan):
+                    if best is None or plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+                        best = plan
+                    break
+        return best
 
     def plan(self, policy: str = "klotski", seeds=()) -> Plan:
         """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits.
@@ -283,6 +302,13 @@ class Planner:
         """
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
+        self._host_full = self.host != "search"  # "search": the coarse scan places everything on the device
+        try:
+            return self._plan(policy, seeds)
+        finally:
+            self._host_full = True
+
+    def _plan(self, policy: str, seeds) -> Plan:
         ns = (1,) if policy in ("layerwise", "resident") else GROUP_SIZES
         kvs = ("gpu",) if policy == "resident" else self.kv_tiers
         best: Plan | None = None
@@ -341,7 +367,15 @@ class Planner:
                     best, best_key = plan, (BATCH_SIZES.index(b), ns.index(n), kv, hot, overlap)
         if best is None:
             raise self.infeasible(policy)
-        # hill-climb over neighbouring batch sizes (x2), group sizes, KV tiers and variants
+        best, best_key = self._climb(policy, ns, kvs, best, best_key)
+        if self.host == "search" and not self._host_full:  # then climb again, searching host compute too
+            self._host_full = True
+            best = self.evaluate(policy, BATCH_SIZES[best_key[0]], ns[best_key[1]], *best_key[2:]) or best
+            best, best_key = self._climb(policy, ns, kvs, best, best_key)
+        return best
+
+    def _climb(self, policy, ns, kvs, best: Plan, best_key: tuple) -> tuple[Plan, tuple]:
+        """Hill-climb over neighbouring batch sizes (x2), group sizes, KV tiers and variants."""
         improved = True
         while improved:
             improved = False
@@ -356,7 +390,7 @@ class Planner:
                 plan = self.evaluate(policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:])
                 if plan is not None and plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
                     best, best_key, improved = plan, c, True
-        return best
+        return best, best_key
 
     def _stops_scan(self, policy, bi, first_bi, n, kv, hot, overlap) -> bool:
         """Whether the unpruned coarse scan would have stopped at the skipped batch size ``BATCH_SIZES[bi]``."""

@@ -26,6 +26,9 @@ def add_parser(sub):
     p.add_argument("--trace", default=None, help="write a Chrome/Perfetto trace of one decode step")
     p.add_argument("--timeline", default=None, help="write a PNG timeline of one decode step")
     p.add_argument("--json", default=None, help="write the plans as JSON")
+    p.add_argument("--host", default="search", choices=("search", "off"),
+                   help="search: also place attention per phase on the CPU (over a KV cache in host memory) and "
+                        "compute cold experts on the CPU when cheaper; off: everything on the device")
     return p
 
 
@@ -75,7 +78,8 @@ def _cached_profile(cache):
 
 def policy_table(plans: dict) -> str:
     head = (f"{'policy':<10} {'tokens/s':>9} {'batch':>6} {'n':>4} {'bubble':>7} {'prefill s':>10} "
-            f"{'decode ms':>10} {'GPU peak':>11} {'CPU peak':>11} {'H2D/step':>11} {'disk/step':>11}")
+            f"{'decode ms':>10} {'GPU peak':>11} {'CPU peak':>11} {'H2D/step':>11} {'disk/step':>11} "
+            f"{'attn pre/dec':>12} {'cpu experts':>11}")
     rows = [head, "-" * len(head)]
     for policy, plan in plans.items():
         if plan is None:
@@ -86,7 +90,8 @@ def policy_table(plans: dict) -> str:
             f"{policy:<10} {plan.tokens_per_s:>9.2f} {plan.batch_size:>6} {plan.n:>4} {plan.bubble_fraction:>7.1%} "
             f"{plan.prefill_s:>10.2f} {plan.decode_step_s * 1e3:>10.1f} {format_bytes(plan.peak_mem['gpu']):>11} "
             f"{format_bytes(plan.peak_mem['cpu']):>11} {format_bytes(moved.get('h2d', 0)):>11} "
-            f"{format_bytes(moved.get('disk', 0)):>11}")
+            f"{format_bytes(moved.get('disk', 0)):>11} {plan.host.prefill_attn + '/' + plan.host.decode_attn:>12} "
+            f"{plan.host.experts:>11}")
     return "\n".join(rows)
 
 
@@ -108,7 +113,7 @@ def run(args) -> int:
           f"{format_bytes(costs.total_bytes)} of {costs.weight_dtype} weights")
     print(f"hardware  {hw.summary()}")
     print(f"workload  prompt {args.prompt_len}, generate {args.gen_len}")
-    planner = Planner(costs, hw, args.prompt_len, args.gen_len, routing)
+    planner = Planner(costs, hw, args.prompt_len, args.gen_len, routing, host=getattr(args, "host", "search"))
     plans = planner.compare()
     best = plans.get(args.policy)
     if best is None:
@@ -126,8 +131,12 @@ def run(args) -> int:
         from klotski.trace import write_chrome_trace, write_timeline_png
 
         _, dec = planner.shapes(best.batch_size, best.n)
-        sched = build_schedule(best.policy, costs, best.placement, dec, planner.routing, num_hot=best.num_hot,
-                               overlap=best.overlap)
+        from klotski.program import order_of
+        from klotski.program.host import ExpertRule
+
+        sched = build_schedule(order_of(best.policy, best.num_hot), costs, best.placement, dec, planner.routing,
+                               num_hot=best.num_hot, overlap=best.overlap, host=best.host,
+                               expert_rule=ExpertRule(costs, hw))
         res = simulate(sched, hw, dtype=costs.act_dtype)
         if args.trace:
             write_chrome_trace(sched, res, args.trace)
@@ -140,7 +149,7 @@ def run(args) -> int:
             "policy": v.policy, "batch_size": v.batch_size, "n": v.n, "tokens_per_s": v.tokens_per_s,
             "bubble_fraction": v.bubble_fraction, "prefill_s": v.prefill_s, "decode_step_s": v.decode_step_s,
             "peak_mem": v.peak_mem, "bytes_per_step": v.bytes_per_step, "num_hot": v.num_hot,
-            "placement": v.placement.__dict__} for p, v in plans.items()}
+            "placement": v.placement.__dict__, "host": v.host.__dict__} for p, v in plans.items()}
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return 0

@@ -122,3 +122,17 @@ def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, b):
     assert decode[0] == "gpu" and decode[-1] == "cpu"
     flip = decode.index("cpu")
     assert decode[flip:] == ["cpu"] * (len(GRID) - flip)  # beyond the crossover it stays on the CPU
+
+
+@pytest.mark.parametrize("policy", ["flexgen", "klotski"])
+def test_searching_host_compute_never_predicts_slower(policy):
+    """The search starts where the device-only search ends (same grid, same climb), then climbs with host compute:
+    its plan is never predicted slower; on the L4 preset decode attention goes to the CPU under klotski."""
+    hw = preset("l4")
+    off = Planner(MIXTRAL, hw, 512, 256, host="off").plan(policy)
+    found = Planner(MIXTRAL, hw, 512, 256, host="search").plan(policy)
+    assert found.tokens_per_s >= off.tokens_per_s * (1 - 1e-9)
+    assert off.host == HostCompute()
+    if policy == "klotski":
+        assert found.host.decode_attn == "cpu" and found.host.prefill_attn == "gpu"
+        assert found.tokens_per_s > 1.1 * off.tokens_per_s
