@@ -135,4 +135,5 @@ def test_searching_host_compute_never_predicts_slower(policy):
     assert off.host == HostCompute()
     if policy == "klotski":
         assert found.host.decode_attn == "cpu" and found.host.prefill_attn == "gpu"
+        assert "attention prefill=gpu decode=cpu" in found.describe(MIXTRAL.spec.num_experts)  # klotski plan
         assert found.tokens_per_s > 1.1 * off.tokens_per_s

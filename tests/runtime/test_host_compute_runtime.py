@@ -88,3 +88,24 @@ def test_bad_host_compute_is_refused(checkpoints):
         LLM(path, device="cpu", policy="klotski", host_compute="cpu")
     with pytest.raises(ValueError, match="decode_attn"):
         HostCompute(decode_attn="host")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", ["layerwise", "flexgen", "klotski"])
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v2"])
+def test_host_compute_is_exact_on_cuda(checkpoints, arch, policy):
+    """On a GPU: Q/K/V and the hidden rows cross to the host, the CPU lanes compute, results come back."""
+    path, _ = checkpoints.get(arch)
+    with LLM(path, device="cuda", dtype="float32") as llm:
+        ref_toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+        ref_logits = llm.logits(PROMPTS)
+        llm.session.close()
+        llm.session = OffloadedSession(llm.weights, torch.device("cuda"), torch.float32, policy, "8MiB", None, None,
+                                       num_batches=2, batch_size=2, kv="cpu", host_compute=FORCED)
+        toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+        logits = llm.logits(PROMPTS)
+        spans = {s[0] for s in llm.executor.tracer.spans}
+    assert toks == ref_toks
+    assert rel([t.cpu() for t in logits], [t.cpu() for t in ref_logits]) < 1e-5
+    assert "cpu_attn" in spans and "kv_load" not in spans
