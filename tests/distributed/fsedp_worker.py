@@ -36,7 +36,7 @@ def scenarios(vocab: int, world: int):
     }
 
 
-def run_rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str) -> None:
+def run_rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str, backend: str = "gloo") -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -47,11 +47,15 @@ def run_rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str
     from klotski.model.weights import CheckpointWeights
     from klotski.sampling import SamplingParams
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            device_id=device if backend == "nccl" else None)
     try:
         spec = ModelSpec.from_pretrained(model_dir)
         weights = CheckpointWeights(SafetensorsIndex(model_dir), spec)
-        model = DistributedModel(weights, torch.device("cpu"), torch.float32, num_slices=SLICES, slots=SLOTS)
+        model = DistributedModel(weights, device, torch.float32, num_slices=SLICES, slots=SLOTS)
         results = {}
         for name, per_rank in scenarios(spec.vocab_size, world).items():
             model.routing_hook = hook(name)
@@ -62,10 +66,32 @@ def run_rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str
             params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
             tokens = generate_on_rank(model, prompts, params, spec.eos_token_ids)
             logits = logits_on_rank(model, prompts)
-            results[name] = dict(tokens=tokens, logits=logits, log=model.streamer.log[log_start:],
+            results[name] = dict(tokens=tokens, logits=[t.cpu() for t in logits], log=model.streamer.log[log_start:],
                                  reads=dict(model.streamer.host.reads - reads_before),
                                  sent=model.streamer.bytes_sent - sent_before)
         results["metrics"] = model.metrics()
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def spawn_ranks(world: int, model_dir: str, out_dir, backend: str = "gloo", timeout_s: float = 120) -> list[dict]:
+    """Run :func:`run_rank` in ``world`` spawned processes; a rank still running after ``timeout_s`` (a deadlock)
+    is killed and fails the caller. -> each rank's results."""
+    from multiprocessing import get_context
+
+    ctx = get_context("spawn")
+    procs = [ctx.Process(target=run_rank, args=(r, world, os.path.join(out_dir, "pg"), model_dir, str(out_dir),
+                                                backend)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout_s)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {timeout_s} s: deadlock or hang"
+    assert all(p.exitcode == 0 for p in procs), f"rank exit codes {[p.exitcode for p in procs]}"
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(world)]
