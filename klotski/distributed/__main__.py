@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--slices", type=int, default=4, help="slices per expert along its intermediate dimension")
     p.add_argument("--slots", type=int, default=2, help="slice buffers per rank (>= 1)")
+    p.add_argument("--loader", default="balanced", choices=("balanced", "most_tokens"),
+                   help="which rank loads each slice from host: spread host-link bytes, or the rank with most tokens")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", help="rank 0 writes the outputs and per-rank metrics here")
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype = resolve_dtype(args.dtype, spec, device)
         weights = CheckpointWeights(SafetensorsIndex(args.model), spec)
         tokenizer = Tokenizer(args.model)
-        model = DistributedModel(weights, device, dtype, num_slices=args.slices, slots=args.slots)
+        model = DistributedModel(weights, device, dtype, num_slices=args.slices, slots=args.slots,
+                                 loader=args.loader)
         mine = split_prompts([tokenizer.encode(p) for p in args.prompt], rank, world)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
                                 ignore_eos=args.ignore_eos)

@@ -33,11 +33,12 @@ class DistributedModel:
     ``num_slices``: slices per expert (along the intermediate dimension); ``slots``: slice buffers per rank
     (>= 1; 2 lets a rank receive one slice while it computes another). ``routing_hook(topk_weights, topk_ids)
     -> (topk_weights, topk_ids)``: applied to every MoE layer's routing before the experts run (tests force
-    skewed or empty routings with it). ``group``: the process group (default: the world).
+    skewed or empty routings with it). ``loader``: which rank loads each slice from host
+    (:func:`klotski.distributed.schedule.plan_layer`). ``group``: the process group (default: the world).
     """
 
     def __init__(self, weights: CheckpointWeights, device: torch.device, dtype: torch.dtype, num_slices: int = 2,
-                 slots: int = 2, experts_fn=None, routing_hook=None, group=None):
+                 slots: int = 2, experts_fn=None, routing_hook=None, group=None, loader: str = "balanced"):
         if not dist.is_initialized():
             raise RuntimeError("DistributedModel needs torch.distributed initialised (run under torchrun, or call "
                                "torch.distributed.init_process_group first)")
@@ -61,7 +62,7 @@ class DistributedModel:
         self.rotary = make_rotary(self.spec, device)
         host = HostSlices(weights, dtype, num_slices, pin=device.type == "cuda")
         self.streamer = ExpertStreamer(host, slots, device, experts_fn or default_experts_fn(device),
-                                       expert_activation(self.spec), group)
+                                       expert_activation(self.spec), group, loader)
         self.forwards = 0  # forwards run by this rank (idle ones included)
 
     def new_cache(self, batch_size: int, capacity: int, pad: torch.Tensor) -> KVCache:

@@ -2,8 +2,15 @@
 
 Tokens stay on their rank (data parallel). Each routed expert is cut into ``num_slices`` slices along its
 intermediate dimension I (exact: ``y = sum_s W2[:, s] (act(W1[s] x) * W3[s] x)``). A slice is read from host
-memory once, by the rank with most tokens for its expert (its *loader*), then forwarded along a ring path over the
+memory once, by one rank holding tokens for its expert (its *loader*), then forwarded round the ring over the
 other ranks holding tokens for that expert; every rank on the path computes its own tokens' partial output.
+
+Loaders (``loader=``): "most_tokens" gives every slice of an expert to the rank with most tokens for it (lowest
+rank on a tie). "balanced" (the default) spreads host-link bytes: each slice goes to the rank of its path with the
+fewest slices loaded so far in this layer, ties to the rank with most tokens for the expert, then the lowest rank.
+With one host link per device and decode steps bound by host-link bandwidth, "most_tokens" can leave one link
+doing most of the loading (one rank with slightly more tokens for every expert loads them all); "balanced" keeps
+each link near 1/G of the bytes, as the paper's fully sharded placement of slices over memory channels does.
 
 Time is counted in *rounds*. A slice task with path ``(r0, r1, ...)`` and start round ``t0`` is computed by
 ``r_j`` in round ``t0 + j``. Its slot on ``r_j`` is filled during round ``t0 + j - 1`` (a host load on ``r0``, a
@@ -76,6 +83,7 @@ class LayerSchedule:
     tasks: tuple[SliceTask, ...]  # in placement order
     expert_order: tuple[int, ...]  # heavy/light interleaved order of the experts with tokens
     num_rounds: int
+    loader: str
     _by_rank: dict = field(default=None, repr=False, compare=False)
 
     def rank_rounds(self, rank: int) -> list[RoundOps]:
@@ -129,13 +137,17 @@ def _check_counts(counts) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(r) for r in rows)
 
 
-def ring_path(column: tuple[int, ...]) -> tuple[int, ...]:
-    """The ranks with tokens for one expert (``column`` [ranks] token counts), starting at the one with most
-    (lowest rank on a tie) and going round the ring in increasing rank order; () when nobody needs it."""
+def ring_path(column: tuple[int, ...], loader: int | None = None) -> tuple[int, ...]:
+    """The ranks with tokens for one expert (``column`` [ranks] token counts), starting at ``loader`` (default:
+    the one with most, lowest rank on a tie) and going round the ring in increasing rank order; () when nobody
+    needs it."""
     if not any(column):
         return ()
     ranks = len(column)
-    loader = max(range(ranks), key=lambda r: (column[r], -r))
+    if loader is None:
+        loader = max(range(ranks), key=lambda r: (column[r], -r))
+    elif not column[loader]:
+        raise ValueError(f"loader rank {loader} has no tokens for this expert")
     return tuple((loader + d) % ranks for d in range(ranks) if column[(loader + d) % ranks] > 0)
 
 
@@ -151,9 +163,15 @@ def interleave_heavy_light(totals: list[int]) -> list[int]:
     return out
 
 
-def plan_layer(counts, num_slices: int, slots: int) -> LayerSchedule:
+LOADERS = ("balanced", "most_tokens")
+
+
+def plan_layer(counts, num_slices: int, slots: int, loader: str = "balanced") -> LayerSchedule:
     """The schedule of one MoE layer from ``counts`` [ranks][experts] (token-expert pairs each rank routes to each
-    expert, all-gathered), ``num_slices`` slices per expert and ``slots`` slice buffers per rank."""
+    expert, all-gathered), ``num_slices`` slices per expert, ``slots`` slice buffers per rank and the ``loader``
+    rule (:data:`LOADERS`, see the module docstring)."""
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
     counts = _check_counts(counts)
     if isinstance(num_slices, bool) or not isinstance(num_slices, int) or num_slices < 1:
         raise ValueError(f"num_slices must be an int >= 1, got {num_slices!r}")
@@ -176,9 +194,16 @@ def plan_layer(counts, num_slices: int, slots: int) -> LayerSchedule:
         return True
 
     tasks = []
+    loaded = [0] * ranks  # slices each rank loads from host in this layer
     for e in order:
-        path = ring_path(tuple(counts[r][e] for r in range(ranks)))
+        column = tuple(counts[r][e] for r in range(ranks))
         for s in range(num_slices):
+            if loader == "balanced":
+                first = min((r for r in range(ranks) if column[r]), key=lambda r: (loaded[r], -column[r], r))
+                path = ring_path(column, first)
+            else:
+                path = ring_path(column)
+            loaded[path[0]] += 1
             start = 0
             while not fits(path, start):
                 start += 1
@@ -189,4 +214,5 @@ def plan_layer(counts, num_slices: int, slots: int) -> LayerSchedule:
                 computing[r][t] += 1
             tasks.append(SliceTask(e, s, path, start))
     num_rounds = max((t.start + len(t.path) for t in tasks), default=0)
-    return LayerSchedule(ranks, experts, num_slices, slots, counts, tuple(tasks), tuple(order), num_rounds)
+    return LayerSchedule(ranks, experts, num_slices, slots, counts, tuple(tasks), tuple(order), num_rounds,
+                         loader)

@@ -25,8 +25,8 @@ class ExpertStreamer:
     """
 
     def __init__(self, host: HostSlices, slots: int, device: torch.device, experts_fn, activation: str,
-                 group=None):
-        self.host, self.slots, self.device = host, slots, device
+                 group=None, loader: str = "balanced"):
+        self.host, self.slots, self.device, self.loader = host, slots, device, loader
         self.experts_fn, self.activation, self.group = experts_fn, activation, group
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
@@ -49,7 +49,7 @@ class ExpertStreamer:
         """h [T, H], topk_weights / topk_ids [T, k] of this rank -> routed output fp32 [T, H]."""
         counts = self.gather_counts(topk_ids)
         self.log.append((layer, counts))
-        sched = plan_layer(counts, self.host.num_slices, self.slots)
+        sched = plan_layer(counts, self.host.num_slices, self.slots, self.loader)
         out = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
         self._execute(layer, sched, h, topk_weights, topk_ids, out)
         return out

@@ -59,6 +59,7 @@ def run_rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str
         results = {}
         for name, per_rank in scenarios(spec.vocab_size, world).items():
             model.routing_hook = hook(name)
+            model.streamer.loader = "most_tokens" if name == "skewed" else "balanced"  # both loader rules
             prompts, max_tokens = per_rank[rank]
             reads_before = model.streamer.host.reads.copy()
             log_start = len(model.streamer.log)

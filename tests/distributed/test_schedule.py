@@ -39,11 +39,12 @@ def occupancy(sched):
     return busy
 
 
+@pytest.mark.parametrize("loader", ["balanced", "most_tokens"])
 @pytest.mark.parametrize("name", sorted(ROUTINGS))
 @pytest.mark.parametrize("slices,slots", [(1, 2), (3, 2), (4, 3), (2, 5)])
-def test_schedule_invariants(name, slices, slots):
+def test_schedule_invariants(name, slices, slots, loader):
     counts = ROUTINGS[name]
-    sched = plan_layer(counts, slices, slots)
+    sched = plan_layer(counts, slices, slots, loader)
     ranks, experts = len(counts), len(counts[0])
     needed = [e for e in range(experts) if any(counts[r][e] for r in range(ranks))]
     # every (expert, slice) with tokens somewhere is loaded from host exactly once, by one rank
@@ -58,7 +59,10 @@ def test_schedule_invariants(name, slices, slots):
     for task in sched.tasks:
         holders = {r for r in range(ranks) if counts[r][task.expert] > 0}
         assert set(task.path) == holders and len(task.path) == len(holders)  # exactly the ranks with tokens
-        assert counts[task.path[0]][task.expert] == max(counts[r][task.expert] for r in range(ranks))
+        if loader == "most_tokens":
+            assert counts[task.path[0]][task.expert] == max(counts[r][task.expert] for r in range(ranks))
+        # the path goes round the ring from its loader
+        assert list(task.path) == sorted(task.path, key=lambda r: (r - task.path[0]) % ranks)
         assert loads[(task.expert, task.slice)] == task.path[0]
         assert task.start >= 0
     # slot bound, counted independently of the module's own bookkeeping
@@ -75,6 +79,18 @@ def test_schedule_invariants(name, slices, slots):
     for r in range(ranks):
         done = sorted((t.expert, t.slice) for ops in sched.rank_rounds(r) for t in ops.computes)
         assert done == [(e, s) for e in needed if counts[r][e] > 0 for s in range(slices)]
+
+
+def test_balanced_loaders_spread_host_bytes():
+    counts = [[9, 5, 7, 3, 8, 6], [1, 2, 1, 2, 1, 1]]  # rank 0 has more tokens for every expert
+    most = plan_layer(counts, 4, 2, "most_tokens")
+    bal = plan_layer(counts, 4, 2, "balanced")
+    per_rank = lambda sched: [sum(t.loader == r for t in sched.tasks) for r in range(2)]  # noqa: E731
+    assert per_rank(most) == [24, 0]
+    assert per_rank(bal) == [12, 12]
+    # an expert only one rank needs is always loaded by that rank
+    only = plan_layer([[3, 0], [0, 4]], 3, 2)
+    assert {(t.expert, t.loader) for t in only.tasks} == {(0, 0), (1, 1)}
 
 
 def test_round_order_follows_the_path():
@@ -117,6 +133,9 @@ def test_empty_and_single_rank():
 def test_ring_path_and_interleave():
     assert ring_path((1, 5, 0, 5)) == (1, 3, 0)  # most tokens first (lowest rank on a tie), then round the ring
     assert ring_path((0, 0, 0)) == ()
+    assert ring_path((1, 5, 0, 5), loader=3) == (3, 0, 1)
+    with pytest.raises(ValueError, match="loader rank 2"):
+        ring_path((1, 5, 0, 5), loader=2)
     assert interleave_heavy_light([5, 0, 9, 1, 3]) == [2, 3, 0, 4]
     assert slice_bounds(10, 3) == [(0, 4), (4, 7), (7, 10)]
 
@@ -134,6 +153,7 @@ def test_slot_bound_stretches_the_schedule():
     (dict(counts=[[1, -1]], num_slices=1, slots=2), r"counts\[0\]\[1\]"),
     (dict(counts=[[1]], num_slices=0, slots=2), "num_slices"),
     (dict(counts=[[1]], num_slices=1, slots=0), "slots"),
+    (dict(counts=[[1]], num_slices=1, slots=2, loader="nearest"), "loader"),
 ])
 def test_bad_input(bad, match):
     with pytest.raises(ValueError, match=match):
