@@ -24,7 +24,9 @@ so no rank ever waits on an operation of a later round.
 
 Placement: experts are ordered heavy/light interleaved (heaviest, lightest, second heaviest, second lightest,
 ...) by their total token count, their slices in order; each slice takes the earliest start round at which every
-rank on its path stays within its slot bound. Every rank derives the same schedule from the same all-gathered
+rank on its path stays within its slot bound, its loader has no other host load in that round and no rank on its
+path has another send in the round it forwards it (one copy per lane per round, so a round lasts about one slice
+copy and the host links load in every round instead of in bursts). Every rank derives the same schedule from the same all-gathered
 token counts, with no communication beyond that all-gather.
 """
 from __future__ import annotations
@@ -186,10 +188,18 @@ def plan_layer(counts, num_slices: int, slots: int, loader: str = "balanced") ->
     def at(r: int, t: int) -> int:
         return computing[r][t] if 0 <= t < len(computing[r]) else 0
 
+    # one copy per lane per round: loads[r][t] host loads for round t on r, sends[r][t] sends r makes in round t
+    loads: list[dict[int, int]] = [{} for _ in range(ranks)]
+    sends: list[dict[int, int]] = [{} for _ in range(ranks)]
+
     def fits(path, start) -> bool:
+        if loads[path[0]].get(start, 0) >= 1:
+            return False
         for j, r in enumerate(path):
             t = start + j
             if at(r, t - 1) + at(r, t) + 1 > slots or at(r, t) + at(r, t + 1) + 1 > slots:
+                return False
+            if j + 1 < len(path) and sends[r].get(t, 0) >= 1:
                 return False
         return True
 
@@ -207,8 +217,11 @@ def plan_layer(counts, num_slices: int, slots: int, loader: str = "balanced") ->
             start = 0
             while not fits(path, start):
                 start += 1
+            loads[path[0]][start] = 1
             for j, r in enumerate(path):
                 t = start + j
+                if j + 1 < len(path):
+                    sends[r][t] = 1
                 if len(computing[r]) <= t:
                     computing[r].extend([0] * (t + 1 - len(computing[r])))
                 computing[r][t] += 1
