@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    output: {tokenizer.decode(out)!r}")
                 print(f"    tokens: {out}")
             for m in metrics:
-                print(f"rank {m['rank']}: host bytes {m['host_bytes']}, d2d sent {m['d2d_bytes_sent']}, "
+                print(f"rank {m['rank']}: host bytes {m['host_bytes']} (replicated offloading: "
+                      f"{m['replicated_host_bytes']}), d2d sent {m['d2d_bytes_sent']}, "
                       f"received {m['d2d_bytes_received']}, peak slots {m['peak_slots']}/{m['slots']}, "
                       f"{m['forwards']} forwards, {m['seconds']:.2f} s")
             if args.json:

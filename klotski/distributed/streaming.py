@@ -35,6 +35,9 @@ class ExpertStreamer:
         self.log: list[tuple[int, list[list[int]]]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
+        # what replicated offloading would have read over this rank's host link: every expert its tokens need
+        self.replicated_host_bytes = 0
+        self._expert_bytes = 3 * host.intermediate * host.hidden * torch.empty(0, dtype=host.dtype).element_size()
 
     def gather_counts(self, topk_ids: torch.Tensor) -> list[list[int]]:
         """topk_ids [T, k] of this rank -> [ranks][experts] token-expert pairs (all-gathered)."""
@@ -49,6 +52,7 @@ class ExpertStreamer:
         """h [T, H], topk_weights / topk_ids [T, k] of this rank -> routed output fp32 [T, H]."""
         counts = self.gather_counts(topk_ids)
         self.log.append((layer, counts))
+        self.replicated_host_bytes += self._expert_bytes * sum(c > 0 for c in counts[self.rank])
         sched = plan_layer(counts, self.host.num_slices, self.slots, self.loader)
         out = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
         self._execute(layer, sched, h, topk_weights, topk_ids, out)
@@ -121,5 +125,6 @@ class ExpertStreamer:
             raise RuntimeError(f"layer {layer}: slices {sorted(held)} were received or loaded but never computed")
 
     def metrics(self) -> dict:
-        return {"host_bytes": self.host.bytes_read, "d2d_bytes_sent": self.bytes_sent,
+        return {"host_bytes": self.host.bytes_read, "replicated_host_bytes": self.replicated_host_bytes,
+                "d2d_bytes_sent": self.bytes_sent,
                 "d2d_bytes_received": self.bytes_received, "peak_slots": self.pool.peak, "slots": self.slots}

@@ -77,6 +77,9 @@ def check_against_resident(model_dir, res, device="cpu", atol=1e-5):
     assert world == 1 or sum(res[r]["random"]["sent"] for r in range(world)) > 0  # slices did travel between ranks
     for r in range(world):
         assert res[r]["metrics"]["peak_slots"] <= worker.SLOTS
+    host = sum(res[r]["metrics"]["host_bytes"] for r in range(world))
+    replicated = sum(res[r]["metrics"]["replicated_host_bytes"] for r in range(world))
+    assert host <= replicated and (world == 1 or host < replicated)
 
 
 def test_two_ranks_match_resident(checkpoints, tmp_path):
