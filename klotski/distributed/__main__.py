@@ -78,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = Tokenizer(args.model)
         model = DistributedModel(weights, device, dtype, num_slices=args.slices, slots=args.slots,
                                  loader=args.loader)
-        mine = split_prompts([tokenizer.encode(p) for p in args.prompt], rank, world)
+        encoded = [tokenizer.encode(p) for p in args.prompt]
+        for i, ids in enumerate(encoded):
+            if not ids:
+                raise ValueError(f"--prompt {i} ({args.prompt[i]!r}) has no tokens")
+        mine = split_prompts(encoded, rank, world)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
                                 ignore_eos=args.ignore_eos)
         start = time.perf_counter()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from klotski.distributed.schedule import LayerSchedule, SliceTask, plan_layer
+from klotski.distributed.schedule import LOADERS, LayerSchedule, SliceTask, plan_layer
 from klotski.distributed.slices import HostSlices, SlotPool, slice_numel, split_slice
 
 
@@ -26,6 +26,10 @@ class ExpertStreamer:
 
     def __init__(self, host: HostSlices, slots: int, device: torch.device, experts_fn, activation: str,
                  group=None, loader: str = "balanced"):
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise ValueError(f"slots must be an int >= 1 (slice buffers per rank), got {slots!r}")
+        if loader not in LOADERS:
+            raise ValueError(f"loader must be one of {LOADERS}, got {loader!r}")
         self.host, self.slots, self.device, self.loader = host, slots, device, loader
         self.experts_fn, self.activation, self.group = experts_fn, activation, group
         self.rank = dist.get_rank(group)

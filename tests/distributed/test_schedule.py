@@ -75,6 +75,10 @@ def test_schedule_invariants(name, slices, slots, loader):
     recvs = {(src, ops.round, t.expert, t.slice, r) for r in range(ranks)
              for ops in sched.rank_rounds(r) for t, src in ops.recvs}
     assert sends == {(src, rnd, e, s, dst) for (src, rnd, e, s, dst) in recvs}
+    # one copy per lane per round: at most one host load and one send per rank and round
+    for r in range(ranks):
+        for ops in sched.rank_rounds(r):
+            assert len(ops.loads) <= 1 and len(ops.sends) <= 1, (r, ops.round)
     # each rank computes every slice of every expert it has tokens for, exactly once
     for r in range(ranks):
         done = sorted((t.expert, t.slice) for ops in sched.rank_rounds(r) for t in ops.computes)
