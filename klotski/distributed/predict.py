@@ -11,8 +11,9 @@ complete on every device, the bytes over the host links and over the device-to-d
   to it; tokens travel there and back (all-to-all of hidden states: the dispatch overlaps the first loads, the
   combine follows the last compute). A hot expert's device does its tokens for all devices.
 - **fse-dp**: the schedule of :func:`klotski.distributed.schedule.plan_layer` executed round by round as the
-  runtime does (loads for round t + 1 issued at the start of round t on the host link, the round's computes, then
-  its sends and receives, waited at the end of the round), one load and one send lane per device.
+  runtime does (loads for round t + 1 issued at the start of round t on the host link; the round's computes of
+  slices that go on, then its sends and receives, overlapping the computes of slices whose path ends there; all
+  waited at the end of the round), one load and one send lane per device.
 
 Streaming is sliced the same way in all three (``num_slices`` per expert, ``slots`` buffers per device: a load
 waits for a free slot). Durations: a copy is ``transfer_latency_s + bytes / bandwidth``; a slice's compute over n
@@ -161,7 +162,8 @@ def _fse_dp(counts, rates: _Rates, slots: int, loader: str) -> StrategyPredictio
     loads = [0] * G
     sends = 0
     for t in range(-1, sched.num_rounds):
-        post = list(round_end)
+        post = list(round_end)  # when each rank posts the round's sends and receives
+        computed = list(round_end)  # when each rank's computes of the round end
         for r in range(G):
             ops = rounds[r].get(t)
             if ops is None:
@@ -170,11 +172,18 @@ def _fse_dp(counts, rates: _Rates, slots: int, loader: str) -> StrategyPredictio
                 host_free[r] = max(host_free[r], round_end[r]) + rates.load()
                 ready[(task.expert, task.slice, r)] = host_free[r]
                 loads[r] += 1
+            onward = {(task.expert, task.slice) for task, _ in ops.sends}
+            first = [task for task in ops.computes if (task.expert, task.slice) in onward]
+            last = [task for task in ops.computes if (task.expert, task.slice) not in onward]
             clock = round_end[r]
-            for task in ops.computes:
+            for i, task in enumerate(first + last):
+                if i == len(first):
+                    post[r] = clock  # the sends are posted once the slices that go on are computed
                 clock = max(clock, ready[(task.expert, task.slice, r)]) + rates.compute(counts[r][task.expert])
-            post[r] = clock
-        end = list(post)
+            if not last:
+                post[r] = clock
+            computed[r] = clock
+        end = list(computed)
         for r in range(G):
             ops = rounds[r].get(t)
             for task, dst in ops.sends if ops is not None else ():

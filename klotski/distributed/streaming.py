@@ -4,8 +4,9 @@ Three lanes per rank. Load: host-to-device copies of the slices this rank loads 
 GPU; on CPU a memcpy issued in order). Compute: the partial output of this rank's tokens from each slice it
 holds, accumulated in fp32 (the grouped-expert function over a one-slot pool). Send/receive: each round's
 point-to-point operations posted together (``torch.distributed.batch_isend_irecv``: NCCL groups them, gloo
-runs them asynchronously) and waited at the end of the round, after which the slots of the slices computed in
-that round are free again. Round t's loads and receives fill slots for round t + 1, so they proceed while round t
+runs them asynchronously) once the slices that go on are computed, so they overlap the computes of the slices
+whose path ends here, and waited at the end of the round, after which the slots of the slices computed in that
+round are free again. Round t's loads and receives fill slots for round t + 1, so they proceed while round t
 computes.
 """
 from __future__ import annotations
@@ -88,6 +89,14 @@ class ExpertStreamer:
         self.experts_fn(h, w13[None], w2[None], topk_weights, topk_ids, expert_slots=table, out=out,
                         activation=self.activation)
 
+    def _compute_all(self, tasks, held, ready, h, topk_weights, topk_ids, out) -> None:
+        for task in tasks:
+            key = (task.expert, task.slice)
+            event = ready.pop(key, None)
+            if event is not None:  # its host load, on the load lane
+                torch.cuda.current_stream(self.device).wait_event(event)
+            self._compute(task, held[key], h, topk_weights, topk_ids, out)
+
     def _tag(self, task: SliceTask) -> int:
         return task.expert * self.host.num_slices + task.slice
 
@@ -99,12 +108,11 @@ class ExpertStreamer:
                 key = (task.expert, task.slice)
                 held[key] = self.pool.acquire(f"layer {layer} load {key}")
                 ready[key] = self._load(layer, task, held[key])
-            for task in ops.computes:
-                key = (task.expert, task.slice)
-                event = ready.pop(key, None)
-                if event is not None:
-                    torch.cuda.current_stream(self.device).wait_event(event)
-                self._compute(task, held[key], h, topk_weights, topk_ids, out)
+            # slices that go on first, so their sends overlap the computes of the slices ending here
+            onward = {(t.expert, t.slice) for t, _ in ops.sends}
+            first = [t for t in ops.computes if (t.expert, t.slice) in onward]
+            last = [t for t in ops.computes if (t.expert, t.slice) not in onward]
+            self._compute_all(first, held, ready, h, topk_weights, topk_ids, out)
             p2p = []
             for task, dst in ops.sends:
                 buf = self._buffer(held[(task.expert, task.slice)], task)
@@ -116,7 +124,9 @@ class ExpertStreamer:
                 buf = self._buffer(held[key], task)
                 p2p.append(dist.P2POp(dist.irecv, buf, src, self.group, self._tag(task)))
                 self.bytes_received += buf.numel() * buf.element_size()
-            for work in (dist.batch_isend_irecv(p2p) if p2p else ()):
+            works = dist.batch_isend_irecv(p2p) if p2p else []
+            self._compute_all(last, held, ready, h, topk_weights, topk_ids, out)
+            for work in works:
                 work.wait()
             for task in ops.computes:  # computed and (where it goes on) sent: the slot is free again
                 slot = held.pop((task.expert, task.slice))
