@@ -119,7 +119,7 @@ def _stream(rates: _Rates, work: list[int], slots: int, inputs_at: float = 0.0) 
 
 
 def _replicated(counts, rates: _Rates, slots: int) -> StrategyPrediction:
-    G, E = len(counts), len(counts[0])
+    G = len(counts)
     times, per_dev = [], []
     for d in range(G):
         order = interleave_heavy_light(list(counts[d]))

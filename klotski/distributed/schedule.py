@@ -26,8 +26,8 @@ Placement: experts are ordered heavy/light interleaved (heaviest, lightest, seco
 ...) by their total token count, their slices in order; each slice takes the earliest start round at which every
 rank on its path stays within its slot bound, its loader has no other host load in that round and no rank on its
 path has another send in the round it forwards it (one copy per lane per round, so a round lasts about one slice
-copy and the host links load in every round instead of in bursts). Every rank derives the same schedule from the same all-gathered
-token counts, with no communication beyond that all-gather.
+copy and the host links load in every round instead of in bursts). Every rank derives the same schedule from
+the same all-gathered token counts, with no communication beyond that all-gather.
 """
 from __future__ import annotations
 
