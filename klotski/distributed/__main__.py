@@ -31,10 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", help="rank 0 writes the outputs and per-rank metrics here")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a collective or point-to-point operation may wait for the other ranks (a rank "
+                        "that failed) before this one gives up")
     return p
 
 
-def _init(device_arg: str):
+def _init(device_arg: str, timeout_s: float):
+    from datetime import timedelta
+
     import torch
     import torch.distributed as dist
 
@@ -47,10 +52,11 @@ def _init(device_arg: str):
     if use_cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)  # eager: point-to-point shares the communicator
+        # eager initialisation: point-to-point operations share the communicator
+        dist.init_process_group("nccl", device_id=device, timeout=timedelta(seconds=timeout_s))
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
     return device
 
 
@@ -58,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise SystemExit(f"klotski.distributed: --max-tokens must be >= 1, got {args.max_tokens}")
-    device = _init(args.device)
+    if args.timeout <= 0:
+        raise SystemExit(f"klotski.distributed: --timeout must be > 0, got {args.timeout}")
+    device = _init(args.device, args.timeout)
     import torch.distributed as dist
 
     from klotski.checkpoint import SafetensorsIndex
@@ -111,5 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """:func:`main` with bad input (a missing model, an empty prompt, bad settings) reported in one line."""
+    try:
+        return main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"klotski.distributed: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

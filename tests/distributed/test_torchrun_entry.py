@@ -36,3 +36,16 @@ def test_torchrun_two_ranks_match_resident(tmp_path):
     assert got["world_size"] == 2 and all(m["peak_slots"] <= 2 for m in got["ranks"])
     assert sum(m["host_bytes"] for m in got["ranks"]) > 0
     assert "--- prompt: '# Copyright'" in stdout
+
+
+def test_entry_outside_torchrun_says_how_to_launch(monkeypatch):
+    from klotski.distributed.__main__ import cli
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        cli(["--model", "nowhere", "--prompt", "a"])
+    except SystemExit as e:
+        assert "torchrun --nproc-per-node" in str(e)
+    else:
+        raise AssertionError("expected SystemExit")
