@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from klotski import LLM, SamplingParams
 from klotski.demo import build_demo_checkpoint
 
@@ -43,9 +45,5 @@ def test_entry_outside_torchrun_says_how_to_launch(monkeypatch):
 
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    try:
+    with pytest.raises(SystemExit, match="torchrun --nproc-per-node"):
         cli(["--model", "nowhere", "--prompt", "a"])
-    except SystemExit as e:
-        assert "torchrun --nproc-per-node" in str(e)
-    else:
-        raise AssertionError("expected SystemExit")
