@@ -22,7 +22,8 @@ class ExpertStreamer:
     """Runs the routed experts of MoE layers for this rank's tokens; every rank of ``group`` must call
     :meth:`run_layer` for the same layers in the same order (ranks with no tokens pass T = 0).
 
-    ``log``: (layer, counts [ranks][experts]) of every layer run, for tests and metrics.
+    ``log``: None, or a list that receives (layer, counts [ranks][experts]) of every layer run (set it to ``[]``
+    to record; off by default, so a long run keeps no per-step history). ``layers_run`` counts them.
     """
 
     def __init__(self, host: HostSlices, slots: int, device: torch.device, experts_fn, activation: str,
@@ -37,7 +38,8 @@ class ExpertStreamer:
         self.world = dist.get_world_size(group)
         self.pool = SlotPool(slots, host.max_slice_numel, host.dtype, device)
         self.load_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.log: list[tuple[int, list[list[int]]]] = []
+        self.log: list[tuple[int, list[list[int]]]] | None = None
+        self.layers_run = 0
         self.bytes_sent = 0
         self.bytes_received = 0
         # what replicated offloading would have read over this rank's host link: every expert its tokens need
@@ -56,7 +58,9 @@ class ExpertStreamer:
                   topk_ids: torch.Tensor) -> torch.Tensor:
         """h [T, H], topk_weights / topk_ids [T, k] of this rank -> routed output fp32 [T, H]."""
         counts = self.gather_counts(topk_ids)
-        self.log.append((layer, counts))
+        self.layers_run += 1
+        if self.log is not None:
+            self.log.append((layer, counts))
         self.replicated_host_bytes += self._expert_bytes * sum(c > 0 for c in counts[self.rank])
         sched = plan_layer(counts, self.host.num_slices, self.slots, self.loader)
         out = torch.zeros(h.shape[0], h.shape[1], dtype=torch.float32, device=h.device)
@@ -141,4 +145,5 @@ class ExpertStreamer:
     def metrics(self) -> dict:
         return {"host_bytes": self.host.bytes_read, "replicated_host_bytes": self.replicated_host_bytes,
                 "d2d_bytes_sent": self.bytes_sent,
-                "d2d_bytes_received": self.bytes_received, "peak_slots": self.pool.peak, "slots": self.slots}
+                "d2d_bytes_received": self.bytes_received, "peak_slots": self.pool.peak, "slots": self.slots,
+                "moe_layers_run": self.layers_run}

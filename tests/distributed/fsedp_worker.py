@@ -56,6 +56,7 @@ def run_rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str
         spec = ModelSpec.from_pretrained(model_dir)
         weights = CheckpointWeights(SafetensorsIndex(model_dir), spec)
         model = DistributedModel(weights, device, torch.float32, num_slices=SLICES, slots=SLOTS)
+        model.streamer.log = []  # record every layer's all-gathered counts
         results = {}
         for name, per_rank in scenarios(spec.vocab_size, world).items():
             model.routing_hook = hook(name)
