@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None, help="seeds every request (default: unseeded)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--slices", type=int, default=4, help="slices per expert along its intermediate dimension")
     p.add_argument("--slots", type=int, default=2, help="slice buffers per rank (>= 1)")
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--prompt {i} ({args.prompt[i]!r}) has no tokens")
         mine = split_prompts(encoded, rank, world)
         params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed,
-                                ignore_eos=args.ignore_eos)
+                                top_p=args.top_p, top_k=args.top_k, ignore_eos=args.ignore_eos)
         start = time.perf_counter()
-        tokens = generate_on_rank(model, mine, params, spec.eos_token_ids, seed=args.seed)
+        tokens = generate_on_rank(model, mine, params, spec.eos_token_ids, seed=(args.seed or 0) + rank)
         elapsed = time.perf_counter() - start
         outputs = gather_in_order(tokens, rank, world)
         metrics: list = [None] * world

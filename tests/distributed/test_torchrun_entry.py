@@ -47,3 +47,21 @@ def test_entry_outside_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit, match="torchrun --nproc-per-node"):
         cli(["--model", "nowhere", "--prompt", "a"])
+
+
+def test_generate_nproc_builds_the_torchrun_command_and_refuses_single_device_options():
+    from klotski.cli import build_parser
+    from klotski.distributed.launch import torchrun_command
+
+    parse = lambda *extra: build_parser().parse_args(["generate", "--model", "M", "--prompt", "a", "--prompt", "b c",  # noqa: E731
+                                                      "--nproc", "2", "--max-tokens", "5", *extra])
+    cmd = torchrun_command(parse("--device", "cpu", "--ignore-eos", "--seed", "3"))
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    assert cmd[cmd.index("-m", 2) + 1] == "klotski.distributed"
+    for flag, value in (("--model", "M"), ("--max-tokens", "5"), ("--device", "cpu"), ("--seed", "3")):
+        assert cmd[cmd.index(flag) + 1] == value
+    assert "--ignore-eos" in cmd and cmd.count("--prompt") == 2 and cmd[-1] == "b c"
+    with pytest.raises(ValueError, match="--policy klotski is a single-device policy"):
+        torchrun_command(parse("--policy", "klotski"))
+    with pytest.raises(ValueError, match="does not support --offload-dir, --expert-selection"):
+        torchrun_command(parse("--offload-dir", "/x", "--expert-selection", "lynx:0.5"))
