@@ -7,7 +7,9 @@ the read engines (read on the lane's thread / thread pool / io_uring) against ea
 Each variant is :class:`klotski.runtime.disk_loads.DiskLoads` (what ``PlacedWeights`` uses) loading packed
 expert records (w13 [2I, H] + w2 [H, I], bf16, 4096-aligned as in a packed store) one after another, as one
 loader lane does, into the slots of an expert pool on the "device" (CPU mode: host memory, fp32 as the
-CPU runtime computes, or bf16 with ``--dst-dtype bfloat16``):
+CPU runtime computes, or bf16 with ``--dst-dtype bfloat16``; ``--device cuda``: a bf16 pool on the GPU, the
+ring pinned with cudaHostRegister, the copies on the current stream and waited for before the slot is released,
+as on a loader lane):
 
 - ``torch/sync``: today's path: ``read_now`` into a ring slot, then ``Tensor.copy_`` of w13 and w2 (Python
   between the read and each copy);
@@ -55,11 +57,13 @@ def make_records(path: str, hidden: int, inter: int, count: int) -> list[ExpertR
     stride = -(-(n13 + n2) // ALIGN) * ALIGN
     if not (os.path.exists(path) and os.path.getsize(path) == stride * count):
         rng = np.random.default_rng(0)
+        # finite bf16 values (the top half of random fp32 normals); 8 distinct bodies written in turn (the disk
+        # does not compress, and generating every record's own values would take longer than reading them)
+        bodies = [(rng.standard_normal((n13 + n2) // 2, dtype=np.float32).view(np.uint32) >> 16)
+                  .astype(np.uint16).tobytes().ljust(stride, b"\0") for _ in range(min(8, count))]
         with open(path + ".tmp", "wb") as f:
-            for _ in range(count):
-                # finite bf16 values: the top half of random fp32 normals
-                vals = rng.standard_normal((n13 + n2) // 2, dtype=np.float32).view(np.uint32) >> 16
-                f.write(vals.astype(np.uint16).tobytes().ljust(stride, b"\0"))
+            for e in range(count):
+                f.write(bodies[e % len(bodies)])
             f.flush()
             os.fsync(f.fileno())
         os.rename(path + ".tmp", path)
@@ -83,10 +87,11 @@ def run(variant: str, records: list[ExpertRecord], pool, args, cold: bool) -> di
     load_path, engine = variant.split("/")
     counters = Counters()
     slot_bytes = max(r.nbytes for r in records) + ALIGN
-    loads = DiskLoads(torch.device("cpu"), slot_bytes, 2, counters, path=load_path, engine=engine,
+    loads = DiskLoads(torch.device(args.device), slot_bytes, 2, counters, path=load_path, engine=engine,
                       num_threads=args.threads)
     loads._verified.update((r.layer, r.expert) for r in records)  # the runtime checks a record once: not timed
-    copy = lambda dst, src: dst.copy_(src.view(dst.shape))  # noqa: E731 - PlacedWeights.copy for CPU tensors
+    cuda = args.device.startswith("cuda")
+    copy = lambda dst, src: dst.copy_(src.view(dst.shape), non_blocking=cuda)  # noqa: E731 - PlacedWeights.copy
     w13, w2 = pool
     try:
         if cold:
@@ -96,6 +101,8 @@ def run(variant: str, records: list[ExpertRecord], pool, args, cold: bool) -> di
         for i, rec in enumerate(records):
             s = i % w13.shape[0]
             loads.read_record(copy, rec, w13[s], w2[s])
+        if cuda:
+            torch.cuda.synchronize()
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     finally:
         loads.close()
@@ -106,15 +113,17 @@ def run(variant: str, records: list[ExpertRecord], pool, args, cold: bool) -> di
             "cpu_us_per_record": cpu / len(records) * 1e6, "mode": mode}
 
 
-def check_equal(records, pool, dst_dtype) -> None:
+def check_equal(records, pool, dst_dtype, device: str) -> None:
     """Every variant writes the same values (the torch reference) into the pool."""
     ref = None
     for variant in VARIANTS:
         pool[0].zero_(), pool[1].zero_()
-        loads = DiskLoads(torch.device("cpu"), max(r.nbytes for r in records) + ALIGN, 2, Counters(),
+        loads = DiskLoads(torch.device(device), max(r.nbytes for r in records) + ALIGN, 2, Counters(),
                           path=variant.split("/")[0], engine=variant.split("/")[1])
         loads._verified.update((r.layer, r.expert) for r in records[:1])
         loads.read_record(lambda d, s: d.copy_(s.view(d.shape)), records[0], pool[0][0], pool[1][0])
+        if pool[0].is_cuda:
+            torch.cuda.synchronize()
         loads.close()
         got = (pool[0][0].clone(), pool[1][0].clone())
         if ref is None:
@@ -131,7 +140,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--threads", type=int, default=8, help="threads (queue depth for uring) of the queued engines")
-    p.add_argument("--dst-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="cpu (the CPU runtime: pool in host memory) or cuda")
+    p.add_argument("--dst-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="the pool's dtype (default: float32 on cpu, as the CPU runtime computes; bfloat16 on cuda)")
     p.add_argument("--slots", type=int, default=4, help="pool slots the records rotate through")
     p.add_argument("--overhead", action="store_true", help="also run on page-cached data (POSIX, warm file)")
     p.add_argument("--torch-threads", type=int, default=1,
@@ -144,6 +155,7 @@ def main(argv=None) -> int:
     variants = [v.strip() for v in args.variants.split(",")]
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
+    args.dst_dtype = args.dst_dtype or ("float32" if args.device == "cpu" else "bfloat16")
     dst_dtype = getattr(torch, args.dst_dtype)
     rows, files = [], []
     try:
@@ -156,9 +168,9 @@ def main(argv=None) -> int:
             files.append(path)
             print(f"{shape}: {count} records of {nbytes / 2**20:.2f} MiB in {path}", flush=True)
             records = make_records(path, hidden, inter, count)
-            pool = (torch.empty(args.slots, 2 * inter, hidden, dtype=dst_dtype),
-                    torch.empty(args.slots, hidden, inter, dtype=dst_dtype))
-            check_equal(records, pool, dst_dtype)
+            pool = (torch.empty(args.slots, 2 * inter, hidden, dtype=dst_dtype, device=args.device),
+                    torch.empty(args.slots, hidden, inter, dtype=dst_dtype, device=args.device))
+            check_equal(records, pool, dst_dtype, args.device)
             order = list(range(count))
             random.Random(1).shuffle(order)
             for kind in ["cold"] + (["cached"] if args.overhead else []):
@@ -185,7 +197,8 @@ def main(argv=None) -> int:
             if os.path.exists(f):
                 os.remove(f)
     result = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "label": args.label,
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "variants": variants,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                          "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}, "variants": variants,
               "threads": args.threads, "torch_threads": torch.get_num_threads(), "repeat": args.repeat, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out + ".tmp", "w") as f:

@@ -30,7 +30,7 @@ from klotski.quant.int4 import Int4Weight
 PATHS = ("native", "torch")
 ENGINES = ("sync", "threads", "uring")
 ENV_PATH, ENV_ENGINE = "KLOTSKI_LOAD_PATH", "KLOTSKI_LOAD_ENGINE"
-DEFAULT_PATH, DEFAULT_ENGINE = "native", "sync"  # measured: bench/results/record_load_cpu.md
+DEFAULT_PATH, DEFAULT_ENGINE = "native", "threads"  # measured: bench/results/record_load_cpu.md
 RING_TIMEOUT_S = 120.0
 
 

@@ -58,7 +58,7 @@ def test_checkpoint_tensors_without_a_store_load_natively(bf16_mixtral, tmp_path
 def test_defaults_and_bad_options(monkeypatch):
     monkeypatch.delenv("KLOTSKI_LOAD_PATH", raising=False)
     monkeypatch.delenv("KLOTSKI_LOAD_ENGINE", raising=False)
-    assert resolve_load_options() == (DEFAULT_PATH, DEFAULT_ENGINE) == ("native", "sync")
+    assert resolve_load_options() == (DEFAULT_PATH, DEFAULT_ENGINE) == ("native", "threads")
     monkeypatch.setenv("KLOTSKI_LOAD_ENGINE", "URING")
     assert resolve_load_options() == ("native", "uring")
     assert resolve_load_options("torch", "threads") == ("torch", "threads")
