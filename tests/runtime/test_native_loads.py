@@ -81,3 +81,24 @@ def test_cuda_disk_loads_on_the_lane_stream(checkpoints, tmp_path, monkeypatch, 
     out, m = _run(path, tmp_path, monkeypatch, load, device="cuda")
     assert out == ref
     assert m[f"disk_loads_{load[0]}"] > 0
+
+
+def test_int4_records_load_natively_with_the_torch_paths_tokens(checkpoints, tmp_path, monkeypatch):
+    """An int4 store's records (codes, scales, zero points) go to the int4 pool slots as stored, in one call."""
+    import int4_models
+    from klotski.store import convert_checkpoint
+
+    path, _ = checkpoints.get("mixtral")
+    store = tmp_path / "store"
+    convert_checkpoint(path, store, quantize="int4", group_size=8, symmetric=False)
+    gpu, cpu = int4_models.tight_budgets(path, "klotski", str(store))
+    outs = {}
+    for load_path in ("native", "torch"):
+        monkeypatch.setenv("KLOTSKI_LOAD_PATH", load_path)
+        with LLM(path, device="cpu", dtype="float32", policy="klotski", gpu_memory=gpu, cpu_memory=cpu,
+                 offload_dir=str(store), num_batches=2, batch_size=2, quantization="int4") as llm:
+            outs[load_path] = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+            m = llm.metrics.extra
+        other = "torch" if load_path == "native" else "native"
+        assert m[f"disk_loads_{load_path}"] > 0 and m[f"disk_loads_{other}"] == 0
+    assert outs["native"] == outs["torch"]
