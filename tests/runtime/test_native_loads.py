@@ -75,12 +75,25 @@ def test_defaults_and_bad_options(monkeypatch):
 def test_cuda_disk_loads_on_the_lane_stream(checkpoints, tmp_path, monkeypatch, load):
     """On CUDA the native path copies on the loader lane's stream (bf16 store -> bf16 pool: bytes as stored)
     and gives the resident engine's tokens."""
+    import klotski.runtime.disk_loads as disk_loads
+
     path, _ = checkpoints.get("mixtral", dtype="bfloat16")
     with LLM(path, device="cuda", dtype="bfloat16", policy="resident") as llm:
         ref = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+    streams = []
+    real = disk_loads.load_record
+
+    def spy(*args, stream=None, **kw):
+        streams.append(stream.cuda_stream)
+        return real(*args, stream=stream, **kw)
+
+    monkeypatch.setattr(disk_loads, "load_record", spy)
     out, m = _run(path, tmp_path, monkeypatch, load, device="cuda")
     assert out == ref
     assert m[f"disk_loads_{load[0]}"] > 0
+    if load[0] == "native":  # every native load ran on a loader lane's stream, none on the compute stream
+        assert len(streams) == m["disk_loads_native"]
+        assert torch.cuda.default_stream().cuda_stream not in streams
 
 
 def test_int4_records_load_natively_with_the_torch_paths_tokens(checkpoints, tmp_path, monkeypatch):
