@@ -189,6 +189,8 @@ def main(argv=None) -> int:
                         row[f"{v} {key}"] = statistics.median(r[key] for r in runs)
                     row[f"{v} GBps runs"] = [round(r["GBps"], 3) for r in runs]
                     row[f"{v} mode"] = sorted({r["mode"] for r in runs})
+                if not rows:
+                    print_header(variants)
                 rows.append(row)
                 print_row(row, variants)
     finally:
@@ -208,11 +210,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def print_header(variants: list[str]) -> None:
+    print("| shape | record | data | " + " | ".join(f"{v} GB/s (µs/rec, CPU µs/rec)" for v in variants) + " |")
+    print("|---|---|---|" + "---|" * len(variants))
+
+
 def print_row(row: dict, variants: list[str]) -> None:
-    if not getattr(print_row, "header", False):
-        print("| shape | record | data | " + " | ".join(f"{v} GB/s (µs/rec, CPU µs/rec)" for v in variants) + " |")
-        print("|---|---|---|" + "---|" * len(variants))
-        print_row.header = True
     cells = [f"{row[f'{v} GBps']:.2f} ({row[f'{v} us_per_record']:.0f}, {row[f'{v} cpu_us_per_record']:.0f})"
              for v in variants]
     mode = "/".join(row[f"{variants[-1]} mode"])
