@@ -10,6 +10,6 @@ void register_cuda_loader(pybind11::module_& m);
 void register_ring_buffer(pybind11::module_& m);
 void register_disk_reader(pybind11::module_& m);
 void register_h2d_copy(pybind11::module_& m);
-void register_cufile(pybind11::module_& m);
+void register_record_load(pybind11::module_& m);
 void register_int4_dequant(pybind11::module_& m);
 }  // namespace klotski

@@ -111,8 +111,8 @@ void CopyEngine::close() {
   if (cpu_queue_) cpu_queue_->shutdown(false);
 }
 
-std::shared_ptr<CopyEvent> CopyEngine::launch(const uint8_t* src, uintptr_t dst, size_t nbytes, uintptr_t stream,
-                                              const std::string& what, const Slot* slot) {
+std::shared_ptr<CopyEvent> CopyEngine::copy_spans(const std::vector<Span>& spans, uintptr_t stream,
+                                                  const std::string& what, const Slot* slot) {
   auto ev = std::make_shared<CopyEvent>(what, cuda_, device_);
   if (slot) {
     ev->slot = *slot;
@@ -122,18 +122,28 @@ std::shared_ptr<CopyEvent> CopyEngine::launch(const uint8_t* src, uintptr_t dst,
     const CudaRuntime& rt = require_cuda(what);
     auto s = reinterpret_cast<cudaStream_t>(stream);
     rt.check(rt.SetDevice(device_), "cudaSetDevice(" + std::to_string(device_) + ")");
-    rt.check(rt.MemcpyAsync(reinterpret_cast<void*>(dst), src, nbytes, kCudaMemcpyHostToDevice, s),
-             what + ": cudaMemcpyAsync");
+    for (const Span& sp : spans) {
+      if (sp.nbytes == 0) continue;
+      rt.check(rt.MemcpyAsync(reinterpret_cast<void*>(sp.dst), sp.src, sp.nbytes, kCudaMemcpyHostToDevice, s),
+               what + ": cudaMemcpyAsync");
+    }
     rt.check(rt.EventRecord(ev->event_, s), what + ": cudaEventRecord");
     return ev;
   }
   Task task;
-  task.run = [ev, src, dst, nbytes] {
-    std::memcpy(reinterpret_cast<void*>(dst), src, nbytes);
+  task.run = [ev, spans] {
+    for (const Span& sp : spans) std::memcpy(reinterpret_cast<void*>(sp.dst), sp.src, sp.nbytes);
     ev->finish(nullptr);
   };
   task.drop = [ev, what] { ev->finish(std::make_exception_ptr(ReaderClosed(what + " cancelled: copy engine closed"))); };
   if (!cpu_queue_->submit(std::move(task))) throw ReaderClosed(what + ": the copy engine is closed");
+  return ev;
+}
+
+std::shared_ptr<CopyEvent> CopyEngine::completed(const std::string& what) {
+  if (cuda_) throw std::logic_error(what + ": a CUDA copy engine has no host-side completed event");
+  auto ev = std::make_shared<CopyEvent>(what, false, device_);
+  ev->finish(nullptr);
   return ev;
 }
 

@@ -12,6 +12,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "completion.h"
 #include "ring_buffer.h"
@@ -53,6 +54,17 @@ class CopyEngine {
   // Copy [src_offset, src_offset + nbytes) of a live slot; the slot cannot be released until it is done.
   std::shared_ptr<CopyEvent> copy_from_slot(const Slot& slot, size_t src_offset, uintptr_t dst, size_t nbytes,
                                             uintptr_t stream);
+  // Several copies with one event (CUDA: one cudaMemcpyAsync each on `stream`, then the event; CPU: one task
+  // on the copy thread). `slot` (optional) cannot be released until the event is done.
+  struct Span {
+    const uint8_t* src;
+    uintptr_t dst;
+    size_t nbytes;
+  };
+  std::shared_ptr<CopyEvent> copy_spans(const std::vector<Span>& spans, uintptr_t stream, const std::string& what,
+                                        const Slot* slot);
+  // An event that is already done (CPU mode: copies the caller made itself, on its own thread).
+  std::shared_ptr<CopyEvent> completed(const std::string& what);
   bool is_cuda() const { return cuda_; }
   int device_index() const { return device_; }
   const std::string& device() const { return name_; }
@@ -60,7 +72,9 @@ class CopyEngine {
 
  private:
   std::shared_ptr<CopyEvent> launch(const uint8_t* src, uintptr_t dst, size_t nbytes, uintptr_t stream,
-                                    const std::string& what, const Slot* slot);
+                                    const std::string& what, const Slot* slot) {
+    return copy_spans({{src, dst, nbytes}}, stream, what, slot);
+  }
   std::string name_;
   bool cuda_ = false;
   int device_ = -1;

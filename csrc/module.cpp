@@ -10,6 +10,6 @@ PYBIND11_MODULE(_C, m) {
   klotski::register_ring_buffer(m);
   klotski::register_disk_reader(m);
   klotski::register_h2d_copy(m);
-  klotski::register_cufile(m);
+  klotski::register_record_load(m);
   klotski::register_int4_dequant(m);
 }

@@ -44,6 +44,7 @@ class HardwareProfile:
     op_overhead_s: float = 10e-6  # per kernel launch on the device
     cpu_op_overhead_s: float = 20e-6
     transfer_latency_s: float = 10e-6
+    d2d_bandwidth: float = 0.0  # device -> device, one direction, between two GPUs of one machine (0: unknown)
     notes: str = ""
 
     def matmul_rate(self, dtype: str, device: str = "gpu") -> float:
@@ -130,6 +131,14 @@ PRESETS: dict[str, HardwareProfile] = {p.name: p for p in [
             {"bfloat16": 650e12, "float16": 650e12, "float32": 60e12, "float8_e4m3": 1200e12}, 300e12,
             "989 TFLOP/s dense bf16 peak, 3.35 TB/s", disk=6.0e9, cpu_gib=512),
 ]}
+# Device-to-device bandwidth (one direction, GPU to GPU in one machine), ~85% of the link rate as above:
+# NVLink 4 on H100 SXM 450 GB/s and NVLink 3 on A100 SXM 300 GB/s per direction (NVIDIA H100 / A100 datasheets:
+# 900 / 600 GB/s bidirectional); the PCIe cards peer to peer over their PCIe link, one direction of x16: 4.0
+# 32 GB/s (RTX 3090 without an NVLink bridge, L4, RTX A5000 without its bridge), 5.0 64 GB/s (H800 PCIe), 3.0
+# 16 GB/s (T4).
+_D2D_LINK = {"rtx3090-pcie4": 32e9, "h800-pcie5": 64e9, "t4": 16e9, "l4": 32e9, "a5000": 32e9, "a100-80gb": 300e9,
+             "h100-80gb": 450e9}
+PRESETS = {name: replace(p, d2d_bandwidth=0.85 * _D2D_LINK[name]) for name, p in PRESETS.items()}
 PRESET_ALIASES = {"rtx3090": "rtx3090-pcie4", "3090": "rtx3090-pcie4", "h800": "h800-pcie5", "rtx-a5000": "a5000",
                   "a100": "a100-80gb", "h100": "h100-80gb"}
 

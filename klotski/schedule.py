@@ -85,8 +85,14 @@ class Placement:
 
     def experts_on(self, tier: str, num_experts: int) -> int:
         gpu = min(self.experts_gpu, num_experts)
+        if tier == "gpu":
+            return gpu
         cpu = num_experts - gpu if self.experts_cpu is None else min(self.experts_cpu, num_experts - gpu)
-        return {"gpu": gpu, "cpu": cpu, "disk": num_experts - gpu - cpu}[tier]
+        if tier == "cpu":
+            return cpu
+        if tier == "disk":
+            return num_experts - gpu - cpu
+        raise KeyError(tier)
 
     def describe(self, num_experts: int) -> str:
         e = "/".join(str(self.experts_on(t, num_experts)) for t in TIERS)

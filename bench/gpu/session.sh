@@ -6,30 +6,34 @@
 #   bash bench/gpu/session.sh kernels   # fused_moe vs per-expert cuBLAS loop vs dense matmul, bf16, 3 shapes
 #   bash bench/gpu/session.sh tune      # kernel configs for this device (then commit triton_kernels/configs/)
 #   bash bench/gpu/session.sh io        # H2D from the pinned ring vs torch pinned / pageable copies; disk reads
+#   bash bench/gpu/session.sh loads     # disk-resident expert loads: today's torch path vs one native call per
+#                                       # record (read into a ring slot, cudaMemcpyAsync, event), per read engine
 #   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes
 #   bash bench/gpu/session.sh all       # THE call for a lent GPU (15 minutes of device time in all, ~9 min here):
-#                                       # smoke, the cuda-marked tests only, a short kernel sweep, a small e2e run,
-#                                       # each under its own timeout, each writing under $OUT as it finishes
+#                                       # smoke, the cuda-marked tests only, a short kernel sweep, expert loads,
+#                                       # a small e2e run, each under its own timeout, each writing under $OUT as it finishes
 #
 # Afterwards: copy the JSON next to a bench/results/<date>-<device>-<what>.md naming the device, the commit,
 # the command and the table (a figure that is not in the repository is lost).
 set -uo pipefail
-step=${1:?usage: bench/gpu/session.sh all|smoke|cuda|kernels|tune|io|e2e}
+step=${1:?usage: bench/gpu/session.sh all|smoke|cuda|kernels|tune|io|loads|e2e}
 OUT=${OUT:-/tmp/klotski-gpu}
 mkdir -p "$OUT"
 if [ "$step" = all ]; then
-    # At most 8 files come back from $OUT: smoke.log, cuda.log, pytest-cuda.xml, kernels.log,
-    # fused_moe_cuda.json, e2e.log, one e2e JSON. A step cut short by its timeout keeps what it wrote.
+    # At most 8 files come back from $OUT: smoke.log, cuda.log, pytest-cuda.xml, kernels.log (the loads step
+    # appends to it), fused_moe_cuda.json, record_load_cuda.json, e2e.log, one e2e JSON. A step cut short by its
+    # timeout keeps what it wrote.
     export KLOTSKI_GPU_QUICK=1 PYTHONUNBUFFERED=1
     here=$(dirname "$0")
     timeout 100 bash "$here/session.sh" smoke || echo "smoke: exit $?"
     timeout 150 bash "$here/session.sh" cuda || echo "cuda tests: exit $?"
-    timeout 80 bash "$here/session.sh" kernels || echo "kernels: exit $?"
-    timeout 210 bash "$here/session.sh" e2e || echo "e2e: exit $?"
+    timeout 75 bash "$here/session.sh" kernels || echo "kernels: exit $?"
+    KLOTSKI_STEP_LOG="$OUT/kernels.log" timeout 45 bash "$here/session.sh" loads || echo "loads: exit $?"
+    timeout 170 bash "$here/session.sh" e2e || echo "e2e: exit $?"
     exit 0
 fi
-log="$OUT/$step.log"
-exec > >(tee "$log") 2>&1
+log="${KLOTSKI_STEP_LOG:-$OUT/$step.log}"
+exec > >(tee -a "$log") 2>&1
 echo "klotski $(git rev-parse --short HEAD 2>/dev/null || echo '?') step $step, $(date -u +%FT%TZ)"
 
 build() {
@@ -81,6 +85,15 @@ io)
     python bench/io/bench_disk_read.py --file /tmp/klotski_bench_io.safetensors --size-gib 8 --depths 1,4,16 \
         --bytes-per-run 1G --repeat 3 --engines threads,uring --label "$(nvidia-smi --query-gpu=name --format=csv,noheader) host" \
         --out "$OUT/disk_read.json"
+    ;;
+loads)
+    # ~30 s: 9 MiB bf16 expert records (Qwen3-30B-A3B shapes) from the local disk into a bf16 pool on the GPU,
+    # cold (O_DIRECT + page cache dropped) and page-cached; torch/sync (read_now, Tensor.copy_) vs native/<engine>
+    # (one klotski._C.load_record call per record), paired in one run
+    python -c "import klotski._C" 2>/dev/null || build
+    python bench/io/bench_record_load.py --device cuda --dir /tmp --shapes qwen3-30b-a3b --bytes-per-run 128 \
+        --repeat 3 --overhead --torch-threads 0 --label "$(nvidia-smi --query-gpu=name --format=csv,noheader) host" \
+        --out "$OUT/record_load_cuda.json"
     ;;
 e2e)
     python -c "import klotski._C" 2>/dev/null || build

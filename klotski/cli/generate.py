@@ -11,6 +11,8 @@ def add_parser(sub):
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
     add_engine_args(p)
     add_sampling_args(p)
+    p.add_argument("--nproc", type=int, default=1,
+                   help="> 1: that many local ranks under torchrun, experts streamed between them (FSE-DP)")
     return p
 
 
@@ -22,6 +24,10 @@ def print_outputs(prompts, outputs) -> None:
 
 
 def run(args) -> int:
+    if args.nproc != 1:
+        from klotski.distributed.launch import run_nproc
+
+        return run_nproc(args)
     llm = build_llm(args, args.model)
     try:
         outputs = llm.generate(args.prompt, sampling_params(args), use_tqdm=True)

@@ -29,6 +29,11 @@ def add_parser(sub):
     p.add_argument("--host", default="search", choices=("search", "off"),
                    help="search: also place attention per phase on the CPU (over a KV cache in host memory) and "
                         "compute cold experts on the CPU when cheaper; off: everything on the device")
+    p.add_argument("--devices", type=int, default=1,
+                   help="> 1: predict FSE-DP vs expert parallelism vs replicated offloading on this many devices")
+    p.add_argument("--device-batch", type=int, default=16, help="with --devices: sequences per device")
+    p.add_argument("--slices", type=int, default=4, help="with --devices: slices per expert (FSE-DP streaming)")
+    p.add_argument("--slots", type=int, default=4, help="with --devices: slice buffers per device")
     return p
 
 
@@ -113,6 +118,12 @@ def run(args) -> int:
           f"{format_bytes(costs.total_bytes)} of {costs.weight_dtype} weights")
     print(f"hardware  {hw.summary()}")
     print(f"workload  prompt {args.prompt_len}, generate {args.gen_len}")
+    if args.devices > 1:
+        from klotski.distributed.plan_report import run_devices
+
+        return run_devices(args, costs, hw, routing)
+    if args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}")
     planner = Planner(costs, hw, args.prompt_len, args.gen_len, routing, host=getattr(args, "host", "search"))
     plans = planner.compare()
     best = plans.get(args.policy)

@@ -8,7 +8,8 @@
   (for queue-depth-1 callers).
 - :class:`CopyEngine` / :class:`CopyEvent` (``copy``): asynchronous slot -> device copies on a caller's
   CUDA stream, or host -> host in CPU mode with the same interface.
-- :class:`GdsFile` (``gds``): GPUDirect Storage reads through a dlopen'd cuFile, where present.
+- :func:`load_record` (``record``): one native call per disk-resident record: read into a ring slot, copy its
+  parts to the device through a :class:`CopyEngine` on the loader lane's stream, one completion event.
 
 Errors: ``OSError`` subclasses (FileNotFoundError, ...) and :class:`ShortReadError` for reads, naming path,
 offset and size; ``TimeoutError`` / :class:`RingExhaustedError` for waits; :class:`ReaderClosedError` for a
@@ -25,9 +26,9 @@ from klotski._C import (
     span_bytes,
 )
 from klotski.io.copy import CopyEngine, CopyEvent
-from klotski.io.gds import GdsFile, gds_available, gds_unavailable_reason
 from klotski.io.reader import (DIRECT_ALIGNMENT, DiskReader, IOMode, ReadTicket, io_uring_info, resolve_engine,
                                resolve_io_mode)
+from klotski.io.record import convert_code, copy_part, load_record
 from klotski.io.ring import PinnedRing, Slot
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "CudaError",
     "DIRECT_ALIGNMENT",
     "DiskReader",
-    "GdsFile",
     "IOMode",
     "PinnedRing",
     "ReadTicket",
@@ -46,10 +46,11 @@ __all__ = [
     "Slot",
     "SlotStateError",
     "cuda_available",
+    "convert_code",
+    "copy_part",
     "cuda_info",
-    "gds_available",
-    "gds_unavailable_reason",
     "io_uring_info",
+    "load_record",
     "resolve_engine",
     "resolve_io_mode",
     "span_bytes",

@@ -46,6 +46,7 @@ class ExpectedRouting:
         self.num_hot: dict[int, int] = {}
         self._cache: dict = {}
         self._ranks: dict = {}
+        self._tiers: dict = {}
 
     def _rank(self, layer: int) -> dict[int, int]:
         key = self.stats._layer_key(layer)
@@ -64,10 +65,15 @@ class ExpectedRouting:
         return self._cache[key]
 
     def tier(self, layer: int, e: int) -> str:
-        E = self.stats.num_experts
-        r = self._rank(layer)[e]
-        g = self.placement.experts_on("gpu", E)
-        return "gpu" if r < g else "cpu" if r < g + self.placement.experts_on("cpu", E) else "disk"
+        key = self.stats._layer_key(layer)
+        tiers = self._tiers.get(key)
+        if tiers is None:  # once per layer key: every expert's tier from its popularity rank
+            E = self.stats.num_experts
+            g = self.placement.experts_on("gpu", E)
+            c = g + self.placement.experts_on("cpu", E)
+            tiers = self._tiers[key] = {x: "gpu" if r < g else "cpu" if r < c else "disk"
+                                        for x, r in self._rank(layer).items()}
+        return tiers[e]
 
     def hot(self, layer: int, source: int | None, budget: int) -> list[int]:
         self.num_hot[layer] = budget

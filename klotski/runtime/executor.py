@@ -238,6 +238,9 @@ class OffloadedExecutor:
             "bubble_fraction": self.tracer.bubble_fraction,
             "bytes_disk_read": c.get("disk_read"),
             "bytes_h2d": c.get("h2d"),
+            # disk records / tensors loaded by one native call each, and by the torch path (fp8, other dtypes)
+            "disk_loads_native": c.get("native_loads"),
+            "disk_loads_torch": c.get("torch_loads"),
             "bytes_kv_h2d": c.get("kv_h2d"),
             "bytes_kv_d2h": c.get("kv_d2h"),
             "peak_gpu_bytes": self.gpu.measured_peak(self.device),

@@ -3,8 +3,9 @@
 :class:`PlacedWeights` holds, per layer, the device-resident tensors (norms and the classes placed on
 "gpu"), host copies of the "cpu" classes (checkpoint dtype; pinned on CUDA) and the byte locations of the
 "disk" classes; per routed expert its home: a permanent device pool slot, a host copy, or its bytes on disk.
-Disk reads go through ``klotski.io``: a :class:`~klotski.io.DiskReader` (O_DIRECT when the file allows)
-into slots of a :class:`~klotski.io.PinnedRing`, then a copy into the destination (converting dtype).
+Disk reads go through :class:`~klotski.runtime.disk_loads.DiskLoads`: one native call per record or tensor
+(an O_DIRECT read into a slot of the staging ring, then the copies into the device tensors, widening
+bf16 / fp16 to fp32 in CPU mode), the torch path for fp8 and other dtype pairs.
 fp8 block-scaled weights stay fp8 + scales on the host and disk tiers (host copies are
 :class:`~klotski.model.quant.Fp8Weight`; a disk piece's scale is read beside it, a store record holds its
 scales): the fp8 bytes and scales cross the link and are dequantized into the device buffer
@@ -17,16 +18,16 @@ Bytes moved are counted per link in ``counters`` (``disk_read``, ``h2d``, ``d2h`
 from __future__ import annotations
 
 import threading
-import time
 
 import torch
 
 from klotski.checkpoint import TensorInfo
-from klotski.io import DiskReader, PinnedRing, span_bytes
+from klotski.io import span_bytes
 from klotski.model.names import KEEP_FP32
 from klotski.model.quant import Fp8Weight
 from klotski.model.weights import CheckpointWeights
 from klotski.quant.int4 import Int4Weight
+from klotski.runtime.disk_loads import DiskLoads
 from klotski.runtime.memory import TierMeter, nbytes
 from klotski.runtime.placement import Layout, tensor_class
 from klotski.runtime.pool import ExpertPool
@@ -52,12 +53,11 @@ class Counters:
 class PlacedWeights:
     def __init__(self, weights: CheckpointWeights, layout: Layout, device: torch.device, dtype: torch.dtype,
                  gpu: TierMeter, cpu: TierMeter, expert_order: list[list[int]] | None = None, ring_slots: int = 2,
-                 store=None):
+                 store=None, load_path: str | None = None, load_engine: str | None = None):
         self.weights, self.spec, self.layout = weights, weights.spec, layout
         self.device, self.dtype = device, dtype
         self.cuda = device.type == "cuda"
         self.counters = Counters()
-        self._local = threading.local()  # per loader thread: seconds spent waiting on disk reads
         p = layout.placement
         to_dev = lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)  # noqa: E731
         g = weights.read_global()
@@ -128,15 +128,20 @@ class PlacedWeights:
                     self.expert_home[(layer, e)] = ("disk", (w13_pieces, w2_info))
                     pieces += [*w13_pieces, w2_info]
         # staging for disk reads
-        self.reader = self.ring = None
-        self.store, self._verified = store, set()
+        self.disk_loads = None
+        self.store = store
         records = [w for t, w in self.expert_home.values() if t == "store"]
         if pieces or records:
             slot_bytes = max([span_bytes(x.offset, x.nbytes) for x in pieces]
                              + [span_bytes(r.offset, r.nbytes) for r in records])
-            self.ring = PinnedRing(ring_slots, slot_bytes, pin="auto" if self.cuda else "none")
-            cpu.hold("disk staging ring", ring_slots * self.ring.slot_capacity)
-            self.reader = DiskReader(num_threads=1, engine="threads")  # reads run on the lanes (read_now)
+            self.disk_loads = DiskLoads(device, slot_bytes, ring_slots, self.counters, store=store,
+                                        scale_reader=self._fp8_piece, path=load_path, engine=load_engine)
+            cpu.hold("disk staging ring", ring_slots * self.disk_loads.ring.slot_capacity)
+
+    def _fp8_piece(self, info: TensorInfo, src: torch.Tensor) -> Fp8Weight:
+        """An fp8 piece read into the staging ring, with its block scales read beside it."""
+        scale = self.weights.index.read(info.scale_inv).float()
+        return Fp8Weight(src, scale, (info.shape[0],), self.weights.block)
 
     def _pin(self, t):
         return t.pin_memory() if self.cuda else t
@@ -172,64 +177,16 @@ class PlacedWeights:
         return total
 
     def _read_piece(self, info: TensorInfo, dst: torch.Tensor) -> None:
-        slot = self.ring.acquire(timeout=120.0)
-        try:
-            ticket = self._timed_read(info.path, info.offset, info.nbytes, slot)
-            src = slot.tensor(info.dtype, info.shape, offset=ticket.view_offset)
-            if info.scale_inv is not None:  # its block scales: a small read beside the weight
-                t0 = time.perf_counter()
-                scale = self.weights.index.read(info.scale_inv).float()
-                self._local.read_s = getattr(self._local, "read_s", 0.0) + time.perf_counter() - t0
-                src = Fp8Weight(src, scale, (info.shape[0],), self.weights.block)
-            self.copy(dst, src)
-            if self.cuda:
-                done = torch.cuda.Event()
-                done.record()
-                done.synchronize()
-            del src
-        finally:
-            slot.release()
-        self.counters.add("disk_read", info.stored_nbytes)
-        self.counters.add("h2d", info.stored_nbytes)
+        self.disk_loads.read_piece(self.copy, info, dst)
 
     def read_record(self, rec, w13: torch.Tensor, w2: torch.Tensor) -> int:
-        """One packed-store expert record (one read) into device ``w13`` / ``w2``; checksums are checked the
-        first time a record is read (ChecksumError names the tensor)."""
-        slot = self.ring.acquire(timeout=120.0)
-        try:
-            ticket = self._timed_read(rec.path, rec.offset, rec.nbytes, slot)
-            if (rec.layer, rec.expert) not in self._verified:
-                raw = slot.tensor(torch.uint8, (rec.nbytes,), offset=ticket.view_offset)
-                self.store.verify_record(rec, raw)
-                del raw
-                self._verified.add((rec.layer, rec.expert))
-            src13, src2 = self.store.views(rec, slot, ticket.view_offset)  # Fp8Weight views for fp8 stores
-            self.copy(w13, src13)
-            self.copy(w2, src2)
-            if self.cuda:
-                done = torch.cuda.Event()
-                done.record()
-                done.synchronize()
-            del src13, src2
-        finally:
-            slot.release()
-        self.counters.add("disk_read", rec.nbytes)
-        self.counters.add("h2d", rec.nbytes)
-        return rec.nbytes
-
-    def _timed_read(self, path: str, offset: int, nbytes: int, slot):
-        """Read into ``slot`` on this (lane) thread: a lane waits for each read anyway, so ``read_now`` saves
-        the hand-over to a reader thread and back (bench/results/disk_read_cpu.md, "read_now")."""
-        t0 = time.perf_counter()
-        ticket = self.reader.read_now(path, offset, nbytes, into=slot)
-        self._local.read_s = getattr(self._local, "read_s", 0.0) + time.perf_counter() - t0
-        return ticket
+        """One packed-store expert record (one read) into device ``w13`` / ``w2``
+        (:meth:`DiskLoads.read_record`: one native call where it applies)."""
+        return self.disk_loads.read_record(self.copy, rec, w13, w2)
 
     def take_read_seconds(self) -> float:
-        """Seconds this thread waited on disk reads since the last call (the read part of a traced load;
-        the rest of the load is the copy into the device buffer)."""
-        s, self._local.read_s = getattr(self._local, "read_s", 0.0), 0.0
-        return s
+        """Seconds this thread waited on disk reads since the last call (0 without a disk tier)."""
+        return self.disk_loads.take_read_seconds() if self.disk_loads is not None else 0.0
 
     def streamed_keys(self, layer: int) -> dict[str, tuple[int, ...]]:
         return self.shapes[layer]
@@ -252,9 +209,9 @@ class PlacedWeights:
         return self.expert_home[(layer, e)][0]
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
-            self.reader = None
+        if self.disk_loads is not None:
+            self.disk_loads.close()
+            self.disk_loads = None
         if self.store is not None:
             self.store.close()  # releases the offload directory's shared lock
 

@@ -71,29 +71,3 @@ def test_cuda_copy_from_pinned_slot_on_a_side_stream():
     ev.synchronize()
     del host
     slot.release()
-
-
-def test_gds_reports_why_it_is_unavailable():
-    from klotski.io import GdsFile, gds_available, gds_unavailable_reason
-
-    if gds_available():
-        pytest.skip("GPUDirect Storage present")
-    assert gds_unavailable_reason()
-    with pytest.raises(CudaError, match="GPUDirect Storage is unavailable"):
-        GdsFile(__file__)
-
-
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gds_read_matches_file_bytes(tmp_path):
-    from klotski.io import GdsFile, gds_available
-
-    if not gds_available():
-        pytest.skip("GPUDirect Storage (cuFile) not available")
-    path = tmp_path / "g.bin"
-    data = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
-    path.write_bytes(data.tobytes())
-    dst = torch.empty(1 << 19, dtype=torch.uint8, device="cuda")
-    with GdsFile(path) as f:
-        f.read_into(dst, offset=4096)
-    assert dst.cpu().numpy().tobytes() == data[4096:4096 + (1 << 19)].tobytes()

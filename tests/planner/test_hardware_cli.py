@@ -34,9 +34,12 @@ def test_profile_json_roundtrip_and_default_path(tmp_path, monkeypatch):
 
 
 def test_measure_cpu_profile_is_quick(tmp_path):
-    t0 = time.perf_counter()
+    """Quick in the work it does: CPU seconds (all threads), which other jobs on a shared machine do not
+    inflate the way they stretch wall time; the wall-clock bound only catches a hang."""
+    t0, c0 = time.perf_counter(), time.process_time()
     hw = measure_profile(device="cpu", disk_dir=str(tmp_path))
-    assert time.perf_counter() - t0 < 10.0
+    assert time.process_time() - c0 < 10.0
+    assert time.perf_counter() - t0 < 120.0
     assert hw.source == "measured" and hw.device == "cpu"
     assert hw.matmul_rate("float32") > 1e8 and hw.h2d_bandwidth > 1e8 and hw.disk_bandwidth > 1e6
     assert 0 < hw.gpu_memory <= hw.cpu_memory
