@@ -265,6 +265,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int4: input columns per scale")
     ap.add_argument("--expert-selection", default="", help="comma list, e.g. off,lynx:0.5,lynx-offload:0.5: klotski "
                     "again per setting (paired rows: expert bytes per decode step, tokens/s; bench/e2e/selection_rows.py)")
+    ap.add_argument("--hardware", default=None, help="hardware preset name or profile JSON every variant plans with "
+                    "(default: this machine's measured profile); e.g. rtx3090 to get GPU-resident experts under a "
+                    "small budget")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
     if args.model and args.preset:
@@ -311,12 +314,13 @@ def main() -> None:
     if args.expert_selection:  # klotski once per selection setting (the "off" row is the paired exact run)
         variants += [("klotski", None, "table", s) for s in args.expert_selection.split(",")]
         selection_rows.count_decode_loads()
+    from klotski.hardware import get_hardware
     from klotski.runtime.planning import machine_profile
 
     # one profile for every variant: each LLM's first run would otherwise refit the cached profile and the next
     # variant would plan from other rates (an explicit profile is never changed)
-    shared_hw = machine_profile(args.device if args.device != "auto" else
-                                ("cuda" if torch.cuda.is_available() else "cpu"))
+    shared_hw = get_hardware(args.hardware) if args.hardware else machine_profile(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     for policy, quant, prefetch, selection in variants:
         store = os.path.join(work, f"store-{policy}")
         if quant:
