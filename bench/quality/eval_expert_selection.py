@@ -51,6 +51,7 @@ from klotski.model.expert_selection import ExpertSelection  # noqa: E402
 
 EXPERT_LOAD = re.compile(r"^L\d+ e\d+$")  # span names of routed-expert loads (klotski.runtime.loads)
 GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+PPL_TIE = 0.001  # perplexity changes within 0.1 percentage point count as the same quality
 
 
 def windows(stream: torch.Tensor, count: int, length: int, bos: int) -> torch.Tensor:
@@ -165,7 +166,8 @@ def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> 
     load: the non-resident experts among the step's top-1 union, from the exact row's routing) and the two
     targets: >= 25% fewer expert bytes than exact within 1% perplexity; the offload-aware variant >= 10% fewer
     bytes than plain Lynx at no worse perplexity (plain's cheapest row whose perplexity change is <= the
-    offload-aware row's) -> dict with a ``markdown`` paragraph."""
+    offload-aware row's + ``PPL_TIE``: perplexity changes that close are one quality level on this many tokens)
+    -> dict with a ``markdown`` paragraph."""
     exact = rows[0]
     layers = len(ref["distinct_per_layer"]) or 1
     per_load = ref["bytes_per_load"]
@@ -175,7 +177,7 @@ def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> 
     cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
     matched = []
     for o in ok.get("lynx-offload", []):
-        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"]]
+        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
         if plain:
             p = min(plain, key=lambda r: r["expert_bytes_per_step"])
             matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
@@ -210,7 +212,7 @@ def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> 
         md.append(f"- offload-aware vs plain, each at its cheapest within 1% perplexity: {a['setting']} vs "
                   f"{b['setting']}: {100 * cut:+.1f}% bytes; target -10%: {'met' if cut <= -0.10 else 'not met'}")
     if best_match:
-        md.append(f"- offload-aware vs plain at no worse perplexity: {best_match['offload']} "
+        md.append(f"- offload-aware vs plain at no worse perplexity (+{100 * PPL_TIE:.1f} pp tie): {best_match['offload']} "
                   f"({100 * best_match['offload_ppl']:+.2f}% ppl) vs {best_match['plain']} "
                   f"({100 * best_match['plain_ppl']:+.2f}% ppl): {100 * best_match['offload_vs_plain']:+.1f}% bytes; "
                   f"target -10%: {'met' if best_match['offload_vs_plain'] <= -0.10 else 'not met'}")
