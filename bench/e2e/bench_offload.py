@@ -24,7 +24,9 @@ generated token, and an int4 / checkpoint-dtype tokens/s ratio per policy (targe
 ``--expert-selection off,lynx:A,lynx-offload:A`` runs klotski once more per setting (``LLM(...,
 expert_selection=...)``), paired on the same checkpoint, prompts and budgets: expert bytes loaded per decode
 step and tokens/s against the "off" row (bench/e2e/selection_rows.py; target >= 25 % fewer, offload-aware
->= 10 % fewer than plain).
+>= 10 % fewer than plain). ``--hardware rtx3090`` (a preset or profile JSON) plans every variant on that fixed
+profile instead of this machine's: on this CPU the planner rarely makes experts GPU-resident, on the preset a
+budget such as ``--gpu-memory 48MiB`` for the demo model keeps 4 of its 8 experts per layer resident.
 
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one

@@ -16,12 +16,24 @@ to the same learned state before each row):
 * ``distinct``: distinct experts per MoE layer per decode step (the union over the step's micro-batches;
   mean over layers), as the runtime's metrics count them;
 * ``expert bytes/step``: routed-expert bytes loaded (host or disk -> device pool) per decode step, from the
-  runtime's trace.
+  runtime's trace, and the loads behind them (those the prefetcher issued before the gate in brackets); every
+  counted load is checked against the expert's home: a GPU-resident expert counted as loaded is reported;
+* ``top-1 distinct``: the union of the router's top-1 experts per layer per decode step (non-resident ones in
+  brackets), the floor no rule that keeps every token's top-1 can go below; ``chosen non-resident``: the
+  experts the step's (selected) routing needs loaded, per layer.
+
+The summary under the table gives the top-1 floor in bytes, loads needed vs loaded, and the two targets of
+the feature (>= 25 % fewer expert bytes per decode step within 1 % perplexity; offload-aware >= 10 % fewer than
+plain Lynx at the same quality). ``--hardware`` plans on a fixed profile (a preset such as ``rtx3090``), so the
+placement does not move with this machine's refitted profile; under a budget that makes part of each layer's
+experts GPU-resident, the offload-aware variant has resident experts to prefer.
 
 Prefill logits of every row are checked bit-identical to exact routing's. The exact row runs "lynx:0" (exact
 routing, the selection counters on), checked identical to "off".
 
     python bench/quality/eval_expert_selection.py --model klotski/assets/tiny_moe
+    python bench/quality/eval_expert_selection.py --hardware rtx3090 --gpu-memory 48MiB --cpu-memory 64MiB \
+        --num-batches 1 --batch-size 16 --decode-steps 96     # batch 16, 4 of 8 experts per layer resident
 
 Writes ``bench/results/<date>-expert-selection.{json,md}`` and a plot ``...-expert-selection.png`` (skipped,
 with a message, when matplotlib is not installed).
