@@ -24,7 +24,9 @@ generated token, and an int4 / checkpoint-dtype tokens/s ratio per policy (targe
 ``--expert-selection off,lynx:A,lynx-offload:A`` runs klotski once more per setting (``LLM(...,
 expert_selection=...)``), paired on the same checkpoint, prompts and budgets: expert bytes loaded per decode
 step and tokens/s against the "off" row (bench/e2e/selection_rows.py; target >= 25 % fewer, offload-aware
->= 10 % fewer than plain).
+>= 10 % fewer than plain). ``--hardware rtx3090`` (a preset or profile JSON) plans every variant on that fixed
+profile instead of this machine's: on this CPU the planner rarely makes experts GPU-resident, on the preset a
+budget such as ``--gpu-memory 48MiB`` for the demo model keeps 4 of its 8 experts per layer resident.
 
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
@@ -265,6 +267,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int4: input columns per scale")
     ap.add_argument("--expert-selection", default="", help="comma list, e.g. off,lynx:0.5,lynx-offload:0.5: klotski "
                     "again per setting (paired rows: expert bytes per decode step, tokens/s; bench/e2e/selection_rows.py)")
+    ap.add_argument("--hardware", default=None, help="hardware preset name or profile JSON every variant plans with "
+                    "(default: this machine's measured profile); e.g. rtx3090 to get GPU-resident experts under a "
+                    "small budget")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = ap.parse_args()
     if args.model and args.preset:
@@ -311,12 +316,13 @@ def main() -> None:
     if args.expert_selection:  # klotski once per selection setting (the "off" row is the paired exact run)
         variants += [("klotski", None, "table", s) for s in args.expert_selection.split(",")]
         selection_rows.count_decode_loads()
+    from klotski.hardware import get_hardware
     from klotski.runtime.planning import machine_profile
 
     # one profile for every variant: each LLM's first run would otherwise refit the cached profile and the next
     # variant would plan from other rates (an explicit profile is never changed)
-    shared_hw = machine_profile(args.device if args.device != "auto" else
-                                ("cuda" if torch.cuda.is_available() else "cpu"))
+    shared_hw = get_hardware(args.hardware) if args.hardware else machine_profile(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     for policy, quant, prefetch, selection in variants:
         store = os.path.join(work, f"store-{policy}")
         if quant:

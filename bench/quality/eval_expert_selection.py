@@ -16,12 +16,24 @@ to the same learned state before each row):
 * ``distinct``: distinct experts per MoE layer per decode step (the union over the step's micro-batches;
   mean over layers), as the runtime's metrics count them;
 * ``expert bytes/step``: routed-expert bytes loaded (host or disk -> device pool) per decode step, from the
-  runtime's trace.
+  runtime's trace, and the loads behind them (those the prefetcher issued before the gate in brackets); every
+  counted load is checked against the expert's home: a GPU-resident expert counted as loaded is reported;
+* ``top-1 distinct``: the union of the router's top-1 experts per layer per decode step (non-resident ones in
+  brackets), the floor no rule that keeps every token's top-1 can go below; ``chosen non-resident``: the
+  experts the step's (selected) routing needs loaded, per layer.
+
+The summary under the table gives the top-1 floor in bytes, loads needed vs loaded, and the two targets of
+the feature (>= 25 % fewer expert bytes per decode step within 1 % perplexity; offload-aware >= 10 % fewer than
+plain Lynx at the same quality). ``--hardware`` plans on a fixed profile (a preset such as ``rtx3090``), so the
+placement does not move with this machine's refitted profile; under a budget that makes part of each layer's
+experts GPU-resident, the offload-aware variant has resident experts to prefer.
 
 Prefill logits of every row are checked bit-identical to exact routing's. The exact row runs "lynx:0" (exact
 routing, the selection counters on), checked identical to "off".
 
     python bench/quality/eval_expert_selection.py --model klotski/assets/tiny_moe
+    python bench/quality/eval_expert_selection.py --hardware rtx3090 --gpu-memory 48MiB --cpu-memory 64MiB \
+        --num-batches 1 --batch-size 16 --decode-steps 96     # batch 16, 4 of 8 experts per layer resident
 
 Writes ``bench/results/<date>-expert-selection.{json,md}`` and a plot ``...-expert-selection.png`` (skipped,
 with a message, when matplotlib is not installed).
@@ -46,10 +58,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_tiny_moe import encode_stream, split_corpus  # noqa: E402
 
 from klotski import LLM  # noqa: E402
+from klotski.hardware import get_hardware  # noqa: E402
 from klotski.model.expert_selection import ExpertSelection  # noqa: E402
 
 EXPERT_LOAD = re.compile(r"^L\d+ e\d+$")  # span names of routed-expert loads (klotski.runtime.loads)
 GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+PPL_TIE = 0.001  # perplexity changes within 0.1 percentage point count as the same quality
 
 
 def windows(stream: torch.Tensor, count: int, length: int, bos: int) -> torch.Tensor:
@@ -62,28 +76,84 @@ def windows(stream: torch.Tensor, count: int, length: int, bos: int) -> torch.Te
     return torch.tensor(rows, dtype=torch.long)
 
 
-def expert_bytes(ex, since: int) -> int:
-    return sum(a.get("bytes", 0) for _, name, _, _, a in ex.tracer.spans[since:] if EXPERT_LOAD.match(name))
+def expert_loads(ex, since: int) -> tuple[int, int, int, int]:
+    """Routed-expert bytes loaded since span ``since`` -> (bytes, loads of GPU-resident experts, loads, of them
+    prefetched: issued on the "prefetch" lane before the gate, from the prefetch table's prediction). Resident
+    experts are served from their permanent slot and must never appear as loads: the second count is 0 unless
+    the accounting (or the runtime) counts a resident expert as loaded."""
+    moved, resident, count, prefetched = 0, 0, 0, 0
+    for lane, name, _, _, a in ex.tracer.spans[since:]:
+        if EXPERT_LOAD.match(name):
+            moved += a.get("bytes", 0)
+            count += 1
+            prefetched += lane == "prefetch"
+            layer, e = (int(x[1:]) for x in name.split())
+            resident += ex.w.expert_home[(layer, e)][0] == "gpu"
+    return moved, resident, count, prefetched
+
+
+class Top1Floor:
+    """Eval instrumentation of ``ex.compute.selection_stats.record`` (the package is not changed): per decode
+    step and MoE layer, the union of the router's top-1 experts (column 0 of the exact ids) over the step's
+    micro-batches, which no rule that keeps every token's top-1 can drop; and how many of them are
+    GPU-resident (cost no load)."""
+
+    def __init__(self, ex):
+        self.ex, self.steps, self.chosen = ex, {}, {}
+        stats = ex.compute.selection_stats
+        self._inner = stats.record
+
+        def record(layer, exact_ids, chosen_ids, remapped):
+            key = (ex.compute._step_no, layer)
+            self.steps.setdefault(key, set()).update(exact_ids[:, 0].tolist())
+            self.chosen.setdefault(key, set()).update(chosen_ids.flatten().tolist())
+            return self._inner(layer, exact_ids, chosen_ids, remapped)
+
+        stats.record = record
+
+    def reset(self) -> None:
+        self.steps, self.chosen = {}, {}
+
+    def summary(self) -> dict:
+        """Mean over (decode step, layer) of distinct top-1 experts and of the non-resident ones among them."""
+        if not self.steps:
+            return {"top1_distinct": float("nan"), "top1_nonresident": float("nan"),
+                    "chosen_nonresident": float("nan")}
+        home = self.ex.w.expert_home
+        n = len(self.steps)
+
+        def nonresident(sets):
+            return sum(sum(home[(lay, e)][0] != "gpu" for e in s) for (_, lay), s in sets.items()) / n
+
+        return {"top1_distinct": sum(len(s) for s in self.steps.values()) / n,
+                "top1_nonresident": nonresident(self.steps), "chosen_nonresident": nonresident(self.chosen)}
 
 
 @torch.inference_mode()
-def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int) -> dict:
+def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int, floor: Top1Floor) -> dict:
     """Teacher-forced decode over ``seqs`` [B, 1 + prompt_len + steps + 1], then free-running greedy."""
     B = seqs.shape[0]
     pad = torch.zeros(B, dtype=torch.long)
     P = 1 + prompt_len
     ex.reset_metrics()
+    floor.reset()
+    resident_loads, loads, prefetched = 0, 0, 0
     cache = ex.new_cache(B, P + steps, pad)
     prefill = ex.forward(seqs[:, :P], cache).float().cpu()
     nll, argmax, per_step = 0.0, [], []
     for j in range(steps):
         n0 = len(ex.tracer.spans)
         logits = ex.forward(seqs[:, P + j: P + j + 1], cache).float().cpu()
-        per_step.append(expert_bytes(ex, n0))
+        moved, resident, count, pre = expert_loads(ex, n0)
+        per_step.append(moved)
+        resident_loads += resident
+        loads += count
+        prefetched += pre
         target = seqs[:, P + j + 1]
         nll += float(F.cross_entropy(logits, target, reduction="sum"))
         argmax.append(logits.argmax(-1))
     metrics = ex.metrics
+    top1 = floor.summary()
     cache = ex.new_cache(B, P + greedy, pad)
     logits = ex.forward(seqs[:, :P], cache)
     out = []
@@ -97,7 +167,70 @@ def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int) ->
             "greedy": torch.stack(out, 1), "expert_bytes_per_step": sum(per_step) / max(1, steps),
             "distinct_per_layer": dist, "distinct": sum(dist.values()) / max(1, len(dist)),
             "distinct_router": sum(exact.values()) / max(1, len(exact)),
-            "remapped_fraction": metrics.get("selection_remapped_fraction", 0.0)}
+            "remapped_fraction": metrics.get("selection_remapped_fraction", 0.0),
+            "resident_loads": resident_loads, "expert_loads_per_step": loads / max(1, steps),
+            "prefetch_loads_per_step": prefetched / max(1, steps),
+            "bytes_per_load": sum(per_step) / loads if loads else 0.0, **top1}
+
+
+def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> dict:
+    """The top-1 floor (the fewest expert bytes per decode step any rule that keeps every token's top-1 can
+    load: the non-resident experts among the step's top-1 union, from the exact row's routing) and the two
+    targets: >= 25% fewer expert bytes than exact within 1% perplexity; the offload-aware variant >= 10% fewer
+    bytes than plain Lynx at no worse perplexity (plain's cheapest row whose perplexity change is <= the
+    offload-aware row's + ``PPL_TIE``: perplexity changes that close are one quality level on this many tokens)
+    -> dict with a ``markdown`` paragraph."""
+    exact = rows[0]
+    layers = len(ref["distinct_per_layer"]) or 1
+    per_load = ref["bytes_per_load"]
+    floor_bytes = exact["top1_nonresident"] * layers * per_load
+    floor_cut = floor_bytes / exact_bytes - 1 if exact_bytes else float("nan")
+    ok = {m: [r for r in rows if r["mode"] == m and r["ppl_change"] <= 0.01] for m in ("lynx", "lynx-offload")}
+    cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
+    matched = []
+    for o in ok.get("lynx-offload", []):
+        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
+        if plain:
+            p = min(plain, key=lambda r: r["expert_bytes_per_step"])
+            matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
+                            "plain_ppl": p["ppl_change"],
+                            "offload_vs_plain": o["expert_bytes_per_step"] / p["expert_bytes_per_step"] - 1})
+    best_match = min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None
+    resident = sum(r["resident_loads"] for r in rows)
+    md = [f"Byte accounting: {resident} loads of GPU-resident experts counted over all rows (resident experts are "
+          f"served from their permanent slots; the loads counted are those of `L<layer> e<expert>` spans, "
+          f"{per_load / 1024:.0f} KiB each).",
+          "",
+          f"Top-1 floor (exact routing, {layers} MoE layers): distinct top-1 experts per layer per decode step "
+          f"{exact['top1_distinct']:.2f} of {spec.num_experts} (router's distinct {exact['distinct_router']:.2f}), "
+          f"of them not GPU-resident {exact['top1_nonresident']:.2f}; every token keeps its top-1, so no rule can "
+          f"load fewer than {floor_bytes / 1024:.0f} KiB per decode step: at best {100 * floor_cut:+.1f}% against "
+          f"exact's {exact_bytes / 1024:.0f} KiB."]
+    md.append("")
+    md.append("Loads per decode step against what the step's routing needs (its chosen non-resident experts, summed "
+              "over layers); the rest are prefetched hot experts the gate did not choose (issued before the gate, "
+              "so selection cannot avoid them) net of expert-slot hits:")
+    for r in [exact, *cheapest.values()]:
+        md.append(f"- {r['setting']}: needed {r['chosen_nonresident'] * layers:.1f}, loaded "
+                  f"{r['expert_loads_per_step']:.1f} ({r['prefetch_loads_per_step']:.1f} prefetched)")
+    md.append("")
+    for m, r in cheapest.items():
+        md.append(f"- {m}: cheapest within 1% perplexity {r['setting']}: {100 * r['bytes_vs_exact']:+.1f}% bytes "
+                  f"(ppl {100 * r['ppl_change']:+.2f}%, top-1 non-resident {r['top1_nonresident']:.2f}); target "
+                  f"-25%: {'met' if r['bytes_vs_exact'] <= -0.25 else 'not met'}")
+    if "lynx" in cheapest and "lynx-offload" in cheapest:
+        a, b = cheapest["lynx-offload"], cheapest["lynx"]
+        cut = a["expert_bytes_per_step"] / b["expert_bytes_per_step"] - 1
+        md.append(f"- offload-aware vs plain, each at its cheapest within 1% perplexity: {a['setting']} vs "
+                  f"{b['setting']}: {100 * cut:+.1f}% bytes; target -10%: {'met' if cut <= -0.10 else 'not met'}")
+    if best_match:
+        md.append(f"- offload-aware vs plain at no worse perplexity (+{100 * PPL_TIE:.1f} pp tie): {best_match['offload']} "
+                  f"({100 * best_match['offload_ppl']:+.2f}% ppl) vs {best_match['plain']} "
+                  f"({100 * best_match['plain_ppl']:+.2f}% ppl): {100 * best_match['offload_vs_plain']:+.1f}% bytes; "
+                  f"target -10%: {'met' if best_match['offload_vs_plain'] <= -0.10 else 'not met'}")
+    return {"resident_loads_counted": resident, "top1_floor_bytes_per_step": floor_bytes,
+            "top1_floor_vs_exact": floor_cut, "cheapest_within_1pct": {m: r["setting"] for m, r in cheapest.items()},
+            "offload_vs_plain_matched": matched, "markdown": "\n".join(md) + "\n"}
 
 
 def parse_args(argv=None):
@@ -108,6 +241,9 @@ def parse_args(argv=None):
     p.add_argument("--policy", default="klotski")
     p.add_argument("--gpu-memory", default="16MiB")
     p.add_argument("--cpu-memory", default="32MiB")
+    p.add_argument("--hardware", default=None,
+                   help="hardware preset name or profile JSON to plan with (fixed, so the placement is reproducible; "
+                        "default: this machine's cached profile)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-batches", type=int, default=2)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -164,22 +300,24 @@ def main(argv=None) -> int:
     _, val_texts, corpus = split_corpus(Path(report["corpus"]["root"]), targs["val_fraction"], targs["train_chars"])
     if corpus["sha256"] != report["corpus"]["sha256"]:
         print("warning: the corpus differs from the one the model was trained on", file=sys.stderr)
+    hardware = get_hardware(args.hardware) if args.hardware else None
     llm = LLM(args.model, device="cpu", policy=args.policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
-              num_batches=args.num_batches, batch_size=args.batch_size)
+              num_batches=args.num_batches, batch_size=args.batch_size, hardware=hardware)
     try:
         spec, ex = llm.spec, llm.executor
         B = args.num_batches * args.batch_size
         bos = spec.bos_token_id if spec.bos_token_id is not None else 0
         seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos)
         settings = ["off", "lynx:0"] + [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
-        run_row(ex, seqs, args.prompt_len, 4, 2)  # warm-up: the prefetch table learns this text's routing
+        floor = Top1Floor(ex)
+        run_row(ex, seqs, args.prompt_len, 4, 2, floor)  # warm-up: the prefetch table learns this text's routing
         table = copy.deepcopy(ex.prefetcher.__dict__) if ex.prefetcher is not None else None
         res = {}
         for s in settings:
             ex.compute.selection = ExpertSelection.parse(s)
             if table is not None:
                 ex.prefetcher.__dict__.update(copy.deepcopy(table))
-            res[s] = run_row(ex, seqs, args.prompt_len, args.decode_steps, args.greedy_tokens)
+            res[s] = run_row(ex, seqs, args.prompt_len, args.decode_steps, args.greedy_tokens, floor)
             print(f"{s}: done ({time.time() - t0:.0f} s)", flush=True)
         placement = ex.layout.describe(spec.num_experts)
     finally:
@@ -199,6 +337,10 @@ def main(argv=None) -> int:
                      "distinct": r["distinct"], "distinct_router": r["distinct_router"],
                      "distinct_per_layer": r["distinct_per_layer"], "remapped_fraction": r["remapped_fraction"],
                      "expert_bytes_per_step": r["expert_bytes_per_step"],
+                     "expert_loads_per_step": r["expert_loads_per_step"], "resident_loads": r["resident_loads"],
+                     "top1_distinct": r["top1_distinct"], "top1_nonresident": r["top1_nonresident"],
+                     "chosen_nonresident": r["chosen_nonresident"],
+                     "prefetch_loads_per_step": r["prefetch_loads_per_step"],
                      "prefill_identical": bool(torch.equal(r["prefill"], ref["prefill"]))})
     exact_bytes = rows[0]["expert_bytes_per_step"]
     for r in rows:
@@ -208,28 +350,33 @@ def main(argv=None) -> int:
         ok = [r for r in rows if r["mode"] == mode and r["ppl_change"] <= 0.01]
         if ok:
             best[mode] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
+    summary = floor_and_targets(rows, ref, spec, exact_bytes)
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     head = ("| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
-            "remapped | expert KiB / decode step | vs exact | prefill identical |\n|---|---|---|---|---|---|---|---|---|---|")
+            "top-1 distinct (non-resident) | chosen non-resident | remapped | expert loads / step (prefetched) | expert KiB / decode step | vs exact | "
+            "prefill identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.2f}% | {r['argmax_agree']:.3f} | "
-             f"{r['greedy_agree']:.3f} | {r['distinct']:.2f} | {100 * r['remapped_fraction']:.1f}% | "
+             f"{r['greedy_agree']:.3f} | {r['distinct']:.2f} | {r['top1_distinct']:.2f} ({r['top1_nonresident']:.2f}) | "
+             f"{r['chosen_nonresident']:.2f} | {100 * r['remapped_fraction']:.1f}% | "
+             f"{r['expert_loads_per_step']:.1f} ({r['prefetch_loads_per_step']:.1f}) | "
              f"{r['expert_bytes_per_step'] / 1024:.0f} | {100 * r['bytes_vs_exact']:+.1f}% | "
              f"{'yes' if r['prefill_identical'] else 'NO'} |" for r in rows]
-    md = (f"# Expert selection on {args.model}\n\n`{cmd}`\n\npolicy {args.policy}, gpu {args.gpu_memory}, cpu "
+    md = (f"# Expert selection on {args.model}\n\n`{cmd}`\n\npolicy {args.policy}, planned for {args.hardware or 'this machine'}, gpu {args.gpu_memory}, cpu "
           f"{args.cpu_memory}, {args.num_batches} x {args.batch_size} sequences, placement {placement}; "
           f"{B} held-out windows of {args.prompt_len} prefill tokens + {args.decode_steps} teacher-forced decode "
           f"steps ({ref['tokens']} predicted tokens), {args.greedy_tokens} greedy tokens. Distinct experts: mean over "
           f"the {spec.num_experts}-expert MoE layers of the union over the step's micro-batches.\n\n"
           + head + "\n" + "\n".join(lines)
           + "\n\nLargest aggressiveness with perplexity cost <= 1%: "
-          + (", ".join(f"{m}: {s}" for m, s in best.items()) or "none") + "\n")
+          + (", ".join(f"{m}: {s}" for m, s in best.items()) or "none") + "\n\n" + summary["markdown"])
     print(md)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, args.tag)
     write_atomic(base + ".md", md)
     write_atomic(base + ".json", json.dumps({"command": cmd, "model": args.model, "args": vars(args),
                                              "placement": placement, "corpus": corpus, "rows": rows,
-                                             "best_within_1pct": best, "seconds": time.time() - t0}, indent=1))
+                                             "best_within_1pct": best,
+                                             **{k: v for k, v in summary.items() if k != "markdown"}, "seconds": time.time() - t0}, indent=1))
     print(plot(rows, base + ".png"))
     print(f"wrote {os.path.normpath(base)}.md / .json")
     return 0

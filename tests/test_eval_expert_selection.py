@@ -1,0 +1,52 @@
+"""bench/quality/eval_expert_selection.py: its byte accounting never counts a GPU-resident expert as loaded,
+and its top-1 floor is what the runtime's routing gives."""
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench", "quality"))
+
+from eval_expert_selection import Top1Floor, expert_loads, run_row  # noqa: E402
+
+from klotski import LLM  # noqa: E402
+from klotski.hardware import get_hardware  # noqa: E402
+from klotski.model.expert_selection import ExpertSelection  # noqa: E402
+
+ASSET = os.path.join(os.path.dirname(__file__), "..", "klotski", "assets", "tiny_moe")
+
+
+def test_expert_loads_flags_a_resident_expert_counted_as_loaded():
+    home = {(0, 0): ("gpu", 0), (0, 1): ("cpu", None)}
+    spans = [("expert_io", "L0 e1", 0, 1, {"bytes": 10}), ("prefetch", "L0 e0", 0, 1, {"bytes": 7}),
+             ("compute", "L0 gate b0", 0, 1, {})]
+    ex = SimpleNamespace(tracer=SimpleNamespace(spans=spans), w=SimpleNamespace(expert_home=home))
+    assert expert_loads(ex, 0) == (17, 1, 2, 1)
+    assert expert_loads(ex, 1) == (7, 1, 1, 1)
+
+
+def test_resident_experts_are_not_counted_and_the_top1_floor_bounds_the_selection():
+    llm = LLM(ASSET, device="cpu", policy="klotski", gpu_memory="48MiB", cpu_memory="64MiB", num_batches=1,
+              batch_size=16, hardware=get_hardware("rtx3090"))
+    try:
+        ex = llm.executor
+        spec = llm.spec
+        tiers = [ex.w.expert_home[(lay, e)][0] for (lay, e) in ex.w.expert_home]
+        assert "gpu" in tiers and any(t != "gpu" for t in tiers)  # some experts resident, some streamed
+        seqs = torch.randint(2, spec.vocab_size, (16, 1 + 8 + 4 + 1), generator=torch.Generator().manual_seed(0))
+        floor = Top1Floor(ex)
+        ex.compute.selection = ExpertSelection.parse("lynx:1.0")
+        r = run_row(ex, seqs, 8, 4, 2, floor)
+        assert r["resident_loads"] == 0
+        assert r["expert_loads_per_step"] > 0
+        assert r["expert_bytes_per_step"] == r["expert_loads_per_step"] * r["bytes_per_load"]
+        # at aggressiveness 1 plain Lynx keeps exactly the top-1 union (top_k = 2 < its size here)
+        assert 1 <= r["top1_distinct"] <= r["distinct"] + 1e-9
+        assert r["top1_nonresident"] <= r["chosen_nonresident"] + 1e-9
+        ex.compute.selection = ExpertSelection.parse("lynx:0")
+        exact = run_row(ex, seqs, 8, 4, 2, floor)
+        assert exact["top1_distinct"] == r["top1_distinct"]  # the floor is the router's, whatever selection does
+        assert exact["distinct"] >= r["distinct"]
+    finally:
+        llm.close()
