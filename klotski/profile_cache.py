@@ -187,19 +187,25 @@ IDENTIFIED = 0.25  # a fitted term must explain this share of the measured compu
 
 
 def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations) -> HardwareProfile:
-    """``cal`` with the device compute rate and per-call overhead reverted to ``base``'s where the run's
-    compute ops could not identify them (their term explains < IDENTIFIED of the measured compute time)."""
+    """``cal`` with each device compute term -- matmul rate, attention rate, per-call overhead -- reverted to
+    ``base``'s where the run's compute ops could not identify it (the term explains < IDENTIFIED of the
+    measured compute time). Each term is judged on its own: the attention rate can explain a run whose
+    matmuls are too small to say anything (judging it with the matmuls would revert a fit that explains
+    the run and leave a profile that predicts a fraction of it)."""
     rows = [(op, s) for op, s in observations
             if op.link is None and op.kind != "release" and op.device != "cpu" and s > 0]
     seconds = sum(s for _, s in rows)
     if not rows or seconds <= 0:
         return cal
-    flops = sum(op.flops + op.score_flops for op, _ in rows)
+    flops = sum(op.flops for op, _ in rows)
+    score_flops = sum(op.score_flops for op, _ in rows)
     calls = sum(max(1, op.calls) for op, _ in rows)
     rate = max(cal.matmul_flops.values()) if cal.matmul_flops else 0.0
     changes = {}
     if rate <= 0 or flops / rate < IDENTIFIED * seconds:
-        changes.update(matmul_flops=dict(base.matmul_flops), attention_flops=base.attention_flops)
+        changes["matmul_flops"] = dict(base.matmul_flops)
+    if cal.attention_flops <= 0 or score_flops / cal.attention_flops < IDENTIFIED * seconds:
+        changes["attention_flops"] = base.attention_flops
     if calls * cal.op_overhead_s < IDENTIFIED * seconds:
         changes["op_overhead_s"] = base.op_overhead_s
     return replace(cal, **changes) if changes else cal

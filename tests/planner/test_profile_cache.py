@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 
 from klotski.hardware import measure_profile, preset
-from klotski.profile_cache import PROVISIONAL, ProfileCache, agree, is_provisional
+from klotski.profile_cache import PROVISIONAL, ProfileCache, agree, is_provisional, keep_identified
 
 
 def fake_measure(*profiles):
@@ -145,3 +145,17 @@ def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkey
     assert 0.5 < op_seconds_sum(fed, obs) / sum(s for _, s in obs) < 2.0
     planned_with, _, llm = run()
     assert planned_with == fed  # the next run plans with the refitted profile, not the poisoned one
+
+
+def test_each_compute_term_is_kept_or_reverted_on_its_own(base):
+    """A run whose time is attention (score FLOPs) with matmuls too small to identify a rate: the fitted
+    attention rate stays (it explains the run), the matmul rate and the overhead go back to the base's."""
+    from klotski.schedule import Op
+
+    obs = [(Op(i, "attn", "compute", "gpu", 0, flops=1e3, score_flops=1e8), 0.01) for i in range(10)]
+    cal = replace(base, matmul_flops={k: v / 100 for k, v in base.matmul_flops.items()}, attention_flops=1e10,
+                  op_overhead_s=1e-6)
+    kept = keep_identified(base, cal, obs)
+    assert kept.attention_flops == 1e10  # 1e9 score FLOPs / 1e10 = 0.1 s: all of the run
+    assert kept.matmul_flops == base.matmul_flops and kept.op_overhead_s == base.op_overhead_s
+    assert 0.5 < op_seconds_sum(kept, obs) / 0.1 < 2.0
