@@ -16,9 +16,10 @@ and is kept only if the simulated peak memory of every tier stays within its lim
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 from klotski.costs import ModelCosts
+from klotski.plan import InfeasibleError, Plan
 from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
@@ -30,61 +31,6 @@ from klotski.units import format_bytes
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUP_SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)
-
-
-class InfeasibleError(ValueError):
-    """No plan fits the memory limits; ``min_gpu_memory`` / ``min_cpu_memory`` say what would."""
-
-    def __init__(self, message: str, min_gpu_memory: int = 0, min_cpu_memory: int = 0):
-        super().__init__(message)
-        self.min_gpu_memory, self.min_cpu_memory = min_gpu_memory, min_cpu_memory
-
-
-@dataclass
-class Plan:
-    policy: str
-    placement: Placement
-    batch_size: int
-    n: int
-    prompt_len: int
-    gen_len: int
-    tokens_per_s: float
-    prefill_s: float
-    decode_step_s: float
-    bubble_fraction: float  # idle share of the compute stream over the whole run
-    peak_mem: dict  # tier -> bytes
-    bytes_per_step: dict  # link -> bytes moved in one decode step
-    num_hot: int | None = None
-    overlap: bool = True
-    dense_buffers: int = 2  # the runtime's pools the plan was simulated with (klotski.program.pools)
-    expert_slots: int = 0
-    hardware: str = ""
-    model: str = ""
-    extra: dict = field(default_factory=dict)
-    host: HostCompute = field(default_factory=HostCompute)  # attention per phase / cold experts on the CPU
-
-    @property
-    def total_s(self) -> float:
-        return self.prefill_s + (self.gen_len - 1) * self.decode_step_s
-
-    def describe(self, num_experts: int) -> str:
-        lines = [
-            f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot experts)" if self.num_hot else
-                                            " (FlexGen order chosen)" if self.policy == "klotski" else ""),
-            f"batch       {self.batch_size} sequences x n={self.n} batches per group "
-            f"= {self.batch_size * self.n} sequences",
-            f"placement   {self.placement.describe(num_experts)}",
-            f"predicted   {self.tokens_per_s:.2f} tokens/s (prefill {self.prefill_s:.2f} s, decode step "
-            f"{self.decode_step_s * 1e3:.1f} ms, total {self.total_s:.1f} s), compute bubble "
-            f"{self.bubble_fraction:.1%}",
-            f"host        {self.host.describe()}"
-            + (f" (an expert of {self.model or 'this model'} runs on the CPU up to "
-               f"{self.extra['cpu_expert_max_tokens']} tokens)" if "cpu_expert_max_tokens" in self.extra else ""),
-            "peak memory " + ", ".join(f"{t} {format_bytes(self.peak_mem.get(t, 0))}" for t in TIERS),
-            "per decode step " + ", ".join(f"{k} {format_bytes(v)}" for k, v in sorted(self.bytes_per_step.items()))
-            if self.bytes_per_step else "per decode step: no transfers",
-        ]
-        return "\n".join(lines)
 
 
 class Planner:
