@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from klotski import LLM, SamplingParams
+from klotski.hardware import preset
 from klotski.program.host import HostCompute
 from klotski.runtime import OffloadedSession
 from klotski.runtime.interpreter import StepInterpreter
@@ -17,6 +18,7 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3, 3]]
 SP = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 FORCED = HostCompute(prefill_attn="cpu", decode_attn="cpu", experts="all")
+FIXED = preset("rtx3090")
 _REFS: dict = {}
 
 
@@ -29,13 +31,16 @@ def reference(checkpoints, arch):
     return _REFS[arch]
 
 
-def run(path, policy, host, gpu_memory="700KiB", record=False, monkeypatch=None):
+def run(path, policy, host, gpu_memory="700KiB", record=False, monkeypatch=None, hardware=FIXED):
+    """``hardware``: the profile the plan is made on; a fixed one by default, so which experts klotski prefetches
+    (and so which cold ones the host computes) does not depend on the machine running the test."""
     if record:
         monkeypatch.setattr(StepInterpreter, "__init__", partialmethod(StepInterpreter.__init__, record=True))
     with LLM(path, device="cpu") as llm:
         llm.session.close()
         llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, policy, gpu_memory, None,
-                                       None, num_batches=2, batch_size=2, kv="cpu", host_compute=host)
+                                       None, num_batches=2, batch_size=2, kv="cpu", host_compute=host,
+                                       hardware=hardware)
         toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
         spans = {s[0] for s in llm.executor.tracer.spans}
         logits = llm.logits(PROMPTS)
@@ -77,7 +82,7 @@ def test_decode_on_the_cpu_after_a_staged_prefill_and_the_rule(checkpoints):
     """Prefill attention on the device (KV staged from and back to host memory), decode on the CPU over the same
     host cache; cold experts by the rule on this machine's profile."""
     path, ref_toks, ref_logits = reference(checkpoints, "mixtral")
-    toks, logits, spans, _, _ = run(path, "klotski", HostCompute(decode_attn="cpu", experts="auto"))
+    toks, logits, spans, _, _ = run(path, "klotski", HostCompute(decode_attn="cpu", experts="auto"), hardware=None)
     assert toks == ref_toks and rel(logits, ref_logits) < 1e-5
     assert {"kv_load", "kv_store", "cpu_attn"} <= spans
 
