@@ -92,8 +92,7 @@ class DistributedModel:
         input_ids = input_ids.to(self.device)
         mask = cache.key_mask(S, self.device)
         positions = cache.positions(S, self.device)
-        cols = torch.arange(cache.length, cache.length + S, device=self.device)
-        valid = cols[None, :] >= cache.pad[:, None]
+        valid = cache.query_valid(S, self.device)
         x = F.embedding(input_ids, self.embed)
         for i, w in enumerate(self.layers):
             x = attention_step(self.spec, w, x, cache, i, self.rotary, mask, positions)

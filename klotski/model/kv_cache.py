@@ -46,7 +46,18 @@ class KVCache:
         mask |= (cols[None, :] == rows[:, None])[None]
         return mask[:, None]
 
+    def query_valid(self, q_len: int, device) -> torch.Tensor:
+        """[B, q_len] bool: which of the ``q_len`` new columns are tokens (not left padding)."""
+        return query_valid(self.length, self.pad, q_len, device)
+
     def positions(self, q_len: int, device) -> torch.Tensor:
         """[B, q_len] rotary positions of the new columns (padding columns get position 0)."""
         cols = torch.arange(self.length, self.length + q_len, device=device)
         return (cols[None, :] - self.pad[:, None]).clamp(min=0)
+
+
+def query_valid(length: int, pad: torch.Tensor, q_len: int, device) -> torch.Tensor:
+    """[B, q_len] bool: which of ``q_len`` new columns after ``length`` are tokens, for rows left-padded by
+    ``pad`` [B] (a padding column's output is computed and discarded)."""
+    cols = torch.arange(length, length + q_len, device=device)
+    return cols[None, :] >= pad[:, None]

@@ -68,8 +68,7 @@ class ResidentModel:
         input_ids = input_ids.to(self.device)
         mask = cache.key_mask(S, self.device)
         positions = cache.positions(S, self.device)
-        cols = torch.arange(cache.length, cache.length + S, device=self.device)
-        valid = cols[None, :] >= cache.pad[:, None]
+        valid = cache.query_valid(S, self.device)
         x = F.embedding(input_ids, self.embed)
         select = self.selection.measured and is_decode_step(S, cache.length)
         if select:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from klotski.model.decoder import make_rotary
+from klotski.model.kv_cache import query_valid
 from klotski.model.moe import expert_activation
 from klotski.prefetch import CorrelationPrefetcher, PrefetchStats
 from klotski.program.host import HostCompute
@@ -176,8 +177,7 @@ class OffloadedExecutor:
         st = StepState(cache, S)
         st.all_logits = all_logits
         st.x = F.embedding(ids, self.w.embed)
-        cols = torch.arange(cache.length, cache.length + S, device=self.device)
-        st.valid = cols[None, :] >= cache.pad[:, None]
+        st.valid = query_valid(cache.length, cache.pad, S, self.device)
         for k, (s, e) in enumerate(cache.rows):
             mc = cache.micro[k]
             mc.pad, mc.length = cache.device_pads[k], cache.length
