@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 
+from results import command_line, write_json
 from klotski import LLM, SamplingParams
 from klotski.cli.demo import DEFAULT_PROMPTS
 from klotski.demo import ensure_demo_checkpoint
@@ -63,16 +64,10 @@ def main() -> int:
     print(f"all ranks: host {host / 2**20:.2f} MiB vs replicated offloading {repl / 2**20:.2f} MiB "
           f"(ratio {host / repl:.3f}); greedy tokens equal the resident run: {agree}; wall {wall:.1f} s "
           f"(torchrun start-up included)")
-    result = dict(command="python bench/distributed/bench_fsedp_cpu.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"),
+    result = dict(command=command_line("bench_fsedp_cpu.py", args),
         model=model, ranks=ranks, host_bytes=host, replicated_host_bytes=repl, host_ratio=host / repl,
         tokens_equal_resident=agree, wall_s=wall)
-    path = os.path.normpath(args.json)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    write_json(args.json, result)
     return 0 if agree else 1
 
 

@@ -9,7 +9,6 @@ run it on a GPU for the figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -17,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from results import command_line, write_json
 from klotski.checkpoint import SafetensorsIndex
 from klotski.distributed.model import DistributedModel
 from klotski.engine import resolve_device, resolve_dtype
@@ -100,16 +100,10 @@ def main() -> int:
     print(f"{'serialized':>22} {serial * 1e3:>9.2f} ms")
     print(f"{'load lane overlapped':>22} {overlapped * 1e3:>9.2f} ms   (ideal max(loads, computes) = "
           f"{max(loads, computes) * 1e3:.2f} ms)")
-    result = dict(command="python bench/distributed/bench_slice_overlap.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"), device=str(device),
+    result = dict(command=command_line("bench_slice_overlap.py", args), device=str(device),
         dtype=str(dtype), experts=len(needed), bytes=nbytes, loads_s=loads, computes_s=computes,
         serialized_s=serial, overlapped_s=overlapped)
-    path = os.path.normpath(args.json)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    write_json(args.json, result)
     return 0
 
 

@@ -7,12 +7,12 @@ offloading, over models, hardware presets and tokens per device (cost model, not
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
 import numpy as np
 
+from results import command_line, write_json
 from klotski.costs import ModelCosts
 from klotski.distributed.predict import STRATEGIES, LayerShape, predict_layer, sample_counts, zipf_popularity
 from klotski.hardware import preset
@@ -55,15 +55,9 @@ def main() -> int:
                 rows.append(row)
                 print(f"{model:<15} {hw.name:<14} {tokens:>7} " + " ".join(f"{ms[s]:>17.2f}" for s in STRATEGIES)
                       + f" {row['fse_over_ep']:>7.3f} {row['host_fse_over_replicated']:>13.3f}")
-    out = dict(command="python bench/distributed/predict_fsedp.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "json"), zipf=args.zipf,
+    out = dict(command=command_line("predict_fsedp.py", args), zipf=args.zipf,
         note="cost-model predictions (klotski.distributed.predict), not measurements", rows=rows)
-    path = os.path.normpath(args.json)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    write_json(args.json, out)
     return 0
 
 
