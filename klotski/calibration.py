@@ -24,14 +24,18 @@ def _category(op) -> str | None:
     return "matmul"
 
 
-def fit_compute(rows: list[tuple[int, float, float, float]]) -> tuple[float, float, float | None] | None:
-    """Least squares ``seconds = calls * overhead + flops / rate + score_flops / attn_rate`` over compute ops.
+def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float, float | None, float | None] | None:
+    """Least squares ``seconds = calls * overhead + flops / rate + score_flops / attn_rate [+ bytes / bandwidth]``
+    over compute ops, in relative error (each op one observation, whatever its size: a fit in absolute seconds
+    lets the largest ops set every term, and a per-call overhead that absorbs their error over-prices every
+    small op, e.g. a gate, tenfold).
 
-    ``rows``: (calls, flops, score_flops, measured seconds). -> (overhead s per call, matmul FLOP/s,
-    attention FLOP/s or None when no op had score FLOPs), or None when no model fits with positive terms.
-    When the full model gives a non-positive coefficient (noise, or a term the ops cannot separate), the
-    smaller models are tried: score FLOPs at the matmul rate, then no per-call overhead; the positive fit
-    with the least squared error wins.
+    ``rows``: (calls, flops, score_flops, measured seconds[, bytes read]). -> (overhead s per call, matmul
+    FLOP/s, attention FLOP/s or None when no op had score FLOPs) with, when rows carry bytes, a fourth item:
+    the memory bandwidth in bytes/s (None when the bytes term was not fitted), or None when no model fits
+    with positive terms. When the full model gives a non-positive coefficient (noise, or a term the ops
+    cannot separate), smaller models are tried: without the bytes term, score FLOPs at the matmul rate, then
+    no per-call overhead; the positive fit with the least squared relative error wins.
     """
     import numpy as np
 
@@ -39,6 +43,8 @@ def fit_compute(rows: list[tuple[int, float, float, float]]) -> tuple[float, flo
     flops = np.array([r[1] for r in rows], dtype=float)
     score = np.array([r[2] for r in rows], dtype=float)
     y = np.array([r[3] for r in rows], dtype=float)
+    with_bytes = bool(rows) and all(len(r) > 4 for r in rows)
+    nbytes = np.array([r[4] if len(r) > 4 else 0 for r in rows], dtype=float)
     has_scores = bool((score > 0).any())
     # (columns, how the coefficients map to (overhead, 1/rate, 1/attn rate))
     models = []
@@ -48,45 +54,55 @@ def fit_compute(rows: list[tuple[int, float, float, float]]) -> tuple[float, flo
     if has_scores:
         models.append(([flops, score], lambda c: (0.0, c[0], c[1])))
     models.append(([flops + score], lambda c: (0.0, c[0], c[0] if has_scores else None)))
+    if with_bytes and (nbytes > 0).any():  # each model with the memory term too (tried first)
+        models = [(cols + [nbytes], unpack) for cols, unpack in models] + models
+    weight = 1.0 / np.maximum(y, 1e-12)
     best = None
     for cols, unpack in models:
         A = np.stack(cols, axis=1)
         if len(rows) < A.shape[1] + 1 or np.linalg.matrix_rank(A) < A.shape[1]:
             continue
         scale = A.max(axis=0)
-        coef, *_ = np.linalg.lstsq(A / scale, y, rcond=None)
+        coef, *_ = np.linalg.lstsq(A / scale * weight[:, None], y * weight, rcond=None)
         coef = coef / scale
         if (coef <= 0).any():
             continue
-        err = float(((A @ coef - y) ** 2).sum())
+        err = float((((A @ coef - y) * weight) ** 2).sum())
         if best is None or err < best[0]:
-            best = (err, unpack(coef))
+            best = (err, unpack(coef), coef[-1] if cols[-1] is nbytes else None)
     if best is None:
         return None
     overhead, inv_rate, inv_attn = best[1]
-    return float(overhead), float(1.0 / inv_rate), (float(1.0 / inv_attn) if inv_attn is not None else None)
+    out = (float(overhead), float(1.0 / inv_rate), (float(1.0 / inv_attn) if inv_attn is not None else None))
+    if with_bytes:
+        return out + ((float(1.0 / best[2]) if best[2] is not None else None),)
+    return out
 
 
 def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):
     """A profile whose parameters are fitted so predicted op times match measured ones.
 
     ``observations``: ``(op, measured_seconds)`` pairs from a real run. Compute ops of each side (device or
-    CPU) are fitted jointly as ``calls * overhead + flops / rate + score_flops / attention rate``
-    (:func:`fit_compute`), which sets the per-call overhead and both rates: folding a per-call cost into the
-    rate would mispredict ops of other sizes (a decode-step fit then triples prefill). Where the rows cannot
+    CPU) are fitted jointly as ``calls * overhead + flops / rate + score_flops / attention rate + bytes /
+    memory bandwidth`` (:func:`fit_compute`), which sets the per-call overhead, both rates and the memory
+    bandwidth: folding a per-call cost into the rate would mispredict ops of other sizes (a decode-step fit
+    then triples prefill), and folding the weight reads of memory-bound ops (decode experts) into the
+    per-call overhead over-prices every op that reads little. In CPU mode (``hw.device == "cpu"``) the device
+    is the CPU: both sides' ops are one processor's, fitted together, and the fit sets both sides' fields. Where the rows cannot
     separate the terms, the scale is ``sum(predicted) / sum(measured)`` per category and rates are multiplied
     by it. A link's bandwidth (h2d, d2h, disk) is set so its copies' predicted seconds (latency + bytes /
     bandwidth each) sum to the measured ones. Categories without observations are left unchanged.
     """
     pred: dict[tuple[str, str], float] = {}
     meas: dict[tuple[str, str], float] = {}
-    compute_rows: dict[str, list[tuple[int, float, float, float]]] = {}
+    compute_rows: dict[str, list[tuple[int, float, float, float, int]]] = {}
     copies: dict[str, list[int]] = {}  # link -> [copies with bytes, bytes]
+    one_processor = hw.device == "cpu"
     for op, seconds in observations:
         cat = _category(op)
         if cat is None or seconds <= 0 or (op.link is not None and op.bytes <= 0):
             continue  # a copy of nothing (a prefill's KV load of an empty cache) says nothing of its link
-        dev = "cpu" if (op.link is None and op.device == "cpu") else "gpu"
+        dev = "cpu" if (op.link is None and op.device == "cpu" and not one_processor) else "gpu"
         pred[(cat, dev)] = pred.get((cat, dev), 0.0) + op_seconds(op, hw, dtype)
         meas[(cat, dev)] = meas.get((cat, dev), 0.0) + seconds
         if op.link is not None and op.bytes > 0:
@@ -94,14 +110,14 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
             c[0] += 1
             c[1] += op.bytes
         if cat in ("matmul", "attention"):
-            compute_rows.setdefault(dev, []).append((max(1, op.calls), op.flops, op.score_flops, seconds))
+            compute_rows.setdefault(dev, []).append((max(1, op.calls), op.flops, op.score_flops, seconds, op.bytes))
     changes: dict = {}
     fitted: set[str] = set()
     for dev, rows in compute_rows.items():
         fit = fit_compute(rows)
         if fit is None:
             continue
-        overhead, rate, attn_rate = fit
+        overhead, rate, attn_rate, bandwidth = fit
         on_cpu = dev == "cpu"
         mm_field = "cpu_matmul_flops" if on_cpu else "matmul_flops"
         old = getattr(hw, mm_field)
@@ -110,6 +126,8 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
         changes["cpu_op_overhead_s" if on_cpu else "op_overhead_s"] = overhead
         if attn_rate is not None:
             changes["cpu_attention_flops" if on_cpu else "attention_flops"] = attn_rate
+        if bandwidth is not None:
+            changes["cpu_mem_bandwidth" if on_cpu else "device_mem_bandwidth"] = bandwidth
         fitted.add(dev)
     for (cat, dev), p in pred.items():
         if cat in ("matmul", "attention") and dev in fitted:
@@ -126,4 +144,18 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
             count, nbytes = copies.get(cat, (0, 0))
             transfer = meas[(cat, dev)] - count * hw.transfer_latency_s  # the latency term stays as profiled
             changes[field] = nbytes / transfer if nbytes and transfer > 0 else getattr(hw, field) * s
+    if one_processor:
+        changes = same_processor(hw, changes)
     return replace(hw, source=f"{hw.source}+calibrated" if changes else hw.source, **changes)
+
+
+DEVICE_TO_CPU = {"matmul_flops": "cpu_matmul_flops", "attention_flops": "cpu_attention_flops",
+                 "op_overhead_s": "cpu_op_overhead_s", "device_mem_bandwidth": "cpu_mem_bandwidth"}
+
+
+def same_processor(hw, changes: dict) -> dict:
+    """CPU mode: ``changes`` to the device's compute fields applied to the CPU's too (one processor)."""
+    if hw.device != "cpu":
+        return changes
+    return changes | {DEVICE_TO_CPU[k]: (dict(v) if isinstance(v, dict) else v)
+                      for k, v in changes.items() if k in DEVICE_TO_CPU}

@@ -182,6 +182,12 @@ class ModelCosts:
         """Bytes of the hidden states of ``tokens`` tokens: [tokens, hidden_size] in the activation dtype."""
         return _nbytes(tokens * self.spec.hidden_size, self.act_bytes)
 
+    def residual_bytes(self, layer: int, tokens: int) -> int:
+        """Bytes the MLP's closing op moves besides weights for ``tokens`` tokens: the hidden rows read and
+        written back (the residual add) and, on a MoE layer, the routed experts' fp32 output [tokens, H] read."""
+        routed = tokens * self.spec.hidden_size * 4 if self.layers[layer].kind == "moe" else 0
+        return 2 * self.hidden_bytes(tokens) + routed
+
     def kv_bytes(self, tokens: int) -> int:
         """Bytes of the KV cache of ``tokens`` tokens over all layers."""
         return sum(layer.kv_bytes_per_token for layer in self.layers) * tokens

@@ -187,19 +187,24 @@ IDENTIFIED = 0.25  # a fitted term must explain this share of the measured compu
 
 
 def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations) -> HardwareProfile:
-    """``cal`` with each device compute term -- matmul rate, attention rate, per-call overhead -- reverted to
-    ``base``'s where the run's compute ops could not identify it (the term explains < IDENTIFIED of the
-    measured compute time). Each term is judged on its own: the attention rate can explain a run whose
-    matmuls are too small to say anything (judging it with the matmuls would revert a fit that explains
-    the run and leave a profile that predicts a fraction of it)."""
+    """``cal`` with each device compute term -- matmul rate, attention rate, per-call overhead, memory
+    bandwidth -- reverted to ``base``'s where the run's compute ops could not identify it (the term explains
+    < IDENTIFIED of the measured compute time). Each term is judged on its own: the attention rate can explain
+    a run whose matmuls are too small to say anything (judging it with the matmuls would revert a fit that
+    explains the run and leave a profile that predicts a fraction of it). In CPU mode the CPU's fields follow
+    the device's (one processor: :func:`klotski.calibration.same_processor`)."""
+    from klotski.calibration import same_processor
+
+    one_processor = base.device == "cpu"
     rows = [(op, s) for op, s in observations
-            if op.link is None and op.kind != "release" and op.device != "cpu" and s > 0]
+            if op.link is None and op.kind != "release" and (one_processor or op.device != "cpu") and s > 0]
     seconds = sum(s for _, s in rows)
     if not rows or seconds <= 0:
         return cal
     flops = sum(op.flops for op, _ in rows)
     score_flops = sum(op.score_flops for op, _ in rows)
     calls = sum(max(1, op.calls) for op, _ in rows)
+    nbytes = sum(op.bytes for op, _ in rows)
     rate = max(cal.matmul_flops.values()) if cal.matmul_flops else 0.0
     changes = {}
     if rate <= 0 or flops / rate < IDENTIFIED * seconds:
@@ -208,6 +213,9 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations) -
         changes["attention_flops"] = base.attention_flops
     if calls * cal.op_overhead_s < IDENTIFIED * seconds:
         changes["op_overhead_s"] = base.op_overhead_s
+    if cal.device_mem_bandwidth <= 0 or nbytes / cal.device_mem_bandwidth < IDENTIFIED * seconds:
+        changes["device_mem_bandwidth"] = base.device_mem_bandwidth
+    changes = same_processor(base, changes)
     return replace(cal, **changes) if changes else cal
 
 

@@ -1,13 +1,29 @@
 """CPU mode, host compute forced on: per-op measured seconds (the run's trace) next to the cost model's
-prediction on the profile the run was planned with, per op kind; and whether any KV-load span remains.
+prediction of the very op the builder emitted, per op kind; and whether any KV-load span remains.
 
-    python bench/e2e/host_compute_ops.py --model DIR [--policy klotski --prompt-len 256 --gen-len 8 --seqs 8]
+    python bench/e2e/host_compute_ops.py --model DIR [--policy klotski --prompt-len 256 --gen-len 8 --seqs 8
+        --repeats 2 --hardware FILE]
 
 (make a model with ``python bench/e2e/make_checkpoint.py mixtral-8x7b DIR --layers 4 --dtype float32 --override
 hidden_size=512 --override intermediate_size=1536 --override num_attention_heads=8 --override
-num_key_value_heads=2 --override head_dim=64 --override vocab_size=1024``). Runs twice: attention and cold
-experts on the CPU (``HostCompute("cpu", "cpu", "all")``) and everything on the device, both with the KV cache
-in host memory; prints a table and writes JSON under bench/results/. Do not run under TRITON_INTERPRET.
+num_key_value_heads=2 --override head_dim=64 --override vocab_size=1024``).
+
+Paired: the rows of a round run on one profile. The base is this machine measured in this process (its torch
+thread count; ``--hardware FILE`` instead: that profile for every round, not refitted); each round first fits it
+to a device-only run of the workload (``OffloadedSession.calibrate``, not cached: the bench never writes this
+machine's profile) and gives the result explicitly to both rows (an explicit profile is never refitted, so
+the rows cannot drift apart). Rows: attention and cold experts on the CPU (``HostCompute("cpu", "cpu",
+"all")``) and everything on the device, both with the KV cache in host memory; rounds rotate the rows' order,
+and the medians pool all rounds.
+
+Every compute span carries the cost of the builder's ops it ran (``cost``, :func:`klotski.runtime.trace.op_cost`);
+its predicted seconds are ``op_seconds`` of them (compute ops only: in CPU mode the act_d2h / act_h2d copies of
+the host lanes hand the same tensor over). ``--threads`` (default 1) sets torch's intra-op threads of every
+lane: with 2 per lane on 2 cores, concurrent lanes oversubscribe the cores and OpenMP barriers stall (an
+index_add_ of one row went from 0.04 to 17-38 ms here). In CPU mode all lanes share the machine's cores and
+memory, and ``op_seconds`` prices an op alone; the table therefore also gives the median over ops that ran
+alone (less than 10% of their span overlapped by a span of another lane). Prints a table and writes JSON
+under bench/results/. Do not run under TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -23,51 +39,103 @@ from klotski import LLM, SamplingParams
 from klotski.costs import op_seconds
 from klotski.program.host import HostCompute
 from klotski.runtime import OffloadedSession
-from klotski.schedule import Op
+from klotski.runtime.trace import cost_op
+
+COMPUTE_LANES = ("compute", "cpu_attn", "cpu_experts")
+ALONE = 0.10  # an op ran alone when other lanes' compute overlapped less than this share of its span
 
 
-def predicted(span, hw, dtype: str) -> tuple[str, float] | None:
-    """(op kind, predicted seconds) of a traced span, or None when the span is not a compute op."""
-    stream, _, _, _, args = span
-    kind = args.get("op")
-    if kind is None:
-        return None
-    device = "cpu" if stream in ("cpu_attn", "cpu_experts") else "gpu"
-    op = Op(0, kind, stream, device, 0, flops=float(args.get("flops", 0.0)),
-            score_flops=float(args.get("score_flops", 0.0)), bytes=int(args.get("kv_bytes", 0)),
-            calls=int(args.get("calls", args.get("experts", 1)) or 1))
-    return f"{kind}@{stream}", op_seconds(op, hw, dtype)
+def session(llm, args, host, hw):
+    llm.session.close()
+    llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, args.policy, args.gpu_memory,
+                                   None, None, num_batches=2, batch_size=args.seqs // 2, kv="cpu",
+                                   host_compute=host, hardware=hw)
+    return llm.session
 
 
-def run(args, host) -> dict:
-    prompts = [[(7 * i + j) % 500 + 3 for j in range(args.prompt_len)] for i in range(args.seqs)]
-    sp = SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
+def calibrated_profile(args, base):
+    """``base`` fitted to a device-only run of the workload (``OffloadedSession.calibrate``, not cached: the
+    bench leaves this machine's profile alone)."""
+    prompts, sp = workload(args)
     with LLM(args.model, device="cpu", dtype="float32") as llm:
-        llm.session.close()
-        llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, args.policy,
-                                       args.gpu_memory, None, None, num_batches=2, batch_size=args.seqs // 2,
-                                       kv="cpu", host_compute=host)
-        hw = llm.session.run_plan.hardware  # the profile the run was planned with (before any feedback)
-        llm.generate(prompt_token_ids=prompts, sampling_params=sp)  # warm-up run (the profile's feedback)
-        llm.session.reset_metrics()
+        s = session(llm, args, HostCompute(), base)
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        s.reset_metrics()
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        return s.calibrate(base=base, save=False)
+
+
+def workload(args):
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(args.prompt_len)] for i in range(args.seqs)]
+    return prompts, SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
+
+
+def overlap(span, others) -> float:
+    """Share of ``span``'s duration during which a span of another lane ran (in CPU mode every lane's work,
+    copies included, runs on the same cores)."""
+    stream, _, s, e, _ = span
+    cuts = sorted((max(s, a), min(e, b)) for st, _, a, b, _ in others if st != stream and a < e and b > s)
+    covered, end = 0.0, s
+    for a, b in cuts:
+        a = max(a, end)
+        if b > a:
+            covered, end = covered + b - a, b
+    return covered / (e - s) if e > s else 0.0
+
+
+def paired(spans, hw, dtype: str, prefill_steps: int):
+    """(kind@lane phase, measured s, predicted s, overlap share, cost) per compute span: its predicted seconds
+    are ``op_seconds`` of the builder's ops it ran (the span's ``cost`` arg). One batch group: its first
+    ``prefill_steps`` forwards are the prefill."""
+    out = []
+    for span in spans:
+        stream, _, s, e, a = span
+        if stream not in COMPUTE_LANES or "cost" not in a:
+            continue
+        pred = op_seconds(cost_op(a["cost"], stream), hw, dtype)
+        phase = "prefill" if a["step"] < prefill_steps else "decode"
+        out.append((f"{a['cost']['kind']}@{stream} {phase}", e - s, pred, overlap(span, spans), a["cost"]))
+    return out
+
+
+def run(args, host, hw) -> dict:
+    prompts, sp = workload(args)
+    with LLM(args.model, device="cpu", dtype="float32") as llm:
+        s = session(llm, args, host, hw)
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp)  # warm-up (explicit profile: no feed-back)
+        s.reset_metrics()
         t0 = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
         wall = time.perf_counter() - t0
-        spans = list(llm.executor.tracer.spans)
-        tokens = [o.token_ids for o in outs]
-    per: dict[str, list[float]] = {}
-    for span in spans:
-        got = predicted(span, hw, "float32")
-        if got is not None and got[1] > 0:
-            per.setdefault(got[0], []).append((span[3] - span[2]) / got[1])
-    kinds = {k: {"ops": len(v), "median_measured_over_predicted": statistics.median(v),
-                 "within_2x": sum(0.5 <= r <= 2.0 for r in v) / len(v)} for k, v in sorted(per.items())}
-    return {"host": host.describe(), "wall_s": wall, "kv_load_spans": sum(s[0] == "kv_load" for s in spans),
-            "streams": sorted({s[0] for s in spans}), "per_kind": kinds, "tokens": tokens,
-            "profile": f"{hw.name} [{hw.source}]"}
+        spans = list(s.executor.tracer.spans)
+        prefill_steps, group = max(1, s.executor.time["prefill_chunks"]), s.executor.group_size
+    if args.seqs > group:
+        raise SystemExit(f"--seqs {args.seqs} makes more than one batch group; the phase split assumes one")
+    return {"host": host.describe(), "wall_s": wall, "kv_load_spans": sum(sp[0] == "kv_load" for sp in spans),
+            "streams": sorted({sp[0] for sp in spans}), "ops": paired(spans, hw, "float32", prefill_steps),
+            "tokens": [o.token_ids for o in outs]}
 
 
-def main() -> None:
+def summarize(ops) -> dict:
+    per: dict[str, list] = {}
+    for kind, meas, pred, ov, cost in ops:
+        per.setdefault(kind, []).append((meas / pred, ov, meas, pred, cost))
+    out = {}
+    for kind, rows in sorted(per.items()):
+        ratios = [r[0] for r in rows]
+        alone = [r[0] for r in rows if r[1] < ALONE]
+        out[kind] = {"ops": len(rows), "median_measured_over_predicted": statistics.median(ratios),
+                     "within_2x": sum(0.5 <= r <= 2.0 for r in ratios) / len(ratios),
+                     "ops_alone": len(alone),
+                     "median_alone": statistics.median(alone) if alone else None,
+                     "median_overlap": statistics.median(r[1] for r in rows),
+                     "median_measured_s": statistics.median(r[2] for r in rows),
+                     "median_predicted_s": statistics.median(r[3] for r in rows),
+                     "median_calls": statistics.median(r[4]["calls"] for r in rows)}
+    return out
+
+
+def main() -> None:  # noqa: C901 - a table printer
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
     ap.add_argument("--policy", default="klotski", choices=("klotski", "flexgen", "layerwise"))
@@ -75,27 +143,57 @@ def main() -> None:
     ap.add_argument("--gen-len", type=int, default=8)
     ap.add_argument("--seqs", type=int, default=8)
     ap.add_argument("--gpu-memory", default="48MiB", help="device budget (small: experts live in host memory)")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of both rows, in rotated order")
+    ap.add_argument("--hardware", default=None, help="a profile JSON for every row (default: calibrate first)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (per lane: each host lane runs its own ops with this many)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("unset TRITON_INTERPRET: its profile and timings are not this machine's")
-    rows = [run(args, HostCompute("cpu", "cpu", "all")), run(args, HostCompute())]
-    same = rows[0]["tokens"] == rows[1]["tokens"]
-    for r in rows:
-        print(f"\n{r['host']}: wall {r['wall_s']:.2f} s, KV-load spans {r['kv_load_spans']}, streams "
-              f"{', '.join(r['streams'])}; profile {r['profile']}")
-        print(f"  {'op@lane':<24} {'ops':>5} {'measured/predicted (median)':>28} {'within 2x':>10}")
-        for k, v in r["per_kind"].items():
-            print(f"  {k:<24} {v['ops']:>5} {v['median_measured_over_predicted']:>28.2f} {v['within_2x']:>10.0%}")
+    if args.seqs < 2:
+        raise SystemExit(f"--seqs must be at least 2 (two micro-batches), got {args.seqs}")
+    from klotski.hardware import load_profile, measure_profile
+
+    base = load_profile(args.hardware) if args.hardware else measure_profile(device="cpu")
+    configs = [HostCompute("cpu", "cpu", "all"), HostCompute()]
+    rows = {h.describe(): {"host": h.describe(), "runs": []} for h in configs}
+    tokens, profiles = {}, []
+    for r in range(args.repeats):
+        hw = base if args.hardware else calibrated_profile(args, base)  # this round's rows share it
+        profiles.append(hw.to_dict())
+        print(f"round {r + 1}: profile {hw.name} [{hw.source}], overhead {1e3 * hw.op_overhead_s:.3f} ms/call, "
+              f"matmul {hw.matmul_flops['float32'] / 1e9:.1f} GFLOP/s, attention {hw.attention_flops / 1e9:.1f} "
+              f"GFLOP/s, memory {hw.device_mem_bandwidth / 1e9:.2f} GB/s")
+        for h in configs[r % 2:] + configs[: r % 2]:
+            got = run(args, h, hw)
+            rows[got["host"]]["runs"].append(got)
+            tokens.setdefault(got["host"], got["tokens"])
+    same = len({json.dumps(t) for t in tokens.values()}) == 1
+    result = []
+    for row in rows.values():
+        runs = row["runs"]
+        row = {"host": row["host"], "wall_s": [x["wall_s"] for x in runs],
+               "kv_load_spans": [x["kv_load_spans"] for x in runs], "streams": runs[0]["streams"],
+               "per_kind": summarize([op for x in runs for op in x["ops"]])}
+        result.append(row)
+        print(f"\n{row['host']}: wall {', '.join(f'{w:.2f}' for w in row['wall_s'])} s, KV-load spans "
+              f"{row['kv_load_spans']}, streams {', '.join(row['streams'])}")
+        print(f"  {'op@lane':<22} {'ops':>5} {'meas/pred':>9} {'within 2x':>9} {'alone':>5} {'meas/pred alone':>15} "
+              f"{'overlap':>7} {'meas ms':>8} {'pred ms':>8} {'calls':>5}")
+        for k, v in row["per_kind"].items():
+            alone = f"{v['median_alone']:.2f}" if v["median_alone"] is not None else "-"
+            print(f"  {k:<22} {v['ops']:>5} {v['median_measured_over_predicted']:>9.2f} {v['within_2x']:>9.0%} "
+                  f"{v['ops_alone']:>5} {alone:>15} {v['median_overlap']:>7.0%} {1e3 * v['median_measured_s']:>8.2f} "
+                  f"{1e3 * v['median_predicted_s']:>8.2f} {v['median_calls']:>5}")
     print(f"\nsame greedy tokens with and without host compute: {same}")
     out = args.out or os.path.join("bench", "results", time.strftime("%Y%m%d") + "-host-compute-ops-cpu.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    for r in rows:
-        r.pop("tokens")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    command = "python bench/e2e/host_compute_ops.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
     with open(out + ".tmp", "w") as f:
-        json.dump({"command": "python bench/e2e/host_compute_ops.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"), "same_tokens": same,
-            "rows": rows}, f, indent=2)
+        json.dump({"command": command, "profiles": profiles, "same_tokens": same, "rows": result}, f, indent=2)
     os.replace(out + ".tmp", out)
     print(f"wrote {out}")
 

@@ -310,23 +310,26 @@ def cpu_experts(b: Builder, layer: int, batch: int | None, experts: tuple[int, .
 
 
 def gate(b: Builder, layer: int, batch: int, weights: int | None):
-    """The router of micro-batch ``batch`` (its routing is in the view once this op has run)."""
+    """The router of micro-batch ``batch`` (its routing is in the view once this op has run). It reads the
+    router's weights and the micro-batch's hidden rows (more bytes than the weights from a few tokens up)."""
     ctx = b.ctx
     lc, tokens = ctx.costs.layers[layer], ctx.shape.tokens_per_batch
     op = b.add("gate", "compute", "gpu", layer, batch=batch, tensor="gate", deps=(weights,), tokens=tokens,
-               flops=ctx.costs.gate_flops(layer, tokens), bytes=lc.gate_bytes)
+               flops=ctx.costs.gate_flops(layer, tokens), bytes=lc.gate_bytes + ctx.costs.hidden_bytes(tokens))
     yield op
     return op.id
 
 
 def finish_mlp(b: Builder, layer: int, batch: int | None, weights: int | None, deps=()):
     """The shared expert (or a dense layer's MLP) and the residual add of the routed output, over micro-batch
-    ``batch`` (None: the whole group)."""
+    ``batch`` (None: the whole group). Bytes: the shared / MLP weights and the residual stream it updates
+    (:meth:`~klotski.costs.ModelCosts.residual_bytes`: without a shared expert, all this op moves)."""
     ctx = b.ctx
     lc = ctx.costs.layers[layer]
     tokens = ctx.shape.tokens_per_batch * (ctx.shape.n if batch is None else 1)
     op = b.add("shared", "compute", "gpu", layer, batch=batch, tensor="shared", deps=(weights, *deps),
-               tokens=tokens, flops=ctx.costs.shared_flops(layer, tokens), bytes=lc.shared_bytes)
+               tokens=tokens, flops=ctx.costs.shared_flops(layer, tokens),
+               bytes=lc.shared_bytes + ctx.costs.residual_bytes(layer, tokens))
     yield op
     return op.id
 

@@ -120,6 +120,7 @@ class StepInterpreter:
         builder = Builder(self.context(st))
         view.group_tokens, view.n = int(st.valid.sum()), builder.ctx.shape.n
         routing = RecordingView(view) if self.record else view
+        ex.tracer.bind_ops(builder.ops)  # spans carry the cost of the ops they run
         if self.record:
             ex.tracer.op_log = []
         step = _Step(ex, st, view, builder.ctx, per_batch_routing=self.policy == "layerwise")

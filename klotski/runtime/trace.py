@@ -32,12 +32,40 @@ class Tracer:
         self.compute_busy = 0.0
         self.wall = 0.0
         self.op_log: list[tuple[str, int]] | None = None  # (lane, op id) as executed; on when a list is set
+        self.step = -1  # forwards traced since the last reset (a span's "step" arg: which step's op ids it ran)
+        self._lane_ops: dict[str, tuple[int, ...]] = {}  # lane -> the op ids its next span runs
+        self._step_ops: list | None = None  # the running step's op list (the builder's, as it grows)
 
     def log_ops(self, lane: str, op_ids) -> None:
-        """Record that ``lane`` executes the ops ``op_ids`` now (their ids in the step's op list)."""
-        if self.op_log is not None and op_ids:
-            with self._lock:
+        """Record that ``lane`` executes the ops ``op_ids`` now (their ids in the step's op list); the lane's next
+        span carries them (args ``op_ids`` and ``step``), so a span can be paired with the ops it ran."""
+        if not op_ids:
+            return
+        with self._lock:
+            self._lane_ops[lane] = tuple(int(i) for i in op_ids)
+            if self.op_log is not None:
                 self.op_log.extend((lane, i) for i in op_ids)
+
+    def bind_ops(self, ops: list) -> None:
+        """The running step's op list (the builder's list, appended to as ops are built): a span that runs
+        compute ops of it carries their cost description (arg ``cost``, :func:`op_cost`)."""
+        with self._lock:
+            self._step_ops = ops
+
+    def _tag(self, stream_name: str, args: dict) -> dict:
+        """``args`` with the op ids ``stream_name`` last logged (taken: one span per log) and, when they are
+        compute ops of the bound step, what the builder said they cost (``cost``)."""
+        with self._lock:
+            ids = self._lane_ops.pop(stream_name, None)
+            ops = self._step_ops
+        if ids is None:
+            return args
+        args = {**args, "op_ids": ids, "step": self.step}
+        if ops is not None:
+            cost = op_cost([ops[i] for i in ids if i < len(ops)])
+            if cost is not None:
+                args["cost"] = cost
+        return args
 
     def now(self) -> float:
         return time.perf_counter() - self._t0
@@ -52,6 +80,7 @@ class Tracer:
         return self.now()
 
     def end(self, stream_name: str, name: str, start, stream=None, **args) -> None:
+        args = self._tag(stream_name, args)
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(stream) if stream is not None else ev.record()
@@ -69,6 +98,9 @@ class Tracer:
 
     # ---- forward windows -------------------------------------------------------------------------------
     def start_window(self):
+        with self._lock:
+            self.step += 1
+            self._lane_ops.clear()
         if self.cuda:
             torch.cuda.synchronize()
             self._base_event = torch.cuda.Event(enable_timing=True)
@@ -79,7 +111,7 @@ class Tracer:
     def host_span(self, stream_name: str, name: str, start: float, **args) -> None:
         """A span of host work (CPU attention, CPU experts) from ``start`` (:meth:`now`) to now, on the host
         clock whatever the device."""
-        self.add(stream_name, name, start, self.now(), **args)
+        self.add(stream_name, name, start, self.now(), **self._tag(stream_name, args))
 
     def end_window(self, start: float) -> None:
         if self.cuda:
@@ -109,12 +141,17 @@ class Tracer:
             self.spans.clear()
             self._pending.clear()
             self._windows.clear()
+            self._lane_ops.clear()
+            self._step_ops = None
+            self.step = -1
             self.compute_busy = 0.0
             self.wall = 0.0
 
     def observations(self) -> list:
         """(op, measured seconds) of every traced span, as :class:`klotski.schedule.Op` s the cost model can
-        time: compute spans carry their FLOPs (``op``, ``flops``, ``score_flops``, ``calls``); a weight load
+        time: a compute span run by the step interpreter carries the cost of the builder's ops it ran (``cost``:
+        FLOPs, bytes read, kernel calls, device; on the compute stream and on the host lanes), one traced
+        outside it its FLOPs (``op``, ``flops``, ``score_flops``, ``calls``); a weight load
         from disk (``tier`` "disk"/"store", serial on its lane) is a ``disk`` read of ``read_bytes`` in
         ``read_s`` seconds (the time spent waiting on the reads) and an ``h2d`` copy of all its bytes in the
         rest, as the schedule models it; one from host memory an ``h2d`` copy, KV loads / stores ``h2d`` /
@@ -129,7 +166,9 @@ class Tracer:
             sec = end - start
             if sec <= 0:
                 continue
-            if stream == "compute" and "op" in args:
+            if "cost" in args:  # compute ops as the builder described them (on any lane)
+                op = cost_op(args["cost"], stream)
+            elif stream == "compute" and "op" in args:
                 op = Op(0, args["op"], "compute", "gpu", 0, flops=float(args.get("flops", 0.0)),
                         score_flops=float(args.get("score_flops", 0.0)), calls=int(args.get("calls", 1)))
             elif stream in ("kv_load", "kv_store"):
@@ -180,3 +219,23 @@ class Tracer:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def op_cost(ops) -> dict | None:
+    """What the compute ops among ``ops`` (:class:`klotski.schedule.Op`, one span's) cost, as the builder
+    described them: kind and device of the first, FLOPs, score FLOPs, bytes read, kernel calls and tokens
+    summed (JSON-ready: a span arg). None when there is no compute op."""
+    ops = [op for op in ops if op.is_compute]
+    if not ops:
+        return None
+    return {"kind": ops[0].kind, "device": ops[0].device, "flops": float(sum(op.flops for op in ops)),
+            "score_flops": float(sum(op.score_flops for op in ops)), "bytes": int(sum(op.bytes for op in ops)),
+            "calls": int(sum(max(1, op.calls) for op in ops)), "tokens": int(sum(op.tokens for op in ops))}
+
+
+def cost_op(cost: dict, stream: str = "compute"):
+    """The :class:`klotski.schedule.Op` a span's ``cost`` arg describes (what ``op_seconds`` prices)."""
+    from klotski.schedule import Op
+
+    return Op(0, cost["kind"], stream, cost["device"], 0, flops=cost["flops"], score_flops=cost["score_flops"],
+              bytes=cost["bytes"], calls=cost["calls"], tokens=cost["tokens"])

@@ -19,24 +19,24 @@ from klotski.schedule import Placement
 P = Placement
 PINS = {  # (model, hardware) -> policy -> (batch, n, placement, num_hot, overlap, tokens/s)
     ('mixtral-8x7b', 'rtx3090-pcie4'): {
-        'layerwise': (128, 1, P(kv='cpu'), None, False, 21.625122059014764),
-        'flexgen': (16, 24, P(attn='cpu', kv='cpu'), None, True, 36.5745274971441),
-        'klotski': (16, 24, P(kv='cpu'), 2, False, 37.225563567112204),
+        'layerwise': (128, 1, P(kv='cpu'), None, False, 21.61341090641679),
+        'flexgen': (16, 24, P(attn='cpu', kv='cpu'), None, True, 36.541021180688176),
+        'klotski': (16, 24, P(kv='cpu'), 2, False, 37.19086807892181),
     },
     ('mixtral-8x22b', 'h800-pcie5'): {
-        'layerwise': (256, 1, P(kv='cpu'), None, False, 37.09807735924748),
-        'flexgen': (128, 6, P(attn='cpu', kv='cpu'), None, True, 80.9846383265544),
-        'klotski': (128, 6, P(kv='cpu'), 2, False, 82.82998645181728),
+        'layerwise': (256, 1, P(kv='cpu'), None, False, 37.09740215211011),
+        'flexgen': (128, 6, P(attn='cpu', kv='cpu'), None, True, 80.77372861417585),
+        'klotski': (128, 6, P(kv='cpu'), 2, False, 82.60941636438626),
     },
     ('qwen1.5-moe-a2.7b', 't4'): {
         'layerwise': (128, 1, P(experts_gpu=5, kv='cpu'), None, False, 27.413620600523256),
-        'flexgen': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.507358583465724),
-        'klotski': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.507358583465724),
+        'flexgen': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.50727635321925),
+        'klotski': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.50727635321925),
     },
     ('deepseek-v2-lite', 'h100-80gb'): {
-        'layerwise': (512, 1, P(experts_gpu=64, kv='gpu'), None, False, 5679.668837171057),
-        'flexgen': (512, 1, P(experts_gpu=64, kv='gpu'), None, True, 5679.668837171058),
-        'klotski': (512, 1, P(experts_gpu=64, kv='gpu'), None, False, 5679.668837171058),
+        'layerwise': (512, 1, P(experts_gpu=64, kv='gpu'), None, False, 5664.476463524006),
+        'flexgen': (512, 1, P(experts_gpu=64, kv='gpu'), None, True, 5664.476463524006),
+        'klotski': (512, 1, P(experts_gpu=64, kv='gpu'), 6, False, 5664.476463524006),
     },
 }
 

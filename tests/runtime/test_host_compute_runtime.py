@@ -78,6 +78,43 @@ def test_host_lanes_run_the_builders_ops(checkpoints, monkeypatch, policy):
     assert {"cpu_attn", "cpu_experts"} <= lanes and "kv_load" not in lanes
 
 
+@pytest.mark.parametrize("policy", ["flexgen", "klotski"])
+def test_traced_costs_are_the_builders_ops_and_count_the_calls_that_ran(checkpoints, monkeypatch, policy):
+    """Every compute span carries the cost of the builder's ops it ran (what calibration and the per-op bench
+    price); the CPU expert op's calls are the expert calls the host lane makes (one per expert), and a device
+    expert op's calls are the experts its grouped call computes."""
+    import klotski.runtime.compute as compute_mod
+
+    calls = []
+    real = compute_mod.fused_moe_torch
+    monkeypatch.setattr(compute_mod, "fused_moe_torch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    path, ref_toks, _ = reference(checkpoints, "mixtral")
+    with LLM(path, device="cpu") as llm:
+        llm.session.close()
+        llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, policy, "700KiB", None,
+                                       None, num_batches=2, batch_size=2, kv="cpu", host_compute=FORCED,
+                                       hardware=FIXED)
+        llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)  # (includes the session's untraced warm-up)
+        llm.session.reset_metrics()
+        calls.clear()
+        toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+        spans = list(llm.executor.tracer.spans)
+        observed = llm.executor.tracer.observations()
+    assert toks == ref_toks
+    compute = [s for s in spans if s[0] in ("compute", "cpu_attn", "cpu_experts") and "op" in s[4]]
+    assert compute and all("cost" in s[4] for s in compute)
+    host = [s[4]["cost"] for s in compute if s[0] == "cpu_experts"]
+    assert host and all(c["kind"] == "experts" and c["device"] == "cpu" for c in host)
+    assert sum(c["calls"] for c in host) == len(calls)  # one fused_moe_torch call per host expert
+    for stream, _, _, _, args in compute:
+        if stream == "compute" and args["op"] == "experts":
+            assert args["cost"]["calls"] == max(1, args["experts"])  # the experts the grouped call computed
+    attn = [s[4]["cost"] for s in compute if s[0] == "cpu_attn"]
+    assert attn and all(c["kind"] == "attn_core" and c["device"] == "cpu" and c["bytes"] > 0 for c in attn)
+    on_cpu = [op for op, _ in observed if op.link is None and op.device == "cpu"]
+    assert len(on_cpu) == len(host) + len(attn)  # host lanes' ops reach calibration, as CPU ops
+
+
 def test_decode_on_the_cpu_after_a_staged_prefill_and_the_rule(checkpoints):
     """Prefill attention on the device (KV staged from and back to host memory), decode on the CPU over the same
     host cache; cold experts by the rule on this machine's profile."""
