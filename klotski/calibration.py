@@ -26,16 +26,16 @@ def _category(op) -> str | None:
 
 def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float, float | None, float | None] | None:
     """Least squares ``seconds = calls * overhead + flops / rate + score_flops / attn_rate [+ bytes / bandwidth]``
-    over compute ops, in relative error (each op one observation, whatever its size: a fit in absolute seconds
-    lets the largest ops set every term, and a per-call overhead that absorbs their error over-prices every
-    small op, e.g. a gate, tenfold).
+    over compute ops, in the log of each op's measured / predicted ratio (:func:`_log_fit`; each op one
+    observation, whatever its size: a fit in absolute seconds lets the largest ops set every term, and a
+    per-call overhead that absorbs their error over-prices every small op, e.g. a gate, tenfold).
 
     ``rows``: (calls, flops, score_flops, measured seconds[, bytes read]). -> (overhead s per call, matmul
     FLOP/s, attention FLOP/s or None when no op had score FLOPs) with, when rows carry bytes, a fourth item:
     the memory bandwidth in bytes/s (None when the bytes term was not fitted), or None when no model fits
     with positive terms. When the full model gives a non-positive coefficient (noise, or a term the ops
     cannot separate), smaller models are tried: without the bytes term, score FLOPs at the matmul rate, then
-    no per-call overhead; the positive fit with the least squared relative error wins.
+    no per-call overhead; the positive fit with the least squared log ratio wins.
     """
     import numpy as np
 
@@ -56,18 +56,19 @@ def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float,
     models.append(([flops + score], lambda c: (0.0, c[0], c[0] if has_scores else None)))
     if with_bytes and (nbytes > 0).any():  # each model with the memory term too (tried first)
         models = [(cols + [nbytes], unpack) for cols, unpack in models] + models
-    weight = 1.0 / np.maximum(y, 1e-12)
+    y = np.maximum(y, 1e-12)
     best = None
     for cols, unpack in models:
         A = np.stack(cols, axis=1)
         if len(rows) < A.shape[1] + 1 or np.linalg.matrix_rank(A) < A.shape[1]:
             continue
-        scale = A.max(axis=0)
-        coef, *_ = np.linalg.lstsq(A / scale * weight[:, None], y * weight, rcond=None)
-        coef = coef / scale
-        if (coef <= 0).any():
+        coef = _log_fit(A, y)
+        if coef is None:
             continue
-        err = float((((A @ coef - y) * weight) ** 2).sum())
+        pred = A @ coef
+        if (pred <= 0).any():  # an op this model prices at nothing (all its columns zero)
+            continue
+        err = float((np.log(pred / y) ** 2).sum())
         if best is None or err < best[0]:
             best = (err, unpack(coef), coef[-1] if cols[-1] is nbytes else None)
     if best is None:
@@ -79,6 +80,31 @@ def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float,
     return out
 
 
+def _log_fit(A, y, rounds: int = 4):
+    """Positive coefficients c of ``y ~ A @ c`` minimizing, nearly, the squared log ratio of measured to
+    predicted (each op's factor off, the error a "within 2x" claim is about): iteratively reweighted least
+    squares, weights 1 / y first (relative error), then 1 / sqrt(y * prediction) (the residual becomes
+    sqrt(p / y) - sqrt(y / p), symmetric in the ratio and equal to its log to first order). A plain relative
+    fit under-prices ops whose times spread (a preempted op counts at most -1, a fast one without bound).
+    None when the first fit has a non-positive coefficient; later rounds that would are not taken."""
+    import numpy as np
+
+    scale = A.max(axis=0)
+    coef = None
+    weight = 1.0 / y
+    for _ in range(rounds):
+        got, *_ = np.linalg.lstsq(A / scale * weight[:, None], y * weight, rcond=None)
+        got = got / scale
+        if (got <= 0).any():
+            break
+        coef = got
+        pred = A @ coef
+        if (pred <= 0).any():
+            break
+        weight = 1.0 / np.sqrt(y * pred)
+    return coef
+
+
 def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bfloat16"):
     """A profile whose parameters are fitted so predicted op times match measured ones.
 
@@ -87,11 +113,13 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
     memory bandwidth`` (:func:`fit_compute`), which sets the per-call overhead, both rates and the memory
     bandwidth: folding a per-call cost into the rate would mispredict ops of other sizes (a decode-step fit
     then triples prefill), and folding the weight reads of memory-bound ops (decode experts) into the
-    per-call overhead over-prices every op that reads little. In CPU mode (``hw.device == "cpu"``) the device
-    is the CPU: both sides' ops are one processor's, fitted together, and the fit sets both sides' fields. Where the rows cannot
-    separate the terms, the scale is ``sum(predicted) / sum(measured)`` per category and rates are multiplied
-    by it. A link's bandwidth (h2d, d2h, disk) is set so its copies' predicted seconds (latency + bytes /
-    bandwidth each) sum to the measured ones. Categories without observations are left unchanged.
+    per-call overhead over-prices every op that reads little. The fit is additive; ``op_seconds`` takes the
+    larger of the compute and memory terms, so an op whose two terms are equal is predicted up to 2x short.
+    In CPU mode (``hw.device == "cpu"``) the device is the CPU: both sides' ops are one processor's, fitted
+    together, and the fit sets both sides' fields. Where the rows cannot separate the terms, the scale is
+    ``sum(predicted) / sum(measured)`` per category and rates are multiplied by it. A link's bandwidth (h2d,
+    d2h, disk) is set so its copies' predicted seconds (latency + bytes / bandwidth each) sum to the measured
+    ones. Categories without observations are left unchanged.
     """
     pred: dict[tuple[str, str], float] = {}
     meas: dict[tuple[str, str], float] = {}

@@ -140,3 +140,35 @@ def test_calibration_falls_back_to_a_smaller_positive_model():
     assert overhead > 0 and rate > 0 and attn == rate  # the merged model
     assert overhead == pytest.approx(1e-3, rel=0.3) and rate == pytest.approx(80e9, rel=0.3)
     assert fit_compute([(1, 1e6, 0, 1e-3)]) is None  # one row cannot separate anything
+
+
+def test_calibration_separates_weight_reads_from_per_call_overhead():
+    """A run of gates (one call, few bytes), decode experts (a call per expert, each reading its weights) and
+    prefill experts (FLOPs), timed as calls * 0.1 ms + flops / 40 GFLOP/s + bytes / 3 GB/s: with the bytes the
+    ops read, the fit recovers all three terms and prices every op within 2x of its time; without them, the
+    per-call overhead absorbs the experts' weight reads and a gate is priced many times its time."""
+    from dataclasses import replace
+
+    hw = replace(preset("rtx3090"), device="cpu")
+    overhead, rate, bw, expert_bytes = 1e-4, 40e9, 3e9, 9_437_184
+
+    def op(i, kind, calls, flops, nbytes):
+        return Op(i, kind, "compute", "gpu", 0, flops=flops, calls=calls, bytes=nbytes)
+
+    ops = [op(i, "gate", 1, 2e4 * (1 + i % 4), 16_384 + 4096 * (i % 4)) for i in range(20)]
+    ops += [op(20 + i, "experts", 1 + i % 4, 2e7 * (1 + i % 3), (1 + i % 4) * expert_bytes) for i in range(20)]
+    ops += [op(40 + i, "experts", 1 + i % 3, 2e9 * (1 + i % 2), (1 + i % 3) * expert_bytes) for i in range(10)]
+
+    def measured(o):
+        return o.calls * overhead + o.flops / rate + o.bytes / bw
+
+    fit = calibrate(hw, [(o, measured(o)) for o in ops], dtype="float32")
+    assert fit.op_overhead_s == pytest.approx(overhead, rel=1e-3)
+    assert fit.matmul_flops["float32"] == pytest.approx(rate, rel=1e-3)
+    assert fit.device_mem_bandwidth == pytest.approx(bw, rel=1e-3)
+    assert all(0.5 <= measured(o) / op_seconds(o, fit, "float32") <= 2.0 for o in ops)
+    # CPU mode: the device is the CPU, so its CPU-side fields are the same fit
+    assert fit.cpu_op_overhead_s == fit.op_overhead_s and fit.cpu_mem_bandwidth == fit.device_mem_bandwidth
+    assert fit.cpu_matmul_flops == fit.matmul_flops
+    blind = calibrate(hw, [(replace(o, bytes=0), measured(o)) for o in ops], dtype="float32")
+    assert not all(0.5 <= measured(o) / op_seconds(replace(o, bytes=0), blind, "float32") <= 2.0 for o in ops)
