@@ -36,6 +36,12 @@ def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float,
     with positive terms. When the full model gives a non-positive coefficient (noise, or a term the ops
     cannot separate), smaller models are tried: without the bytes term, score FLOPs at the matmul rate, then
     no per-call overhead; the positive fit with the least squared log ratio wins.
+
+    The log fit gives the terms' shape from the typical op; its level is then scaled so that the model sums to
+    the run's measured total (what a plan's tokens/s depends on). On a quiet machine the scale is about 1; on
+    a shared one, where other jobs preempt some ops for many times their length, the total is the mean cost
+    of an op on that machine and the typical op measures faster than priced, by the run's total over its
+    typical (the bench of host compute reports both).
     """
     import numpy as np
 
@@ -69,6 +75,7 @@ def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float,
         if (pred <= 0).any():  # an op this model prices at nothing (all its columns zero)
             continue
         err = float((np.log(pred / y) ** 2).sum())
+        coef = coef * (y.sum() / pred.sum())  # the level: the run's total (see the docstring)
         if best is None or err < best[0]:
             best = (err, unpack(coef), coef[-1] if cols[-1] is nbytes else None)
     if best is None:

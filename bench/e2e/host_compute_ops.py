@@ -55,14 +55,19 @@ def session(llm, args, host, hw):
 
 def calibrated_profile(args, base):
     """``base`` fitted to a device-only run of the workload (``OffloadedSession.calibrate``, not cached: the
-    bench leaves this machine's profile alone)."""
+    bench leaves this machine's profile alone) -> (profile, the fitted run's typical and total measured /
+    predicted: the fit matches the total, so a typical op of a run with preempted ops measures faster)."""
     prompts, sp = workload(args)
     with LLM(args.model, device="cpu", dtype="float32") as llm:
         s = session(llm, args, HostCompute(), base)
         llm.generate(prompt_token_ids=prompts, sampling_params=sp)
         s.reset_metrics()
         llm.generate(prompt_token_ids=prompts, sampling_params=sp)
-        return s.calibrate(base=base, save=False)
+        hw = s.calibrate(base=base, save=False)
+        ops = paired(list(s.executor.tracer.spans), hw, "float32", 1)
+    typical = statistics.median(meas / pred for _, meas, pred, _, _ in ops)
+    total = sum(meas for _, meas, _, _, _ in ops) / sum(pred for _, _, pred, _, _ in ops)
+    return hw, {"median_measured_over_predicted": typical, "total_measured_over_predicted": total}
 
 
 def workload(args):
@@ -161,11 +166,13 @@ def main() -> None:  # noqa: C901 - a table printer
     rows = {h.describe(): {"host": h.describe(), "runs": []} for h in configs}
     tokens, profiles = {}, []
     for r in range(args.repeats):
-        hw = base if args.hardware else calibrated_profile(args, base)  # this round's rows share it
-        profiles.append(hw.to_dict())
+        hw, fitted = (base, {}) if args.hardware else calibrated_profile(args, base)  # this round's rows share it
+        profiles.append({"profile": hw.to_dict(), "calibration_run": fitted})
         print(f"round {r + 1}: profile {hw.name} [{hw.source}], overhead {1e3 * hw.op_overhead_s:.3f} ms/call, "
               f"matmul {hw.matmul_flops['float32'] / 1e9:.1f} GFLOP/s, attention {hw.attention_flops / 1e9:.1f} "
-              f"GFLOP/s, memory {hw.device_mem_bandwidth / 1e9:.2f} GB/s")
+              f"GFLOP/s, memory {hw.device_mem_bandwidth / 1e9:.2f} GB/s"
+              + (f"; its calibration run: median op {fitted['median_measured_over_predicted']:.2f}, total "
+                 f"{fitted['total_measured_over_predicted']:.2f} measured / predicted" if fitted else ""))
         for h in configs[r % 2:] + configs[: r % 2]:
             got = run(args, h, hw)
             rows[got["host"]]["runs"].append(got)
