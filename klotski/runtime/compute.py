@@ -3,7 +3,8 @@ shared expert / dense MLP, and the per-step state they work on (:class:`StepStat
 
 Hidden states of the whole batch group stay on the device (``StepState.x`` [B, S, H]); micro-batch ``k`` is
 the row range ``cache.rows[k]``. Routed experts accumulate into one fp32 output [T, H] over the valid tokens,
-cast once when the layer's MLP finishes. Every op is traced with its FLOPs (for calibration).
+cast once when the layer's MLP finishes. Every op is traced with its FLOPs; the tracer adds the cost of the
+builder's ops it ran (``cost``: FLOPs, bytes, calls), which calibration and the per-op bench price.
 
 Host-side compute (:mod:`klotski.program.host`) runs on lanes of its own: attention over a KV cache in host
 memory (:meth:`Compute.attention_qkv` on the device, :meth:`Compute.attention_on_host` on the ``cpu_attn``

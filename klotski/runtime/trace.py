@@ -6,6 +6,10 @@ pair of CUDA events on the compute stream and a copy span a pair on its copy str
 forward synchronizes, so spans show when the GPU ran them. ``bubble_fraction`` = 1 - (union of compute
 spans) / (wall time of the traced forwards). ``write_chrome`` writes Chrome/Perfetto JSON,
 ``write_timeline`` a PNG of the streams.
+
+A span carries the ids of the ops it ran (``op_ids``, ``step``: what :meth:`Tracer.log_ops` last logged on its
+lane) and, for compute ops, their cost as the op builder described it (``cost``: :func:`op_cost`), so
+:meth:`Tracer.observations` hands calibration the same op the planner and the simulator price.
 """
 from __future__ import annotations
 
