@@ -14,8 +14,8 @@ the KV never pushes experts to disk), three answers to "decode attention on the 
 * **isolated**: one layer with nothing overlapped (``klotski.program.host.attention_seconds``): KV copy in +
   device attention + the new columns out, against Q/K/V out + CPU attention over the host KV + the output back.
 
-The two analytic crossovers bracket the planner's in every configuration of the default sweep: it moves no
-earlier than the earlier of them and no later than the later.
+In every configuration of the default sweep the planner moves no later than the roofline crossover and no
+earlier than the earlier of the two analytic ones (tests/planner/test_host_compute.py asserts it for three).
 
 The column shows the first L of the grid where each says "cpu" (``-``: never) and the planner's choices as a string
 (g / c per grid point). PREDICTIONS of the cost model on preset hardware, not measurements. Writes JSON and markdown
