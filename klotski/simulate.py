@@ -1,10 +1,14 @@
 """Discrete-event simulation of a :class:`~klotski.schedule.Schedule` on a hardware profile.
 
 Rules: each stream runs its ops in issue order, one at a time; an op starts when its stream is free, its
-dependencies have finished and, for a copy, its link (h2d / d2h / disk) is free; when a link frees, the
-waiting copy of the most urgent stream goes first (:data:`LINK_PRIORITY`: KV loads, then post-gate expert
-loads, then prefetches; like CUDA stream priorities), then the earliest ready, then issue order. A copy
-is never preempted. Memory: ``mem_alloc`` is taken at an op's
+dependencies have finished and, for a copy, its link (h2d / d2h / disk) is free, for a compute op on the host, the
+CPU is free (the attention and cold-expert lanes each use all its cores, so they take turns). When a link or the
+CPU frees, the waiting op of the most urgent stream goes first (:data:`LINK_PRIORITY`: KV and attention
+activations, then post-gate expert loads, then prefetches), then the earliest ready, then issue order. A copy is
+never preempted, but an urgent copy (KV, the host attention lane's activations: priority :data:`URGENT`) does
+not wait for a weight copy in flight: it runs on its own stream, which a second copy engine serves beside the
+first (GPUs have two or more per direction), and the bandwidth it takes delays the link's next copy by its own
+duration (the link's busy time is conserved; only who waits changes). Memory: ``mem_alloc`` is taken at an op's
 start, ``mem_free`` returned at its end (frees before allocations at the same instant), on top of the
 schedule's static memory. Result: makespan, busy time per stream, bubble fraction of the compute stream,
 peak memory per tier, and every op's start / finish (for traces).
@@ -22,10 +26,34 @@ from typing import Callable
 import numpy as np
 
 from klotski.costs import op_seconds
-from klotski.schedule import TIERS, Op, Schedule, build_schedule
+from klotski.schedule import COMPUTE_KINDS, TIERS, Op, Schedule, build_schedule
 
 
 LINK_PRIORITY = {"kv_load": 0, "kv_store": 0, "cpu_attn": 0, "cpu_experts": 1, "expert_io": 1, "prefetch": 2}
+URGENT = 0  # copies of this priority (KV, attention activations) do not wait for a busy link (see the module doc)
+
+
+HOST_CPU = "cpu"  # the shared resource of compute ops on the host (both host lanes use all its cores)
+DEVICE = "gpu"  # the device's compute (for the roofline: every device compute op, whatever its stream)
+
+
+def _resource(op: Op) -> str | None:
+    """The shared resource ``op`` holds while it runs besides its stream: a copy its link (``h2d`` / ``d2h`` /
+    ``disk``), a compute op on the host the CPU (:data:`HOST_CPU`), anything else none."""
+    if op.link is not None:
+        return op.link
+    if op.device == "cpu" and op.kind != "release":
+        return HOST_CPU
+    return None
+
+
+def _roofline_resource(op: Op) -> str | None:
+    """The resource whose busy time ``op`` adds to in the roofline: its shared resource, or the device for a
+    compute op on the device."""
+    res = _resource(op)
+    if res is None and op.kind in COMPUTE_KINDS:
+        return DEVICE
+    return res
 
 
 @dataclass
@@ -37,6 +65,13 @@ class SimResult:
     finish: list = field(default_factory=list)
     bytes_moved: dict = field(default_factory=dict)  # link -> bytes
     layers_simulated: int = 0
+    resource_busy: dict = field(default_factory=dict)  # resource (h2d, d2h, disk, cpu, gpu) -> seconds busy
+
+    @property
+    def roofline(self) -> float:
+        """The step's bound when every resource overlaps perfectly: the busiest resource's seconds (the
+        analytic side of the simulation; the makespan adds what dependencies keep from overlapping)."""
+        return max(self.resource_busy.values(), default=0.0)
 
     @property
     def bubble_fraction(self) -> float:
@@ -83,7 +118,7 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     ready_at = [0.0] * n  # max finish of deps
     heap: list[tuple[float, int, float, int]] = []  # (time, priority, ready time, op id)
     prio = [LINK_PRIORITY.get(op.stream, 4) for op in ops]
-    link = [op.link if op.link is not None and d > 0 else None for op, d in zip(ops, dur)]  # None: no link
+    link = [_resource(op) if d > 0 else None for op, d in zip(ops, dur)]  # None: no shared resource
     queued = [False] * n
     push, pop = heapq.heappush, heapq.heappop
 
@@ -103,15 +138,18 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     while heap:
         t, p, ready, oid = pop(heap)
         lk = link[oid]
+        beside = False  # an urgent copy running beside the copy in flight on its link
         if lk is not None:
             t_link = link_free.get(lk, 0.0)
             if t_link > t:
-                push(heap, (t_link, p, ready, oid))
-                continue
+                if p != URGENT or lk == HOST_CPU:
+                    push(heap, (t_link, p, ready, oid))
+                    continue
+                beside = True
         start[oid] = t
         f = finish[oid] = t + dur[oid]
         if lk is not None:
-            link_free[lk] = f
+            link_free[lk] = link_free[lk] + dur[oid] if beside else f
         si = op_stream[oid]
         stream_free[si] = f
         head[si] += 1
@@ -130,13 +168,22 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
         raise ValueError(f"schedule deadlocks: ops {stuck[:5]} wait on dependencies that never run "
                          f"(a dependency is queued behind its dependant on the same stream)")
     busy: dict[str, float] = {}
+    held: dict[str, float] = {}
     moved: dict[str, int] = {}
     for op, d in zip(ops, dur):
         busy[op.stream] = busy.get(op.stream, 0.0) + d
+        _add_held(held, op, d)
         if op.link is not None:
             moved[op.link] = moved.get(op.link, 0) + op.bytes
     return SimResult(makespan=max(finish, default=0.0), busy=busy, peak_mem=_peak_memory(schedule, start, finish),
-                     start=start, finish=finish, bytes_moved=moved, layers_simulated=schedule.num_layers)
+                     start=start, finish=finish, bytes_moved=moved, layers_simulated=schedule.num_layers,
+                     resource_busy=held)
+
+
+def _add_held(held: dict, op: Op, seconds: float) -> None:
+    res = _roofline_resource(op)
+    if res is not None and seconds > 0:
+        held[res] = held.get(res, 0.0) + seconds
 
 
 def _peak_memory(schedule: Schedule, start: list, finish: list) -> dict:
@@ -234,11 +281,14 @@ def _same_period(times: list, step: float) -> bool:
 def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, period: float) -> SimResult:
     last = sched.num_layers - 1
     busy = dict(res.busy)
+    held = dict(res.resource_busy)
     moved = dict(res.bytes_moved)
     for op in sched.ops:
         if op.layer == last:
-            busy[op.stream] = busy.get(op.stream, 0.0) + extra * op_seconds(op, hw, dtype)
+            seconds = extra * op_seconds(op, hw, dtype)
+            busy[op.stream] = busy.get(op.stream, 0.0) + seconds
+            _add_held(held, op, seconds)
             if op.link is not None:
                 moved[op.link] = moved.get(op.link, 0) + extra * op.bytes
     return SimResult(makespan=res.makespan + extra * period, busy=busy, peak_mem=res.peak_mem, start=res.start,
-                     finish=res.finish, bytes_moved=moved, layers_simulated=sched.num_layers)
+                     finish=res.finish, bytes_moved=moved, layers_simulated=sched.num_layers, resource_busy=held)

@@ -63,6 +63,30 @@ class HostCompute:
         return f"attention prefill={self.prefill_attn} decode={self.decode_attn}, cold experts on cpu={self.experts}"
 
 
+def attention_seconds(costs, hw, seqs: int, past_len: int, device: str, layer: int = 0) -> float:
+    """One layer's decode attention for ``seqs`` sequences over ``past_len`` cached tokens with the KV cache in host
+    memory, every op alone on its resource (nothing overlapped): on the ``gpu``, the KV copied in, attention on
+    the device and the step's new columns copied out; on the ``cpu``, Q/K/V copied out, attention over the host
+    KV on the CPU and its output copied back. The unpipelined side of the attention crossover (the simulator's
+    roofline is the perfectly overlapped side)."""
+    from klotski.schedule import Op
+
+    if device not in ATTN_DEVICES:
+        raise ValueError(f"attention_seconds: device must be one of {ATTN_DEVICES}, got {device!r}")
+    dtype = costs.act_dtype
+    kv_per_token = costs.layers[layer].kv_bytes_per_token
+    _, score, kv_read = costs.attn_flops(layer, seqs, 1, past_len)
+
+    def copy(link: str, nbytes: int) -> float:
+        return op_seconds(Op(0, "h2d", "x", "gpu", layer, link=link, bytes=int(nbytes)), hw, dtype)
+
+    attn = op_seconds(Op(0, "attn", "compute", device, layer, score_flops=score, bytes=kv_read), hw, dtype)
+    if device == "gpu":
+        return copy("h2d", seqs * past_len * kv_per_token) + attn + copy("d2h", seqs * kv_per_token)
+    _, _, up, down = costs.attn_host_split(layer, seqs)
+    return copy("d2h", up) + attn + copy("h2d", down)
+
+
 def fiddler_rule(tokens: int, cpu_s_per_token: float, load_s: float, gpu_s: float = 0.0,
                  cpu_fixed_s: float = 0.0) -> bool:
     """Fiddler's published rule: compute on the CPU iff ``cpu_fixed_s + tokens x cpu_s_per_token < load_s +

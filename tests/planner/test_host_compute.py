@@ -1,7 +1,7 @@
 """Host compute in the planner: Fiddler's cold-expert rule from its own constants, monotone in the token count;
 the simulator prices CPU attention and CPU experts on their own lanes without KV copies; on the T4 and RTX 3090
 presets with Mixtral-8x7B the planner keeps prefill attention on the GPU and moves decode attention to the CPU
-once the context is long, and stays there."""
+once the context is long (at the latest at the roofline crossover), and stays there."""
 from dataclasses import replace
 
 import pytest
@@ -10,7 +10,7 @@ from klotski.costs import ModelCosts
 from klotski.hardware import preset
 from klotski.planner import Planner
 from klotski.presets import model_config
-from klotski.program.host import ExpertRule, HostCompute, fiddler_rule
+from klotski.program.host import ExpertRule, HostCompute, attention_seconds, fiddler_rule
 from klotski.schedule import Placement, StepShape, build_schedule
 from klotski.simulate import simulate
 
@@ -95,33 +95,68 @@ def test_cpu_experts_are_not_loaded():
     assert not [op for op in on_cpu.ops if op.stream == "expert_io"]
 
 
-def _crossover_choices(hw_name: str, b: int, grid):
-    """Prefill / decode attention the searching planner picks per decode context length L (prompt 512, then
-    generation long enough that the mean decode context is L), the placement search included (host memory
-    ample so that the KV cache never pushes experts to disk)."""
+def test_attention_seconds_alone():
+    """One layer's decode attention with nothing overlapped: the device side pays the KV copy (its growth in the
+    context is the link's time per KV byte plus the device's read), the host side reads the KV in host memory; the
+    device's lead shrinks as the context grows, so the comparison flips once."""
+    hw = preset("t4")
+    kv = MIXTRAL.layers[0].kv_bytes_per_token
+    g = [attention_seconds(MIXTRAL, hw, 4, L, "gpu") for L in (1024, 2048)]
+    assert g[1] - g[0] == pytest.approx(4 * 1024 * kv * (1 / hw.h2d_bandwidth + 1 / hw.device_mem_bandwidth),
+                                        rel=1e-6)
+    lead = [attention_seconds(MIXTRAL, hw, 4, L, "cpu") - attention_seconds(MIXTRAL, hw, 4, L, "gpu")
+            for L in range(1, 4096, 31)]
+    assert lead == sorted(lead, reverse=True) and lead[0] > 0 > lead[-1]
+    with pytest.raises(ValueError, match="device must be one of"):
+        attention_seconds(MIXTRAL, hw, 4, 16, "tpu")
+
+
+def _crossover_choices(hw_name: str, policy: str, b: int, grid):
+    """Per decode context length L (prompt ``PROMPT``, then generation long enough that the mean decode context
+    is L; host memory ample so that the KV cache never pushes experts to disk): the prefill and decode attention
+    the searching planner picks, and where the roofline of the same placement puts decode attention (the step
+    whose busiest resource is less busy: the KV copy costs link time, CPU attention CPU time), and where one
+    layer's attention alone, nothing overlapped, is cheaper."""
     hw = preset(hw_name).with_memory(cpu_memory="2TiB")
+    num_hot = MIXTRAL.spec.top_k if policy == "klotski" else None
     out = []
     for L in grid:
         planner = Planner(MIXTRAL, hw, PROMPT, 2 * (L - PROMPT) + 2, host="search")
-        plan = planner.evaluate("klotski", b, 4, "cpu", MIXTRAL.spec.top_k, False)
-        out.append((plan.host.prefill_attn, plan.host.decode_attn))
+        plan = planner.evaluate(policy, b, 4, "cpu", num_hot, False)
+        dec = {a: planner.simulate(policy, plan.placement, b, 4, num_hot, False,
+                                   HostCompute(a, a, plan.host.experts))[1] for a in ("gpu", "cpu")}
+        for sim in dec.values():  # the roofline bounds the simulated step from below
+            assert sim.roofline <= sim.makespan * (1 + 1e-9)
+        roof = "cpu" if dec["cpu"].roofline < dec["gpu"].roofline else "gpu"
+        alone = "cpu" if attention_seconds(MIXTRAL, hw, b, L, "cpu") < attention_seconds(MIXTRAL, hw, b, L, "gpu") \
+            else "gpu"
+        out.append((plan.host.prefill_attn, plan.host.decode_attn, roof, alone))
     return out
 
 
-PROMPT = 512
-GRID = [2 ** i for i in range(9, 16)]  # 512 ... 32768
+PROMPT = 16
+GRID = [2 ** i for i in range(4, 16)]  # 16 ... 32768
 
 
-@pytest.mark.parametrize("hw_name,b", [("t4", 1), ("rtx3090", 16)])
-def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, b):
-    """(batch sizes where the crossover falls inside the grid: with larger batches the KV copy outweighs the
-    CPU path already at 512)"""
-    choices = _crossover_choices(hw_name, b, GRID)
-    assert all(p == "gpu" for p, _ in choices)  # prefill: attention stays on the GPU
-    decode = [d for _, d in choices]
-    assert decode[0] == "gpu" and decode[-1] == "cpu"
+@pytest.mark.parametrize("hw_name,policy,b", [("t4", "klotski", 1), ("rtx3090", "klotski", 16),
+                                              ("t4", "flexgen", 16)])
+def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, policy, b):
+    """Prefill attention stays on the GPU; decode attention moves to the CPU from a context length on and stays
+    there, between the two analytic crossovers: no later than the roofline's (wherever copying the KV costs the
+    step more link time than reading it in host memory costs CPU time, decode attention is on the CPU) and no
+    earlier than the earlier of it and the unpipelined one-layer comparison. (The pipeline sees what neither
+    does alone: a KV copy's latency on the way to attention, CPU attention's on the way to the gate.)"""
+    choices = _crossover_choices(hw_name, policy, b, GRID)
+    assert all(p == "gpu" for p, _, _, _ in choices)
+    decode = [d for _, d, _, _ in choices]
+    assert "cpu" in decode
     flip = decode.index("cpu")
     assert decode[flip:] == ["cpu"] * (len(GRID) - flip)  # beyond the crossover it stays on the CPU
+    roof = [r for _, _, r, _ in choices]
+    alone = [a for _, _, _, a in choices]
+    assert "cpu" in roof and "cpu" in alone
+    assert min(roof.index("cpu"), alone.index("cpu")) <= flip <= roof.index("cpu")
+    assert all(d == "cpu" for d, r in zip(decode, roof) if r == "cpu")
 
 
 @pytest.mark.parametrize("policy", ["flexgen", "klotski"])

@@ -171,3 +171,43 @@ def test_deadlock_and_bad_deps_are_reported(setup):
     sched.ops[0].deps = (5,)
     with pytest.raises(ValueError, match="later op"):
         simulate(sched, duration=lambda op: 1.0)
+
+
+def _hand_schedule(ops):
+    from klotski.schedule import Schedule
+
+    return Schedule("klotski", StepShape("decode", 1, 1, 1, 4, 8), Placement(), ops, {}, 1, [])
+
+
+def test_urgent_copy_runs_beside_a_weight_copy_and_delays_the_next():
+    """Timeline (h2d link): prefetch A 0-10; the KV load ready at 2 does not wait for A (a second copy engine),
+    runs 2-3 and takes 1 of the link's time: the next prefetch B starts at 11, not 10. A post-gate expert load
+    (not urgent) ready at 2 waits for the link as before."""
+    from klotski.schedule import Op
+
+    def op(i, kind, stream, link="h2d", deps=(), d=1.0):
+        return Op(i, kind, stream, "gpu", 0, deps=deps, link=link, bytes=1, duration=d)
+
+    ops = [op(0, "h2d", "prefetch", d=10.0), op(1, "gate", "compute", link=None, d=2.0),
+           op(2, "kv_load", "kv_load", deps=(1,)), op(3, "h2d", "prefetch", d=4.0)]
+    res = simulate(_hand_schedule(ops), duration=lambda op: op.duration)
+    assert (res.start[2], res.finish[2]) == (2.0, 3.0)
+    assert (res.start[3], res.finish[3]) == (11.0, 15.0)
+    assert res.resource_busy["h2d"] == 15.0 and res.roofline == 15.0 == res.makespan
+    ops[2] = op(2, "h2d", "expert_io", deps=(1,))
+    res = simulate(_hand_schedule(ops), duration=lambda op: op.duration)
+    assert res.start[2] == 10.0
+
+
+def test_host_lanes_share_the_cpu():
+    """CPU attention and a CPU expert call ready together take turns on the host's cores (attention first: its
+    lane is the more urgent); a device op beside them overlaps; the roofline is the CPU's 5 + 3."""
+    from klotski.schedule import Op
+
+    ops = [Op(0, "experts", "cpu_experts", "cpu", 0, duration=5.0),
+           Op(1, "attn_core", "cpu_attn", "cpu", 0, duration=3.0),
+           Op(2, "expert", "compute", "gpu", 0, duration=4.0)]
+    res = simulate(_hand_schedule(ops), duration=lambda op: op.duration)
+    assert sorted([(res.start[i], res.finish[i]) for i in (0, 1)]) == [(0.0, 3.0), (3.0, 8.0)]
+    assert (res.start[2], res.finish[2]) == (0.0, 4.0)
+    assert res.resource_busy == {"cpu": 8.0, "gpu": 4.0} and res.roofline == 8.0 == res.makespan
