@@ -3,7 +3,9 @@
 PINS were first computed by the unpruned search of commit 28ff2ff (before the speed-ups), last recomputed after
 the simulator started timing the ops the runtime executes (one op builder per policy, klotski.program) and
 counting the runtime's fixed pools (and again when KV copies stopped queueing behind a weight copy in flight:
-flexgen's two rates with KV on the host moved by 0.2-0.3 %, no decision changed), with
+flexgen's two rates with KV on the host moved by 0.2-0.3 %, no decision changed; and again when the planner
+priced a group's prefill in chunks as the runtime runs it: groups of hundreds to thousands of sequences became
+feasible, and at those batches klotski takes FlexGen's order), with
 ``Planner(costs, preset, 512, 32).compare(("layerwise", "flexgen", "klotski"))``. A deliberate change to the
 cost model or schedule moves them: recompute with ``python tests/planner/test_plan_pins.py`` and say why
 in the commit. The other tests need no pins: the pruned search equals the unpruned one, and the bound
@@ -20,24 +22,24 @@ from klotski.schedule import Placement
 P = Placement
 PINS = {  # (model, hardware) -> policy -> (batch, n, placement, num_hot, overlap, tokens/s)
     ('mixtral-8x7b', 'rtx3090-pcie4'): {
-        'layerwise': (128, 1, P(kv='cpu'), None, False, 21.625122059014764),
-        'flexgen': (16, 24, P(attn='cpu', kv='cpu'), None, True, 36.67827611115077),
-        'klotski': (16, 24, P(kv='cpu'), 2, False, 37.225563567112204),
+        'layerwise': (512, 1, P(kv='cpu', prefill_chunk=128), None, False, 40.21684764525595),
+        'flexgen': (128, 20, P(experts_cpu=7, kv='cpu', prefill_chunk=64), None, True, 53.08841100588521),
+        'klotski': (128, 20, P(experts_cpu=7, kv='cpu', prefill_chunk=64), None, True, 53.08841100588521),
     },
     ('mixtral-8x22b', 'h800-pcie5'): {
-        'layerwise': (256, 1, P(kv='cpu'), None, False, 37.09807735924748),
-        'flexgen': (128, 6, P(attn='cpu', kv='cpu'), None, True, 81.1306551554809),
-        'klotski': (128, 6, P(kv='cpu'), 2, False, 82.82998645181728),
+        'layerwise': (512, 1, P(kv='cpu', prefill_chunk=256), None, False, 62.002572691427254),
+        'flexgen': (128, 16, P(attn='cpu', kv='cpu', prefill_chunk=256), None, True, 129.75749721068829),
+        'klotski': (128, 16, P(attn='cpu', kv='cpu', prefill_chunk=256), None, True, 129.75749721068829),
     },
     ('qwen1.5-moe-a2.7b', 't4'): {
-        'layerwise': (128, 1, P(experts_gpu=5, kv='cpu'), None, False, 27.413620600523256),
-        'flexgen': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.507358583465724),
-        'klotski': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.507358583465724),
+        'layerwise': (512, 1, P(experts_gpu=5, experts_cpu=27, kv='cpu', prefill_chunk=128), None, False, 39.22608345075742),
+        'flexgen': (128, 4, P(experts_gpu=3, experts_cpu=27, kv='cpu', prefill_chunk=256), None, True, 40.00083295312467),
+        'klotski': (128, 4, P(experts_gpu=3, experts_cpu=27, kv='cpu', prefill_chunk=256), None, True, 40.00083295312467),
     },
     ('deepseek-v2-lite', 'h100-80gb'): {
-        'layerwise': (512, 1, P(experts_gpu=64, kv='gpu'), None, False, 5679.668837171057),
-        'flexgen': (512, 1, P(experts_gpu=64, kv='gpu'), None, True, 5679.668837171058),
-        'klotski': (512, 1, P(experts_gpu=64, kv='gpu'), None, False, 5679.668837171058),
+        'layerwise': (512, 1, P(experts_gpu=64), None, False, 5679.668837171057),
+        'flexgen': (512, 1, P(experts_gpu=64), None, True, 5679.668837171058),
+        'klotski': (512, 1, P(experts_gpu=64), None, False, 5679.668837171058),
     },
 }
 
