@@ -1,9 +1,12 @@
 """bench/quality/eval_expert_selection.py: its byte accounting never counts a GPU-resident expert as loaded,
-and its top-1 floor is what the runtime's routing gives."""
+and its top-1 floor is what the runtime's routing gives; bench/quality/selection_targets.py judges the targets
+from its JSON."""
+import json
 import os
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench", "quality"))
@@ -50,3 +53,33 @@ def test_resident_experts_are_not_counted_and_the_top1_floor_bounds_the_selectio
         assert exact["distinct"] >= r["distinct"]
     finally:
         llm.close()
+
+
+def _row(setting, ppl_change, kib):
+    mode = "exact" if setting == "exact" else setting.split(":")[0]
+    return {"setting": setting, "mode": mode, "ppl_change": ppl_change, "argmax_agree": 1.0, "greedy_agree": 1.0,
+            "distinct": 1.0, "top1_distinct": 1.0, "top1_nonresident": 1.0, "chosen_nonresident": 1.0,
+            "expert_loads_per_step": kib / 100, "prefetch_loads_per_step": 0.0, "expert_bytes_per_step": kib * 1024.0,
+            "bytes_vs_exact": kib / 1000 - 1}
+
+
+def test_selection_targets_judges_both_targets_from_the_eval_json(tmp_path):
+    from selection_targets import main as targets_main
+
+    rows = [_row("exact", 0.0, 1000), _row("lynx:0.5", 0.004, 800), _row("lynx:1.0", 0.02, 500),
+            _row("lynx-offload:1.0", 0.005, 600)]
+    ev = {"command": "python eval", "placement": "p", "rows": rows, "resident_loads_counted": 0,
+          "top1_floor_bytes_per_step": 400 * 1024.0, "top1_floor_vs_exact": -0.6,
+          "cheapest_within_1pct": {"lynx": "lynx:0.5", "lynx-offload": "lynx-offload:1.0"},
+          "offload_vs_plain_matched": [{"offload": "lynx-offload:1.0", "plain": "lynx:0.5", "offload_ppl": 0.005,
+                                        "plain_ppl": 0.004, "offload_vs_plain": 600 / 800 - 1}]}
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(ev))
+    assert targets_main(["--eval", f"streamed={path}", "--out", str(tmp_path), "--tag", "t"]) == 0
+    out = json.loads((tmp_path / "t.json").read_text())["eval"]["streamed"]
+    assert out["target_25pct"] == {"lynx": False, "lynx-offload": True}  # -20 % and -40 %
+    assert abs(out["offload_vs_plain_cheapest"] - (600 / 800 - 1)) < 1e-12
+    md = (tmp_path / "t.md").read_text()
+    assert "-25.0 % bytes (target -10 %: met)" in md and "`python eval`" in md
+    with pytest.raises(SystemExit):
+        targets_main(["--eval", str(path), "--out", str(tmp_path), "--tag", "t"])  # no NAME=
