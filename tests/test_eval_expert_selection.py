@@ -83,3 +83,16 @@ def test_selection_targets_judges_both_targets_from_the_eval_json(tmp_path):
     assert "-25.0 % bytes (target -10 %: met)" in md and "`python eval`" in md
     with pytest.raises(SystemExit):
         targets_main(["--eval", str(path), "--out", str(tmp_path), "--tag", "t"])  # no NAME=
+
+
+def test_windows_shift_draws_a_disjoint_sample_and_zero_is_unchanged():
+    from eval_expert_selection import windows
+
+    stream = torch.arange(2, 1002)
+    base = windows(stream, 4, 11, 0)
+    assert base[:, 0].eq(0).all() and base[:, 1].tolist() == [2, 249, 496, 743]  # stride (1000 - 10) // 4
+    other = windows(stream, 4, 11, 0, shift=0.5)
+    assert other[:, 1].tolist() == [125, 372, 619, 866]
+    assert not set(base[:, 1:].flatten().tolist()) & set(other[:, 1:].flatten().tolist())
+    with pytest.raises(ValueError, match="shift"):
+        windows(stream, 4, 11, 0, shift=1.0)

@@ -72,13 +72,20 @@ PPL_TIE = 0.001  # perplexity changes within 0.1 percentage point count as the s
 RUN_NOISE_ATOL = 1e-4  # largest prefill logit difference accepted between runs of the same routing
 
 
-def windows(stream: torch.Tensor, count: int, length: int, bos: int) -> torch.Tensor:
-    """``count`` windows of ``<s>`` + length - 1 tokens spread evenly over ``stream`` -> [count, length]."""
+def windows(stream: torch.Tensor, count: int, length: int, bos: int, shift: float = 0.0) -> torch.Tensor:
+    """``count`` windows of ``<s>`` + length - 1 tokens spread evenly over ``stream`` -> [count, length]; window
+    i starts at ``(i + shift) * stride`` (``shift`` in [0, 1): another sample of the same text, disjoint from
+    shift 0's when ``shift * stride >= length``)."""
     step = length - 1
     if stream.numel() < count * step:
         raise ValueError(f"held-out text has {stream.numel()} tokens, fewer than {count} windows x {step}")
+    if not 0.0 <= shift < 1.0:
+        raise ValueError(f"window shift must be in [0, 1), got {shift}")
     stride = (stream.numel() - step) // count
-    rows = [[bos] + stream[i * stride: i * stride + step].tolist() for i in range(count)]
+    starts = [int((i + shift) * stride) for i in range(count)]
+    if starts[-1] + step > stream.numel():
+        raise ValueError(f"window shift {shift}: the last window would end past the held-out text")
+    rows = [[bos] + stream[s: s + step].tolist() for s in starts]
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -255,6 +262,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode-steps", type=int, default=48)
     p.add_argument("--greedy-tokens", type=int, default=24)
+    p.add_argument("--window-shift", type=float, default=0.0,
+                   help="start window i at (i + shift) x stride of the held-out text (0.5: a second, disjoint sample)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     p.add_argument("--tag", default=time.strftime("%Y%m%d") + "-expert-selection")
@@ -313,7 +322,8 @@ def main(argv=None) -> int:
         spec, ex = llm.spec, llm.executor
         B = args.num_batches * args.batch_size
         bos = spec.bos_token_id if spec.bos_token_id is not None else 0
-        seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos)
+        seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos,
+                       args.window_shift)
         settings = ["off", "lynx:0"] + [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
         floor = Top1Floor(ex)
         run_row(ex, seqs, args.prompt_len, 4, 2, floor)  # warm-up: the prefetch table learns this text's routing
