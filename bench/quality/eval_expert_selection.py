@@ -186,6 +186,23 @@ def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int, fl
             "bytes_per_load": sum(per_step) / loads if loads else 0.0, **top1}
 
 
+def compare_modes(rows: list[dict]) -> tuple[dict, list[dict], dict | None]:
+    """Rows with ``mode``, ``setting``, ``ppl_change``, ``expert_bytes_per_step`` -> (each mode's cheapest row
+    within 1 % perplexity, the matched pairs: for each offload-aware row within 1 %, plain Lynx's cheapest row
+    whose perplexity change is <= the offload-aware row's + ``PPL_TIE``, and the pair with the largest cut)."""
+    ok = {m: [r for r in rows if r["mode"] == m and r["ppl_change"] <= 0.01] for m in ("lynx", "lynx-offload")}
+    cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
+    matched = []
+    for o in ok.get("lynx-offload", []):
+        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
+        if plain:
+            p = min(plain, key=lambda r: r["expert_bytes_per_step"])
+            matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
+                            "plain_ppl": p["ppl_change"],
+                            "offload_vs_plain": o["expert_bytes_per_step"] / p["expert_bytes_per_step"] - 1})
+    return cheapest, matched, (min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None)
+
+
 def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> dict:
     """The top-1 floor (the fewest expert bytes per decode step any rule that keeps every token's top-1 can
     load: the non-resident experts among the step's top-1 union, from the exact row's routing) and the two
@@ -198,17 +215,7 @@ def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> 
     per_load = ref["bytes_per_load"]
     floor_bytes = exact["top1_nonresident"] * layers * per_load
     floor_cut = floor_bytes / exact_bytes - 1 if exact_bytes else float("nan")
-    ok = {m: [r for r in rows if r["mode"] == m and r["ppl_change"] <= 0.01] for m in ("lynx", "lynx-offload")}
-    cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
-    matched = []
-    for o in ok.get("lynx-offload", []):
-        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
-        if plain:
-            p = min(plain, key=lambda r: r["expert_bytes_per_step"])
-            matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
-                            "plain_ppl": p["ppl_change"],
-                            "offload_vs_plain": o["expert_bytes_per_step"] / p["expert_bytes_per_step"] - 1})
-    best_match = min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None
+    cheapest, matched, best_match = compare_modes(rows)
     resident = sum(r["resident_loads"] for r in rows)
     md = [f"Byte accounting: {resident} loads of GPU-resident experts counted over all rows (resident experts are "
           f"served from their permanent slots; the loads counted are those of `L<layer> e<expert>` spans, "

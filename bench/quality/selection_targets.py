@@ -2,7 +2,9 @@
 within 1 % perplexity, the top-1-union floor, and the two targets of the feature; plus the paired end-to-end
 rows of ``bench_offload.py --expert-selection``.
 
-Inputs are the JSON files ``eval_expert_selection.py`` and ``bench_offload.py`` wrote (nothing is rerun):
+Inputs are the JSON files ``eval_expert_selection.py`` and ``bench_offload.py`` wrote (nothing is rerun);
+eval JSONs of one placement and grid over different window samples (``--window-shift``) joined by ``+`` are
+pooled (perplexity from the summed log-likelihoods, the rest token-weighted) before the settings are chosen:
 
     python bench/quality/selection_targets.py \\
         --eval streamed=bench/results/20261202-expert-selection-e32-streamed.json \\
@@ -19,35 +21,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from eval_expert_selection import write_atomic  # noqa: E402
+from eval_expert_selection import compare_modes, write_atomic  # noqa: E402
 
 KEEP = ("ppl_change", "argmax_agree", "greedy_agree", "distinct", "top1_distinct", "top1_nonresident",
         "chosen_nonresident", "expert_loads_per_step", "prefetch_loads_per_step", "expert_bytes_per_step",
         "bytes_vs_exact")
 
 
-def placement_summary(name: str, path: str) -> dict:
-    d = json.loads(open(path).read())
-    rows = {r["setting"]: r for r in d["rows"]}
-    if "exact" not in rows:
-        raise ValueError(f"{path}: no 'exact' row (is this an eval_expert_selection.py JSON?)")
-    chosen = {"exact": rows["exact"], **{m: rows[s] for m, s in d["cheapest_within_1pct"].items()}}
-    out = {"command": d["command"], "json": os.path.relpath(path), "placement": d["placement"],
-           "resident_loads_counted": d["resident_loads_counted"], "run_noise": d.get("run_noise"),
-           "top1_floor_bytes_per_step": d["top1_floor_bytes_per_step"], "top1_floor_vs_exact": d["top1_floor_vs_exact"],
-           "rows": {r["setting"]: {k: r[k] for k in KEEP} for r in chosen.values()}}
-    plain, aware = chosen.get("lynx"), chosen.get("lynx-offload")
-    out["target_25pct"] = {m: chosen[m]["bytes_vs_exact"] <= -0.25 for m in ("lynx", "lynx-offload") if m in chosen}
-    if plain and aware:
-        out["offload_vs_plain_cheapest"] = aware["expert_bytes_per_step"] / plain["expert_bytes_per_step"] - 1
-    matched = d.get("offload_vs_plain_matched") or []
-    out["offload_vs_plain_matched"] = min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None
-    out["name"] = name
+def pool(evals: list[dict]) -> tuple[list[dict], float]:
+    """Rows of several eval JSONs of one placement and grid (different window samples) -> (pooled rows, pooled
+    top-1 floor bytes): perplexity from the summed log-likelihoods, every other figure token-weighted."""
+    first = evals[0]
+    for d in evals[1:]:
+        if d["placement"] != first["placement"] or [r["setting"] for r in d["rows"]] != [r["setting"] for r in
+                                                                                           first["rows"]]:
+            raise ValueError(f"cannot pool {d['command']!r} with {first['command']!r}: placement or settings differ")
+    n = [d["args"]["num_batches"] * d["args"]["batch_size"] * d["args"]["decode_steps"] for d in evals]
+    total = sum(n)
+    rows = []
+    for group in zip(*(d["rows"] for d in evals)):
+        r = dict(group[0])
+        for k in KEEP + ("ppl",):
+            if k == "ppl":
+                r[k] = math.exp(sum(w * math.log(g[k]) for w, g in zip(n, group)) / total)
+            else:
+                r[k] = sum(w * g[k] for w, g in zip(n, group)) / total
+        rows.append(r)
+    exact = next(r for r in rows if r["setting"] == "exact")
+    for r in rows:
+        r["ppl_change"] = r["ppl"] / exact["ppl"] - 1
+        r["bytes_vs_exact"] = r["expert_bytes_per_step"] / exact["expert_bytes_per_step"] - 1
+    floor = sum(w * d["top1_floor_bytes_per_step"] for w, d in zip(n, evals)) / total
+    return rows, floor
+
+
+def placement_summary(name: str, paths: list[str]) -> dict:
+    """One placement's summary from one eval JSON, or several of different window samples pooled."""
+    evals = [json.loads(open(path).read()) for path in paths]
+    for path, d in zip(paths, evals):
+        if not any(r["setting"] == "exact" for r in d.get("rows", [])):
+            raise ValueError(f"{path}: no 'exact' row (is this an eval_expert_selection.py JSON?)")
+    if len(evals) == 1:
+        rows, floor = evals[0]["rows"], evals[0]["top1_floor_bytes_per_step"]
+    else:
+        rows, floor = pool(evals)
+    exact = next(r for r in rows if r["setting"] == "exact")
+    cheapest, _, best = compare_modes(rows)
+    chosen = {"exact": exact, **cheapest}
+    out = {"name": name, "commands": [d["command"] for d in evals], "json": [os.path.relpath(p) for p in paths],
+           "placement": evals[0]["placement"], "resident_loads_counted": sum(d["resident_loads_counted"] for d in evals),
+           "run_noise": [d.get("run_noise") for d in evals], "top1_floor_bytes_per_step": floor,
+           "top1_floor_vs_exact": floor / exact["expert_bytes_per_step"] - 1,
+           "rows": {r["setting"]: {k: r[k] for k in KEEP} for r in chosen.values()},
+           "target_25pct": {m: r["bytes_vs_exact"] <= -0.25 for m, r in cheapest.items()},
+           "offload_vs_plain_matched": best}
+    if len(cheapest) == 2:
+        out["offload_vs_plain_cheapest"] = (cheapest["lynx-offload"]["expert_bytes_per_step"]
+                                            / cheapest["lynx"]["expert_bytes_per_step"] - 1)
     return out
 
 
@@ -95,8 +131,7 @@ def markdown(places: list[dict], e2e: list[dict]) -> str:
                       f"({100 * m['offload_ppl']:+.2f} % ppl) vs {m['plain']} ({100 * m['plain_ppl']:+.2f} % ppl): "
                       f"{100 * m['offload_vs_plain']:+.1f} % bytes (target -10 %: "
                       f"{'met' if m['offload_vs_plain'] <= -0.10 else 'not met'})")
-        if p.get("run_noise"):
-            n = p["run_noise"]
+        for n in filter(None, p["run_noise"]):
             md.append(f"- {p['name']}: run-to-run noise of exact routing: ppl {100 * n['ppl_change']:+.5f} %, argmax "
                       f"agree {n['argmax_agree']:.3f}, greedy agree {n['greedy_agree']:.3f}")
     if e2e:
@@ -110,8 +145,9 @@ def markdown(places: list[dict], e2e: list[dict]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--eval", action="append", default=[], metavar="NAME=JSON", required=True,
-                   help="an eval_expert_selection.py JSON and the placement name it stands for")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=JSON[+JSON...]", required=True,
+                   help="an eval_expert_selection.py JSON and the placement name it stands for; several joined "
+                        "by '+' (same placement and grid, other window samples) are pooled")
     p.add_argument("--e2e", action="append", default=[], metavar="JSON", help="a bench_offload.py JSON")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     p.add_argument("--tag", required=True)
@@ -121,14 +157,15 @@ def main(argv=None) -> int:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             p.error(f"--eval wants NAME=JSON, got {item!r}")
-        places.append(placement_summary(name, path))
+        places.append(placement_summary(name, path.split("+")))
     e2e = [r for path in args.e2e for r in e2e_rows(path)]
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     md = markdown(places, e2e)
     print(md)
     base = os.path.join(args.out, args.tag)
     write_atomic(base + ".md", f"# Expert selection targets\n\n`{cmd}`\n\nCommands of the inputs:\n\n"
-                 + "".join(f"- {p['name']} ({p['placement']}): `{p['command']}`\n" for p in places) + "\n" + md)
+                 + "".join(f"- {p['name']} ({p['placement']}): " + "; ".join(f"`{c}`" for c in p["commands"]) + "\n"
+                           for p in places) + "\n" + md)
     write_atomic(base + ".json", json.dumps({"command": cmd, "eval": {p["name"]: p for p in places}, "e2e": e2e},
                                             indent=1) + "\n")
     print(f"wrote {os.path.normpath(base)}.md / .json")
