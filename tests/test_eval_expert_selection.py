@@ -57,8 +57,9 @@ def test_resident_experts_are_not_counted_and_the_top1_floor_bounds_the_selectio
 
 def _row(setting, ppl_change, kib):
     mode = "exact" if setting == "exact" else setting.split(":")[0]
-    return {"setting": setting, "mode": mode, "ppl": 100 * (1 + ppl_change), "ppl_change": ppl_change,
-            "argmax_agree": 1.0, "greedy_agree": 1.0,
+    a = 0.0 if setting == "exact" else float(setting.split(":")[1])
+    return {"setting": setting, "mode": mode, "aggressiveness": a, "ppl": 100 * (1 + ppl_change),
+            "ppl_change": ppl_change, "argmax_agree": 1.0, "greedy_agree": 1.0,
             "distinct": 1.0, "top1_distinct": 1.0, "top1_nonresident": 1.0, "chosen_nonresident": 1.0,
             "expert_loads_per_step": kib / 100, "prefetch_loads_per_step": 0.0, "expert_bytes_per_step": kib * 1024.0,
             "bytes_vs_exact": kib / 1000 - 1}
@@ -74,6 +75,10 @@ def test_selection_targets_judges_both_targets_from_the_eval_json(tmp_path):
     out = json.loads((tmp_path / "t.json").read_text())["eval"]["streamed"]
     assert out["target_25pct"] == {"lynx": False, "lynx-offload": True}  # -20 % and -40 %
     assert abs(out["offload_vs_plain_cheapest"] - (600 / 800 - 1)) < 1e-12
+    # plain Lynx at offload-aware's +0.5 %: between lynx:0.5 (+0.4 %, 800 KiB) and lynx:1.0 (+2 %, 500 KiB)
+    interp = out["offload_vs_plain_interpolated"]
+    assert abs(interp["plain_bytes_per_step"] - (800 - 300 / 16) * 1024) < 1e-6
+    assert abs(interp["offload_vs_plain"] - (600 / (800 - 300 / 16) - 1)) < 1e-12
     md = (tmp_path / "t.md").read_text()
     assert "-25.0 % bytes (target -10 %: met)" in md and "`python eval`" in md
     with pytest.raises(SystemExit):
