@@ -98,6 +98,11 @@ def placement_summary(name: str, paths: list[str]) -> dict:
     if len(cheapest) == 2:
         out["offload_vs_plain_cheapest"] = (cheapest["lynx-offload"]["expert_bytes_per_step"]
                                             / cheapest["lynx"]["expert_bytes_per_step"] - 1)
+    full = next((r for r in rows if r["setting"] == "lynx-offload:1.0"), None)
+    if full is not None and "lynx" in cheapest:  # every droppable expert that costs a load dropped
+        out["offload_floor"] = {k: full[k] for k in KEEP}
+        out["offload_floor_vs_plain_cheapest"] = (full["expert_bytes_per_step"]
+                                                  / cheapest["lynx"]["expert_bytes_per_step"] - 1)
     if "lynx-offload" in cheapest:
         aware = cheapest["lynx-offload"]
         plain = plain_bytes_at(rows, aware["ppl_change"])
@@ -152,6 +157,12 @@ def markdown(places: list[dict], e2e: list[dict]) -> str:
                       f"({100 * m['offload_ppl']:+.2f} % ppl) vs {m['plain']} ({100 * m['plain_ppl']:+.2f} % ppl): "
                       f"{100 * m['offload_vs_plain']:+.1f} % bytes (target -10 %: "
                       f"{'met' if m['offload_vs_plain'] <= -0.10 else 'not met'})")
+        if "offload_floor" in p:
+            f = p["offload_floor"]
+            md.append(f"- {p['name']}: room: lynx-offload:1.0 (every expert that costs a load and is no token's top-1 "
+                      f"dropped; the rest are top-1 or prefetched before the gate) loads {f['expert_loads_per_step']:.1f}"
+                      f" / step, {f['expert_bytes_per_step'] / 1024:.0f} KiB ({100 * f['ppl_change']:+.2f} % ppl): "
+                      f"{100 * p['offload_floor_vs_plain_cheapest']:+.1f} % against plain Lynx's cheapest within 1 %")
         i = p.get("offload_vs_plain_interpolated")
         if i:
             md.append(f"- {p['name']}: offload-aware's cheapest within 1 % ({i['offload']}, {100 * i['ppl_change']:+.2f} % "
