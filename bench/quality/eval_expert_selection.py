@@ -40,6 +40,9 @@ run-to-run noise of the quality columns.
     python bench/quality/eval_expert_selection.py --hardware rtx3090 --gpu-memory 48MiB --cpu-memory 64MiB \
         --num-batches 1 --batch-size 16 --decode-steps 96     # batch 16, 4 of 8 experts per layer resident
 
+``--window-shift 0.5`` takes a second, disjoint sample of the held-out text; ``selection_targets.py`` pools
+the JSONs of several samples before judging the targets.
+
 Writes ``bench/results/<date>-expert-selection.{json,md}`` and a plot ``...-expert-selection.png`` (skipped,
 with a message, when matplotlib is not installed).
 """
