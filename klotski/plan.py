@@ -51,6 +51,9 @@ class Plan:
             f"batch       {self.batch_size} sequences x n={self.n} batches per group "
             f"= {self.batch_size * self.n} sequences",
             f"placement   {self.placement.describe(num_experts)}",
+            *([f"prefill     in {-(-self.prompt_len // self.placement.prefill_chunk)} passes of "
+               f"{self.placement.prefill_chunk} columns (the whole prompt's activations do not fit the device)"]
+              if self.placement.prefill_chunk else []),
             f"predicted   {self.tokens_per_s:.2f} tokens/s (prefill {self.prefill_s:.2f} s, decode step "
             f"{self.decode_step_s * 1e3:.1f} ms, total {self.total_s:.1f} s), compute bubble "
             f"{self.bubble_fraction:.1%}",

@@ -12,6 +12,9 @@ Each candidate is scored by simulating one prefill step and one decode step at t
 
     tokens/s = batch_size * n * gen_len / (T_prefill + (gen_len - 1) * T_decode)
 
+(when the group's prefill activations do not fit whole, the prefill runs in chunks as the runtime runs it,
+:mod:`klotski.prefill_chunks`: T_prefill is then that many passes of one chunk).
+
 and is kept only if the simulated peak memory of every tier stays within its limit.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import replace
 from klotski.costs import ModelCosts
 from klotski.plan import InfeasibleError, Plan
 from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
+from klotski.prefill_chunks import chunk_sizes, num_chunks, prefill_shape
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
 from klotski.program import order_of
@@ -67,21 +71,25 @@ class Planner:
         return h if kv == "cpu" else HostCompute(experts=h.experts)
 
     # ---- one candidate ----------------------------------------------------------------------------------
-    def shapes(self, b: int, n: int) -> tuple[StepShape, StepShape]:
+    def shapes(self, b: int, n: int, chunk: int | None = None) -> tuple[StepShape, StepShape]:
+        """(one prefill pass of ``chunk`` columns (None: the whole prompt), a decode step at the mean KV length)."""
         ctx = self.prompt_len + self.gen_len
-        return (StepShape("prefill", b, n, self.prompt_len, 0, ctx),
+        return (prefill_shape(b, n, self.prompt_len, ctx, chunk),
                 StepShape("decode", b, n, 1, self.prompt_len + self.gen_len // 2, ctx))
 
-    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True,
-                 host: HostCompute | None = None) -> tuple[SimResult, SimResult]:
+    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True, host: HostCompute | None = None,
+                 chunk: int | None = None) -> tuple[SimResult, SimResult]:
+        """(one prefill pass, one decode step); ``chunk``: the prefill pass's columns (None: the placement's)."""
+        chunk = chunk or placement.prefill_chunk or self.prompt_len
         policy = order_of(policy, num_hot)  # klotski with its features off runs FlexGen's order
         host = host or HostCompute()
         out = []
-        for shape, routing in zip(self.shapes(b, n), (self.routing, self.decode_routing)):
+        for shape, routing in zip(self.shapes(b, n, chunk), (self.routing, self.decode_routing)):
             # a phase's step depends on that phase's attention placement only
             phase_host = HostCompute(host.attn(shape.phase), host.attn(shape.phase), host.experts)
             key = (policy, placement, b, n, num_hot, overlap, shape.phase) + (
-                (phase_host,) if phase_host != HostCompute() else ())
+                (phase_host,) if phase_host != HostCompute() else ()) + ((shape.q_len,) if
+                                                                        shape.q_len < self.prompt_len else ())
             if key not in self._cache:
                 self._cache[key] = simulate_model_step(policy, self.costs, placement, shape, self.hw, routing,
                                                        num_hot=num_hot, overlap=overlap, host=phase_host)
@@ -90,16 +98,18 @@ class Planner:
 
     def score(self, policy, placement, b, n, num_hot=None, overlap=True, host: HostCompute | None = None) -> Plan:
         host = host or HostCompute()
+        chunk = placement.prefill_chunk or self.prompt_len
         pre, dec = self.simulate(policy, placement, b, n, num_hot, overlap, host)
+        passes = num_chunks(self.prompt_len, chunk)  # a chunked prefill: that many passes through the model
         n_eff = 1 if policy in ("layerwise", "resident") else n
         buffers, slots = pools_for(order_of(policy, num_hot), self.costs.spec, placement, num_hot,
                                    overlap and policy != "layerwise")
         steps = self.gen_len - 1
-        total = pre.makespan + steps * dec.makespan
-        busy = pre.busy.get("compute", 0.0) + steps * dec.busy.get("compute", 0.0)
+        total = passes * pre.makespan + steps * dec.makespan
+        busy = passes * pre.busy.get("compute", 0.0) + steps * dec.busy.get("compute", 0.0)
         peak = {t: max(pre.peak_mem.get(t, 0), dec.peak_mem.get(t, 0)) for t in TIERS}
         return Plan(policy=policy, placement=placement, batch_size=b, n=n_eff, prompt_len=self.prompt_len,
-                    gen_len=self.gen_len, tokens_per_s=b * n_eff * self.gen_len / total, prefill_s=pre.makespan,
+                    gen_len=self.gen_len, tokens_per_s=b * n_eff * self.gen_len / total, prefill_s=passes * pre.makespan,
                     decode_step_s=dec.makespan, bubble_fraction=max(0.0, 1 - busy / total), peak_mem=peak,
                     bytes_per_step=dict(dec.bytes_moved), num_hot=num_hot if policy == "klotski" else None,
                     overlap=overlap, dense_buffers=buffers, expert_slots=slots, hardware=self.hw.name,
@@ -128,18 +138,27 @@ class Planner:
         if policy == "resident":
             p = Placement(kv="gpu", experts_gpu=E)
             return p if self.fits(self.score(policy, p, b, 1)) else None
-        pre, _ = self.shapes(b, n)
         # CPU first: what is off the GPU must fit pinned CPU memory, else experts go to disk
-        lean = self._cpu_fit(Placement(attn="cpu", gate="cpu", shared="cpu", experts_gpu=0, kv=kv), pre)
+        lean = self._cpu_fit(Placement(attn="cpu", gate="cpu", shared="cpu", experts_gpu=0, kv=kv),
+                             self.shapes(b, n)[0])  # (the KV and the weights: the same for every chunk)
         if lean is None:
             return None
-        static = static_memory(costs, lean, pre, policy)["gpu"]
-        if static > hw.gpu_memory:  # the simulated peak is static + dynamic >= static: no need to simulate
-            return None
-        pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap, host)
-        dyn = max(pre_sim.peak_mem["gpu"], dec_sim.peak_mem["gpu"]) - static
-        free = hw.gpu_memory - static - dyn
-        if free < 0:
+        for chunk in chunk_sizes(self.prompt_len):  # the whole prompt, else the prefill in chunks, as the runtime
+            pre, dec = self.shapes(b, n, chunk)
+            static = static_memory(costs, lean, pre, policy)["gpu"]
+            if static > hw.gpu_memory:  # the simulated peak is static + dynamic >= static: no need to simulate
+                if static_memory(costs, lean, dec, policy)["gpu"] > hw.gpu_memory:
+                    return None  # the decode step alone does not fit: chunking the prefill cannot help
+                continue
+            lean = replace(lean, prefill_chunk=chunk if chunk < self.prompt_len else None)
+            pre_sim, dec_sim = self.simulate(policy, lean, b, n, num_hot, overlap, host)
+            if dec_sim.peak_mem["gpu"] > hw.gpu_memory:
+                return None
+            dyn = max(pre_sim.peak_mem["gpu"], dec_sim.peak_mem["gpu"]) - static
+            free = hw.gpu_memory - static - dyn
+            if free >= 0:
+                break
+        else:
             return None
         p = lean
         for cls in ("gate", "attn", "shared"):  # small, used by every batch: resident first
@@ -185,14 +204,17 @@ class Planner:
         """Tokens/s no placement of this candidate can exceed (``klotski.plan_bounds``; no simulation)."""
         key = ("bound", policy, b, n, kv, num_hot, overlap, self.host_search(policy, kv))
         if key not in self._cache:
-            total = 0.0
             # host compute may take attention, KV copies and experts off the device: bound without them
             relaxed = self.host_search(policy, kv) or self.fixed_host(policy, kv) != HostCompute()
-            for shape, steps, routing in zip(self.shapes(b, n), (1, self.gen_len - 1),
-                                             (self.routing, self.decode_routing)):
-                static = lean_static_gpu(self.costs, shape, kv, policy)
-                total += steps * step_time_lower_bound(self.costs, self.hw, routing, policy, shape, kv,
-                                                       num_hot, static, host_relaxed=relaxed)
+            pre, dec = self.shapes(b, n)
+            # a prefill in any chunking (klotski.prefill_chunks) computes as much in all and streams the weights
+            # once per pass, at least once, with at most the room a one-column pass's activations leave
+            total = 0.0
+            for shape, steps, routing, held in ((pre, 1, self.routing, self.shapes(b, n, 1)[0]),
+                                                (dec, self.gen_len - 1, self.decode_routing, dec)):
+                static = lean_static_gpu(self.costs, held, kv, policy)
+                total += steps * step_time_lower_bound(self.costs, self.hw, routing, policy, shape, kv, num_hot,
+                                                       static, host_relaxed=relaxed)
             n_eff = 1 if policy in ("layerwise", "resident") else n
             self._cache[key] = b * n_eff * self.gen_len / total if total > 0 else float("inf")
         return self._cache[key]

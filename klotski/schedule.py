@@ -82,6 +82,8 @@ class Placement:
     experts_gpu: int = 0
     experts_cpu: int | None = None
     kv: str = "gpu"
+    prefill_chunk: int | None = None  # prompt columns per prefill pass the device memory was sized for (None:
+    # the whole prompt; klotski.prefill_chunks: the runtime chunks a prefill whose activations do not fit)
 
     def experts_on(self, tier: str, num_experts: int) -> int:
         gpu = min(self.experts_gpu, num_experts)
@@ -97,7 +99,7 @@ class Placement:
     def describe(self, num_experts: int) -> str:
         e = "/".join(str(self.experts_on(t, num_experts)) for t in TIERS)
         return (f"attn={self.attn} gate={self.gate} shared={self.shared} experts(gpu/cpu/disk)={e} "
-                f"kv={self.kv}")
+                f"kv={self.kv}" + (f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""))
 
 
 @dataclass(frozen=True)

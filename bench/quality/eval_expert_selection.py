@@ -28,12 +28,20 @@ plain Lynx at the same quality). ``--hardware`` plans on a fixed profile (a pres
 placement does not move with this machine's refitted profile; under a budget that makes part of each layer's
 experts GPU-resident, the offload-aware variant has resident experts to prefer.
 
-Prefill logits of every row are checked bit-identical to exact routing's. The exact row runs "lynx:0" (exact
-routing, the selection counters on), checked identical to "off".
+Prefill logits of every row are checked against exact routing's (largest difference in the table; selection
+never touches prefill). The exact row runs "lynx:0" (exact routing, the selection counters on), checked against
+"off": the offloaded runtime runs the cold experts whose loads have arrived as one grouped call, so how a
+token's expert outputs are summed into the fp32 accumulator depends on load timing and logits of the same
+routing can differ in the last bits between runs (up to 6e-7 seen on a 32-expert model; 0 on the 8-expert
+one). Differences up to ``RUN_NOISE_ATOL`` are accepted and reported, with "off" vs "lynx:0" agreement as the
+run-to-run noise of the quality columns.
 
     python bench/quality/eval_expert_selection.py --model klotski/assets/tiny_moe
     python bench/quality/eval_expert_selection.py --hardware rtx3090 --gpu-memory 48MiB --cpu-memory 64MiB \
         --num-batches 1 --batch-size 16 --decode-steps 96     # batch 16, 4 of 8 experts per layer resident
+
+``--window-shift 0.5`` takes a second, disjoint sample of the held-out text; ``selection_targets.py`` pools
+the JSONs of several samples before judging the targets.
 
 Writes ``bench/results/<date>-expert-selection.{json,md}`` and a plot ``...-expert-selection.png`` (skipped,
 with a message, when matplotlib is not installed).
@@ -64,15 +72,23 @@ from klotski.model.expert_selection import ExpertSelection  # noqa: E402
 EXPERT_LOAD = re.compile(r"^L\d+ e\d+$")  # span names of routed-expert loads (klotski.runtime.loads)
 GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 PPL_TIE = 0.001  # perplexity changes within 0.1 percentage point count as the same quality
+RUN_NOISE_ATOL = 1e-4  # largest prefill logit difference accepted between runs of the same routing
 
 
-def windows(stream: torch.Tensor, count: int, length: int, bos: int) -> torch.Tensor:
-    """``count`` windows of ``<s>`` + length - 1 tokens spread evenly over ``stream`` -> [count, length]."""
+def windows(stream: torch.Tensor, count: int, length: int, bos: int, shift: float = 0.0) -> torch.Tensor:
+    """``count`` windows of ``<s>`` + length - 1 tokens spread evenly over ``stream`` -> [count, length]; window
+    i starts at ``(i + shift) * stride`` (``shift`` in [0, 1): another sample of the same text, disjoint from
+    shift 0's when ``shift * stride >= length``)."""
     step = length - 1
     if stream.numel() < count * step:
         raise ValueError(f"held-out text has {stream.numel()} tokens, fewer than {count} windows x {step}")
+    if not 0.0 <= shift < 1.0:
+        raise ValueError(f"window shift must be in [0, 1), got {shift}")
     stride = (stream.numel() - step) // count
-    rows = [[bos] + stream[i * stride: i * stride + step].tolist() for i in range(count)]
+    starts = [int((i + shift) * stride) for i in range(count)]
+    if starts[-1] + step > stream.numel():
+        raise ValueError(f"window shift {shift}: the last window would end past the held-out text")
+    rows = [[bos] + stream[s: s + step].tolist() for s in starts]
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -173,6 +189,23 @@ def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int, fl
             "bytes_per_load": sum(per_step) / loads if loads else 0.0, **top1}
 
 
+def compare_modes(rows: list[dict]) -> tuple[dict, list[dict], dict | None]:
+    """Rows with ``mode``, ``setting``, ``ppl_change``, ``expert_bytes_per_step`` -> (each mode's cheapest row
+    within 1 % perplexity, the matched pairs: for each offload-aware row within 1 %, plain Lynx's cheapest row
+    whose perplexity change is <= the offload-aware row's + ``PPL_TIE``, and the pair with the largest cut)."""
+    ok = {m: [r for r in rows if r["mode"] == m and r["ppl_change"] <= 0.01] for m in ("lynx", "lynx-offload")}
+    cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
+    matched = []
+    for o in ok.get("lynx-offload", []):
+        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
+        if plain:
+            p = min(plain, key=lambda r: r["expert_bytes_per_step"])
+            matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
+                            "plain_ppl": p["ppl_change"],
+                            "offload_vs_plain": o["expert_bytes_per_step"] / p["expert_bytes_per_step"] - 1})
+    return cheapest, matched, (min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None)
+
+
 def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> dict:
     """The top-1 floor (the fewest expert bytes per decode step any rule that keeps every token's top-1 can
     load: the non-resident experts among the step's top-1 union, from the exact row's routing) and the two
@@ -185,17 +218,7 @@ def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> 
     per_load = ref["bytes_per_load"]
     floor_bytes = exact["top1_nonresident"] * layers * per_load
     floor_cut = floor_bytes / exact_bytes - 1 if exact_bytes else float("nan")
-    ok = {m: [r for r in rows if r["mode"] == m and r["ppl_change"] <= 0.01] for m in ("lynx", "lynx-offload")}
-    cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
-    matched = []
-    for o in ok.get("lynx-offload", []):
-        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
-        if plain:
-            p = min(plain, key=lambda r: r["expert_bytes_per_step"])
-            matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
-                            "plain_ppl": p["ppl_change"],
-                            "offload_vs_plain": o["expert_bytes_per_step"] / p["expert_bytes_per_step"] - 1})
-    best_match = min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None
+    cheapest, matched, best_match = compare_modes(rows)
     resident = sum(r["resident_loads"] for r in rows)
     md = [f"Byte accounting: {resident} loads of GPU-resident experts counted over all rows (resident experts are "
           f"served from their permanent slots; the loads counted are those of `L<layer> e<expert>` spans, "
@@ -249,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--decode-steps", type=int, default=48)
     p.add_argument("--greedy-tokens", type=int, default=24)
+    p.add_argument("--window-shift", type=float, default=0.0,
+                   help="start window i at (i + shift) x stride of the held-out text (0.5: a second, disjoint sample)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     p.add_argument("--tag", default=time.strftime("%Y%m%d") + "-expert-selection")
@@ -307,7 +332,8 @@ def main(argv=None) -> int:
         spec, ex = llm.spec, llm.executor
         B = args.num_batches * args.batch_size
         bos = spec.bos_token_id if spec.bos_token_id is not None else 0
-        seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos)
+        seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos,
+                       args.window_shift)
         settings = ["off", "lynx:0"] + [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
         floor = Top1Floor(ex)
         run_row(ex, seqs, args.prompt_len, 4, 2, floor)  # warm-up: the prefetch table learns this text's routing
@@ -323,8 +349,14 @@ def main(argv=None) -> int:
     finally:
         llm.close()
     off, ref = res.pop("off"), res["lynx:0"]
-    assert torch.equal(off["prefill"], ref["prefill"]) and torch.equal(off["argmax"], ref["argmax"]), \
-        "lynx:0 must be exact routing"
+    noise = {"prefill_max_diff": float((off["prefill"] - ref["prefill"]).abs().max()),
+             "ppl_change": math.exp((off["nll"] - ref["nll"]) / ref["tokens"]) - 1,
+             "argmax_agree": float((off["argmax"] == ref["argmax"]).float().mean()),
+             "greedy_agree": float((off["greedy"] == ref["greedy"]).float().mean())}
+    if noise["prefill_max_diff"] > RUN_NOISE_ATOL or abs(noise["ppl_change"]) > 1e-5:
+        raise AssertionError(f"lynx:0 must be exact routing: against 'off' its prefill logits differ by up to "
+                             f"{noise['prefill_max_diff']:.3g} (accepted {RUN_NOISE_ATOL:g}), perplexity by "
+                             f"{100 * noise['ppl_change']:+.5f}%")
     base_ppl = math.exp(ref["nll"] / ref["tokens"])
     rows = []
     for s, r in res.items():
@@ -341,7 +373,11 @@ def main(argv=None) -> int:
                      "top1_distinct": r["top1_distinct"], "top1_nonresident": r["top1_nonresident"],
                      "chosen_nonresident": r["chosen_nonresident"],
                      "prefetch_loads_per_step": r["prefetch_loads_per_step"],
-                     "prefill_identical": bool(torch.equal(r["prefill"], ref["prefill"]))})
+                     "prefill_identical": bool(torch.equal(r["prefill"], ref["prefill"])),
+                     "prefill_max_diff": float((r["prefill"] - ref["prefill"]).abs().max())})
+    bad = [r["setting"] for r in rows if r["prefill_max_diff"] > RUN_NOISE_ATOL]
+    if bad:
+        raise AssertionError(f"prefill logits changed with expert selection on (> {RUN_NOISE_ATOL:g}): {bad}")
     exact_bytes = rows[0]["expert_bytes_per_step"]
     for r in rows:
         r["bytes_vs_exact"] = r["expert_bytes_per_step"] / exact_bytes - 1 if exact_bytes else 0.0
@@ -354,13 +390,13 @@ def main(argv=None) -> int:
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     head = ("| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
             "top-1 distinct (non-resident) | chosen non-resident | remapped | expert loads / step (prefetched) | expert KiB / decode step | vs exact | "
-            "prefill identical |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+            "prefill max diff |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['ppl']:.3f} | {100 * r['ppl_change']:+.2f}% | {r['argmax_agree']:.3f} | "
              f"{r['greedy_agree']:.3f} | {r['distinct']:.2f} | {r['top1_distinct']:.2f} ({r['top1_nonresident']:.2f}) | "
              f"{r['chosen_nonresident']:.2f} | {100 * r['remapped_fraction']:.1f}% | "
              f"{r['expert_loads_per_step']:.1f} ({r['prefetch_loads_per_step']:.1f}) | "
              f"{r['expert_bytes_per_step'] / 1024:.0f} | {100 * r['bytes_vs_exact']:+.1f}% | "
-             f"{'yes' if r['prefill_identical'] else 'NO'} |" for r in rows]
+             f"{r['prefill_max_diff']:.2g} |" for r in rows]
     md = (f"# Expert selection on {args.model}\n\n`{cmd}`\n\npolicy {args.policy}, planned for {args.hardware or 'this machine'}, gpu {args.gpu_memory}, cpu "
           f"{args.cpu_memory}, {args.num_batches} x {args.batch_size} sequences, placement {placement}; "
           f"{B} held-out windows of {args.prompt_len} prefill tokens + {args.decode_steps} teacher-forced decode "
@@ -368,14 +404,17 @@ def main(argv=None) -> int:
           f"the {spec.num_experts}-expert MoE layers of the union over the step's micro-batches.\n\n"
           + head + "\n" + "\n".join(lines)
           + "\n\nLargest aggressiveness with perplexity cost <= 1%: "
-          + (", ".join(f"{m}: {s}" for m, s in best.items()) or "none") + "\n\n" + summary["markdown"])
+          + (", ".join(f"{m}: {s}" for m, s in best.items()) or "none") + "\n\n"
+          + f"Run-to-run noise (exact routing twice, 'off' vs 'lynx:0'): ppl {100 * noise['ppl_change']:+.5f}%, argmax "
+          f"agree {noise['argmax_agree']:.3f}, greedy agree {noise['greedy_agree']:.3f}, prefill logits differ by up to "
+          f"{noise['prefill_max_diff']:.2g}.\n\n" + summary["markdown"])
     print(md)
     os.makedirs(args.out, exist_ok=True)
     base = os.path.join(args.out, args.tag)
     write_atomic(base + ".md", md)
     write_atomic(base + ".json", json.dumps({"command": cmd, "model": args.model, "args": vars(args),
                                              "placement": placement, "corpus": corpus, "rows": rows,
-                                             "best_within_1pct": best,
+                                             "best_within_1pct": best, "run_noise": noise,
                                              **{k: v for k, v in summary.items() if k != "markdown"}, "seconds": time.time() - t0}, indent=1))
     print(plot(rows, base + ".png"))
     print(f"wrote {os.path.normpath(base)}.md / .json")

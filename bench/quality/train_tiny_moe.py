@@ -29,6 +29,12 @@ descheduled), so ``--threads`` defaults to 1; the step count, not the clock, end
 The shipped run (600 steps) took 18 min of wall time on the busy development machine (1.7-6 s per step
 depending on the load).
 
+``--experts``, ``--intermediate`` and ``--top-k`` (``num_experts_per_tok``) make a wider MoE with the same active
+expert parameters per token, e.g. 32 experts of intermediate 112, top-4 (the expert-selection measurements on
+many experts; not shipped, written outside the repository):
+
+    python bench/quality/train_tiny_moe.py --out /work/models/tiny_moe_e32 --experts 32 --top-k 4 --intermediate 112
+
 Writes ``config.json``, ``model.safetensors``, ``tokenizer.json``, ``generation_config.json`` and
 ``train_report.json`` (validation perplexity vs the unigram baseline, per-layer expert-load entropy,
 greedy samples, the command) into ``--out``, atomically (temporary directory + rename).
@@ -122,7 +128,7 @@ def model_config(vocab_size: int, args):
     return MixtralConfig(
         vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=2,
-        num_local_experts=args.experts, num_experts_per_tok=2, max_position_embeddings=1024,
+        num_local_experts=args.experts, num_experts_per_tok=args.top_k, max_position_embeddings=1024,
         rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=None,
         output_router_logits=True, router_aux_loss_coef=args.aux_coef, router_jitter_noise=0.0,
@@ -196,6 +202,7 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=224)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (num_experts_per_tok)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--train-chars", type=int, default=4_000_000, help="training corpus size (characters)")
     p.add_argument("--eval-tokens", type=int, default=32768)
@@ -205,6 +212,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 1 <= args.top_k <= args.experts:
+        raise SystemExit(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     from transformers import MixtralForCausalLM

@@ -28,6 +28,7 @@ from klotski.model.decoder import make_rotary
 from klotski.model.kv_cache import query_valid
 from klotski.model.moe import expert_activation
 from klotski.prefetch import CorrelationPrefetcher, PrefetchStats
+from klotski.prefill_chunks import chunk_sizes
 from klotski.program.host import HostCompute
 from klotski.runtime.cache import GroupCache
 from klotski.runtime.compute import Compute, StepState
@@ -137,9 +138,11 @@ class OffloadedExecutor:
             raise RuntimeError("executor is closed")
         B, S = input_ids.shape
         room = (self.gpu.budget - self.gpu.used) if self.gpu.budget is not None else None
-        chunk = S
-        while room is not None and chunk > 1 and self.activation_bytes(B, chunk, cache.length + chunk, all_logits) > room:
-            chunk = (chunk + 1) // 2
+        sizes = chunk_sizes(S)  # the planner prices the same chunks (klotski.prefill_chunks)
+        chunk = sizes[0]
+        for chunk in sizes:
+            if room is None or self.activation_bytes(B, chunk, cache.length + chunk, all_logits) <= room:
+                break
         act = self.activation_bytes(B, chunk, cache.length + chunk, all_logits)
         if room is not None and act > room:
             raise BudgetError(

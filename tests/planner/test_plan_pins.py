@@ -3,9 +3,11 @@
 PINS were first computed by the unpruned search of commit 28ff2ff (before the speed-ups), last recomputed after
 the simulator started timing the ops the runtime executes (one op builder per policy, klotski.program) and
 counting the runtime's fixed pools (and again when KV copies stopped queueing behind a weight copy in flight:
-flexgen's two rates with KV on the host moved by 0.2-0.3 %, no decision changed; and when gates and the MLP's
-closing op started counting the hidden rows they read and write: rates -0.1-0.3 %, deepseek-v2-lite's klotski
-prefetch width None -> 6, a tie, every expert being GPU-resident), with
+flexgen's two rates with KV on the host moved by 0.2-0.3 %, no decision changed; and again when the planner
+priced a group's prefill in chunks as the runtime runs it: groups of hundreds to thousands of sequences became
+feasible, and at those batches klotski takes FlexGen's order; and when gates and the MLP's closing op started
+counting the hidden rows they read and write: rates -0.0-0.4 %, deepseek-v2-lite's klotski prefetch width
+None -> 6, a tie, every expert being GPU-resident), with
 ``Planner(costs, preset, 512, 32).compare(("layerwise", "flexgen", "klotski"))``. A deliberate change to the
 cost model or schedule moves them: recompute with ``python tests/planner/test_plan_pins.py`` and say why
 in the commit. The other tests need no pins: the pruned search equals the unpruned one, and the bound
@@ -22,24 +24,24 @@ from klotski.schedule import Placement
 P = Placement
 PINS = {  # (model, hardware) -> policy -> (batch, n, placement, num_hot, overlap, tokens/s)
     ('mixtral-8x7b', 'rtx3090-pcie4'): {
-        'layerwise': (128, 1, P(kv='cpu'), None, False, 21.61341090641679),
-        'flexgen': (16, 24, P(attn='cpu', kv='cpu'), None, True, 36.644580077253536),
-        'klotski': (16, 24, P(kv='cpu'), 2, False, 37.19086807892181),
+        'layerwise': (512, 1, P(kv='cpu', prefill_chunk=128), None, False, 40.17636243478571),
+        'flexgen': (128, 20, P(experts_cpu=7, kv='cpu', prefill_chunk=64), None, True, 53.017851841192524),
+        'klotski': (128, 20, P(experts_cpu=7, kv='cpu', prefill_chunk=64), None, True, 53.017851841192524),
     },
     ('mixtral-8x22b', 'h800-pcie5'): {
-        'layerwise': (256, 1, P(kv='cpu'), None, False, 37.09740215211011),
-        'flexgen': (128, 6, P(attn='cpu', kv='cpu'), None, True, 80.9189928447784),
-        'klotski': (128, 6, P(kv='cpu'), 2, False, 82.60941636438626),
+        'layerwise': (512, 1, P(kv='cpu', prefill_chunk=256), None, False, 62.00068666256969),
+        'flexgen': (128, 16, P(attn='cpu', kv='cpu', prefill_chunk=256), None, True, 129.21689190173106),
+        'klotski': (128, 16, P(attn='cpu', kv='cpu', prefill_chunk=256), None, True, 129.21689190173106),
     },
     ('qwen1.5-moe-a2.7b', 't4'): {
-        'layerwise': (128, 1, P(experts_gpu=5, kv='cpu'), None, False, 27.413620600523256),
-        'flexgen': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.50727635321925),
-        'klotski': (32, 16, P(attn='cpu', shared='cpu', experts_cpu=27, kv='cpu'), None, True, 38.50727635321925),
+        'layerwise': (512, 1, P(experts_gpu=5, experts_cpu=27, kv='cpu', prefill_chunk=128), None, False, 39.22608345075742),
+        'flexgen': (128, 4, P(experts_gpu=3, experts_cpu=27, kv='cpu', prefill_chunk=256), None, True, 40.00083295312467),
+        'klotski': (128, 4, P(experts_gpu=3, experts_cpu=27, kv='cpu', prefill_chunk=256), None, True, 40.00083295312467),
     },
     ('deepseek-v2-lite', 'h100-80gb'): {
-        'layerwise': (512, 1, P(experts_gpu=64, kv='gpu'), None, False, 5664.476463524006),
-        'flexgen': (512, 1, P(experts_gpu=64, kv='gpu'), None, True, 5664.476463524006),
-        'klotski': (512, 1, P(experts_gpu=64, kv='gpu'), 6, False, 5664.476463524006),
+        'layerwise': (512, 1, P(experts_gpu=64), None, False, 5664.476463524006),
+        'flexgen': (512, 1, P(experts_gpu=64), None, True, 5664.476463524006),
+        'klotski': (512, 1, P(experts_gpu=64), 6, False, 5664.476463524006),
     },
 }
 

@@ -33,7 +33,7 @@ def test_plans_never_exceed_memory_limits(make_tiny_config, layers, experts, top
         assert e.min_gpu_memory > 0
         return
     # re-simulate the whole model (no window) for both phases: every tier within its limit
-    for shape in planner.shapes(plan.batch_size, plan.n):
+    for shape in planner.shapes(plan.batch_size, plan.n, plan.placement.prefill_chunk):  # (a chunked prefill: one pass)
         sched = build_schedule(policy, costs, plan.placement, shape, planner.routing, num_hot=plan.num_hot,
                                overlap=plan.overlap)
         res = simulate(sched, hw)
@@ -64,9 +64,9 @@ def test_policy_order_on_presets(model, hw_name):
                                               ("mixtral-8x22b", "h800-pcie5", None, None)])
 def test_paper_setups_plan_fast(model, hw, gpu, cpu):
     costs = ModelCosts.from_config(model_config(model), name=model)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: other jobs on the machine stretch wall time, not this
     plans = Planner(costs, preset(hw).with_memory(gpu, cpu), 512, 32).compare()
-    assert time.perf_counter() - t0 < 5.0
+    assert time.process_time() - t0 < 5.0
     k = plans["klotski"]
     assert k is not None and k.tokens_per_s > 0
     assert plans["resident"] is None  # the model does not fit the GPU

@@ -37,7 +37,7 @@ def test_planned_peak_is_within_the_limit(make_tiny_config):
     costs, hw = _setup(make_tiny_config)
     planner = Planner(costs, hw, 128, 2)
     plan = planner.plan("klotski")
-    for shape in planner.shapes(plan.batch_size, plan.n):
+    for shape in planner.shapes(plan.batch_size, plan.n, plan.placement.prefill_chunk):
         sched = build_schedule("klotski", costs, plan.placement, shape, planner.routing, num_hot=plan.num_hot,
                                overlap=plan.overlap)
         assert simulate(sched, hw).peak_mem["gpu"] <= hw.gpu_memory, shape.phase
