@@ -77,19 +77,17 @@ class Planner:
         return (prefill_shape(b, n, self.prompt_len, ctx, chunk),
                 StepShape("decode", b, n, 1, self.prompt_len + self.gen_len // 2, ctx))
 
-    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True, host: HostCompute | None = None,
-                 chunk: int | None = None) -> tuple[SimResult, SimResult]:
-        """(one prefill pass, one decode step); ``chunk``: the prefill pass's columns (None: the placement's)."""
-        chunk = chunk or placement.prefill_chunk or self.prompt_len
+    def simulate(self, policy, placement, b, n, num_hot=None, overlap=True,
+                 host: HostCompute | None = None) -> tuple[SimResult, SimResult]:
+        """(one prefill pass of the placement's ``prefill_chunk`` columns, one decode step)."""
         policy = order_of(policy, num_hot)  # klotski with its features off runs FlexGen's order
         host = host or HostCompute()
         out = []
-        for shape, routing in zip(self.shapes(b, n, chunk), (self.routing, self.decode_routing)):
+        for shape, routing in zip(self.shapes(b, n, placement.prefill_chunk), (self.routing, self.decode_routing)):
             # a phase's step depends on that phase's attention placement only
             phase_host = HostCompute(host.attn(shape.phase), host.attn(shape.phase), host.experts)
             key = (policy, placement, b, n, num_hot, overlap, shape.phase) + (
-                (phase_host,) if phase_host != HostCompute() else ()) + ((shape.q_len,) if
-                                                                        shape.q_len < self.prompt_len else ())
+                (phase_host,) if phase_host != HostCompute() else ())  # (the placement names the chunk)
             if key not in self._cache:
                 self._cache[key] = simulate_model_step(policy, self.costs, placement, shape, self.hw, routing,
                                                        num_hot=num_hot, overlap=overlap, host=phase_host)
@@ -98,9 +96,9 @@ class Planner:
 
     def score(self, policy, placement, b, n, num_hot=None, overlap=True, host: HostCompute | None = None) -> Plan:
         host = host or HostCompute()
-        chunk = placement.prefill_chunk or self.prompt_len
         pre, dec = self.simulate(policy, placement, b, n, num_hot, overlap, host)
-        passes = num_chunks(self.prompt_len, chunk)  # a chunked prefill: that many passes through the model
+        # a chunked prefill: that many passes through the model
+        passes = num_chunks(self.prompt_len, placement.prefill_chunk or self.prompt_len)
         n_eff = 1 if policy in ("layerwise", "resident") else n
         buffers, slots = pools_for(order_of(policy, num_hot), self.costs.spec, placement, num_hot,
                                    overlap and policy != "layerwise")

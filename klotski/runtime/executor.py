@@ -138,11 +138,9 @@ class OffloadedExecutor:
             raise RuntimeError("executor is closed")
         B, S = input_ids.shape
         room = (self.gpu.budget - self.gpu.used) if self.gpu.budget is not None else None
-        sizes = chunk_sizes(S)  # the planner prices the same chunks (klotski.prefill_chunks)
-        chunk = sizes[0]
-        for chunk in sizes:
-            if room is None or self.activation_bytes(B, chunk, cache.length + chunk, all_logits) <= room:
-                break
+        # the first chunk size whose activations fit (the planner prices the same chunks: klotski.prefill_chunks)
+        chunk = next((c for c in chunk_sizes(S) if room is None
+                      or self.activation_bytes(B, c, cache.length + c, all_logits) <= room), 1)
         act = self.activation_bytes(B, chunk, cache.length + chunk, all_logits)
         if room is not None and act > room:
             raise BudgetError(
