@@ -118,7 +118,8 @@ class Compute:
                 ln.stream.wait_event(ready)
             t0 = self.tracer.now()
             host = tuple(t.to("cpu") for t in parts)
-            out = split(self.spec, host, cache, layer, mask.to("cpu"))
+            with ln.host_cpu:
+                out = split(self.spec, host, cache, layer, mask.to("cpu"))
             back = out.to(self.device)
             self.tracer.host_span("cpu_attn", f"L{layer} attn b{k}", t0, op="attn_core", score_flops=score,
                                   kv_bytes=kv_read)
@@ -157,13 +158,14 @@ class Compute:
             x, tw = h.to("cpu"), topk_weights.to("cpu")
             out = torch.zeros(x.shape, dtype=torch.float32)
             table = torch.full((E,), -1, dtype=torch.int32)
-            for e, (_, (w13, w2)) in zip(experts, homes):
-                if w13.dtype != x.dtype:
-                    w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
-                table.fill_(-1)
-                table[e] = 0
-                fused_moe_torch(x, w13[None], w2[None], tw, ids_host, expert_slots=table, out=out,
-                                activation=self.act)
+            with ln.host_cpu:
+                for e, (_, (w13, w2)) in zip(experts, homes):
+                    if w13.dtype != x.dtype:
+                        w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
+                    table.fill_(-1)
+                    table[e] = 0
+                    fused_moe_torch(x, w13[None], w2[None], tw, ids_host, expert_slots=table, out=out,
+                                    activation=self.act)
             back = out.to(self.device)
             self.tracer.host_span("cpu_experts", f"L{layer} cpu x{len(experts)}", t0, op="experts",
                                   experts=len(experts), flops=self.costs.expert_flops(layer, tokens))

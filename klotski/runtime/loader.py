@@ -6,6 +6,11 @@ a ``torch.cuda.Stream``: the job's copies are issued on it, an event is recorded
 :meth:`Ticket.wait` makes the *compute* stream wait on that event (no host sync). In CPU mode the job does the
 copy itself on the worker thread (torch releases the GIL in copies and reads), so loads overlap compute.
 
+The two host-compute lanes (``cpu_attn``, ``cpu_experts``) share one :class:`HostCPU`: each runs its torch ops
+with the host's intra-op threads (all cores unless told otherwise), one lane's compute at a time, as the
+simulator prices them (:data:`klotski.simulate.HOST_CPU`, one resource). Two lanes computing at once with all
+cores each would oversubscribe the cores; copies and waits run outside the lock.
+
 Every wait is bounded: :meth:`Ticket.wait` raises :class:`WaitTimeout` after the lane's ``timeout_s``
 (:data:`WAIT_TIMEOUT_S` by default) naming the job, instead of hanging on a load that can never finish.
 """
@@ -63,13 +68,35 @@ class Ticket:
         return self.result
 
 
-class Lane:
-    """A worker thread running jobs ``fn(lane) -> result`` in submission order."""
+class HostCPU:
+    """The host's cores as one resource shared by the host-compute lanes: ``with host_cpu:`` around a job's
+    CPU compute holds it (one lane's compute at a time); ``threads`` torch intra-op threads per lane thread."""
 
-    def __init__(self, name: str, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S):
+    def __init__(self, threads: int | None = None):
+        threads = torch.get_num_threads() if threads is None else threads
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"host compute threads must be a positive int, got {threads!r}")
+        self.threads = threads
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+class Lane:
+    """A worker thread running jobs ``fn(lane) -> result`` in submission order. ``host_cpu``: set on the
+    host-compute lanes (their jobs compute under ``with lane.host_cpu:``; the thread uses its ``threads``)."""
+
+    def __init__(self, name: str, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S,
+                 host_cpu: HostCPU | None = None):
         self.name = name
         self.device = device
         self.timeout_s = timeout_s
+        self.host_cpu = host_cpu
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._queue: queue.Queue = queue.Queue()
         self._idle = threading.Event()
@@ -88,6 +115,8 @@ class Lane:
         return ticket
 
     def _run(self) -> None:
+        if self.host_cpu is not None:
+            torch.set_num_threads(self.host_cpu.threads)  # per thread (OpenMP): the lane's own ops only
         while True:
             item = self._queue.get()
             if item is None:
@@ -142,13 +171,16 @@ class Lane:
 
 
 class Lanes:
-    NAMES = ("prefetch", "expert_io", "kv_load", "kv_store", "cpu_attn", "cpu_experts")  # cpu_*: host compute
+    NAMES = ("prefetch", "expert_io", "kv_load", "kv_store", "cpu_attn", "cpu_experts")
+    HOST_COMPUTE = ("cpu_attn", "cpu_experts")  # lanes computing on the host: they share one HostCPU
 
-    def __init__(self, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S):
+    def __init__(self, device: torch.device, timeout_s: float | None = WAIT_TIMEOUT_S,
+                 host_threads: int | None = None):
         self.lanes: dict[str, Lane] = {}
+        self.host_cpu = HostCPU(host_threads)
         try:
             for n in self.NAMES:
-                self.lanes[n] = Lane(n, device, timeout_s)
+                self.lanes[n] = Lane(n, device, timeout_s, self.host_cpu if n in self.HOST_COMPUTE else None)
         except BaseException:  # interrupted while starting threads: stop those already running
             self.close()
             raise
