@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -92,5 +93,5 @@ def test_skewed_routing_helps_klotski():
     hw = preset("t4").with_memory(gpu_memory="3GiB")
     uniform = Planner(costs, hw, 128, 8).plan("klotski")
     skew = Planner(costs, hw, 128, 8, RoutingStats.from_trace_file(
-        "/work/shared/data/routing/olmoe_arxiv_counts.json")).plan("klotski")
+        os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "routing", "olmoe_arxiv_counts.json"))).plan("klotski")
     assert skew.tokens_per_s >= uniform.tokens_per_s * 0.999

@@ -1,9 +1,11 @@
+import os
+
 import numpy as np
 import pytest
 
 from klotski.routing_stats import RoutingStats, expected_routing
 
-ROUTING = "/work/shared/data/routing/"
+ROUTING = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "routing", "")
 
 
 def monte_carlo_distinct(stats, tokens, layer, trials, rng):
