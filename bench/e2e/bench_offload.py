@@ -28,6 +28,10 @@ step and tokens/s against the "off" row (bench/e2e/selection_rows.py; target >= 
 profile instead of this machine's: on this CPU the planner rarely makes experts GPU-resident, on the preset a
 budget such as ``--gpu-memory 48MiB`` for the demo model keeps 4 of its 8 experts per layer resident.
 
+``--host-compute-off`` runs klotski once more with ``host_compute="off"`` (every op on the device), paired with
+its default row (``"auto"``: on CUDA the planner chooses attention per phase and cold experts on the CPU; the
+table's ``host`` column shows the choice): tokens/s with and without host compute, greedy tokens compared.
+
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
 more row, a "klotski / accelerate" speedup and whether its greedy tokens match. It needs the ``bench`` extra
@@ -48,6 +52,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import offload_report  # noqa: E402
 import selection_rows  # noqa: E402
 
 
@@ -150,72 +155,6 @@ def accelerate_row(model: str, runs: dict, args, tokens: dict, work: str) -> dic
             "sequences_matching": matching, "first_mismatch": first}
 
 
-def check_targets(rows: list[dict], baseline: dict | None) -> dict:
-    """Issue #6's targets on this run: klotski >= 1.2x flexgen, >= 5x layerwise, >= 10x accelerate tokens/s;
-    every policy within 15 % of its prediction (held out with --calibrate); klotski at >= 80 % of its roofline.
-    Only the targets this run has the rows for."""
-    by = {r["policy"]: r for r in rows if not r.get("quantization") and r.get("prefetch", "table") == "table"
-          and not r.get("expert_selection_setting")}
-    out = {}
-    for r in rows:
-        base = by.get(r["policy"])
-        if r.get("quantization") and base is not None and base["tokens_per_s"] > 0:
-            v = r["tokens_per_s"] / base["tokens_per_s"]
-            out[f"{r['policy']} {r['quantization']}/{base['dtype'] if 'dtype' in base else 'checkpoint'}"] = {
-                "value": v, "want": ">= 2 (disk-bound)", "met": v >= 2}
-    k = by.get("klotski")
-    if k is not None:
-        for other, want in (("flexgen", 1.2), ("layerwise", 5.0)):
-            if other in by and by[other]["tokens_per_s"] > 0:
-                v = k["tokens_per_s"] / by[other]["tokens_per_s"]
-                out[f"klotski/{other}"] = {"value": v, "want": f">= {want}", "met": v >= want}
-        if baseline is not None and baseline["tokens_per_s"] > 0:
-            v = k["tokens_per_s"] / baseline["tokens_per_s"]
-            out["klotski/accelerate"] = {"value": v, "want": ">= 10", "met": v >= 10}
-        v = k["roofline"]["fraction"]
-        out["klotski roofline fraction"] = {"value": v, "want": ">= 0.8", "met": v >= 0.8}
-    for r in rows:
-        pred = r.get("predicted_tokens_per_s") or 0.0
-        if pred > 0:
-            v = r["tokens_per_s"] / pred
-            out[f"{r['policy']} measured/predicted"] = {"value": v, "want": "0.85 .. 1.15", "met": 0.85 <= v <= 1.15}
-    return out
-
-
-def print_baseline(b: dict, rows: list[dict]) -> None:
-    """The accelerate row under the policies' table (columns that have no meaning for it are '-'), the
-    klotski / accelerate speedup and the token check."""
-    from klotski.units import format_bytes
-
-    dash = "-"
-    tiers = " ".join(f"{t}:{v['modules']}({format_bytes(v['bytes'])})" for t, v in b["tiers"].items())
-    peak_gpu = format_bytes(b["peak_gpu_bytes"]) if b["peak_gpu_bytes"] is not None else dash
-    peak_cpu = format_bytes(b["peak_rss_growth_bytes"]) + "*" if b["peak_rss_growth_bytes"] is not None else dash
-    print(f"{'accelerate':<10} {b['num_prompts']:>5} {b['num_prompts']:>3}x{1:<3} {b['tokens_per_s']:>8.2f} "
-          f"{dash:>8} {dash:>6} {dash:>8} {dash:>13} {dash:>6} {dash:>7} "
-          f"{format_bytes(b['bytes_disk_read']):>10} {format_bytes(b['bytes_h2d']):>10} "
-          f"{peak_gpu:>10} {peak_cpu:>10}  device_map {tiers}")
-    print(f"accelerate: {b['dtype']} on {b['device']}, max_memory {b['max_memory']}, {b['forward_calls']} forward "
-          f"passes, wall {b['wall_s']:.2f} s (load {b['load_s']:.1f} s); disk read / h2d = offloaded bytes x "
-          f"forward passes (accelerate's hooks load every offloaded module in every pass); * peak RSS growth over the timed call (not the resident weights)")
-    for r in rows:
-        if r["policy"] == "klotski" and b["tokens_per_s"] > 0:
-            print(f"klotski / accelerate: {r['tokens_per_s'] / b['tokens_per_s']:.2f}x tokens/s "
-                  f"({b['num_prompts']} prompts each, of the same lengths; accelerate runs them as one batch)")
-    if b["tokens_match"]:
-        print(f"accelerate greedy tokens match {b['tokens_compared_with']}: True "
-              f"({b['sequences_matching']}/{b['num_prompts']} sequences)")
-    else:
-        why = ("in half precision the two implementations round in a different order (HF's expert matmuls and "
-               "SDPA attention vs klotski's fused kernels) and one flipped argmax changes every later token"
-               if b["dtype"] != "float32" else
-               "in float32 only a near-tie between two logits can flip with summation order: look at the logit gap "
-               "at that position before suspecting either implementation")
-        print(f"accelerate greedy tokens match {b['tokens_compared_with']}: False ({b['sequences_matching']}/"
-              f"{b['num_prompts']} sequences identical, first difference at (sequence, token) {b['first_mismatch']}); "
-              f"both computed in {b['dtype']}: {why}")
-
-
 def add_model_args(ap, layers, gpu_memory: str, cpu_memory: str) -> None:
     """The random Mixtral-shaped checkpoint's shapes (:func:`build_checkpoint`), the device and the budgets."""
     ap.add_argument("--hidden", type=int, default=256)
@@ -267,6 +206,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128, help="--quantize int4: input columns per scale")
     ap.add_argument("--expert-selection", default="", help="comma list, e.g. off,lynx:0.5,lynx-offload:0.5: klotski "
                     "again per setting (paired rows: expert bytes per decode step, tokens/s; bench/e2e/selection_rows.py)")
+    ap.add_argument("--host-compute-off", action="store_true",
+                    help="klotski once more with host_compute='off' (paired with its default 'auto' row)")
     ap.add_argument("--hardware", default=None, help="hardware preset name or profile JSON every variant plans with "
                     "(default: this machine's measured profile); e.g. rtx3090 to get GPU-resident experts under a "
                     "small budget")
@@ -312,9 +253,11 @@ def main() -> None:
                 for q in ([None, args.quantize] if args.quantize else [None])]
     if args.lookahead:  # klotski again with gate-lookahead prefetch, paired with the table-only run
         variants += [(p, q, "lookahead") for p, q, _ in list(variants) if p == "klotski"]
-    variants = [(p, q, f, None) for p, q, f in variants]
+    variants = [(p, q, f, None, "auto") for p, q, f in variants]
     if args.expert_selection:  # klotski once per selection setting (the "off" row is the paired exact run)
-        variants += [("klotski", None, "table", s) for s in args.expert_selection.split(",")]
+        variants += [("klotski", None, "table", s, "auto") for s in args.expert_selection.split(",")]
+    if args.host_compute_off:  # last: a step cut short by its timeout keeps the rows above
+        variants.append(("klotski", None, "table", None, "off"))
         selection_rows.count_decode_loads()
     from klotski.hardware import get_hardware
     from klotski.runtime.planning import machine_profile
@@ -323,7 +266,7 @@ def main() -> None:
     # variant would plan from other rates (an explicit profile is never changed)
     shared_hw = get_hardware(args.hardware) if args.hardware else machine_profile(
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    for policy, quant, prefetch, selection in variants:
+    for policy, quant, prefetch, selection, host in variants:
         store = os.path.join(work, f"store-{policy}")
         if quant:
             from klotski.store import convert_checkpoint
@@ -331,7 +274,8 @@ def main() -> None:
             convert_checkpoint(model, store, quantize=quant, group_size=args.group_size)
         llm = LLM(model, device=args.device, policy=policy, gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory,
                   offload_dir=store, num_batches=args.num_batches, batch_size=args.batch_size, quantization=quant,
-                  prefetch=prefetch, hardware=shared_hw, expert_selection=selection or "off")
+                  prefetch=prefetch, hardware=shared_hw, expert_selection=selection or "off",
+                  host_compute=host)
         count = llm.session.group_size if args.num_prompts == "group" else int(args.num_prompts)
         g = torch.Generator().manual_seed(1)
         prompts = torch.randint(0, llm.spec.vocab_size, (2 * count, args.prompt_len), generator=g).tolist()
@@ -346,16 +290,20 @@ def main() -> None:
             policy_key += f"@{prefetch}"
         if selection is not None:
             policy_key += f"~{selection}"  # selection changes tokens: not in the cross-policy comparison
+        if host != "auto":
+            policy_key += f"/host-{host}"  # exact: its tokens are compared with every policy's
         tokens[policy_key] = [o.token_ids for o in outs]
-        if not quant and prefetch == "table" and selection is None:
+        if not quant and prefetch == "table" and selection is None and host == "auto":
             runs[policy] = {"prompts": prompts[:count], "device": str(llm.executor.device),
                             "dtype": str(llm.executor.dtype).replace("torch.", "")}
-        row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "num_prompts": count, **row}
+        row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "host_compute": host,
+               "num_prompts": count, **row}
         if args.calibrate:
             cal = llm.session.calibrate(llm.session.hardware, save=False)  # fitted on the first run ...
             in_sample = llm.session.metrics["predicted_tokens_per_s"]
             outs2, row2 = timed_run(llm, prompts[count:], sp, plan_hw)  # ... predicts a second run on other prompts
-            row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "num_prompts": count, **row2,
+            row = {"policy": policy, "quantization": quant, "prefetch": prefetch, "host_compute": host,
+                   "num_prompts": count, **row2,
                    "predicted_tokens_per_s_uncalibrated": row["predicted_tokens_per_s"],
                    "first_run": {k: row[k] for k in ("tokens_per_s", "wall_s", "predicted_tokens_per_s")},
                    "predicted_first_run_in_sample": in_sample,
@@ -376,35 +324,13 @@ def main() -> None:
     if args.calibrate:
         print("tok/s: the second run; pred: predicted from the profile calibrated on the first run (held out); "
               "uncal: predicted from the profile the plan was made on")
-    head = f"{'policy':<10} {'quant':<5} {'seqs':>5} {'b x n':>7} {'tok/s':>8} {'pred':>8} {'err':>6} {'uncal':>8} {'roofline':>13} {'chunks':>6} {'bubble':>7} {'disk read':>10} {'h2d':>10} {'peak gpu':>10} {'peak cpu':>10}  placement"
-    print(head)
-    for r in rows:
-        pred = r.get("predicted_tokens_per_s") or 0.0
-        err = r["tokens_per_s"] / pred - 1 if pred else float("nan")
-        print(f"{r['policy']:<10} {r.get('quantization') or '-':<5} {r['num_prompts']:>5} {r['batch_size']:>3}x{r['num_batches']:<3} "
-              f"{r['tokens_per_s']:>8.2f} {pred:>8.2f} {err:>+6.0%} "
-              f"{r.get('predicted_tokens_per_s_uncalibrated', pred):>8.2f} "
-              f"{r['roofline']['fraction']:>6.0%} {r['roofline']['bound']:<6} {r['prefill_chunks']:>6} {r['bubble_fraction']:>7.1%} "
-              f"{format_bytes(r['bytes_disk_read']):>10} {format_bytes(r['bytes_h2d']):>10} "
-              f"{format_bytes(r['peak_gpu_bytes']):>10} {format_bytes(r['peak_cpu_bytes']):>10}  {r['placement']}")
-    if args.quantize:
-        print(f"{'policy':<10} {'quant':<5} {'disk read/token':>16} {'h2d/token':>12} {'tok/s':>8}")
-        for r in rows:
-            gen = max(1, r.get("generated_tokens") or 1)
-            print(f"{r['policy']:<10} {r.get('quantization') or '-':<5} {format_bytes(r['bytes_disk_read'] / gen):>16} "
-                  f"{format_bytes(r['bytes_h2d'] / gen):>12} {r['tokens_per_s']:>8.2f}")
-    if args.lookahead:
-        print(f"{'policy':<10} {'prefetch':<9} {'cold loads':>10} {'prefetched':>10} {'precision':>9} {'recall':>7} {'tok/s':>8}")
-        for r in rows:
-            if r["policy"] == "klotski":
-                print(f"{r['policy']:<10} {r.get('prefetch', 'table'):<9} {r['cold_loads']:>10} {r['prefetch_loads']:>10} "
-                      f"{r.get('prefetch_precision', 0):>9.1%} {r.get('prefetch_recall', 0):>7.1%} {r['tokens_per_s']:>8.2f}")
+    offload_report.print_tables(rows, args)
     if baseline is not None:
-        print_baseline(baseline, rows)
+        offload_report.print_baseline(baseline, rows)
     if args.expert_selection:
         selection_rows.print_selection(rows, format_bytes)
     print(f"greedy tokens identical across policies: {same}")
-    targets = check_targets(rows, baseline)
+    targets = offload_report.check_targets(rows, baseline)
     if args.expert_selection:
         targets.update(selection_rows.selection_targets(rows))
     for name, t in targets.items():

@@ -8,7 +8,8 @@
 #   bash bench/gpu/session.sh io        # H2D from the pinned ring vs torch pinned / pageable copies; disk reads
 #   bash bench/gpu/session.sh loads     # disk-resident expert loads: today's torch path vs one native call per
 #                                       # record (read into a ring slot, cudaMemcpyAsync, event), per read engine
-#   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes
+#   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes,
+#                                       # klotski also with host compute off
 #   bash bench/gpu/session.sh all       # THE call for a lent GPU (15 minutes of device time in all, ~9 min here):
 #                                       # smoke, the cuda-marked tests only, a short kernel sweep, expert loads,
 #                                       # a small e2e run, each under its own timeout, each writing under $OUT as it finishes
@@ -106,9 +107,12 @@ e2e)
     # a model bigger than the emulated 24 GB card (Qwen3-30B-A3B shapes, 24 of 48 layers: 31.2 GB bf16, fits the
     # 64 GB disk; backup: PRESET=mixtral-8x7b LAYERS=10, 29.5 GB). The checkpoint is kept in CKPT, so a second
     # call (e.g. POLICIES=layerwise after a timeout) reuses it. bench_offload.py rewrites its JSON after each policy.
+    # klotski runs once more with host_compute="off" (HOST_OFF= to skip): tokens/s with and without the planner's
+    # host placements (CPU attention / cold experts on the CPU), paired in this one invocation.
     python bench/e2e/bench_offload.py --preset "${PRESET:-qwen3-30b-a3b}" --layers "${LAYERS:-24}" \
         --gpu-memory "${GPU_MEMORY:-24GB}" --cpu-memory "${CPU_MEMORY:-48GB}" --prompt-len "${PROMPT_LEN:-512}" --gen-len "${GEN_LEN:-32}" \
         --policies "${POLICIES:-klotski,flexgen,layerwise}" --baseline "${BASELINE:-accelerate}" ${CALIBRATE---calibrate} \
+        ${HOST_OFF---host-compute-off} \
         --checkpoint-dir "${CKPT:-/tmp/klotski-ckpt-${PRESET:-qwen3-30b-a3b}-${LAYERS:-24}}" \
         --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --out "$OUT"
     ;;
