@@ -18,6 +18,7 @@ from klotski.costs import ModelCosts
 from klotski.program.host import ExpertRule, HostCompute
 from klotski.schedule import Op, Placement, StepShape
 
+HOST_TIERS = ("cpu", "disk")  # cold experts the CPU may compute: in place in host memory, or after their read
 LOAD_LANES = ("prefetch", "expert_io")  # weight loads; KV moves have lanes of their own (kv_load, kv_store)
 
 
@@ -51,7 +52,7 @@ class StepContext:
     def expert_on_cpu(self, layer: int, tier: str, tokens: int) -> bool:
         """Whether a cold expert of ``tier`` with ``tokens`` tokens (expected over the group) runs on the CPU."""
         mode = self.host.experts
-        if tier != "cpu" or mode == "off":
+        if tier not in HOST_TIERS or mode == "off":
             return False
         if mode == "all":
             return True
@@ -278,30 +279,40 @@ def cpu_attention(b: Builder, layer: int, batch: int, weights: int | None, prefe
 
 
 def on_host(b: Builder, view, layer: int, batch: int | None, e: int, tier: str) -> bool:
-    """Whether cold expert ``e`` (of ``tier``) of ``layer`` runs on the CPU instead of being loaded: the plan's
-    mode, and under "auto" the rule on the tokens ``view`` expects it to get (asked only then)."""
+    """Whether cold expert ``e`` (of ``tier``: host memory, or disk and then read into host memory) of ``layer``
+    runs on the CPU instead of being copied to the device: the plan's mode, and under "auto" the rule on the
+    tokens ``view`` expects it to get (asked only then)."""
     mode = b.ctx.host.experts
-    if tier != "cpu" or mode == "off":
+    if tier not in HOST_TIERS or mode == "off":
         return False
     if mode == "all":
         return True
     return b.ctx.expert_on_cpu(layer, tier, view.expected(layer, batch, e))
 
 
-def cpu_experts(b: Builder, layer: int, batch: int | None, experts: tuple[int, ...], tokens: int, deps=()):
-    """Host-resident routed ``experts`` computed on the CPU with their weights in place, over micro-batch
-    ``batch`` (None: the whole group), on the ``cpu_experts`` lane: the hidden rows to the host, one call over
-    the experts, the fp32 outputs back. -> the id of the copy back (None when no expert)."""
+def cpu_experts(b: Builder, view, layer: int, batch: int | None, experts: tuple[int, ...], tokens: int, deps=()):
+    """Routed ``experts`` computed on the CPU over micro-batch ``batch`` (None: the whole group), on the
+    ``cpu_experts`` lane: each disk-tier one read into host memory (a ``read`` on the disk link, held until the
+    call ends), the hidden rows to the host, one call over the experts with their weights in host memory, the
+    fp32 outputs back. -> the id of the copy back (None when no expert)."""
     if not experts:
         return None
     ctx = b.ctx
     lc, costs = ctx.costs.layers[layer], ctx.costs
+    reads = []
+    for e in experts:
+        if view.tier(layer, e) == "disk":
+            read = b.add("read", "cpu_experts", "cpu", layer, batch=batch, tensor="expert", expert=e, link="disk",
+                         bytes=lc.expert_bytes, deps=deps, mem_alloc={"cpu": lc.expert_bytes})
+            yield read
+            reads.append(read.id)
     send = b.add("act_d2h", "cpu_experts", "cpu", layer, batch=batch, tensor="hidden", link="d2h",
                  bytes=costs.hidden_bytes(tokens), deps=deps)
     yield send
     op = b.add("experts", "cpu_experts", "cpu", layer, batch=batch, tensor="expert", experts=tuple(experts),
                tokens=tokens, calls=len(experts), flops=costs.expert_flops(layer, tokens),
-               bytes=len(experts) * lc.expert_bytes, deps=(send.id,))
+               bytes=len(experts) * lc.expert_bytes, deps=(send.id, *reads),
+               mem_free={"cpu": len(reads) * lc.expert_bytes} if reads else {})
     yield op
     back = b.add("act_h2d", "cpu_experts", "gpu", layer, batch=batch, tensor="expert_out", link="h2d",
                  bytes=tokens * costs.spec.hidden_size * 4, deps=(op.id,))

@@ -20,8 +20,8 @@ from klotski.program.routing import RoutingView
 
 def _loads(b: Builder, view: RoutingView, layer: int, free):
     """Issue ``layer``'s loads (after ``free``) -> (dense load, [(experts, load)] per tier, experts computed on
-    the host). Host-resident experts the plan computes on the CPU (judged from the tokens expected before any
-    gate) are not loaded."""
+    the host). Experts the plan computes on the CPU (judged from the tokens expected before any gate; host-tier
+    ones in place, disk-tier ones after their read on the CPU lane) are not loaded."""
     ctx = b.ctx
     dense = yield from load_dense(b, layer, deps=(free,))
     groups, host = [], ()
@@ -52,7 +52,7 @@ def _compute(b: Builder, view: RoutingView, layer: int, batches, dense, groups, 
         g = yield from gate(b, layer, k, dense)
         used = view.tokens(layer, k)
         on_cpu = tuple(e for e in host if e in used)
-        back = yield from cpu_experts(b, layer, k, on_cpu, sum(used[e] for e in on_cpu), deps=(g,))
+        back = yield from cpu_experts(b, view, layer, k, on_cpu, sum(used[e] for e in on_cpu), deps=(g,))
         if on_cpu:
             used = {e: t for e, t in used.items() if e not in on_cpu}
         tokens = sum(used.values())

@@ -7,11 +7,12 @@ Two placements, both read by the op builders (so the simulator prices and the ru
   link, the CPU runs attention over the KV cache where it lives in host memory (appending the step's
   columns there: no KV load or store), and the output crosses back for the output projection. CPU attention
   needs the KV cache in host memory; with the KV on the device a step runs attention there.
-* **cold experts** (routed experts resident in pinned host memory, selected by a step and not GPU-resident
+* **cold experts** (routed experts in pinned host memory or on disk, selected by a step and not GPU-resident
   or prefetched): ``off`` (always loaded), ``auto`` (per step and per expert, :class:`ExpertRule` from the
-  token count the gates gave it) or ``all`` (every host-tier cold expert on the CPU: tests and ablations).
-  Disk-tier experts are always loaded (their bytes must cross into memory anyway; the rule is not applied
-  after the read).
+  token count the gates gave it) or ``all`` (every cold expert on the CPU: tests and ablations). A host-tier
+  expert is computed with its weights in place; a disk-tier one is read into host memory on the CPU lane and
+  computed there instead of being copied on to the device. The read is the same either way, so one rule
+  decides for both tiers.
 
 :class:`ExpertRule` is Fiddler's decision (arXiv 2402.07033) with the cost model's times on one hardware
 profile: expert ``e`` with ``t`` tokens runs on the CPU iff
@@ -132,7 +133,8 @@ class ExpertRule:
         return op_seconds(self._op(layer, tokens, "gpu"), self.hw, self.dtype)
 
     def cpu_wins(self, layer: int, tokens: int) -> bool:
-        """Whether a host-resident expert of ``layer`` with ``tokens`` tokens is cheaper on the CPU."""
+        """Whether a cold expert of ``layer`` (in host memory, or read there from disk) with ``tokens`` tokens is
+        cheaper on the CPU."""
         return tokens <= self.max_cpu_tokens(layer)
 
     def _cpu_cheaper(self, layer: int, tokens: int) -> bool:

@@ -74,7 +74,7 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
     lc = ctx.costs.layers[layer]
     pending = {e for e, _ in mine}
     cold: list[tuple[int, int]] = []
-    host: list[int] = []  # cold experts computed on the CPU (host-resident, cheaper there: no load)
+    host: list[int] = []  # cold experts computed on the CPU (host or disk tier, cheaper there: no copy to the device)
     for k in range(ctx.shape.n):
         yield from attention(b, layer, k, w)
         g = yield from gate(b, layer, k, w)
@@ -88,7 +88,7 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
             cold.append((e, (yield from load_expert(b, layer, e, view.tier(layer, e), "expert_io", deps=(g,)))))
     yield from issue_hot(ctx.next_moe(layer), layer, deps=(b.last_compute,))
     used = view.tokens(layer, None)
-    back = yield from cpu_experts(b, layer, None, tuple(host), sum(used.get(e, 0) for e in host), deps=(g,))
+    back = yield from cpu_experts(b, view, layer, None, tuple(host), sum(used.get(e, 0) for e in host), deps=(g,))
     for e, lid in mine:  # prefetched but not selected: give the slot back at once
         if e not in used:
             yield from release(b, layer, "expert", lid, lc.expert_bytes, expert=e)

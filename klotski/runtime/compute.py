@@ -138,20 +138,31 @@ class Compute:
     # ---- routed experts from their host copies -------------------------------------------------------------
     def experts_on_host(self, h, topk_weights, ids_host, experts: tuple[int, ...], layer: int, lanes,
                         op_ids=()) -> Ticket:
-        """On the ``cpu_experts`` lane: the hidden rows h [T, H] to host memory, the host-resident ``experts``
-        computed there with their weights in place (cast to h's dtype when stored otherwise, as a load would),
-        the fp32 output [T, H] back to the device -> Ticket(output)."""
+        """On the ``cpu_experts`` lane: each disk-tier expert of ``experts`` read into host memory, the hidden
+        rows h [T, H] to host memory, the ``experts`` computed there (host-tier ones with their weights in place,
+        cast to h's dtype when stored otherwise, as a load would), the fp32 output [T, H] back to the device
+        -> Ticket(output)."""
         ready = _event(self.device)
         E = self.spec.num_experts
         homes = [self.w.expert_home[(layer, e)] for e in experts]
         for e, (tier, _) in zip(experts, homes):
-            if tier != "cpu":
-                raise RuntimeError(f"layer {layer} expert {e} is on {tier}, not in host memory: it cannot be "
-                                   f"computed on the CPU in place")
+            if tier not in ("cpu", "store", "disk"):
+                raise RuntimeError(f"layer {layer} expert {e} is on {tier}, neither in host memory nor on disk: "
+                                   f"it is not computed on the CPU")
         tokens = int(sum(int((ids_host == e).sum()) for e in experts))
 
         def job(ln):
             self.tracer.log_ops("cpu_experts", op_ids)
+            weights = []
+            for e, (tier, what) in zip(experts, homes):  # the reads first: outside the host CPU
+                if tier == "cpu":
+                    weights.append(what)
+                    continue
+                t0 = self.tracer.now()
+                w13, w2, read = self.w.read_expert_host(layer, e)
+                weights.append((w13, w2))
+                self.tracer.host_span("cpu_experts", f"L{layer} e{e} read", t0, op="read", tier=tier,
+                                      read_bytes=read, read_s=self.w.take_read_seconds())
             if ready is not None:
                 ln.stream.wait_event(ready)
             t0 = self.tracer.now()
@@ -159,7 +170,7 @@ class Compute:
             out = torch.zeros(x.shape, dtype=torch.float32)
             table = torch.full((E,), -1, dtype=torch.int32)
             with ln.host_cpu:
-                for e, (_, (w13, w2)) in zip(experts, homes):
+                for e, (w13, w2) in zip(experts, weights):
                     if w13.dtype != x.dtype:
                         w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
                     table.fill_(-1)

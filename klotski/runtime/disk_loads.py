@@ -129,11 +129,12 @@ class DiskLoads:
                 self._templates[key] = [(p.offset, p.nbytes, c) for (p, _), c in zip(targets, codes)]
         return self._templates[key]
 
-    def read_record(self, copy, rec, w13, w2) -> int:
+    def read_record(self, copy, rec, w13, w2, to_device: bool = True) -> int:
         """One packed-store expert record (one read) into device ``w13`` / ``w2`` (tensors or int4 slot
         views); ``copy(dst, src)`` is the torch path's host -> device copy. Checksums are checked the first
-        time a record is read (ChecksumError names the tensor). -> bytes read."""
-        template = self._template(rec, w13, w2)
+        time a record is read (ChecksumError names the tensor). ``to_device=False``: into host tensors for the
+        CPU to compute from (the torch path; no bytes cross the link). -> bytes read."""
+        template = self._template(rec, w13, w2) if to_device else None
         slot = self.ring.acquire(timeout=RING_TIMEOUT_S)
         try:
             view_offset = rec.offset % 4096
@@ -159,13 +160,15 @@ class DiskLoads:
         finally:
             slot.release()
         self.counters.add("disk_read", rec.nbytes)
-        self.counters.add("h2d", rec.nbytes)
+        if to_device:
+            self.counters.add("h2d", rec.nbytes)
         return rec.nbytes
 
     # ---- streamed checkpoint tensors ---------------------------------------------------------------------
-    def read_piece(self, copy, info, dst: torch.Tensor) -> None:
-        """One checkpoint tensor (``TensorInfo``; fp8: with its block scales) into device rows ``dst``."""
-        code = convert_code(info.dtype, dst.dtype, dst.device) if self.copier is not None else None
+    def read_piece(self, copy, info, dst: torch.Tensor, to_device: bool = True) -> None:
+        """One checkpoint tensor (``TensorInfo``; fp8: with its block scales) into device rows ``dst``
+        (``to_device=False``: host rows, through the torch path; no bytes cross the link)."""
+        code = convert_code(info.dtype, dst.dtype, dst.device) if self.copier is not None and to_device else None
         native = (code is not None and info.scale_inv is None and dst.is_contiguous()
                   and info.nbytes * (2 if code else 1) == dst.numel() * dst.element_size())
         slot = self.ring.acquire(timeout=RING_TIMEOUT_S)
@@ -186,7 +189,8 @@ class DiskLoads:
         finally:
             slot.release()
         self.counters.add("disk_read", info.stored_nbytes)
-        self.counters.add("h2d", info.stored_nbytes)
+        if to_device:
+            self.counters.add("h2d", info.stored_nbytes)
 
     def close(self) -> None:
         if self.copier is not None:

@@ -11,9 +11,10 @@ ops of :func:`klotski.program.step_ops` one at a time:
   stream, each first waiting for the loads it depends on; ``kv_store`` is submitted after its attention;
 * ``release`` gives the buffer or slot back (with an event the next writer waits on);
 * host compute (:mod:`klotski.program.host`): ``attn_qkv`` / ``attn_out`` run on the compute stream, the
-  ``act_d2h`` / ``attn_core`` / ``act_h2d`` of CPU attention and the ``act_d2h`` / ``experts`` (device "cpu") /
-  ``act_h2d`` of CPU experts run as one job on their lane (``cpu_attn`` / ``cpu_experts``), submitted at the
-  copy back; the device waits for its result right before the output projection / the layer's MLP finish.
+  ``act_d2h`` / ``attn_core`` / ``act_h2d`` of CPU attention and the [``read`` of each disk-tier expert] /
+  ``act_d2h`` / ``experts`` (device "cpu") / ``act_h2d`` of CPU experts run as one job on their lane
+  (``cpu_attn`` / ``cpu_experts``), submitted at the copy back; the device waits for its result right before
+  the output projection / the layer's MLP finish.
 
 The routing reaches the builder through :class:`LiveRouting`: when the builder resumes after a gate, that
 gate has run and its ``topk_ids`` are in the view. Consecutive cold ``expert`` ops whose loads have already
@@ -222,6 +223,9 @@ class _Step:
             self._release(op)
 
     def _read(self, op: Op) -> None:
+        if op.stream == "cpu_experts":  # a disk-tier expert the CPU computes: read in that lane's job
+            self.host_ops.append(op)
+            return
         self.reads[op.id] = op  # runs with the copy that follows it on the same lane
 
     def _h2d(self, op: Op) -> None:

@@ -184,6 +184,30 @@ class PlacedWeights:
         (:meth:`DiskLoads.read_record`: one native call where it applies)."""
         return self.disk_loads.read_record(self.copy, rec, w13, w2)
 
+    def read_expert_host(self, layer: int, e: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A disk-tier expert (packed-store record or checkpoint pieces) read into new host tensors w13 [2I, H],
+        w2 [H, I] in the compute dtype, for the CPU to compute from (fp8 dequantized as a load would)
+        -> (w13, w2, bytes read)."""
+        tier, what = self.expert_home[(layer, e)]
+        I, H = self.spec.moe_intermediate_size, self.spec.hidden_size
+        w13 = torch.empty((2 * I, H), dtype=self.dtype)
+        w2 = torch.empty((H, I), dtype=self.dtype)
+        if tier == "store":
+            if self.store.int4 is not None:
+                raise RuntimeError(f"layer {layer} expert {e}: an int4 store's experts are not computed on the CPU")
+            read = self.disk_loads.read_record(self.copy, what, w13, w2, to_device=False)
+        elif tier == "disk":
+            pieces, w2_info = what
+            row = 0
+            for info in pieces:
+                self.disk_loads.read_piece(self.copy, info, w13[row: row + info.shape[0]], to_device=False)
+                row += info.shape[0]
+            self.disk_loads.read_piece(self.copy, w2_info, w2, to_device=False)
+            read = sum(info.stored_nbytes for info in (*pieces, w2_info))
+        else:
+            raise RuntimeError(f"layer {layer} expert {e} is on {tier}, not on disk")
+        return w13, w2, read
+
     def take_read_seconds(self) -> float:
         """Seconds this thread waited on disk reads since the last call (0 without a disk tier)."""
         return self.disk_loads.take_read_seconds() if self.disk_loads is not None else 0.0
@@ -201,9 +225,11 @@ class PlacedWeights:
 
     def host_experts_plain(self) -> bool:
         """Whether every host-resident expert is a plain tensor pair (CPU expert compute reads them in place;
-        fp8 / int4 host copies are not computed from on the CPU)."""
-        return all(isinstance(what[0], torch.Tensor) and type(what[0]) is torch.Tensor
-                   for tier, what in self.expert_home.values() if tier == "cpu")
+        fp8 / int4 host copies are not computed from on the CPU) and no disk-tier one is int4 (a disk-tier
+        expert computed on the CPU is read into compute-dtype host tensors)."""
+        return (all(isinstance(what[0], torch.Tensor) and type(what[0]) is torch.Tensor
+                    for tier, what in self.expert_home.values() if tier == "cpu")
+                and not (self.store is not None and self.store.int4 is not None))
 
     def expert_tier(self, layer: int, e: int) -> str:
         return self.expert_home[(layer, e)][0]

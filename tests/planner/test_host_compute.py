@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from klotski.costs import ModelCosts
+from klotski.costs import ModelCosts, op_seconds
 from klotski.hardware import preset
 from klotski.planner import Planner
 from klotski.presets import model_config
@@ -93,6 +93,30 @@ def test_cpu_experts_are_not_loaded():
     assert h2d(on_cpu) < h2d(loaded)
     # the prefetched hot experts still load; the cold ones the gates find do not
     assert not [op for op in on_cpu.ops if op.stream == "expert_io"]
+
+
+@pytest.mark.parametrize("policy", ["klotski", "flexgen"])
+def test_disk_tier_cold_experts_are_read_on_the_cpu_lane_and_never_copied_to_the_device(policy):
+    """A disk-tier expert the CPU computes is read into host memory on the cpu_experts lane (the read the load
+    would have made) and computed there: no copy of it to the device, host memory held from the read to the
+    call's end."""
+    placement = Placement(kv="cpu", experts_gpu=1, experts_cpu=0)  # every other routed expert on disk
+    shape = StepShape("decode", 4, 2, 1, 1024, 1088)
+    loaded, on_cpu = (build_schedule(policy, MIXTRAL, placement, shape, host=h, num_layers=4)
+                      for h in (HostCompute(), HostCompute(experts="all")))
+    copied = lambda s: [op for op in s.ops if op.kind == "h2d" and op.tensor in ("expert", "experts")]  # noqa: E731
+    assert copied(loaded) and not [op for op in copied(on_cpu) if op.stream != "prefetch" or policy == "flexgen"]
+    reads = [op for op in on_cpu.ops if op.kind == "read" and op.stream == "cpu_experts"]
+    assert reads and all(op.link == "disk" and op.device == "cpu" and op.mem_alloc == {"cpu": op.bytes}
+                         for op in reads)
+    calls = {op.id: op for op in on_cpu.ops if op.kind == "experts" and op.device == "cpu"}
+    for r in reads:  # each read feeds the CPU call of its layer, which gives the host memory back
+        call = next(c for c in calls.values() if r.id in c.deps)
+        assert r.expert in call.experts and call.mem_free["cpu"] >= r.bytes
+    hw = preset("rtx3090")
+    res = simulate(on_cpu, hw, dtype="bfloat16")
+    assert res.busy["cpu_experts"] > sum(op_seconds(op, hw) for op in reads)  # the reads, then the call
+    assert res.bytes_moved.get("h2d", 0) < simulate(loaded, hw, dtype="bfloat16").bytes_moved["h2d"]
 
 
 def test_attention_seconds_alone():

@@ -2,6 +2,7 @@
 on the CPU from their host copies give the resident engine's greedy tokens and logits (fp32, 1e-5 relative) for
 every architecture under every offloaded policy; the lanes run the builder's ops (replayed from the recorded
 routing); the trace has no KV-load span when attention runs on the CPU; the rule's "auto" mode runs too."""
+import re
 from functools import partialmethod
 
 import pytest
@@ -121,6 +122,31 @@ def test_traced_costs_are_the_builders_ops_and_count_the_calls_that_ran(checkpoi
     assert attn and all(c["kind"] == "attn_core" and c["device"] == "cpu" and c["bytes"] > 0 for c in attn)
     on_cpu = [op for op, _ in observed if op.link is None and op.device == "cpu"]
     assert len(on_cpu) == len(host) + len(attn)  # host lanes' ops reach calibration, as CPU ops
+
+
+@pytest.mark.parametrize("arch,offload", [("mixtral", "checkpoint"), ("mixtral", "store"),
+                                          ("qwen2_moe", "store"), ("deepseek_v3", "checkpoint")])
+def test_disk_tier_experts_computed_on_the_cpu_are_exact(checkpoints, tmp_path, arch, offload):
+    """With 400 KiB of host memory the experts that are not GPU-resident live on disk (checkpoint tensors, or the
+    packed store's records): each is read into host memory on the cpu_experts lane and computed there; none
+    crosses to the device, and the tokens and logits are the resident engine's."""
+    path, ref_toks, ref_logits = reference(checkpoints, arch)
+    with LLM(path, device="cpu") as llm:
+        llm.session.close()
+        llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, "flexgen", "700KiB",
+                                       "400KiB", str(tmp_path / "store") if offload == "store" else None,
+                                       num_batches=2, batch_size=2, kv="cpu", host_compute=FORCED, hardware=FIXED)
+        toks = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
+        logits = llm.logits(PROMPTS)
+        ex = llm.executor
+        tiers = {tier for tier, _ in ex.w.expert_home.values()}
+        spans = list(ex.tracer.spans)
+    assert tiers - {"gpu"} == {"disk" if offload == "checkpoint" else "store"}
+    assert toks == ref_toks and rel(logits, ref_logits) < 1e-5
+    reads = [s for s in spans if s[0] == "cpu_experts" and s[4].get("op") == "read"]
+    assert reads and all(s[4]["read_bytes"] > 0 for s in reads)
+    loads = [s[1] for s in spans if s[0] in ("prefetch", "expert_io")]  # "L3 e5", "L3 x4 experts", "L3 weights"
+    assert not [name for name in loads if re.search(r" e\d+$| experts$", name)]  # no expert copied to the device
 
 
 def test_decode_on_the_cpu_after_a_staged_prefill_and_the_rule(checkpoints):
