@@ -63,9 +63,28 @@ def gqa_core(spec: ModelSpec, qkv: tuple[torch.Tensor, ...], cache: KVCache, lay
     end = cache.length + S
     keys[:, :, cache.length : end] = k
     values[:, :, cache.length : end] = v
+    if S == 1 and nkv != nh and q.device.type == "cpu":
+        return grouped_decode_attention(q, keys[:, :, :end], values[:, :, :end], mask, D**-0.5)
     return F.scaled_dot_product_attention(
         q, keys[:, :, :end], values[:, :, :end], attn_mask=mask, scale=D**-0.5, enable_gqa=nkv != nh
     )
+
+
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+    """One decode column of grouped-query attention on the CPU: q [B, heads, 1, D], keys / values
+    [B, kv_heads, T, D] (views of the cache), mask [B, 1, 1, T] bool (True: attend) -> [B, heads, 1, D].
+
+    Each KV head's group of query heads is one [G, D] x [D, T] matmul, so every K and V byte is read once and no
+    expanded copy of the cache is made (CPU SDPA with ``enable_gqa`` was 1.2-2x slower on Mixtral's shape;
+    ``bench/kernels/bench_cpu_host_ops.py``). Scores in the input dtype, softmax in fp32 (transformers' eager
+    attention does the same)."""
+    B, nh, _, D = q.shape
+    nkv = keys.shape[1]
+    scores = torch.matmul(q.reshape(B, nkv, nh // nkv, D), keys.transpose(-1, -2)) * scale  # [B, kv, G, T]
+    scores = scores.masked_fill(~mask.reshape(B, 1, 1, -1), float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, values).reshape(B, nh, 1, D)
 
 
 def gqa_output(spec: ModelSpec, w: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
