@@ -239,19 +239,28 @@ class Planner:
     def _search_host(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
         """The best host compute of a candidate: per cold-expert mode ("off", "auto"), the weights are placed
         with attention on the device (it needs the most device memory: KV staging), then each phase takes the
-        attention placement that makes its step shortest (a phase's step depends on its own placement only)."""
+        attention placement that makes its step shortest (a phase's step depends on its own placement only).
+        When the KV staging of attention on the device does not fit, the weights are placed with decode's (then
+        also prefill's) attention on the CPU (no staging), and that phase keeps it."""
         best = None
         attns = ("gpu", "cpu") if kv == "cpu" else ("gpu",)
+        # where the weights are placed from: attention on the device, else (its KV staging does not fit) decode's,
+        # then also prefill's, on the CPU
+        bases = [("gpu", "gpu")] + ([("gpu", "cpu"), ("cpu", "cpu")] if kv == "cpu" else [])
         for experts in ("off", "auto"):
-            base = HostCompute(experts=experts)
-            p = self.place(policy, b, n, kv, num_hot, overlap, base)
+            for attn in bases:
+                base = HostCompute(*attn, experts)
+                p = self.place(policy, b, n, kv, num_hot, overlap, base)
+                if p is not None:
+                    break
             if p is None:
                 continue
             pick = []
             for phase in (0, 1):  # prefill, decode
+                options = attns if attn[phase] == "gpu" else ("cpu",)
                 times = {a: self.simulate(policy, p, b, n, num_hot, overlap, HostCompute(a, a, experts))[phase]
-                         for a in attns}
-                pick.append(min(attns, key=lambda a: (times[a].makespan, a != "gpu")))
+                         for a in options}
+                pick.append(min(options, key=lambda a: (times[a].makespan, a != "gpu")))
             for host in dict.fromkeys((HostCompute(pick[0], pick[1], experts), base)):
                 plan = self.score(policy, p, b, n, num_hot, overlap, host)
                 if self.fits(plan):

@@ -138,14 +138,17 @@ PROMPT = 16
 GRID = [2 ** i for i in range(4, 16)]  # 16 ... 32768
 
 
-@pytest.mark.parametrize("hw_name,policy,b", [("t4", "klotski", 1), ("rtx3090", "klotski", 16),
-                                              ("t4", "flexgen", 16)])
-def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, policy, b):
+@pytest.mark.parametrize("hw_name,policy,b,near_roofline", [("t4", "klotski", 1, True),
+                                                            ("rtx3090", "klotski", 16, True),
+                                                            ("t4", "flexgen", 16, False)])
+def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, policy, b, near_roofline):
     """Prefill attention stays on the GPU; decode attention moves to the CPU from a context length on and stays
     there, between the two analytic crossovers: no later than the roofline's (wherever copying the KV costs the
     step more link time than reading it in host memory costs CPU time, decode attention is on the CPU) and no
     earlier than the earlier of it and the unpipelined one-layer comparison. (The pipeline sees what neither
-    does alone: a KV copy's latency on the way to attention, CPU attention's on the way to the gate.)"""
+    does alone: a KV copy's latency on the way to attention, CPU attention's on the way to the gate.) In the
+    klotski order, whose next layer's KV loads all arrive while a layer's experts run, within one grid point
+    of the roofline's; FlexGen's two staging buffers leave a KV copy's latency exposed, so it flips earlier."""
     choices = _crossover_choices(hw_name, policy, b, GRID)
     assert all(p == "gpu" for p, _, _, _ in choices)
     decode = [d for _, d, _, _ in choices]
@@ -157,6 +160,43 @@ def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, poli
     assert "cpu" in roof and "cpu" in alone
     assert min(roof.index("cpu"), alone.index("cpu")) <= flip <= roof.index("cpu")
     assert all(d == "cpu" for d, r in zip(decode, roof) if r == "cpu")
+    if near_roofline:
+        assert flip >= roof.index("cpu") - 1
+
+
+@pytest.mark.parametrize("policy,n,buffers", [("klotski", 4, 4), ("flexgen", 4, 2), ("klotski", 1, 2)])
+def test_kv_loads_take_the_staging_buffers_the_runtime_frees(policy, n, buffers):
+    """Over a host KV cache with attention on the device, KV loads take the staging buffers in load order, as the
+    runtime's pool grants them: each waits for the store of the load ``buffers`` before it, and never more
+    than ``buffers`` are held at once in the simulated step. The klotski order has one per micro-batch and
+    issues the next layer's loads once a layer's gates have run, before its experts: they arrive while the
+    experts run, and only the first micro-batch's attention of a layer waits for nothing but the layer
+    before."""
+    from klotski.program.pools import kv_staging_buffers
+
+    assert kv_staging_buffers(policy, n) == buffers
+    layers = 4
+    shape = StepShape("decode", 8, n, 1, 2048, 2112)
+    sched = build_schedule(policy, MIXTRAL, Placement(kv="cpu", experts_gpu=1), shape,
+                           num_hot=MIXTRAL.spec.top_k if policy == "klotski" else None, overlap=policy == "flexgen",
+                           num_layers=layers)
+    loads = [op for op in sched.ops if op.kind == "kv_load"]
+    store = {(op.layer, op.batch): op for op in sched.ops if op.kind == "kv_store"}
+    assert [(op.layer, op.batch) for op in loads] == [(i, k) for i in range(layers) for k in range(n)]
+    for j, op in enumerate(loads):
+        if j >= buffers:
+            prev = loads[j - buffers]
+            assert store[(prev.layer, prev.batch)].id in op.deps
+    res = simulate(sched, preset("t4"), dtype="bfloat16")
+    held = sorted([(res.start[op.id], 1) for op in loads] + [(res.finish[op.id], -1) for op in store.values()])
+    in_flight = [sum(d for _, d in held[:i + 1]) for i in range(len(held))]
+    assert max(in_flight) <= buffers
+    if policy == "klotski" and n > 1:
+        first_expert = {}
+        for op in sched.ops:
+            if op.kind in ("experts", "expert") and op.device == "gpu":
+                first_expert.setdefault(op.layer, op.id)
+        assert all(op.id < first_expert[op.layer - 1] for op in loads if op.layer > 0 and op.batch > 0)
 
 
 @pytest.mark.parametrize("policy", ["flexgen", "klotski"])
