@@ -84,6 +84,9 @@ class Placement:
     kv: str = "gpu"
     prefill_chunk: int | None = None  # prompt columns per prefill pass the device memory was sized for (None:
     # the whole prompt; klotski.prefill_chunks: the runtime chunks a prefill whose activations do not fit)
+    kv_buffers: int | None = None  # device KV staging buffers over a host KV cache (None: the order's own number,
+    # klotski.program.pools.kv_staging_buffers; the planner sets 2 where that many cost device memory it would
+    # rather spend otherwise)
 
     def experts_on(self, tier: str, num_experts: int) -> int:
         gpu = min(self.experts_gpu, num_experts)
@@ -99,7 +102,8 @@ class Placement:
     def describe(self, num_experts: int) -> str:
         e = "/".join(str(self.experts_on(t, num_experts)) for t in TIERS)
         return (f"attn={self.attn} gate={self.gate} shared={self.shared} experts(gpu/cpu/disk)={e} "
-                f"kv={self.kv}" + (f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""))
+                f"kv={self.kv}" + (f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else "")
+                + (f" kv_buffers={self.kv_buffers}" if self.kv_buffers else ""))
 
 
 @dataclass(frozen=True)
@@ -206,8 +210,8 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
     ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap``: flexgen loads
     the next layer during this one; klotski issues the next layer's hot experts with its weights ("wide,
     early"). ``dense_buffers`` / ``expert_slots``: the runtime's pools (default: the policy's targets,
-    :func:`klotski.program.pools.pools_for`); ``kv_buffers``: its KV staging buffers (default:
-    :func:`klotski.program.pools.kv_staging_buffers`). ``host``: a :class:`klotski.program.host.HostCompute` (attention
+    :func:`klotski.program.pools.pools_for`); ``kv_buffers``: its KV staging buffers (default: the placement's,
+    else :func:`klotski.program.pools.kv_staging_buffers`). ``host``: a :class:`klotski.program.host.HostCompute` (attention
     per phase and cold experts on the CPU; None: everything on the device); ``expert_rule``: its
     :class:`~klotski.program.host.ExpertRule` (needed for ``experts="auto"``).
     """
@@ -235,7 +239,7 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
     host = HostCompute() if host is None or policy == "resident" else host
     ctx = StepContext(costs, placement, shape, num_hot if num_hot is not None else spec.top_k, overlap,
                       dense_buffers=dense_buffers, expert_slots=expert_slots,
-                      kv_buffers=kv_buffers or kv_staging_buffers(policy, shape.n), num_layers=num_layers, host=host,
+                      kv_buffers=kv_buffers or placement.kv_buffers or kv_staging_buffers(policy, shape.n), num_layers=num_layers, host=host,
                       expert_rule=expert_rule)
     b = Builder(ctx)
     for _ in step_ops(policy, b, ExpectedRouting(routing, placement, shape)):

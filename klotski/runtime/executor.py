@@ -81,7 +81,7 @@ class OffloadedExecutor:
             self.loads = WeightLoads(self.w, self.lanes, self.tracer, device, layout.dense_buffers, timeout_s)
             order = order_of(plan.policy, plan.num_hot) if plan is not None else policy
             self.kv = KVStaging(self.spec, self.w, self.lanes, self.tracer, gpu, device, timeout_s,
-                                kv_staging_buffers(order, num_batches))
+                                layout.placement.kv_buffers or kv_staging_buffers(order, num_batches))
             self.compute = Compute(self.spec, self.w, self.tracer, costs, make_rotary(self.spec, device), act,
                                    experts_fn, device)
             self._cache_bytes = (None, 0)

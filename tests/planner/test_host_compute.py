@@ -212,3 +212,22 @@ def test_searching_host_compute_never_predicts_slower(policy):
         assert found.host.decode_attn == "cpu" and found.host.prefill_attn == "gpu"
         assert "attention prefill=gpu decode=cpu" in found.describe(MIXTRAL.spec.num_experts)  # klotski plan
         assert found.tokens_per_s > 1.1 * off.tokens_per_s
+
+
+def test_klotski_keeps_a_staging_buffer_per_micro_batch_while_memory_allows():
+    """Over a host KV cache the placement keeps klotski's staging buffer per micro-batch where they fit beside
+    everything else (T4, 64 x 4 sequences, mean context 256), and falls back to two where four would not fit
+    (mean context 8192: a buffer of the cache's capacity is 4 GiB); FlexGen's order always has two."""
+    hw = preset("t4").with_memory(cpu_memory="2TiB")
+
+    def placed(policy, L):
+        planner = Planner(MIXTRAL, hw, PROMPT, 2 * (L - PROMPT) + 2)
+        num_hot = MIXTRAL.spec.top_k if policy == "klotski" else None
+        p = planner.place(policy, 64, 4, "cpu", num_hot, False, HostCompute())
+        plan = planner.score(policy, p, 64, 4, num_hot, False, HostCompute())
+        assert planner.fits(plan)
+        return p
+
+    assert placed("klotski", 256).kv_buffers is None  # the order's own: one per micro-batch
+    assert placed("klotski", 8192).kv_buffers == 2
+    assert placed("flexgen", 8192).kv_buffers is None  # (its own number is two)
