@@ -46,5 +46,7 @@ def kv_staging_buffers(policy: str, n: int) -> int:
     one's attention). The klotski order keeps one per micro-batch: once a layer's gates have run, the next
     layer's KV loads all go out, each into the buffer its micro-batch's KV store of this layer frees, and
     arrive while this layer's experts run (with two, every micro-batch past the second waits for a store of
-    its own layer: copies on the critical path between the experts of two layers)."""
+    its own layer: copies on the critical path between the experts of two layers). A placement may ask for two
+    instead (``Placement.kv_buffers``: the planner does where the order's own number costs device memory it
+    would rather spend otherwise)."""
     return max(2, n) if policy == "klotski" else 2

@@ -9,11 +9,11 @@ feasible, and at those batches klotski takes FlexGen's order; and when gates and
 counting the hidden rows they read and write: rates -0.0-0.4 %, deepseek-v2-lite's klotski prefetch width
 None -> 6, a tie, every expert being GPU-resident; and when KV staging over a host KV cache started following
 the runtime's pool: a KV load waits for the buffer the store of the load two before it frees (the schedule had
-let three buffers be in flight where the runtime has two; klotski's order now has one per micro-batch) and for
-the last gate before it (the runtime issues nothing after a gate until its routing is on the host), and a
-buffer counts the cache's capacity, as the runtime allocates it, not the step's columns: rates +0.0-1.0 %,
-qwen1.5-moe's layerwise plan on the T4 keeps no expert on the GPU (5 before), mixtral-8x22b's klotski plan on
-the H800 takes its own order, prefetch width 8, wide and early, over FlexGen's), with
+let three buffers be in flight where the runtime has two; klotski's order now has one per micro-batch where
+memory allows) and for the last gate before it (the runtime issues nothing after a gate until its routing is on
+the host), and a buffer counts the cache's capacity, as the runtime allocates it, not the step's columns: rates
++0.0-1.0 %, qwen1.5-moe's layerwise plan on the T4 keeps no expert on the GPU (5 before), mixtral-8x22b's
+klotski plan on the H800 takes its own order, prefetch width 8, wide and early, over FlexGen's), with
 ``Planner(costs, preset, 512, 32).compare(("layerwise", "flexgen", "klotski"))``. A deliberate change to the
 cost model or schedule moves them: recompute with ``python tests/planner/test_plan_pins.py`` and say why
 in the commit. The other tests need no pins: the pruned search equals the unpruned one, and the bound
