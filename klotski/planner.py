@@ -29,7 +29,7 @@ from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
 from klotski.program import order_of
 from klotski.program.host import HostCompute
-from klotski.program.pools import pools_for
+from klotski.program.pools import kv_staging_buffers, pools_for
 from klotski.simulate import SimResult, simulate_model_step
 from klotski.units import format_bytes
 
@@ -127,7 +127,22 @@ class Planner:
 
     # ---- placement ----------------------------------------------------------------------------------------
     def place(self, policy, b, n, kv, num_hot=None, overlap=True, host: HostCompute | None = None) -> Placement | None:
-        """Greedy weight placement for one candidate, or None when even the leanest does not fit."""
+        """Greedy weight placement for one candidate, or None when even the leanest does not fit. Over a host KV
+        cache the order's own KV staging buffers (klotski: one per micro-batch) when memory allows: when they
+        fit and move nothing else off the device (no weight, no GPU-resident expert, no smaller prefill
+        chunk) than two would, or their placement is predicted faster all the same; else two."""
+        p = self._place(policy, b, n, kv, num_hot, overlap, host)
+        if kv != "cpu" or policy == "resident" or kv_staging_buffers(order_of(policy, num_hot), n) <= 2:
+            return p
+        two = self._place(policy, b, n, kv, num_hot, overlap, host, kv_buffers=2)
+        if p is None or two is None or replace(two, kv_buffers=None) == p:
+            return p or two
+        plans = [self.score(policy, q, b, n, num_hot, overlap, host) for q in (p, two)]
+        fits = [plan for plan in plans if self.fits(plan)] or plans
+        return max(fits, key=lambda plan: plan.tokens_per_s).placement
+
+    def _place(self, policy, b, n, kv, num_hot=None, overlap=True, host: HostCompute | None = None,
+               kv_buffers: int | None = None) -> Placement | None:
         costs, hw = self.costs, self.hw
         spec = costs.spec
         E = spec.num_experts
@@ -137,8 +152,8 @@ class Planner:
             p = Placement(kv="gpu", experts_gpu=E)
             return p if self.fits(self.score(policy, p, b, 1)) else None
         # CPU first: what is off the GPU must fit pinned CPU memory, else experts go to disk
-        lean = self._cpu_fit(Placement(attn="cpu", gate="cpu", shared="cpu", experts_gpu=0, kv=kv),
-                             self.shapes(b, n)[0])  # (the KV and the weights: the same for every chunk)
+        lean = self._cpu_fit(Placement(attn="cpu", gate="cpu", shared="cpu", experts_gpu=0, kv=kv,
+                                       kv_buffers=kv_buffers), self.shapes(b, n)[0])  # (the KV and the weights: the same for every chunk)
         if lean is None:
             return None
         for chunk in chunk_sizes(self.prompt_len):  # the whole prompt, else the prefill in chunks, as the runtime
@@ -239,19 +254,28 @@ class Planner:
     def _search_host(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
         """The best host compute of a candidate: per cold-expert mode ("off", "auto"), the weights are placed
         with attention on the device (it needs the most device memory: KV staging), then each phase takes the
-        attention placement that makes its step shortest (a phase's step depends on its own placement only)."""
+        attention placement that makes its step shortest (a phase's step depends on its own placement only).
+        When the KV staging of attention on the device does not fit, the weights are placed with decode's (then
+        also prefill's) attention on the CPU (no staging), and that phase keeps it."""
         best = None
         attns = ("gpu", "cpu") if kv == "cpu" else ("gpu",)
+        # where the weights are placed from: attention on the device, else (its KV staging does not fit) decode's,
+        # then also prefill's, on the CPU
+        bases = [("gpu", "gpu")] + ([("gpu", "cpu"), ("cpu", "cpu")] if kv == "cpu" else [])
         for experts in ("off", "auto"):
-            base = HostCompute(experts=experts)
-            p = self.place(policy, b, n, kv, num_hot, overlap, base)
+            for attn in bases:
+                base = HostCompute(*attn, experts)
+                p = self.place(policy, b, n, kv, num_hot, overlap, base)
+                if p is not None:
+                    break
             if p is None:
                 continue
             pick = []
             for phase in (0, 1):  # prefill, decode
+                options = attns if attn[phase] == "gpu" else ("cpu",)
                 times = {a: self.simulate(policy, p, b, n, num_hot, overlap, HostCompute(a, a, experts))[phase]
-                         for a in attns}
-                pick.append(min(attns, key=lambda a: (times[a].makespan, a != "gpu")))
+                         for a in options}
+                pick.append(min(options, key=lambda a: (times[a].makespan, a != "gpu")))
             for host in dict.fromkeys((HostCompute(pick[0], pick[1], experts), base)):
                 plan = self.score(policy, p, b, n, num_hot, overlap, host)
                 if self.fits(plan):

@@ -84,6 +84,9 @@ class Placement:
     kv: str = "gpu"
     prefill_chunk: int | None = None  # prompt columns per prefill pass the device memory was sized for (None:
     # the whole prompt; klotski.prefill_chunks: the runtime chunks a prefill whose activations do not fit)
+    kv_buffers: int | None = None  # device KV staging buffers over a host KV cache (None: the order's own number,
+    # klotski.program.pools.kv_staging_buffers; the planner sets 2 where that many cost device memory it would
+    # rather spend otherwise)
 
     def experts_on(self, tier: str, num_experts: int) -> int:
         gpu = min(self.experts_gpu, num_experts)
@@ -99,7 +102,8 @@ class Placement:
     def describe(self, num_experts: int) -> str:
         e = "/".join(str(self.experts_on(t, num_experts)) for t in TIERS)
         return (f"attn={self.attn} gate={self.gate} shared={self.shared} experts(gpu/cpu/disk)={e} "
-                f"kv={self.kv}" + (f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else ""))
+                f"kv={self.kv}" + (f" prefill_chunk={self.prefill_chunk}" if self.prefill_chunk else "")
+                + (f" kv_buffers={self.kv_buffers}" if self.kv_buffers else ""))
 
 
 @dataclass(frozen=True)
@@ -198,19 +202,21 @@ def staging_bytes(costs: ModelCosts, placement: Placement) -> int:
 def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: StepShape,
                    routing: RoutingStats | None = None, num_hot: int | None = None, overlap: bool = True,
                    num_layers: int | None = None, dense_buffers: int | None = None,
-                   expert_slots: int | None = None, host=None, expert_rule=None) -> Schedule:
+                   expert_slots: int | None = None, host=None, expert_rule=None,
+                   kv_buffers: int | None = None) -> Schedule:
     """The ops of one step under ``policy``, built by the policy's op builder (:mod:`klotski.program`) from the
     expected ``routing``. ``num_layers`` < model layers builds a window (first layers).
 
     ``num_hot``: experts the klotski policy prefetches per layer (default top_k). ``overlap``: flexgen loads
     the next layer during this one; klotski issues the next layer's hot experts with its weights ("wide,
     early"). ``dense_buffers`` / ``expert_slots``: the runtime's pools (default: the policy's targets,
-    :func:`klotski.program.pools.pools_for`). ``host``: a :class:`klotski.program.host.HostCompute` (attention
+    :func:`klotski.program.pools.pools_for`); ``kv_buffers``: its KV staging buffers (default: the placement's,
+    else :func:`klotski.program.pools.kv_staging_buffers`). ``host``: a :class:`klotski.program.host.HostCompute` (attention
     per phase and cold experts on the CPU; None: everything on the device); ``expert_rule``: its
     :class:`~klotski.program.host.ExpertRule` (needed for ``experts="auto"``).
     """
     from klotski.program import Builder, ExpectedRouting, StepContext, step_ops
-    from klotski.program.pools import pools_for
+    from klotski.program.pools import kv_staging_buffers, pools_for
 
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
@@ -232,7 +238,8 @@ def build_schedule(policy: str, costs: ModelCosts, placement: Placement, shape: 
 
     host = HostCompute() if host is None or policy == "resident" else host
     ctx = StepContext(costs, placement, shape, num_hot if num_hot is not None else spec.top_k, overlap,
-                      dense_buffers=dense_buffers, expert_slots=expert_slots, num_layers=num_layers, host=host,
+                      dense_buffers=dense_buffers, expert_slots=expert_slots,
+                      kv_buffers=kv_buffers or placement.kv_buffers or kv_staging_buffers(policy, shape.n), num_layers=num_layers, host=host,
                       expert_rule=expert_rule)
     b = Builder(ctx)
     for _ in step_ops(policy, b, ExpectedRouting(routing, placement, shape)):

@@ -26,8 +26,9 @@ LOAD_LANES = ("prefetch", "expert_io")  # weight loads; KV moves have lanes of t
 class StepContext:
     """One step of a batch group under one plan: everything a builder reads besides the routing.
 
-    ``dense_buffers`` / ``expert_slots``: the device pools (a layer's streamed dense weights; streaming
-    expert slots, None: unbounded); ``kv``: where the group's KV cache lives ("gpu" | "cpu");
+    ``dense_buffers`` / ``expert_slots`` / ``kv_buffers``: the device pools (a layer's streamed dense weights;
+    streaming expert slots, None: unbounded; KV staging buffers, :func:`~klotski.program.pools.kv_staging_buffers`);
+    ``kv``: where the group's KV cache lives ("gpu" | "cpu");
     ``num_hot``: experts the klotski order prefetches per MoE layer; ``overlap``: flexgen loads the next
     layer during this one, klotski issues the next layer's hot experts with its weights ("wide, early").
     """
@@ -39,6 +40,7 @@ class StepContext:
     overlap: bool
     dense_buffers: int = 2
     expert_slots: int | None = None
+    kv_buffers: int = 2
     num_layers: int | None = None  # a window of the first layers (the simulator's extrapolation)
     host: HostCompute = field(default_factory=HostCompute)  # attention per phase, cold experts on the CPU
     expert_rule: ExpertRule | None = None  # the cold-expert decision (host.experts == "auto")
@@ -81,7 +83,9 @@ class Builder:
     layer_last_compute: list[int] = field(default_factory=list)
     dense_release: dict[int, int | None] = field(default_factory=dict)  # layer -> its dense buffer's release
     layer_free: dict[int, int | None] = field(default_factory=dict)  # layer -> its last release (or compute)
-    kv_stores: list[int] = field(default_factory=list)  # every KV store so far (staging buffer frees)
+    last_gate: int | None = None  # the last gate built (the runtime issues nothing after it until it has run)
+    kv_order: list[tuple[int, int]] = field(default_factory=list)  # (layer, batch) of every KV load, issue order
+    kv_store_of: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, batch) -> its KV store
     kv_loaded: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, batch) -> kv_load op
     attn_back: dict[tuple[int, int], int] = field(default_factory=dict)  # (layer, batch) -> CPU attention output
     slot_loads: list[int] = field(default_factory=list)  # one entry per streaming slot taken, in reserve order
@@ -195,19 +199,49 @@ def release_dense(b: Builder, layer: int, load: int | None):
 
 # ---- compute -------------------------------------------------------------------------------------------------
 
+def staging_buffer_bytes(ctx: StepContext, layer: int) -> int:
+    """Device bytes of one KV staging buffer: a micro-batch's KV of ``layer`` at the cache's capacity (the
+    runtime sizes its buffers to the capacity, so one buffer serves every step of a generation)."""
+    return ctx.shape.batch_size * ctx.shape.context_len * ctx.costs.layers[layer].kv_bytes_per_token
+
+
 def kv_load(b: Builder, layer: int, batch: int):
-    """Micro-batch ``batch``'s KV of ``layer`` into a device staging buffer (KV in host memory; once)."""
+    """Micro-batch ``batch``'s KV of ``layer`` into a device staging buffer (KV in host memory; once).
+
+    The ``kv_buffers`` staging buffers are granted in load order (the runtime's pool): this load takes the
+    buffer the store of the load ``kv_buffers`` before it frees (that store is always built by now). It also
+    waits for the last gate built: the runtime reads each gate's routing on the host before it issues
+    anything after it."""
     ctx = b.ctx
     if ctx.placement.kv != "cpu" or (layer, batch) in b.kv_loaded:
         return
     lc, shape = ctx.costs.layers[layer], ctx.shape
-    buf = shape.batch_size * (shape.past_len + shape.q_len) * lc.kv_bytes_per_token
-    free = b.kv_stores[-2] if len(b.kv_stores) >= 2 else None  # two staging buffers
+    j = len(b.kv_order)
+    free = None
+    if j >= ctx.kv_buffers:
+        prev = b.kv_order[j - ctx.kv_buffers]
+        free = b.kv_store_of.get(prev)
+        if free is None:
+            raise RuntimeError(f"KV load of layer {layer} batch {batch} needs the staging buffer of layer "
+                               f"{prev[0]} batch {prev[1]}, whose store is not built yet: the op order would "
+                               f"deadlock the runtime's {ctx.kv_buffers} buffers")
     op = b.add("kv_load", "kv_load", "gpu", layer, batch=batch, tensor="kv", link="h2d",
-               bytes=shape.batch_size * shape.past_len * lc.kv_bytes_per_token, deps=(free,),
-               mem_alloc={"gpu": buf})
+               bytes=shape.batch_size * shape.past_len * lc.kv_bytes_per_token, deps=(free, b.last_gate),
+               mem_alloc={"gpu": staging_buffer_bytes(ctx, layer)})
+    b.kv_order.append((layer, batch))
     b.kv_loaded[(layer, batch)] = op.id
     yield op
+
+
+def next_layer_kv(b: Builder, layer: int):
+    """Once ``layer``'s gates have run: the KV loads of every micro-batch of the next layer, when there is a
+    staging buffer per micro-batch (they arrive while ``layer``'s experts run; with fewer, each waits for
+    the next layer's own stores and is issued one micro-batch ahead by :func:`attention`)."""
+    ctx = b.ctx
+    if layer + 1 >= ctx.layers or ctx.attn_device != "gpu" or ctx.kv_buffers < ctx.shape.n:
+        return
+    for k in range(ctx.shape.n):
+        yield from kv_load(b, layer + 1, k)
 
 
 def attention(b: Builder, layer: int, batch: int, weights: int | None, prefetch_kv: bool = True):
@@ -229,10 +263,10 @@ def attention(b: Builder, layer: int, batch: int, weights: int | None, prefetch_
                  score_flops=score, bytes=lc.attn_bytes + kv_read)
     yield attn
     if ctx.placement.kv == "cpu":
-        buf = seqs * (shape.past_len + shape.q_len) * lc.kv_bytes_per_token
         store = b.add("kv_store", "kv_store", "cpu", layer, batch=batch, tensor="kv", link="d2h",
-                      bytes=seqs * shape.q_len * lc.kv_bytes_per_token, deps=(attn.id,), mem_free={"gpu": buf})
-        b.kv_stores.append(store.id)
+                      bytes=seqs * shape.q_len * lc.kv_bytes_per_token, deps=(attn.id,),
+                      mem_free={"gpu": staging_buffer_bytes(ctx, layer)})
+        b.kv_store_of[(layer, batch)] = store.id
         yield store
     return attn.id
 
@@ -327,6 +361,7 @@ def gate(b: Builder, layer: int, batch: int, weights: int | None):
     lc, tokens = ctx.costs.layers[layer], ctx.shape.tokens_per_batch
     op = b.add("gate", "compute", "gpu", layer, batch=batch, tensor="gate", deps=(weights,), tokens=tokens,
                flops=ctx.costs.gate_flops(layer, tokens), bytes=lc.gate_bytes + ctx.costs.hidden_bytes(tokens))
+    b.last_gate = op.id
     yield op
     return op.id
 

@@ -2,7 +2,9 @@
 
 Per MoE layer: its dense weights were issued at the start of the previous layer (two dense buffers) and its
 hot experts -- the prefetcher's prediction -- after the previous MoE layer's gates, both on the prefetch
-lane. Attention and gate run micro-batch by micro-batch; each gate issues, on the expert_io lane, the loads
+lane. Attention and gate run micro-batch by micro-batch (over a KV cache in host memory, each micro-batch's
+KV loads into a staging buffer of its own: once a layer's gates have run, the next layer's KV loads go out and
+arrive while this layer's experts run); each gate issues, on the expert_io lane, the loads
 of the experts it selected that are neither GPU-resident, hot nor already loading (cold). Once the gates have
 run, the next MoE layer's hot experts are issued (predicted from this layer's routing). Then the experts run
 expert by expert over the tokens of all n micro-batches: the GPU-resident and hot ones in one grouped call,
@@ -19,7 +21,7 @@ find a slot.
 from __future__ import annotations
 
 from klotski.program.context import (Builder, attention, cpu_experts, finish_mlp, gate, load_dense, load_expert,
-                                     on_host, release, release_dense)
+                                     next_layer_kv, on_host, release, release_dense)
 from klotski.program.routing import RoutingView
 
 
@@ -64,6 +66,7 @@ def klotski_ops(b: Builder, view: RoutingView):
         else:
             for k in range(ctx.shape.n):
                 yield from attention(b, layer, k, w)
+            yield from next_layer_kv(b, layer)
             yield from finish_mlp(b, layer, None, w)
             yield from issue_hot(ctx.next_moe(layer), layer, deps=(b.last_compute,))
         yield from release_dense(b, layer, w)
@@ -86,6 +89,7 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
                 host.append(e)
                 continue
             cold.append((e, (yield from load_expert(b, layer, e, view.tier(layer, e), "expert_io", deps=(g,)))))
+    yield from next_layer_kv(b, layer)
     yield from issue_hot(ctx.next_moe(layer), layer, deps=(b.last_compute,))
     used = view.tokens(layer, None)
     back = yield from cpu_experts(b, view, layer, None, tuple(host), sum(used.get(e, 0) for e in host), deps=(g,))

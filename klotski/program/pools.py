@@ -5,7 +5,8 @@
 * streaming expert slots: where non-resident routed experts are loaded (GPU-resident experts have slots of
   their own). FlexGen and layerwise load every streamed expert of a layer (twice that with FlexGen's
   overlap: two layers in flight); klotski needs one at least and uses up to its prefetch width plus the cold
-  experts of a gate.
+  experts of a gate;
+* KV staging buffers (a KV cache in host memory, attention on the device): :func:`kv_staging_buffers`.
 """
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def pools_for(policy: str, spec, placement, num_hot: int | None, overlap: bool) 
     _, slots, buffers = slot_targets("flexgen" if policy == "resident" else policy, spec,
                                      placement.experts_on("gpu", E) if E else 0, num_hot, overlap)
     return buffers, slots
+
+
+def kv_staging_buffers(policy: str, n: int) -> int:
+    """Device staging buffers for a KV cache in host memory (a micro-batch's layer each), with ``n``
+    micro-batches per group. FlexGen's design double-buffers (the next micro-batch's KV loads during this
+    one's attention). The klotski order keeps one per micro-batch: once a layer's gates have run, the next
+    layer's KV loads all go out, each into the buffer its micro-batch's KV store of this layer frees, and
+    arrive while this layer's experts run (with two, every micro-batch past the second waits for a store of
+    its own layer: copies on the critical path between the experts of two layers). A placement may ask for two
+    instead (``Placement.kv_buffers``: the planner does where the order's own number costs device memory it
+    would rather spend otherwise)."""
+    return max(2, n) if policy == "klotski" else 2

@@ -29,7 +29,9 @@ from klotski.model.kv_cache import query_valid
 from klotski.model.moe import expert_activation
 from klotski.prefetch import CorrelationPrefetcher, PrefetchStats
 from klotski.prefill_chunks import chunk_sizes
+from klotski.program import order_of
 from klotski.program.host import HostCompute
+from klotski.program.pools import kv_staging_buffers
 from klotski.runtime.cache import GroupCache
 from klotski.runtime.compute import Compute, StepState
 from klotski.runtime.kv_staging import KVStaging
@@ -77,7 +79,9 @@ class OffloadedExecutor:
             self.stats = PrefetchStats()
             act = expert_activation(self.spec) if self.spec.moe_layers else "silu"
             self.loads = WeightLoads(self.w, self.lanes, self.tracer, device, layout.dense_buffers, timeout_s)
-            self.kv = KVStaging(self.spec, self.w, self.lanes, self.tracer, gpu, device, timeout_s)
+            order = order_of(plan.policy, plan.num_hot) if plan is not None else policy
+            self.kv = KVStaging(self.spec, self.w, self.lanes, self.tracer, gpu, device, timeout_s,
+                                layout.placement.kv_buffers or kv_staging_buffers(order, num_batches))
             self.compute = Compute(self.spec, self.w, self.tracer, costs, make_rotary(self.spec, device), act,
                                    experts_fn, device)
             self._cache_bytes = (None, 0)

@@ -112,7 +112,8 @@ class StepInterpreter:
         pool = ex.w.pool
         return StepContext(ex.costs, replace(ex.layout.placement, kv=cache.tier), shape, ex.num_hot, self.overlap,
                            dense_buffers=ex.layout.dense_buffers,
-                           expert_slots=pool.streaming_slots if pool is not None else 0, host=ex.host,
+                           expert_slots=pool.streaming_slots if pool is not None else 0,
+                           kv_buffers=ex.kv.pool.capacity, host=ex.host,
                            expert_rule=ex.expert_rule)
 
     def run(self, st) -> None:

@@ -2,8 +2,9 @@
 
 Used when the batch group's KV cache lives in host memory (:class:`~klotski.runtime.cache.GroupCache` with
 ``tier == "cpu"``), FlexGen-style: before a micro-batch's attention its layer's filled KV columns are copied
-into one of two device staging buffers on the ``kv_load`` lane (double buffering: the next micro-batch's
-layer loads while this one computes); after the attention the columns the step appended are copied back on
+into one of the device staging buffers on the ``kv_load`` lane, granted in load order (as many as the op order
+assumes: :func:`klotski.program.pools.kv_staging_buffers`; with two, the next micro-batch's layer loads while
+this one computes); after the attention the columns the step appended are copied back on
 the ``kv_store`` lane, and the staging buffer is released once they have landed.
 """
 from __future__ import annotations
@@ -19,16 +20,17 @@ from klotski.runtime.trace import Tracer
 from klotski.runtime.weights import PlacedWeights
 
 SEQ_DIM = -2  # the sequence (capacity) dim of every KV cache tensor: [B, kv_heads, cap, D] / MLA [B, cap, r]
-STAGING_BUFFERS = 2
 
 
 class KVStaging:
     def __init__(self, spec, w: PlacedWeights, lanes: Lanes, tracer: Tracer, gpu: TierMeter, device: torch.device,
-                 timeout_s: float | None):
+                 timeout_s: float | None, buffers: int = 2):
+        if buffers < 2:  # the op order loads the next micro-batch's KV during this one's attention
+            raise ValueError(f"KV staging needs at least two buffers, got {buffers}")
         self.spec, self.w, self.lanes, self.tracer, self.gpu, self.device = spec, w, lanes, tracer, gpu, device
         self.cuda = device.type == "cuda"
-        self.pool = SlotPool(list(range(STAGING_BUFFERS)), "kv staging", timeout_s)
-        self.bufs: list[dict[str, torch.Tensor]] = [{} for _ in range(STAGING_BUFFERS)]
+        self.pool = SlotPool(list(range(buffers)), "kv staging", timeout_s)
+        self.bufs: list[dict[str, torch.Tensor]] = [{} for _ in range(buffers)]
 
     def load(self, st, layer: int, k: int, op_ids: tuple = ()) -> Ticket:
         """Micro-batch ``k``'s KV of ``layer`` into a device staging buffer -> (buffer, KVCache view)."""

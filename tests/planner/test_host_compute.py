@@ -162,14 +162,17 @@ PROMPT = 16
 GRID = [2 ** i for i in range(4, 16)]  # 16 ... 32768
 
 
-@pytest.mark.parametrize("hw_name,policy,b", [("t4", "klotski", 1), ("rtx3090", "klotski", 16),
-                                              ("t4", "flexgen", 16)])
-def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, policy, b):
+@pytest.mark.parametrize("hw_name,policy,b,near_roofline", [("t4", "klotski", 1, True),
+                                                            ("rtx3090", "klotski", 16, True),
+                                                            ("t4", "flexgen", 16, False)])
+def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, policy, b, near_roofline):
     """Prefill attention stays on the GPU; decode attention moves to the CPU from a context length on and stays
     there, between the two analytic crossovers: no later than the roofline's (wherever copying the KV costs the
     step more link time than reading it in host memory costs CPU time, decode attention is on the CPU) and no
     earlier than the earlier of it and the unpipelined one-layer comparison. (The pipeline sees what neither
-    does alone: a KV copy's latency on the way to attention, CPU attention's on the way to the gate.)"""
+    does alone: a KV copy's latency on the way to attention, CPU attention's on the way to the gate.) In the
+    klotski order, whose next layer's KV loads all arrive while a layer's experts run, within one grid point
+    of the roofline's; FlexGen's two staging buffers leave a KV copy's latency exposed, so it flips earlier."""
     choices = _crossover_choices(hw_name, policy, b, GRID)
     assert all(p == "gpu" for p, _, _, _ in choices)
     decode = [d for _, d, _, _ in choices]
@@ -181,6 +184,43 @@ def test_decode_attention_moves_to_the_cpu_beyond_a_context_length(hw_name, poli
     assert "cpu" in roof and "cpu" in alone
     assert min(roof.index("cpu"), alone.index("cpu")) <= flip <= roof.index("cpu")
     assert all(d == "cpu" for d, r in zip(decode, roof) if r == "cpu")
+    if near_roofline:
+        assert flip >= roof.index("cpu") - 1
+
+
+@pytest.mark.parametrize("policy,n,buffers", [("klotski", 4, 4), ("flexgen", 4, 2), ("klotski", 1, 2)])
+def test_kv_loads_take_the_staging_buffers_the_runtime_frees(policy, n, buffers):
+    """Over a host KV cache with attention on the device, KV loads take the staging buffers in load order, as the
+    runtime's pool grants them: each waits for the store of the load ``buffers`` before it, and never more
+    than ``buffers`` are held at once in the simulated step. The klotski order has one per micro-batch and
+    issues the next layer's loads once a layer's gates have run, before its experts: they arrive while the
+    experts run, and only the first micro-batch's attention of a layer waits for nothing but the layer
+    before."""
+    from klotski.program.pools import kv_staging_buffers
+
+    assert kv_staging_buffers(policy, n) == buffers
+    layers = 4
+    shape = StepShape("decode", 8, n, 1, 2048, 2112)
+    sched = build_schedule(policy, MIXTRAL, Placement(kv="cpu", experts_gpu=1), shape,
+                           num_hot=MIXTRAL.spec.top_k if policy == "klotski" else None, overlap=policy == "flexgen",
+                           num_layers=layers)
+    loads = [op for op in sched.ops if op.kind == "kv_load"]
+    store = {(op.layer, op.batch): op for op in sched.ops if op.kind == "kv_store"}
+    assert [(op.layer, op.batch) for op in loads] == [(i, k) for i in range(layers) for k in range(n)]
+    for j, op in enumerate(loads):
+        if j >= buffers:
+            prev = loads[j - buffers]
+            assert store[(prev.layer, prev.batch)].id in op.deps
+    res = simulate(sched, preset("t4"), dtype="bfloat16")
+    held = sorted([(res.start[op.id], 1) for op in loads] + [(res.finish[op.id], -1) for op in store.values()])
+    in_flight = [sum(d for _, d in held[:i + 1]) for i in range(len(held))]
+    assert max(in_flight) <= buffers
+    if policy == "klotski" and n > 1:
+        first_expert = {}
+        for op in sched.ops:
+            if op.kind in ("experts", "expert") and op.device == "gpu":
+                first_expert.setdefault(op.layer, op.id)
+        assert all(op.id < first_expert[op.layer - 1] for op in loads if op.layer > 0 and op.batch > 0)
 
 
 @pytest.mark.parametrize("policy", ["flexgen", "klotski"])
@@ -196,3 +236,22 @@ def test_searching_host_compute_never_predicts_slower(policy):
         assert found.host.decode_attn == "cpu" and found.host.prefill_attn == "gpu"
         assert "attention prefill=gpu decode=cpu" in found.describe(MIXTRAL.spec.num_experts)  # klotski plan
         assert found.tokens_per_s > 1.1 * off.tokens_per_s
+
+
+def test_klotski_keeps_a_staging_buffer_per_micro_batch_while_memory_allows():
+    """Over a host KV cache the placement keeps klotski's staging buffer per micro-batch where they fit beside
+    everything else (T4, 64 x 4 sequences, mean context 256), and falls back to two where four would not fit
+    (mean context 8192: a buffer of the cache's capacity is 4 GiB); FlexGen's order always has two."""
+    hw = preset("t4").with_memory(cpu_memory="2TiB")
+
+    def placed(policy, L):
+        planner = Planner(MIXTRAL, hw, PROMPT, 2 * (L - PROMPT) + 2)
+        num_hot = MIXTRAL.spec.top_k if policy == "klotski" else None
+        p = planner.place(policy, 64, 4, "cpu", num_hot, False, HostCompute())
+        plan = planner.score(policy, p, 64, 4, num_hot, False, HostCompute())
+        assert planner.fits(plan)
+        return p
+
+    assert placed("klotski", 256).kv_buffers is None  # the order's own: one per micro-batch
+    assert placed("klotski", 8192).kv_buffers == 2
+    assert placed("flexgen", 8192).kv_buffers is None  # (its own number is two)

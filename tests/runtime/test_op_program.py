@@ -86,18 +86,23 @@ def test_runtime_runs_the_builders_ops(mixtral, tmp_path, monkeypatch, vid):
     assert {"read", "h2d", "attn", "gate", "shared", "lm_head", "release"} <= kinds  # disk tier exercised
 
 
-@pytest.mark.parametrize("policy", ["flexgen", "klotski"])
-def test_kv_in_host_memory_runs_the_builders_ops(mixtral, tmp_path, monkeypatch, policy):
-    """A KV cache in host memory adds KV loads / stores on their own lanes, in the builder's order."""
+@pytest.mark.parametrize("policy,n,buffers", [("flexgen", 2, 2), ("klotski", 2, 2), ("flexgen", 4, 2),
+                                              ("klotski", 4, 4)])
+def test_kv_in_host_memory_runs_the_builders_ops(mixtral, tmp_path, monkeypatch, policy, n, buffers):
+    """A KV cache in host memory adds KV loads / stores on their own lanes, in the builder's order, with the
+    staging buffers the op order assumes (klotski: one per micro-batch, the next layer's loads issued once a
+    layer's gates have run)."""
     path, ref = mixtral
     monkeypatch.setattr(StepInterpreter, "__init__", partialmethod(StepInterpreter.__init__, record=True))
     with LLM(path, device="cpu") as llm:
         llm.session.close()
         llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, policy, "700KiB", "400KiB",
-                                       str(tmp_path / "off"), num_batches=2, batch_size=2, kv="cpu")
+                                       str(tmp_path / "off"), num_batches=n, batch_size=len(PROMPTS) // n, kv="cpu")
         out = [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)]
         runner = llm.executor.runner
+        assert llm.executor.kv.pool.capacity == buffers
     assert out == ref
     check_steps(runner)
+    assert all(step["context"].kv_buffers == buffers for step in runner.steps)
     lanes = {lane for step in runner.steps for lane, _ in step["lanes"]}
     assert {"kv_load", "kv_store"} <= lanes
