@@ -180,7 +180,14 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
                     queued[s_id] = True
                     tj = max(stream_free[sj], ready_at[s_id])
                     push(heap, (tj, prio[s_id], tj, s_id))
-        consider(si)
+        i = head[si]  # consider(si), inlined: the stream's next op (its stream frees at f)
+        q = queues[si]
+        if i < len(q):
+            nxt = q[i]
+            if pending[nxt] == 0 and not queued[nxt]:
+                queued[nxt] = True
+                tn = max(f, ready_at[nxt])
+                push(heap, (tn, prio[nxt], tn, nxt))
     if done != n:
         stuck = [q[head[si]] for si, q in enumerate(queues) if head[si] < len(q)]
         raise ValueError(f"schedule deadlocks: ops {stuck[:5]} wait on dependencies that never run "
