@@ -330,19 +330,35 @@ def op_seconds(op, hw, dtype: str = "bfloat16") -> float:
     one launch overhead per kernel call on the op's device. Copies: latency + bytes / bandwidth of the op's
     link (``h2d``, ``d2h``, ``disk``). ``release`` ops take no time.
     """
-    if op.duration is not None:
-        return op.duration
-    if op.kind == "release":
-        return 0.0
-    if op.link is not None:
-        if op.bytes == 0:
+    return op_timer(hw, dtype)(op)
+
+
+def op_timer(hw, dtype: str = "bfloat16"):
+    """:func:`op_seconds` on ``hw`` as a function of the op alone, the profile's rates looked up once (the
+    simulator times millions of ops per planner search)."""
+    links = {"h2d": hw.h2d_bandwidth, "d2h": hw.d2h_bandwidth, "disk": hw.disk_bandwidth}
+    latency = hw.transfer_latency_s
+    rates: dict[str, tuple] = {}  # device -> (matmul FLOP/s, attention FLOP/s, memory bandwidth, launch overhead)
+
+    def seconds(op) -> float:
+        if op.duration is not None:
+            return op.duration
+        if op.kind == "release":
             return 0.0
-        bw = {"h2d": hw.h2d_bandwidth, "d2h": hw.d2h_bandwidth, "disk": hw.disk_bandwidth}[op.link]
-        return hw.transfer_latency_s + op.bytes / bw
-    on_cpu = op.device == "cpu"
-    rate = hw.matmul_rate(dtype, "cpu" if on_cpu else "gpu")
-    attn_rate = hw.cpu_attention_flops if on_cpu else hw.attention_flops
-    mem_bw = hw.cpu_mem_bandwidth if on_cpu else hw.device_mem_bandwidth
-    overhead = hw.cpu_op_overhead_s if on_cpu else hw.op_overhead_s
-    work = op.flops / rate + op.score_flops / attn_rate
-    return max(work, op.bytes / mem_bw) + overhead * max(1, op.calls)
+        if op.link is not None:
+            if op.bytes == 0:
+                return 0.0
+            return latency + op.bytes / links[op.link]
+        device = "cpu" if op.device == "cpu" else "gpu"
+        r = rates.get(device)
+        if r is None:  # looked up on the first compute op (a profile without matmul rates times copies)
+            on_cpu = device == "cpu"
+            r = rates[device] = (hw.matmul_rate(dtype, device),
+                                 hw.cpu_attention_flops if on_cpu else hw.attention_flops,
+                                 hw.cpu_mem_bandwidth if on_cpu else hw.device_mem_bandwidth,
+                                 hw.cpu_op_overhead_s if on_cpu else hw.op_overhead_s)
+        rate, attn_rate, mem_bw, overhead = r
+        work = op.flops / rate + op.score_flops / attn_rate
+        return max(work, op.bytes / mem_bw) + overhead * max(1, op.calls)
+
+    return seconds

@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from klotski.costs import op_seconds
+from klotski.costs import op_timer
 from klotski.schedule import COMPUTE_KINDS, TIERS, Op, Schedule, build_schedule
 
 
@@ -88,8 +88,7 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     if duration is None:
         if hw is None:
             raise ValueError("simulate: give a hardware profile or a duration function")
-        dtype = dtype or "bfloat16"
-        duration = lambda op: op_seconds(op, hw, dtype)  # noqa: E731
+        duration = op_timer(hw, dtype or "bfloat16")
     dur = [float(duration(op)) for op in ops]
     n = len(ops)
     start = [0.0] * n
@@ -99,26 +98,43 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     names: dict[str, int] = {}  # stream -> index
     op_stream = [0] * n
     queues: list[list[int]] = []
-    for op in ops:
+    prio = [4] * n
+    link: list[str | None] = [None] * n  # the shared resource an op holds while it runs (None: none, or no time)
+    busy: dict[str, float] = {}
+    held: dict[str, float] = {}
+    moved: dict[str, int] = {}
+    for op, d in zip(ops, dur):
         oid = op.id
-        pending[oid] = len(op.deps)
-        for d in op.deps:
-            if d >= oid:
-                raise ValueError(f"op {oid} ({op.kind}) depends on a later op {d}: deps must point backwards")
-            succ[d].append(oid)
-        si = names.get(op.stream)
+        deps = op.deps
+        if deps:
+            pending[oid] = len(deps)
+            for dep in deps:
+                if dep >= oid:
+                    raise ValueError(f"op {oid} ({op.kind}) depends on a later op {dep}: deps must point backwards")
+                succ[dep].append(oid)
+        stream = op.stream
+        si = names.get(stream)
         if si is None:
-            si = names[op.stream] = len(queues)
+            si = names[stream] = len(queues)
             queues.append([])
+            busy[stream] = 0.0
         op_stream[oid] = si
         queues[si].append(oid)
+        prio[oid] = LINK_PRIORITY.get(stream, 4)
+        busy[stream] += d
+        if op.link is not None:
+            moved[op.link] = moved.get(op.link, 0) + op.bytes
+        if d > 0:
+            res = link[oid] = _resource(op)
+            if res is None and op.kind in COMPUTE_KINDS:
+                res = DEVICE
+            if res is not None:  # the roofline's busy time per resource (_add_held)
+                held[res] = held.get(res, 0.0) + d
     head = [0] * len(queues)
     stream_free = [0.0] * len(queues)
     link_free: dict[str, float] = {}
     ready_at = [0.0] * n  # max finish of deps
     heap: list[tuple[float, int, float, int]] = []  # (time, priority, ready time, op id)
-    prio = [LINK_PRIORITY.get(op.stream, 4) for op in ops]
-    link = [_resource(op) if d > 0 else None for op, d in zip(ops, dur)]  # None: no shared resource
     queued = [False] * n
     push, pop = heapq.heappush, heapq.heappop
 
@@ -160,21 +176,22 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
                 ready_at[s_id] = f
             if pending[s_id] == 0:
                 sj = op_stream[s_id]
-                if queues[sj][head[sj]] == s_id:
-                    consider(sj)
-        consider(si)
+                if queues[sj][head[sj]] == s_id and not queued[s_id]:  # consider(sj), inlined: the hot path
+                    queued[s_id] = True
+                    tj = max(stream_free[sj], ready_at[s_id])
+                    push(heap, (tj, prio[s_id], tj, s_id))
+        i = head[si]  # consider(si), inlined: the stream's next op (its stream frees at f)
+        q = queues[si]
+        if i < len(q):
+            nxt = q[i]
+            if pending[nxt] == 0 and not queued[nxt]:
+                queued[nxt] = True
+                tn = max(f, ready_at[nxt])
+                push(heap, (tn, prio[nxt], tn, nxt))
     if done != n:
         stuck = [q[head[si]] for si, q in enumerate(queues) if head[si] < len(q)]
         raise ValueError(f"schedule deadlocks: ops {stuck[:5]} wait on dependencies that never run "
                          f"(a dependency is queued behind its dependant on the same stream)")
-    busy: dict[str, float] = {}
-    held: dict[str, float] = {}
-    moved: dict[str, int] = {}
-    for op, d in zip(ops, dur):
-        busy[op.stream] = busy.get(op.stream, 0.0) + d
-        _add_held(held, op, d)
-        if op.link is not None:
-            moved[op.link] = moved.get(op.link, 0) + op.bytes
     return SimResult(makespan=max(finish, default=0.0), busy=busy, peak_mem=_peak_memory(schedule, start, finish),
                      start=start, finish=finish, bytes_moved=moved, layers_simulated=schedule.num_layers,
                      resource_busy=held)
@@ -251,11 +268,13 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         # more weights in flight layer after layer: then the window's peak memory is not the model's). Releases
         # are left out: they take no time and follow the copies / computes checked here
         last: dict = {}
-        for op in sched.ops:
+        for op, f in zip(sched.ops, res.finish):
             if op.layer < span and op.kind != "release":
-                row = last.setdefault(op.stream, {})
-                if res.finish[op.id] > row.get(op.layer, -1.0):
-                    row[op.layer] = res.finish[op.id]
+                row = last.get(op.stream)
+                if row is None:
+                    row = last[op.stream] = {}
+                if f > row.get(op.layer, -1.0):
+                    row[op.layer] = f
         for period in (1, 2):  # flexgen's two weight buffers alternate: a period of two layers
             if len(c) < 2 * period + 2:
                 continue
@@ -283,9 +302,10 @@ def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, pe
     busy = dict(res.busy)
     held = dict(res.resource_busy)
     moved = dict(res.bytes_moved)
+    seconds_of = op_timer(hw, dtype)
     for op in sched.ops:
         if op.layer == last:
-            seconds = extra * op_seconds(op, hw, dtype)
+            seconds = extra * seconds_of(op)
             busy[op.stream] = busy.get(op.stream, 0.0) + seconds
             _add_held(held, op, seconds)
             if op.link is not None:

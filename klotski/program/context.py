@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 
 from klotski.costs import ModelCosts
 from klotski.program.host import ExpertRule, HostCompute
-from klotski.schedule import Op, Placement, StepShape
+from klotski.schedule import COMPUTE_KINDS, Op, Placement, StepShape
 
 HOST_TIERS = ("cpu", "disk")  # cold experts the CPU may compute: in place in host memory, or after their read
+_COMPUTE = frozenset(COMPUTE_KINDS)
 LOAD_LANES = ("prefetch", "expert_io")  # weight loads; KV moves have lanes of their own (kv_load, kv_store)
 
 
@@ -99,18 +100,21 @@ class Builder:
         if not slots:
             return ()
         n = len(self.slot_loads)
-        out = []
-        for i in range(n, n + count):
-            if i - slots >= 0:
-                out.append(self.slot_release.get(self.slot_loads[i - slots]))
+        loads, release = self.slot_loads, self.slot_release
+        out = (release.get(loads[i - slots]) for i in range(max(n, slots), n + count))
         return tuple(d for d in out if d is not None)
 
-    def add(self, kind, stream, device, layer, **kw) -> Op:
-        deps = kw.pop("deps", ())
-        deps = tuple(sorted({d for d in deps if d is not None})) if deps else ()
-        op = Op(id=len(self.ops), kind=kind, stream=stream, device=device, layer=layer, deps=deps, **kw)
+    def add(self, kind, stream, device, layer, deps=(), **kw) -> Op:
+        """Append an op; ``deps`` (None entries: nothing to wait for) become sorted distinct ids."""
+        if deps:
+            if len(deps) == 1:  # the common case, without building a set (the planner adds millions of ops)
+                d = deps[0]
+                deps = () if d is None else (d,)
+            else:
+                deps = tuple(sorted({d for d in deps if d is not None}))
+        op = Op(len(self.ops), kind, stream, device, layer, deps=deps, **kw)
         self.ops.append(op)
-        if op.is_compute and op.stream == "compute":  # host-side compute has lanes of its own
+        if stream == "compute" and kind in _COMPUTE:  # host-side compute has lanes of its own
             self.last_compute = op.id
         return op
 

@@ -82,13 +82,16 @@ def _moe_layer(b: Builder, view: RoutingView, layer: int, w, mine: list[tuple[in
         yield from attention(b, layer, k, w)
         g = yield from gate(b, layer, k, w)
         for e in view.selected(layer, k):
-            if e in pending or view.tier(layer, e) == "gpu":
+            if e in pending:
+                continue
+            tier = view.tier(layer, e)
+            if tier == "gpu":
                 continue
             pending.add(e)
-            if on_host(b, view, layer, k, e, view.tier(layer, e)):
+            if on_host(b, view, layer, k, e, tier):
                 host.append(e)
                 continue
-            cold.append((e, (yield from load_expert(b, layer, e, view.tier(layer, e), "expert_io", deps=(g,)))))
+            cold.append((e, (yield from load_expert(b, layer, e, tier, "expert_io", deps=(g,)))))
     yield from next_layer_kv(b, layer)
     yield from issue_hot(ctx.next_moe(layer), layer, deps=(b.last_compute,))
     used = view.tokens(layer, None)

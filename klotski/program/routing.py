@@ -46,7 +46,8 @@ class ExpectedRouting:
         self.num_hot: dict[int, int] = {}
         self._cache: dict = {}
         self._ranks: dict = {}
-        self._tiers: dict = {}
+        self._tiers: dict = {}  # layer key -> expert -> tier
+        self._layer_tiers: dict = {}  # layer -> its key's tiers (asked millions of times per planner search)
 
     def _rank(self, layer: int) -> dict[int, int]:
         key = self.stats._layer_key(layer)
@@ -65,14 +66,17 @@ class ExpectedRouting:
         return self._cache[key]
 
     def tier(self, layer: int, e: int) -> str:
-        key = self.stats._layer_key(layer)
-        tiers = self._tiers.get(key)
-        if tiers is None:  # once per layer key: every expert's tier from its popularity rank
-            E = self.stats.num_experts
-            g = self.placement.experts_on("gpu", E)
-            c = g + self.placement.experts_on("cpu", E)
-            tiers = self._tiers[key] = {x: "gpu" if r < g else "cpu" if r < c else "disk"
-                                        for x, r in self._rank(layer).items()}
+        tiers = self._layer_tiers.get(layer)
+        if tiers is None:
+            key = self.stats._layer_key(layer)
+            tiers = self._tiers.get(key)
+            if tiers is None:  # once per layer key: every expert's tier from its popularity rank
+                E = self.stats.num_experts
+                g = self.placement.experts_on("gpu", E)
+                c = g + self.placement.experts_on("cpu", E)
+                tiers = self._tiers[key] = {x: "gpu" if r < g else "cpu" if r < c else "disk"
+                                            for x, r in self._rank(layer).items()}
+            self._layer_tiers[layer] = tiers
         return tiers[e]
 
     def hot(self, layer: int, source: int | None, budget: int) -> list[int]:

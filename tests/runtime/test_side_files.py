@@ -126,7 +126,7 @@ sp = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
 with_disk = dict(gpu_memory="700KiB", cpu_memory="200KiB", num_batches=2, batch_size=1)
 first = llm = None
 for i in range(n):
-    if i % 10 == 0:  # a new LLM every 10 calls: opens the store and loads the table while the other saves it
+    if i % 4 == 0:  # a new LLM every 4 calls: opens the store and loads the table while the other saves it
         if llm is not None:
             llm.close()
         llm = LLM(path, device="cpu", policy="klotski", offload_dir=off, **with_disk)
@@ -139,10 +139,11 @@ print("OK", n)
 
 
 def test_two_processes_share_one_offload_dir(model, tmp_path):
-    """Two processes generating 100 times each with one offload_dir (the store's conversion, table loads and
-    saves racing): every call succeeds with the same tokens, no temporary file is left."""
+    """Two processes generating 40 times each with one offload_dir (the store's conversion, table loads and
+    saves racing; each process opens 10 LLMs): every call succeeds with the same tokens, no temporary file is
+    left."""
     path, _ = model
-    n = 100
+    n = 40
     off = tmp_path / "shared"
     procs = [subprocess.Popen([sys.executable, "-c", RUNNER, path, str(off), str(n)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
