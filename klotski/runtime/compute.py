@@ -85,9 +85,9 @@ class Compute:
         """Attention (+ residual) of micro-batch ``k`` over ``kv`` (its KV cache, or the device staging view of
         it when the cache lives in host memory)."""
         s, e = st.cache.rows[k]
+        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)  # priced outside the span
         start = self.tracer.begin()
         st.x[s:e] = attention_step(self.spec, w, st.x[s:e], kv, layer, self.rotary, st.masks[k], st.positions[k])
-        proj, score, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
         self.tracer.end("compute", f"L{layer} attn b{k}", start, op="attn", flops=proj, score_flops=score)
 
     # ---- attention over a KV cache in host memory ---------------------------------------------------------
@@ -95,11 +95,11 @@ class Compute:
         """Norm + Q/K/V projections of micro-batch ``k`` on the device -> (parts, the event they are ready at)
         (:data:`klotski.model.decoder.ATTENTION_SPLIT`: GQA q / k / v, MLA the absorbed query, latent, rope key)."""
         s, e = st.cache.rows[k]
+        out_flops, _, _, _ = self.costs.attn_host_split(layer, (e - s) * st.S)
+        proj, _, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
         start = self.tracer.begin()
         h = rms_norm(st.x[s:e], w["input_norm"], self.spec.rms_norm_eps)
         parts = ATTENTION_SPLIT[self.spec.attention][0](self.spec, w, h, self.rotary, st.positions[k])
-        out_flops, _, _, _ = self.costs.attn_host_split(layer, (e - s) * st.S)
-        proj, _, _ = self.costs.attn_flops(layer, e - s, st.S, st.cache.length)
         self.tracer.end("compute", f"L{layer} qkv b{k}", start, op="attn_qkv", flops=max(0.0, proj - out_flops))
         return parts, _event(self.device)
 
@@ -116,12 +116,13 @@ class Compute:
             self.tracer.log_ops("cpu_attn", op_ids)
             if ready is not None:
                 ln.stream.wait_event(ready)
-            t0 = self.tracer.now()
             host = tuple(t.to("cpu") for t in parts)
-            with ln.host_cpu:
+            with ln.host_cpu:  # the span: the compute alone (the copies and the wait for the CPU are ops of their own)
+                t0 = self.tracer.now()
                 out = split(self.spec, host, cache, layer, mask.to("cpu"))
+                t1 = self.tracer.now()
             back = out.to(self.device)
-            self.tracer.host_span("cpu_attn", f"L{layer} attn b{k}", t0, op="attn_core", score_flops=score,
+            self.tracer.host_span("cpu_attn", f"L{layer} attn b{k}", t0, t1, op="attn_core", score_flops=score,
                                   kv_bytes=kv_read)
             return back
 
@@ -130,9 +131,9 @@ class Compute:
     def attention_out(self, st: StepState, w: dict, layer: int, k: int, out: torch.Tensor) -> None:
         """The output projection (+ residual) of micro-batch ``k`` on the device."""
         s, e = st.cache.rows[k]
+        flops, _, _, _ = self.costs.attn_host_split(layer, (e - s) * st.S)
         start = self.tracer.begin()
         st.x[s:e] = st.x[s:e] + ATTENTION_SPLIT[self.spec.attention][2](self.spec, w, out)
-        flops, _, _, _ = self.costs.attn_host_split(layer, (e - s) * st.S)
         self.tracer.end("compute", f"L{layer} attn out b{k}", start, op="attn_out", flops=flops)
 
     # ---- routed experts from their host copies -------------------------------------------------------------
@@ -165,11 +166,11 @@ class Compute:
                                       read_bytes=read, read_s=self.w.take_read_seconds())
             if ready is not None:
                 ln.stream.wait_event(ready)
-            t0 = self.tracer.now()
             x, tw = h.to("cpu"), topk_weights.to("cpu")
             out = torch.zeros(x.shape, dtype=torch.float32)
             table = torch.full((E,), -1, dtype=torch.int32)
-            with ln.host_cpu:
+            with ln.host_cpu:  # the span: the compute alone, as for attention
+                t0 = self.tracer.now()
                 for e, (w13, w2) in zip(experts, weights):
                     if w13.dtype != x.dtype:
                         w13, w2 = w13.to(x.dtype), w2.to(x.dtype)
@@ -177,8 +178,9 @@ class Compute:
                     table[e] = 0
                     fused_moe_torch(x, w13[None], w2[None], tw, ids_host, expert_slots=table, out=out,
                                     activation=self.act)
+                t1 = self.tracer.now()
             back = out.to(self.device)
-            self.tracer.host_span("cpu_experts", f"L{layer} cpu x{len(experts)}", t0, op="experts",
+            self.tracer.host_span("cpu_experts", f"L{layer} cpu x{len(experts)}", t0, t1, op="experts",
                                   experts=len(experts), flops=self.costs.expert_flops(layer, tokens))
             return back
 
@@ -208,6 +210,7 @@ class Compute:
         ``free`` bool [E]: for "lynx-offload", the experts that cost no load (None: :meth:`free_experts`, with
         ``inflight``: the experts of ``layer`` whose loads the step has already issued, e.g. the prefetched hot
         set, when the caller knows them)."""
+        flops = self.costs.gate_flops(layer, h.shape[0])
         start = self.tracer.begin()
         st = self._step_ref() if self._step_ref is not None else None
         if decode is None:
@@ -221,8 +224,7 @@ class Compute:
             out = (sel.topk_weights, sel.topk_ids)
         else:
             out = route(self.spec, w, h)
-        self.tracer.end("compute", f"L{layer} gate b{k}", start, op="gate",
-                        flops=self.costs.gate_flops(layer, h.shape[0]))
+        self.tracer.end("compute", f"L{layer} gate b{k}", start, op="gate", flops=flops)
         return out
 
     def free_experts(self, layer: int, inflight=None, device=None) -> torch.Tensor:
@@ -259,23 +261,25 @@ class Compute:
         served = table[ids] >= 0  # token-expert pairs these slots serve
         tokens = int(served.sum())
         used = int(torch.unique(ids[served]).numel())  # experts with work: the calls the kernel makes
+        flops = self.costs.expert_flops(layer, tokens)
         start = self.tracer.begin()
         self.experts_fn(h, self.w.pool.w13, self.w.pool.w2, topk_weights, topk_ids,
                         expert_slots=table.to(self.device), out=out, activation=self.act)
         self.tracer.end("compute", f"L{layer} {name}", start, experts=used, op="experts", calls=max(1, used),
-                        flops=self.costs.expert_flops(layer, tokens))
+                        flops=flops)
 
     def lm_head(self, st: StepState) -> None:
         """Final norm + LM head -> ``st.logits`` fp32 [B, S, V] (``st.all_logits``) or [B, V] (last column)."""
         x = st.x if st.all_logits else st.x[:, -1:]
+        flops = self.costs.lm_head_flops(x.shape[0] * x.shape[1])
         start = self.tracer.begin()
         logits = F.linear(rms_norm(x, self.w.norm, self.spec.rms_norm_eps), self.w.lm_head).float()
-        self.tracer.end("compute", "lm_head", start, op="lm_head",
-                        flops=self.costs.lm_head_flops(x.shape[0] * x.shape[1]))
+        self.tracer.end("compute", "lm_head", start, op="lm_head", flops=flops)
         st.logits = logits if st.all_logits else logits[:, 0]
 
     def finish_mlp(self, st: StepState, w: dict, layer: int, rows, h, routed_out) -> None:
         """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
+        flops = self.costs.shared_flops(layer, h.shape[0])
         start = self.tracer.begin()
         if routed_out is None:
             y = in_chunks(lambda hc: dense_mlp(self.spec, w, hc), h)
@@ -287,4 +291,4 @@ class Compute:
         B, S, H = st.x.shape
         st.x = st.x.reshape(B * S, H).index_add(0, rows, y.to(st.x.dtype)).view(B, S, H)
         self.tracer.end("compute", f"L{layer} {'shared' if routed_out is not None else 'mlp'}", start, op="shared",
-                        flops=self.costs.shared_flops(layer, h.shape[0]))
+                        flops=flops)

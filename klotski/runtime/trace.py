@@ -84,14 +84,16 @@ class Tracer:
         return self.now()
 
     def end(self, stream_name: str, name: str, start, stream=None, **args) -> None:
-        args = self._tag(stream_name, args)
+        """End a span begun at ``start``: the end is taken first, so tagging the span is not part of it."""
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record(stream) if stream is not None else ev.record()
+            args = self._tag(stream_name, args)
             with self._lock:
                 self._pending.append((stream_name, name, start, ev, args))
             return
-        self.add(stream_name, name, start, self.now(), **args)
+        end = self.now()
+        self.add(stream_name, name, start, end, **self._tag(stream_name, args))
 
     def add(self, stream_name: str, name: str, start: float, end: float, **args) -> None:
         with self._lock:
@@ -112,10 +114,11 @@ class Tracer:
             self._base_time = self.now()
         return self.now()
 
-    def host_span(self, stream_name: str, name: str, start: float, **args) -> None:
-        """A span of host work (CPU attention, CPU experts) from ``start`` (:meth:`now`) to now, on the host
-        clock whatever the device."""
-        self.add(stream_name, name, start, self.now(), **self._tag(stream_name, args))
+    def host_span(self, stream_name: str, name: str, start: float, end: float | None = None, **args) -> None:
+        """A span of host work (CPU attention, CPU experts) from ``start`` to ``end`` (:meth:`now` times; None:
+        now), on the host clock whatever the device."""
+        end = self.now() if end is None else end
+        self.add(stream_name, name, start, end, **self._tag(stream_name, args))
 
     def end_window(self, start: float) -> None:
         if self.cuda:
