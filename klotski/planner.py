@@ -28,6 +28,7 @@ from klotski.prefill_chunks import chunk_sizes, num_chunks, prefill_shape
 from klotski.routing_stats import RoutingStats
 from klotski.schedule import POLICIES, TIERS, Placement, StepShape, static_memory
 from klotski.program import order_of
+from klotski.planner_host import HostSearch
 from klotski.program.host import HostCompute
 from klotski.program.pools import kv_staging_buffers, pools_for
 from klotski.simulate import SimResult, simulate_model_step
@@ -37,7 +38,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUP_SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)
 
 
-class Planner:
+class Planner(HostSearch):
     """Plans one model on one machine for a prompt / generation length."""
 
     def __init__(self, costs: ModelCosts, hw, prompt_len: int, gen_len: int, routing: RoutingStats | None = None,
@@ -60,15 +61,6 @@ class Planner:
             raise ValueError(f"host must be 'off', 'search' or a HostCompute, got {host!r}")
         self.host = host
         self._host_full = True  # "search": evaluate() searches host compute (off during plan()'s coarse scan)
-
-    def host_search(self, policy: str, kv: str) -> bool:
-        """Whether evaluate() searches host compute for this candidate (never for ``resident``)."""
-        return self.host == "search" and self._host_full and policy != "resident"
-
-    def fixed_host(self, policy: str, kv: str) -> HostCompute:
-        """The one host-compute choice of a candidate when not searching (CPU attention needs a host KV)."""
-        h = self.host if isinstance(self.host, HostCompute) and policy != "resident" else HostCompute()
-        return h if kv == "cpu" else HostCompute(experts=h.experts)
 
     # ---- one candidate ----------------------------------------------------------------------------------
     def shapes(self, b: int, n: int, chunk: int | None = None) -> tuple[StepShape, StepShape]:
@@ -112,15 +104,6 @@ class Planner:
                     bytes_per_step=dict(dec.bytes_moved), num_hot=num_hot if policy == "klotski" else None,
                     overlap=overlap, dense_buffers=buffers, expert_slots=slots, hardware=self.hw.name,
                     model=self.costs.name, host=host, extra=self._host_extra(host))
-
-    def _host_extra(self, host: HostCompute) -> dict:
-        """The rule's threshold for the plan's description (the largest MoE layer's, "auto" only)."""
-        if host.experts != "auto" or not self.costs.spec.moe_layers:
-            return {}
-        from klotski.program.host import ExpertRule
-
-        rule = ExpertRule(self.costs, self.hw)
-        return {"cpu_expert_max_tokens": max(rule.max_cpu_tokens(i) for i in self.costs.spec.moe_layers)}
 
     def fits(self, plan: Plan) -> bool:
         return plan.peak_mem["gpu"] <= self.hw.gpu_memory and plan.peak_mem["cpu"] <= self.hw.cpu_memory
@@ -250,39 +233,6 @@ class Planner:
             else:
                 self._cache[key] = self._search_host(policy, b, n, kv, num_hot, overlap)
         return self._cache[key]
-
-    def _search_host(self, policy, b, n, kv, num_hot, overlap) -> Plan | None:
-        """The best host compute of a candidate: per cold-expert mode ("off", "auto"), the weights are placed
-        with attention on the device (it needs the most device memory: KV staging), then each phase takes the
-        attention placement that makes its step shortest (a phase's step depends on its own placement only).
-        When the KV staging of attention on the device does not fit, the weights are placed with decode's (then
-        also prefill's) attention on the CPU (no staging), and that phase keeps it."""
-        best = None
-        attns = ("gpu", "cpu") if kv == "cpu" else ("gpu",)
-        # where the weights are placed from: attention on the device, else (its KV staging does not fit) decode's,
-        # then also prefill's, on the CPU
-        bases = [("gpu", "gpu")] + ([("gpu", "cpu"), ("cpu", "cpu")] if kv == "cpu" else [])
-        for experts in ("off", "auto"):
-            for attn in bases:
-                base = HostCompute(*attn, experts)
-                p = self.place(policy, b, n, kv, num_hot, overlap, base)
-                if p is not None:
-                    break
-            if p is None:
-                continue
-            pick = []
-            for phase in (0, 1):  # prefill, decode
-                options = attns if attn[phase] == "gpu" else ("cpu",)
-                times = {a: self.simulate(policy, p, b, n, num_hot, overlap, HostCompute(a, a, experts))[phase]
-                         for a in options}
-                pick.append(min(options, key=lambda a: (times[a].makespan, a != "gpu")))
-            for host in dict.fromkeys((HostCompute(pick[0], pick[1], experts), base)):
-                plan = self.score(policy, p, b, n, num_hot, overlap, host)
-                if self.fits(plan):
-                    if best is None or plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
-                        best = plan
-                    break
-        return best
 
     def plan(self, policy: str = "klotski", seeds=()) -> Plan:
         """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits.
