@@ -185,3 +185,74 @@ def test_host_compute_is_exact_on_cuda(checkpoints, arch, policy):
     assert toks == ref_toks
     assert rel([t.cpu() for t in logits], [t.cpu() for t in ref_logits]) < 1e-5
     assert "cpu_attn" in spans and "kv_load" not in spans
+
+
+def test_a_failing_host_lane_or_an_interrupt_leaves_a_reusable_llm(checkpoints, monkeypatch):
+    """An error in a host lane's job (the CPU expert call) surfaces from generate(), and so does an interrupt of
+    the main thread while a host lane works: either way the lanes are drained and idle, the host CPU
+    is free, no thread is left behind, and the next generate() gives the resident engine's tokens."""
+    import threading
+    import time
+
+    import klotski.runtime.compute as compute
+
+    path, ref_toks, _ = reference(checkpoints, "mixtral")
+    real_host = compute.fused_moe_torch
+    with LLM(path, device="cpu") as llm:
+        llm.session.close()
+        llm.session = OffloadedSession(llm.weights, torch.device("cpu"), torch.float32, "flexgen", "700KiB", None,
+                                       None, num_batches=2, batch_size=2, kv="cpu", host_compute=FORCED,
+                                       hardware=FIXED)
+        ex = llm.executor
+        threads = threading.active_count()
+
+        def fail_on(n, exc, real):
+            calls = [0]
+
+            def flaky(*a, **k):
+                calls[0] += 1
+                if calls[0] == n:
+                    raise exc
+                return real(*a, **k)
+            return flaky, calls
+
+        core = compute.ATTENTION_SPLIT["gqa"]
+        host_jobs = [0]
+
+        def counted_core(*a, **k):  # slow enough that the failing step still has CPU attention queued or running
+            host_jobs[0] += 1
+            time.sleep(0.03)
+            return core[1](*a, **k)
+        monkeypatch.setitem(compute.ATTENTION_SPLIT, "gqa", (core[0], counted_core, core[2]))
+
+        def check_clean():
+            assert ex.lanes.idle and ex.w.pool.slots.in_use == 0  # at once: the lanes were drained
+            assert not ex.lanes.host_cpu._lock.locked()
+            assert threading.active_count() == threads
+            ran = host_jobs[0]
+            time.sleep(0.2)
+            assert host_jobs[0] == ran  # no job of the failed step runs later
+            assert [o.token_ids for o in llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)] == ref_toks
+
+        flaky, calls = fail_on(2, RuntimeError("host expert failed"), real_host)
+        monkeypatch.setattr(compute, "fused_moe_torch", flaky)
+        with pytest.raises(RuntimeError, match="host expert failed"):
+            llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)
+        assert calls[0] == 2
+        monkeypatch.setattr(compute, "fused_moe_torch", real_host)
+        check_clean()
+
+        real_submit = compute.Compute.attention_on_host
+        calls = [0]
+
+        def interrupted(*a, **k):  # Ctrl-C in the main thread just after a CPU attention job was handed over
+            ticket = real_submit(*a, **k)
+            calls[0] += 1
+            if calls[0] == 3:
+                raise KeyboardInterrupt
+            return ticket
+        monkeypatch.setattr(compute.Compute, "attention_on_host", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            llm.generate(prompt_token_ids=PROMPTS, sampling_params=SP)
+        monkeypatch.setattr(compute.Compute, "attention_on_host", real_submit)
+        check_clean()
