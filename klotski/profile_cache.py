@@ -160,9 +160,10 @@ class ProfileCache:
         under the interpreter or ``hw`` is a preset). Returns the calibrated profile, or None.
 
         A profile that mispredicts the run's total op time by more than :data:`MISPREDICT` is suspect (measured
-        under load, say): it is measured again first. A rate the run cannot identify (its term explains less
-        than :data:`IDENTIFIED` of the compute time, e.g. the FLOPs of a tiny model) keeps the measured value
-        instead of the fit's, so a small run never teaches a large model's plan a wrong matmul rate."""
+        under load, say): it is measured again first. A rate the run cannot identify (at the measured rate its
+        term explains less than :data:`IDENTIFIED` of the time, e.g. the FLOPs of a tiny model, or the bytes of
+        its small copies) keeps the measured value instead of the fit's (:func:`keep_identified`), so a small
+        run never teaches a large model's plan a wrong rate."""
         from klotski.calibration import calibrate
         from klotski.costs import op_seconds
 
@@ -173,7 +174,7 @@ class ProfileCache:
         base = hw
         if measured > 0 and not 1 / MISPREDICT <= predicted / measured <= MISPREDICT:
             base = self.measure(hw.device)
-        cal = keep_identified(base, calibrate(base, observations, dtype=dtype), observations)
+        cal = keep_identified(base, calibrate(base, observations, dtype=dtype), observations, dtype)
         source = base.source.replace(f" ({PROVISIONAL})", "").split("+calibrated")[0]
         cal = replace(cal, source=f"{source}+calibrated",
                       notes=(base.notes.split("; calibrated")[0] + f"; calibrated on {len(observations)} ops of "
@@ -186,36 +187,59 @@ MISPREDICT = 3.0  # a profile off by more than 3x on a run's total op time is me
 IDENTIFIED = 0.25  # a fitted term must explain this share of the measured compute time to replace the base
 
 
-def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations) -> HardwareProfile:
-    """``cal`` with each device compute term -- matmul rate, attention rate, per-call overhead, memory
-    bandwidth -- reverted to ``base``'s where the run's compute ops could not identify it (the term explains
-    < IDENTIFIED of the measured compute time). Each term is judged on its own: the attention rate can explain
-    a run whose matmuls are too small to say anything (judging it with the matmuls would revert a fit that
-    explains the run and leave a profile that predicts a fraction of it). In CPU mode the CPU's fields follow
+def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
+                    dtype: str = "bfloat16") -> HardwareProfile:
+    """``cal`` with each term the run could not identify reverted to ``base``'s: the device compute terms
+    (matmul rate, attention rate, per-call overhead, memory bandwidth) and each link's bandwidth (h2d, d2h,
+    disk). Each term is judged on its own, at the base's value: it is identified when, at the base's rate, it
+    accounts for at least :data:`IDENTIFIED` of the run's measured time (of its compute ops, or of the link's
+    copies). Judging at the fitted value would be circular: a joint fit can make any term explain a run by
+    moving it far from the measurement (the demo's tiny model, whose ops and copies are fixed costs, fitted
+    matmuls 127x and attention 10^4x below the measured rates and the d2h link 1000x, and a plan for a real
+    model then priced every FLOP at that). When a compute term goes back, the per-call overhead (the cost
+    model's term for fixed costs: dispatch, launches, small kernels) takes the time it had explained, so the
+    profile still sums to the run's compute time and a larger model's FLOPs are priced at the measured rates;
+    likewise the per-copy latency takes the copy time of a reverted link. In CPU mode the CPU's fields follow
     the device's (one processor: :func:`klotski.calibration.same_processor`)."""
     from klotski.calibration import same_processor
+    from klotski.costs import op_seconds
 
     one_processor = base.device == "cpu"
+    changes = {}
+    short, count = 0.0, 0  # the reverted links' copy time their bandwidth and latency do not explain
+    for link, field in (("h2d", "h2d_bandwidth"), ("d2h", "d2h_bandwidth"), ("disk", "disk_bandwidth")):
+        copies = [(op.bytes, s) for op, s in observations if op.link == link and op.bytes > 0 and s > 0]
+        nbytes, seconds = sum(b for b, _ in copies), sum(s for _, s in copies)
+        if copies and nbytes / getattr(base, field) < IDENTIFIED * seconds:
+            changes[field] = getattr(base, field)
+            short += seconds - len(copies) * cal.transfer_latency_s - nbytes / changes[field]
+            count += len(copies)
+    if short > 0:  # small copies' fixed cost: the per-copy latency takes it (as the overhead does for compute)
+        changes["transfer_latency_s"] = cal.transfer_latency_s + short / count
     rows = [(op, s) for op, s in observations
             if op.link is None and op.kind != "release" and (one_processor or op.device != "cpu") and s > 0]
     seconds = sum(s for _, s in rows)
     if not rows or seconds <= 0:
-        return cal
+        return replace(cal, **changes) if changes else cal
     flops = sum(op.flops for op, _ in rows)
     score_flops = sum(op.score_flops for op, _ in rows)
     calls = sum(max(1, op.calls) for op, _ in rows)
     nbytes = sum(op.bytes for op, _ in rows)
-    rate = max(cal.matmul_flops.values()) if cal.matmul_flops else 0.0
-    changes = {}
-    if rate <= 0 or flops / rate < IDENTIFIED * seconds:
-        changes["matmul_flops"] = dict(base.matmul_flops)
-    if cal.attention_flops <= 0 or score_flops / cal.attention_flops < IDENTIFIED * seconds:
-        changes["attention_flops"] = base.attention_flops
-    if calls * cal.op_overhead_s < IDENTIFIED * seconds:
-        changes["op_overhead_s"] = base.op_overhead_s
-    if cal.device_mem_bandwidth <= 0 or nbytes / cal.device_mem_bandwidth < IDENTIFIED * seconds:
-        changes["device_mem_bandwidth"] = base.device_mem_bandwidth
-    changes = same_processor(base, changes)
+    reverted = {}
+    if flops / max(base.matmul_flops.values(), default=float("inf")) < IDENTIFIED * seconds:
+        reverted["matmul_flops"] = dict(base.matmul_flops)
+    if score_flops / base.attention_flops < IDENTIFIED * seconds:
+        reverted["attention_flops"] = base.attention_flops
+    if nbytes / base.device_mem_bandwidth < IDENTIFIED * seconds:
+        reverted["device_mem_bandwidth"] = base.device_mem_bandwidth
+    if calls * base.op_overhead_s < IDENTIFIED * seconds:
+        reverted["op_overhead_s"] = base.op_overhead_s
+    if reverted:  # the per-call overhead (the model's fixed costs) takes the time the reverted terms explained
+        kept = replace(cal, **same_processor(base, reverted))
+        short = seconds - sum(op_seconds(op, kept, dtype) for op, _ in rows)
+        if short > 0:
+            reverted["op_overhead_s"] = kept.op_overhead_s + short / calls
+    changes = same_processor(base, {**changes, **reverted})
     return replace(cal, **changes) if changes else cal
 
 

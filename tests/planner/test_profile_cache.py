@@ -149,13 +149,40 @@ def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkey
 
 def test_each_compute_term_is_kept_or_reverted_on_its_own(base):
     """A run whose time is attention (score FLOPs) with matmuls too small to identify a rate: the fitted
-    attention rate stays (it explains the run), the matmul rate and the overhead go back to the base's."""
+    attention rate stays (at the measured rate, attention is half the run), the matmul rate and the overhead
+    go back to the base's."""
     from klotski.schedule import Op
 
+    base = replace(base, attention_flops=2e10)
     obs = [(Op(i, "attn", "compute", "gpu", 0, flops=1e3, score_flops=1e8), 0.01) for i in range(10)]
     cal = replace(base, matmul_flops={k: v / 100 for k, v in base.matmul_flops.items()}, attention_flops=1e10,
                   op_overhead_s=1e-6)
-    kept = keep_identified(base, cal, obs)
+    kept = keep_identified(base, cal, obs, "float32")
     assert kept.attention_flops == 1e10  # 1e9 score FLOPs / 1e10 = 0.1 s: all of the run
     assert kept.matmul_flops == base.matmul_flops and kept.op_overhead_s == base.op_overhead_s
     assert 0.5 < op_seconds_sum(kept, obs) / 0.1 < 2.0
+
+
+def test_a_tiny_run_does_not_teach_rates_far_below_the_measurement(base):
+    """The demo's case: a tiny model's ops and copies are fixed costs; a joint fit explains them with rates far
+    below the measured ones (matmuls 100x, attention 10^4x, the d2h link 1000x), which the fitted values
+    themselves would call identified. Judged at the measured rates they explain almost nothing, so the
+    measured rates stay, and the per-call overhead takes the run's time: the profile still predicts the run."""
+    from klotski.schedule import Op
+
+    base = replace(base, matmul_flops={k: 3e11 for k in base.matmul_flops}, attention_flops=1e11)  # a CPU's
+    obs = [(Op(i, "experts", "compute", "gpu", 0, flops=2e6, score_flops=4e4 * (i % 2), bytes=4096, calls=1 + i % 2),
+            0.5e-3 * (1 + i % 2)) for i in range(200)]
+    obs += [(Op(200 + i, "kv_store", "kv_store", "cpu", 0, link="d2h", bytes=4096), 0.2e-3) for i in range(50)]
+    cal = replace(base, matmul_flops={k: v / 100 for k, v in base.matmul_flops.items()},
+                  attention_flops=base.attention_flops / 1e4, d2h_bandwidth=base.d2h_bandwidth / 1000,
+                  op_overhead_s=0.1e-3)
+    # at the fitted values each term "explains" at least a quarter of the run (the circular test passes them)
+    assert sum(op.flops for op, _ in obs) / 3e9 > 0.25 * 0.15 and 100 * 4e4 / 1e7 > 0.25 * 0.15
+    assert 50 * 4096 / cal.d2h_bandwidth > 0.25 * 50 * 0.2e-3
+    kept = keep_identified(base, cal, obs, "float32")
+    assert kept.matmul_flops == base.matmul_flops and kept.attention_flops == base.attention_flops
+    assert kept.d2h_bandwidth == base.d2h_bandwidth
+    compute = [(op, s) for op, s in obs if op.link is None]
+    assert op_seconds_sum(kept, compute) == pytest.approx(sum(s for _, s in compute), rel=1e-6)
+    assert kept.op_overhead_s > cal.op_overhead_s
