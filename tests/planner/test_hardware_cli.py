@@ -77,3 +77,25 @@ def test_profile_measured_on_a_busy_machine_says_so(monkeypatch):
     assert "load average 64.0" in note
     monkeypatch.setattr(hardware.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert hardware._busy_note() == ""
+
+
+def test_memory_bandwidths_are_measured_reading_written_memory(tmp_path, monkeypatch):
+    """The copies that time memory bandwidth (CPU memory; CPU mode's converting "H2D" copy) read a source that
+    was written first: an untouched one maps every page to the kernel's one zero page, read from cache, and
+    measured 1.4-4x the machine's bandwidth."""
+    import torch
+
+    import klotski.hardware as hardware
+
+    sources = []
+
+    def fake_best_time(fn, sync, reps, budget_s):  # records the source tensor a timed copy reads
+        captured = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+        sources.extend(t for name, t in captured.items() if name in ("src", "half") and isinstance(t, torch.Tensor))
+        return 1.0
+
+    monkeypatch.setattr(hardware, "_best_time", fake_best_time)
+    monkeypatch.setattr(hardware, "_measure_call_overhead", lambda *a: 1e-5)
+    hardware.measure_profile(device="cpu", disk_dir=str(tmp_path))
+    assert len(sources) == 2
+    assert all(bool((s != 0).all()) for s in sources)
