@@ -139,8 +139,9 @@ class LLM:
     per layer.
     ``host_compute`` (offloaded): "auto" (default: on a GPU the planner also places attention per phase on the
     CPU over a KV cache in host memory, and computes cold host-resident experts on the CPU when their tokens
-    cost less there than a load; nothing changes in CPU mode), "off", or a fixed
-    :class:`klotski.program.host.HostCompute` (see :mod:`klotski.program.host`).
+    cost less there than a load; nothing changes in CPU mode), "off", or fixed settings: a
+    :class:`klotski.program.host.HostCompute` or the same as text, e.g. "decode=cpu,experts=auto"
+    (:func:`klotski.program.host.parse_host_compute`).
 
     Threads: one ``LLM`` may be shared by several threads. Its calls (``generate``, ``logits``, ``close``) are
     serialised by a lock: a call waits until the one running has finished, then runs on its own (requests of

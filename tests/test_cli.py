@@ -48,6 +48,21 @@ def test_generate_cli(demo_dir, capsys):
     assert capsys.readouterr().out.count("tokens: [") == 2
 
 
+def test_generate_cli_host_compute(demo_dir, tmp_path, capsys):
+    """--host-compute reaches the offloaded runtime: attention and every cold expert forced on the CPU gives the
+    resident engine's greedy tokens; a setting it cannot read is a clear error, exit code 2."""
+    args = ["generate", "--model", demo_dir, "--prompt", "abc", "--prompt", "de", "--max-tokens", "3",
+            "--device", "cpu"]
+    assert main(args) == 0
+    resident = [line for line in capsys.readouterr().out.splitlines() if "tokens: [" in line]
+    offload = ["--policy", "flexgen", "--gpu-memory", "16MiB", "--cpu-memory", "64MiB", "--offload-dir",
+               str(tmp_path / "off")]
+    assert main(args + offload + ["--host-compute", "prefill=cpu,decode=cpu,experts=all"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "tokens: [" in line] == resident
+    assert main(args + offload + ["--host-compute", "decode=npu"]) == 2
+    assert "decode_attn must be one of" in capsys.readouterr().err
+
+
 def test_generate_cli_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err

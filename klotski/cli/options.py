@@ -18,6 +18,10 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
     p.add_argument("--batch-size", default="auto", help="sequences per batch, or auto")
     p.add_argument("--expert-selection", default="off", metavar="off|lynx:A|lynx-offload:A",
                    help="decode-step expert selection with aggressiveness A in [0, 1] (default: off, exact routing)")
+    p.add_argument("--host-compute", default="auto", metavar="auto|off|prefill=..,decode=..,experts=..",
+                   help="offloaded policies: compute on the host too; auto (default: the planner places attention "
+                        "per phase and cold experts on a GPU machine), off, or fixed settings, e.g. "
+                        "decode=cpu,experts=auto (attention gpu|cpu; experts off|auto|all)")
     if not traces:
         return
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the streams")
@@ -47,7 +51,8 @@ def build_llm(args, model_dir: str, policy: str | None = None):
     kwargs = {}
     if policy != "resident":
         kwargs = dict(gpu_memory=args.gpu_memory, cpu_memory=args.cpu_memory, offload_dir=args.offload_dir,
-                      num_batches=args.num_batches, batch_size=args.batch_size, rebuild_store=args.rebuild_store)
+                      num_batches=args.num_batches, batch_size=args.batch_size, rebuild_store=args.rebuild_store,
+                      host_compute=getattr(args, "host_compute", "auto"))
     if getattr(args, "max_num_seqs", None) is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
     return LLM(model_dir, device=args.device, dtype=args.dtype, policy=policy,

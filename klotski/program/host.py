@@ -64,6 +64,34 @@ class HostCompute:
         return f"attention prefill={self.prefill_attn} decode={self.decode_attn}, cold experts on cpu={self.experts}"
 
 
+HOST_CHOICES = ("auto", "off")  # the planner's choice (a search on CUDA) / everything on the device
+
+
+def parse_host_compute(value) -> "str | HostCompute":
+    """What ``LLM(host_compute=...)`` and ``--host-compute`` accept -> "auto", "off" or a fixed
+    :class:`HostCompute`: a HostCompute, "auto", "off", or comma-separated ``key=value`` settings of a fixed
+    one, keys ``prefill`` / ``decode`` (attention: gpu | cpu) and ``experts`` (off | auto | all), the unnamed
+    ones as in ``HostCompute()``: e.g. "decode=cpu" or "prefill=cpu,decode=cpu,experts=all"."""
+    if isinstance(value, HostCompute):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"host_compute must be 'auto', 'off', 'key=value,...' settings or a HostCompute, got "
+                         f"{type(value).__name__} {value!r}")
+    text = value.strip().lower()
+    if text in HOST_CHOICES:
+        return text
+    keys = {"prefill": "prefill_attn", "decode": "decode_attn", "experts": "experts"}
+    fields = {}
+    for item in text.split(","):
+        key, sep, setting = (part.strip() for part in item.partition("="))
+        if not sep or key not in keys or keys[key] in fields:
+            raise ValueError(f"host_compute {value!r}: expected 'auto', 'off' or settings like "
+                             f"'prefill=gpu,decode=cpu,experts=auto' (keys {sorted(keys)}, each once); "
+                             f"could not read {item.strip()!r}")
+        fields[keys[key]] = setting
+    return HostCompute(**fields)  # checks each setting
+
+
 def attention_seconds(costs, hw, seqs: int, past_len: int, device: str, layer: int = 0) -> float:
     """One layer's decode attention for ``seqs`` sequences over ``past_len`` cached tokens with the KV cache in host
     memory, every op alone on its resource (nothing overlapped): on the ``gpu``, the KV copied in, attention on

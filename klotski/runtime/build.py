@@ -101,11 +101,9 @@ class RunConfig:
         if prefetch not in PREFETCH_SOURCES:
             raise ValueError(f"prefetch must be one of {PREFETCH_SOURCES}, got {prefetch!r}")
         selection = ExpertSelection.parse(expert_selection)
-        from klotski.program.host import HostCompute
+        from klotski.program.host import parse_host_compute
 
-        if not (host_compute in ("auto", "off") or isinstance(host_compute, HostCompute)):
-            raise ValueError(f"host_compute must be 'auto', 'off' or a klotski.program.host.HostCompute, got "
-                             f"{host_compute!r}")
+        host_compute = parse_host_compute(host_compute)
         store_dir = check_offload_dir(offload_dir) if offload_dir is not None else None
         return cls(weights, device, dtype, policy, gpu, cpu, store_dir, _count(num_batches, "num_batches"),
                    _count(batch_size, "batch_size"), experts_fn, kv, hardware, timeout_s, bool(rebuild_store),

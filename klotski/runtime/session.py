@@ -69,7 +69,8 @@ class OffloadedSession:
     ``expert_selection``: "off" (default) | "lynx:A" | "lynx-offload:A" on decode steps
     (:mod:`klotski.model.expert_selection`, applied in ``Compute.gate``; the planner counts its fewer experts).
     ``host_compute``: "auto" (on CUDA the planner chooses attention per phase and cold experts on the CPU; off
-    in CPU mode), "off", or a fixed :class:`klotski.program.host.HostCompute` (:mod:`klotski.program.host`).
+    in CPU mode), "off", or a fixed :class:`klotski.program.host.HostCompute` or its text form
+    (:func:`klotski.program.host.parse_host_compute`).
     """
 
     can_trace = True

@@ -10,7 +10,7 @@ from klotski.costs import ModelCosts, op_seconds
 from klotski.hardware import preset
 from klotski.planner import Planner
 from klotski.presets import model_config
-from klotski.program.host import ExpertRule, HostCompute, attention_seconds, fiddler_rule
+from klotski.program.host import ExpertRule, HostCompute, attention_seconds, fiddler_rule, parse_host_compute
 from klotski.schedule import Placement, StepShape, build_schedule
 from klotski.simulate import simulate
 
@@ -255,3 +255,18 @@ def test_klotski_keeps_a_staging_buffer_per_micro_batch_while_memory_allows():
     assert placed("klotski", 256).kv_buffers is None  # the order's own: one per micro-batch
     assert placed("klotski", 8192).kv_buffers == 2
     assert placed("flexgen", 8192).kv_buffers is None  # (its own number is two)
+
+
+def test_host_compute_settings_parse_from_text():
+    assert parse_host_compute("auto") == "auto" and parse_host_compute(" OFF ") == "off"
+    assert parse_host_compute("decode=cpu") == HostCompute(decode_attn="cpu")
+    assert parse_host_compute("prefill=cpu, decode=cpu,experts=all") == HostCompute("cpu", "cpu", "all")
+    fixed = HostCompute(experts="auto")
+    assert parse_host_compute(fixed) is fixed
+    for bad, match in (("decode=tpu", "decode_attn must be one of"), ("decode", "could not read 'decode'"),
+                       ("attn=cpu", "could not read 'attn=cpu'"), ("decode=cpu,decode=gpu", "each once"),
+                       ("", "could not read ''")):
+        with pytest.raises(ValueError, match=match):
+            parse_host_compute(bad)
+    with pytest.raises(ValueError, match="got int 3"):
+        parse_host_compute(3)
