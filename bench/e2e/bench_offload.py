@@ -256,9 +256,9 @@ def main() -> None:
     variants = [(p, q, f, None, "auto") for p, q, f in variants]
     if args.expert_selection:  # klotski once per selection setting (the "off" row is the paired exact run)
         variants += [("klotski", None, "table", s, "auto") for s in args.expert_selection.split(",")]
+        selection_rows.count_decode_loads()
     if args.host_compute_off:  # last: a step cut short by its timeout keeps the rows above
         variants.append(("klotski", None, "table", None, "off"))
-        selection_rows.count_decode_loads()
     from klotski.hardware import get_hardware
     from klotski.runtime.planning import machine_profile
 

@@ -10,6 +10,8 @@
 #                                       # record (read into a ring slot, cudaMemcpyAsync, event), per read engine
 #   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes,
 #                                       # klotski also with host compute off
+#   bash bench/gpu/session.sh selection # after `all`, when device time is left (~2 min): klotski with decode-step
+#                                       # expert selection (off, lynx:0.8, lynx-offload:0.8) paired, OLMoE shapes
 #   bash bench/gpu/session.sh all       # THE call for a lent GPU (15 minutes of device time in all, ~9 min here):
 #                                       # smoke, the cuda-marked tests only, a short kernel sweep, expert loads,
 #                                       # a small e2e run, each under its own timeout, each writing under $OUT as it finishes
@@ -17,7 +19,7 @@
 # Afterwards: copy the JSON next to a bench/results/<date>-<device>-<what>.md naming the device, the commit,
 # the command and the table (a figure that is not in the repository is lost).
 set -uo pipefail
-step=${1:?usage: bench/gpu/session.sh all|smoke|cuda|kernels|tune|io|loads|e2e}
+step=${1:?usage: bench/gpu/session.sh all|smoke|cuda|kernels|tune|io|loads|e2e|selection}
 OUT=${OUT:-/tmp/klotski-gpu}
 mkdir -p "$OUT"
 if [ "$step" = all ]; then
@@ -114,6 +116,19 @@ e2e)
         --policies "${POLICIES:-klotski,flexgen,layerwise}" --baseline "${BASELINE:-accelerate}" ${CALIBRATE---calibrate} \
         ${HOST_OFF---host-compute-off} \
         --checkpoint-dir "${CKPT:-/tmp/klotski-ckpt-${PRESET:-qwen3-30b-a3b}-${LAYERS:-24}}" \
+        --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --out "$OUT"
+    ;;
+selection)
+    # bytes loaded per decode step and tokens/s with batch-aware expert selection against exact routing, paired in
+    # one invocation (0.8: the aggressiveness within 1 % perplexity on the trained 32-expert model; this is a
+    # random checkpoint, so only bytes and speed are read from it), at batch 16 for every row (the planner would
+    # otherwise size each row's group for its own selection). Reuses the e2e step's checkpoint when there.
+    python -c "import klotski._C" 2>/dev/null || build
+    python bench/e2e/bench_offload.py --preset "${PRESET:-olmoe-1b-7b}" --layers "${LAYERS:-8}" \
+        --gpu-memory "${GPU_MEMORY:-3GB}" --cpu-memory "${CPU_MEMORY:-3GB}" --prompt-len "${PROMPT_LEN:-256}" \
+        --gen-len "${GEN_LEN:-32}" --policies klotski --baseline none --num-batches 1 --batch-size 16 \
+        --num-prompts 16 --expert-selection "${SELECTION:-off,lynx:0.8,lynx-offload:0.8}" \
+        --checkpoint-dir "${CKPT:-/tmp/klotski-ckpt-${PRESET:-olmoe-1b-7b}-${LAYERS:-8}}" \
         --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --out "$OUT"
     ;;
 *)
