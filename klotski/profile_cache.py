@@ -210,7 +210,7 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
     for link, field in (("h2d", "h2d_bandwidth"), ("d2h", "d2h_bandwidth"), ("disk", "disk_bandwidth")):
         copies = [(op.bytes, s) for op, s in observations if op.link == link and op.bytes > 0 and s > 0]
         nbytes, seconds = sum(b for b, _ in copies), sum(s for _, s in copies)
-        if copies and nbytes / getattr(base, field) < IDENTIFIED * seconds:
+        if copies and getattr(base, field) > 0 and nbytes / getattr(base, field) < IDENTIFIED * seconds:
             changes[field] = getattr(base, field)
             short += seconds - len(copies) * cal.transfer_latency_s - nbytes / changes[field]
             count += len(copies)
@@ -226,11 +226,13 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
     calls = sum(max(1, op.calls) for op, _ in rows)
     nbytes = sum(op.bytes for op, _ in rows)
     reverted = {}
-    if flops / max(base.matmul_flops.values(), default=float("inf")) < IDENTIFIED * seconds:
+    # (a base without a figure for a term -- 0 -- cannot say; the fit stands)
+    peak = max(base.matmul_flops.values(), default=0.0)
+    if peak > 0 and flops / peak < IDENTIFIED * seconds:
         reverted["matmul_flops"] = dict(base.matmul_flops)
-    if score_flops / base.attention_flops < IDENTIFIED * seconds:
+    if base.attention_flops > 0 and score_flops / base.attention_flops < IDENTIFIED * seconds:
         reverted["attention_flops"] = base.attention_flops
-    if nbytes / base.device_mem_bandwidth < IDENTIFIED * seconds:
+    if base.device_mem_bandwidth > 0 and nbytes / base.device_mem_bandwidth < IDENTIFIED * seconds:
         reverted["device_mem_bandwidth"] = base.device_mem_bandwidth
     if calls * base.op_overhead_s < IDENTIFIED * seconds:
         reverted["op_overhead_s"] = base.op_overhead_s
