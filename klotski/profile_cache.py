@@ -202,7 +202,7 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
     likewise the per-copy latency takes the copy time of a reverted link. In CPU mode the CPU's fields follow
     the device's (one processor: :func:`klotski.calibration.same_processor`)."""
     from klotski.calibration import same_processor
-    from klotski.costs import op_seconds
+    from klotski.costs import op_timer
 
     one_processor = base.device == "cpu"
     changes = {}
@@ -238,7 +238,8 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
         reverted["op_overhead_s"] = base.op_overhead_s
     if reverted:  # the per-call overhead (the model's fixed costs) takes the time the reverted terms explained
         kept = replace(cal, **same_processor(base, reverted))
-        short = seconds - sum(op_seconds(op, kept, dtype) for op, _ in rows)
+        timer = op_timer(kept, dtype)
+        short = seconds - sum(timer(op) for op, _ in rows)
         if short > 0:
             reverted["op_overhead_s"] = kept.op_overhead_s + short / calls
     changes = same_processor(base, {**changes, **reverted})
