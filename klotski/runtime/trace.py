@@ -13,6 +13,8 @@ lane) and, for compute ops, their cost as the op builder described it (``cost``:
 """
 from __future__ import annotations
 
+import bisect
+
 import json
 import threading
 import time
@@ -162,17 +164,21 @@ class Tracer:
         from disk (``tier`` "disk"/"store", serial on its lane) is a ``disk`` read of ``read_bytes`` in
         ``read_s`` seconds (the time spent waiting on the reads) and an ``h2d`` copy of all its bytes in the
         rest, as the schedule models it; one from host memory an ``h2d`` copy, KV loads / stores ``h2d`` /
-        ``d2h`` copies.
+        ``d2h`` copies. A compute-stream op also counts the idle time before it that no other lane explains
+        (:func:`dispatch_gaps`): the runtime's own work between two ops, which the op's span does not hold.
         For :func:`klotski.calibration.calibrate`."""
         from klotski.schedule import Op
 
         out = []
         with self._lock:
             spans = list(self.spans)
-        for stream, name, start, end, args in spans:
+            windows = list(self._windows)
+        gaps = dispatch_gaps(spans, windows)
+        for i, (stream, name, start, end, args) in enumerate(spans):
             sec = end - start
             if sec <= 0:
                 continue
+            sec += gaps.get(i, 0.0)
             if "cost" in args:  # compute ops as the builder described them (on any lane)
                 op = cost_op(args["cost"], stream)
             elif stream == "compute" and "op" in args:
@@ -226,6 +232,26 @@ class Tracer:
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
+
+
+def dispatch_gaps(spans, windows, slack_s: float = 2e-4) -> dict[int, float]:
+    """Index of a compute-stream span -> the idle time on the compute stream just before it that no other lane's
+    span explains (none ended between the previous compute span's end and ``slack_s`` after this one's start):
+    the interpreter's dispatch between two ops (issuing the next op, waiting on nothing). A wait for a load, a KV
+    copy or a host lane ends with that lane's span and stays a wait (the simulator models it); the gap before a
+    forward's first op is not counted (``windows``: the forwards' (start, end))."""
+    ends = sorted(e for st, _, _, e, _ in spans if st != "compute")
+    compute = sorted((s, e, i) for i, (st, _, s, e, _) in enumerate(spans) if st == "compute")
+    starts = sorted(a for a, _ in windows)
+    out, prev_end = {}, None
+    for s, e, i in compute:
+        w = bisect.bisect_right(starts, s) - 1
+        if prev_end is not None and s > prev_end and (w < 0 or prev_end >= starts[w]):
+            k = bisect.bisect_right(ends, prev_end)
+            if k == len(ends) or ends[k] > s + slack_s:  # no other lane finished inside the gap
+                out[i] = s - prev_end
+        prev_end = e if prev_end is None else max(prev_end, e)
+    return out
 
 
 def op_cost(ops) -> dict | None:
