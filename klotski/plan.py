@@ -47,6 +47,8 @@ class Plan:
     def describe(self, num_experts: int) -> str:
         lines = [
             f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot experts)" if self.num_hot else
+                                            " (no hot prefetch: experts load after the gates)"
+                                            if self.num_hot == 0 else
                                             " (FlexGen order chosen)" if self.policy == "klotski" else ""),
             f"batch       {self.batch_size} sequences x n={self.n} batches per group "
             f"= {self.batch_size * self.n} sequences",

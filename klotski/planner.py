@@ -1,7 +1,9 @@
 """Constraint-sensitive planner: batch size, n and placement that maximise generated tokens per second.
 
 For a policy, the planner searches (batch size, n, KV placement, klotski's prefetch width / flexgen's
-overlap) on a coarse grid and then hill-climbs to neighbouring points. With ``host="search"`` the hill-climb
+overlap) on a coarse grid (klotski's widths: ``top_k`` after the gates or every expert early; with expert
+selection on decode steps also the narrower :func:`selection_widths`, since a selected step needs fewer experts
+than the router picks and an offload-aware one keeps every prefetched expert) and then hill-climbs to neighbouring points. With ``host="search"`` the hill-climb
 also chooses host compute per candidate (:mod:`klotski.program.host`: attention per phase on the CPU over a
 host KV cache, cold experts on the CPU by the cost rule), starting from the coarse scan's best device-only
 point. For each point the weight placement
@@ -36,6 +38,15 @@ from klotski.units import format_bytes
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUP_SIZES = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)
+
+
+def selection_widths(top_k: int) -> tuple[int, ...]:
+    """Prefetch widths (hot experts per MoE layer) searched besides ``top_k`` when decode steps run expert
+    selection: none (every non-resident expert loads after the gate, only those the selection keeps), one,
+    and half of ``top_k``. A plain selection drops prefetched experts like any other (loaded for nothing); an
+    offload-aware one keeps them (loaded, so used): either way each prefetched expert is a load whatever the
+    gate decides, which narrower widths trade against starting the loads before the gate."""
+    return tuple(sorted({0, 1, max(1, top_k // 2)} - {top_k}))
 
 
 class Planner(HostSearch):
@@ -191,7 +202,10 @@ class Planner(HostSearch):
         if policy == "klotski":
             k, E = max(spec.top_k, 1), max(spec.num_experts, 1)
             # paper: K hot after the gates; wide: all experts, early; None: FlexGen's order (features off)
-            return [(k, False), (E, True)]
+            out = [(k, False), (E, True)]
+            if self.decode_routing.drop > 0:  # expert selection: decode needs fewer (SELECTION_WIDTHS)
+                out += [(w, False) for w in selection_widths(k) if w != k]
+            return out
         if policy == "flexgen":
             return [(None, True), (None, False)]
         return [(None, False)]

@@ -56,7 +56,8 @@ class OffloadedExecutor:
         self.spec = weights.spec
         self.costs = costs  # bytes / FLOPs per op (traced with each span, for calibration)
         self.plan = plan
-        self.num_hot = (plan.num_hot if plan is not None and plan.num_hot else None) or max(self.spec.top_k, 1)
+        # the plan's prefetch width (0: none, under expert selection); top_k without a klotski-order plan
+        self.num_hot = plan.num_hot if plan is not None and plan.num_hot is not None else max(self.spec.top_k, 1)
         self.device, self.dtype, self.policy = device, dtype, policy
         self.cuda = device.type == "cuda"
         self.layout = layout

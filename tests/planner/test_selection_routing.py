@@ -10,7 +10,7 @@ from klotski.costs import ModelCosts
 from klotski.hardware import preset
 from klotski.model.expert_selection import ExpertSelection, select_experts
 from klotski.model.router import select
-from klotski.planner import Planner
+from klotski.planner import Planner, selection_widths
 from klotski.routing_stats import RoutingStats, expected_routing
 from tests.model.test_router import spec_for
 
@@ -97,3 +97,33 @@ def test_selection_stats_union_over_micro_batches():
     assert d["selection_remapped_fraction"] == pytest.approx(1 / 8)
     s.reset()
     assert s.as_dict(ExpertSelection("lynx", 1.0))["selection_decode_steps"] == 0
+
+
+@pytest.mark.parametrize("k,widths", [(1, (0,)), (2, (0, 1)), (4, (0, 1, 2)), (8, (0, 1, 4))])
+def test_selection_widths(k, widths):
+    assert selection_widths(k) == widths
+
+
+def test_planner_searches_narrow_prefetch_widths_under_selection(make_tiny_config):
+    """With expert selection on decode steps the klotski search adds the narrower prefetch widths (a selected
+    step needs fewer experts; each prefetched one is a load whatever the gate decides); without it, it does
+    not (exact plans are searched as before). On this I/O-bound point the narrower width wins for both
+    variants, and its decode step moves fewer bytes than prefetching top_k."""
+    costs = ModelCosts.from_config(make_tiny_config(layers=4, experts=16, top_k=4, hidden=256, inter=512),
+                                   name="tiny16")
+    hw = dataclasses.replace(preset("rtx3090"), gpu_memory=24 << 20, cpu_memory=1 << 40)
+    base = Planner(costs, hw, 64, 16)
+    assert base.variants("klotski") == [(4, False), (16, True)]
+    for keeps_free in (False, True):
+        sel = Planner(costs, hw, 64, 16, decode_routing=base.routing.with_selection(0.9, keeps_free))
+        assert sel.variants("klotski") == [(4, False), (16, True), (0, False), (1, False), (2, False)]
+        assert sel.variants("flexgen") == base.variants("flexgen")
+        scored = {}
+        for hot, overlap in sel.variants("klotski"):
+            p = sel.place("klotski", 4, 2, "gpu", hot, overlap)
+            assert p is not None
+            scored[hot] = sel.score("klotski", p, 4, 2, hot, overlap)
+        best = max(scored.values(), key=lambda plan: plan.tokens_per_s)
+        assert best.num_hot < 4, {h: s.tokens_per_s for h, s in scored.items()}
+        moved = lambda plan: sum(plan.bytes_per_step.values())  # noqa: E731
+        assert moved(best) < moved(scored[4])

@@ -1,6 +1,6 @@
 """Every plan variant the planner can emit runs as planned: flexgen with and without overlap, klotski with
-FlexGen's order (num_hot=None), klotski after the gates (top_k hot) and wide-early (all experts hot, issued
-with the next layer's weights). Each forces the planner to one variant, runs, and checks the issue order the
+FlexGen's order (num_hot=None), klotski after the gates (top_k hot, or the narrower widths searched under
+expert selection: one, none) and wide-early (all experts hot, issued with the next layer's weights). Each forces the planner to one variant, runs, and checks the issue order the
 runtime used against the variant's, and the greedy tokens against the resident engine."""
 import pytest
 
@@ -83,17 +83,19 @@ def test_flexgen_order_variants(mixtral, tmp_path, monkeypatch, policy, variant)
             assert nxt > last(step, lambda ev: ev == ("gate", 0)), step
 
 
-@pytest.mark.parametrize("variant", ["after-gates", "wide-early"])
+@pytest.mark.parametrize("variant", ["after-gates", "wide-early", "one-hot", "no-hot"])
 def test_klotski_prefetch_variants(mixtral, tmp_path, monkeypatch, variant):
     path, ref = mixtral
     E, K = 4, 2  # the tiny mixtral: 4 experts, top-2
-    num_hot, overlap = (K, False) if variant == "after-gates" else (E, True)
+    num_hot, overlap = {"after-gates": (K, False), "wide-early": (E, True), "one-hot": (1, False),
+                        "no-hot": (0, False)}[variant]  # the last two: widths searched under expert selection
     out, plan, runner, steps = traced_run(path, "klotski", (num_hot, overlap), monkeypatch, tmp_path)
     assert out == ref
     assert (plan.num_hot, plan.overlap) == (num_hot, overlap) and runner == "klotski"
     hot_issued = 0
     for step in steps:
         hot = [i for i, ev in enumerate(step) if ev == ("expert", 1, "prefetch")]
+        assert len(hot) <= num_hot, step
         hot_issued += len(hot)
         if not hot:
             continue
@@ -101,4 +103,7 @@ def test_klotski_prefetch_variants(mixtral, tmp_path, monkeypatch, variant):
             assert hot[0] < first(step, lambda ev: ev == ("attn", 0)), step
         else:  # predicted from layer 0's routing: after its gates
             assert hot[0] > last(step, lambda ev: ev == ("gate", 0)), step
-    assert hot_issued > 0, "no hot expert was prefetched for layer 1: the variant was not exercised"
+    if num_hot == 0:  # every expert of layer 1 loads after its gate, on the expert_io lane
+        assert hot_issued == 0 and any(ev == ("expert", 1, "expert_io") for step in steps for ev in step)
+    else:
+        assert hot_issued > 0, "no hot expert was prefetched for layer 1: the variant was not exercised"
