@@ -130,3 +130,39 @@ def test_selection_targets_pools_window_samples(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="cannot pool"):
         targets_main(["--eval", f"streamed={paths[0]}+{tmp_path / 'other.json'}", "--out", str(tmp_path), "--tag", "x"])
+
+
+def test_plain_bytes_interpolate_on_each_prefetch_width_and_take_the_cheapest():
+    from selection_targets import plain_bytes_at
+
+    rows = []
+    for w, scale in ((4, 1.0), (0, 0.8)):  # width 0 loads 20 % fewer bytes at every setting
+        for r in (_row("exact", 0.0, 1000 * scale), _row("lynx:0.5", 0.004, 800 * scale),
+                  _row("lynx:1.0", 0.02, 500 * scale)):
+            rows.append({**r, "prefetch_width": w})
+    got = plain_bytes_at(rows, 0.005)
+    assert abs(got - 0.8 * (800 - 300 / 16) * 1024) < 1e-6
+
+
+def test_eval_sweeps_prefetch_widths(tmp_path):
+    """--prefetch-widths: every setting also runs at the widths asked for (labels ``@w<width>``, the plan's
+    width first and its exact row the reference); narrower widths prefetch fewer experts; 'vs exact' is
+    against the cheapest exact row."""
+    from eval_expert_selection import main
+
+    argv = ["--model", ASSET, "--hardware", "rtx3090", "--gpu-memory", "16MiB", "--cpu-memory", "64MiB",
+            "--num-batches", "1", "--batch-size", "4", "--prompt-len", "8", "--decode-steps", "3",
+            "--greedy-tokens", "1", "--modes", "lynx-offload", "--grid", "1.0", "--prefetch-widths", "0",
+            "--threads", "1", "--out", str(tmp_path), "--tag", "w"]
+    assert main(argv) == 0
+    d = json.loads((tmp_path / "w.json").read_text())
+    plan_width = d["prefetch_widths"][0]
+    assert plan_width > 0 and d["prefetch_widths"] == [plan_width, 0]
+    rows = {r["setting"]: r for r in d["rows"]}
+    assert set(rows) == {"exact", "lynx-offload:1.0@w" + str(plan_width), "exact@w0", "lynx-offload:1.0@w0"}
+    assert rows["exact"]["prefetch_width"] == plan_width and rows["exact@w0"]["ppl_change"] == pytest.approx(0, abs=1e-5)
+    assert rows["exact@w0"]["prefetch_loads_per_step"] == 0 < rows["exact"]["prefetch_loads_per_step"]
+    base = min(rows["exact"]["expert_bytes_per_step"], rows["exact@w0"]["expert_bytes_per_step"])
+    for r in rows.values():
+        assert r["bytes_vs_exact"] == pytest.approx(r["expert_bytes_per_step"] / base - 1)
+    assert "`@w<width>`" in (tmp_path / "w.md").read_text()

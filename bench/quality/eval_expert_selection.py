@@ -40,6 +40,11 @@ run-to-run noise of the quality columns.
     python bench/quality/eval_expert_selection.py --hardware rtx3090 --gpu-memory 48MiB --cpu-memory 64MiB \
         --num-batches 1 --batch-size 16 --decode-steps 96     # batch 16, 4 of 8 experts per layer resident
 
+``--prefetch-widths 0,1,2`` runs every setting at those prefetch widths too (hot experts per MoE layer; the
+planner searches the same narrower widths when selection is on, ``klotski.planner.selection_widths``): rows are
+labelled ``<setting>@w<width>``, each mode's cheapest row is taken over widths and settings, and "vs exact" is
+against exact routing at its cheapest width.
+
 ``--window-shift 0.5`` takes a second, disjoint sample of the held-out text; ``selection_targets.py`` pools
 the JSONs of several samples before judging the targets.
 
@@ -69,9 +74,10 @@ from klotski import LLM  # noqa: E402
 from klotski.hardware import get_hardware  # noqa: E402
 from klotski.model.expert_selection import ExpertSelection  # noqa: E402
 
+from selection_report import exact_bytes, floor_and_targets, plot, write_atomic  # noqa: E402
+
 EXPERT_LOAD = re.compile(r"^L\d+ e\d+$")  # span names of routed-expert loads (klotski.runtime.loads)
 GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-PPL_TIE = 0.001  # perplexity changes within 0.1 percentage point count as the same quality
 RUN_NOISE_ATOL = 1e-4  # largest prefill logit difference accepted between runs of the same routing
 
 
@@ -189,73 +195,6 @@ def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int, fl
             "bytes_per_load": sum(per_step) / loads if loads else 0.0, **top1}
 
 
-def compare_modes(rows: list[dict]) -> tuple[dict, list[dict], dict | None]:
-    """Rows with ``mode``, ``setting``, ``ppl_change``, ``expert_bytes_per_step`` -> (each mode's cheapest row
-    within 1 % perplexity, the matched pairs: for each offload-aware row within 1 %, plain Lynx's cheapest row
-    whose perplexity change is <= the offload-aware row's + ``PPL_TIE``, and the pair with the largest cut)."""
-    ok = {m: [r for r in rows if r["mode"] == m and r["ppl_change"] <= 0.01] for m in ("lynx", "lynx-offload")}
-    cheapest = {m: min(rs, key=lambda r: r["expert_bytes_per_step"]) for m, rs in ok.items() if rs}
-    matched = []
-    for o in ok.get("lynx-offload", []):
-        plain = [r for r in rows if r["mode"] == "lynx" and r["ppl_change"] <= o["ppl_change"] + PPL_TIE]
-        if plain:
-            p = min(plain, key=lambda r: r["expert_bytes_per_step"])
-            matched.append({"offload": o["setting"], "plain": p["setting"], "offload_ppl": o["ppl_change"],
-                            "plain_ppl": p["ppl_change"],
-                            "offload_vs_plain": o["expert_bytes_per_step"] / p["expert_bytes_per_step"] - 1})
-    return cheapest, matched, (min(matched, key=lambda m: m["offload_vs_plain"]) if matched else None)
-
-
-def floor_and_targets(rows: list[dict], ref: dict, spec, exact_bytes: float) -> dict:
-    """The top-1 floor (the fewest expert bytes per decode step any rule that keeps every token's top-1 can
-    load: the non-resident experts among the step's top-1 union, from the exact row's routing) and the two
-    targets: >= 25% fewer expert bytes than exact within 1% perplexity; the offload-aware variant >= 10% fewer
-    bytes than plain Lynx at no worse perplexity (plain's cheapest row whose perplexity change is <= the
-    offload-aware row's + ``PPL_TIE``: perplexity changes that close are one quality level on this many tokens)
-    -> dict with a ``markdown`` paragraph."""
-    exact = rows[0]
-    layers = len(ref["distinct_per_layer"]) or 1
-    per_load = ref["bytes_per_load"]
-    floor_bytes = exact["top1_nonresident"] * layers * per_load
-    floor_cut = floor_bytes / exact_bytes - 1 if exact_bytes else float("nan")
-    cheapest, matched, best_match = compare_modes(rows)
-    resident = sum(r["resident_loads"] for r in rows)
-    md = [f"Byte accounting: {resident} loads of GPU-resident experts counted over all rows (resident experts are "
-          f"served from their permanent slots; the loads counted are those of `L<layer> e<expert>` spans, "
-          f"{per_load / 1024:.0f} KiB each).",
-          "",
-          f"Top-1 floor (exact routing, {layers} MoE layers): distinct top-1 experts per layer per decode step "
-          f"{exact['top1_distinct']:.2f} of {spec.num_experts} (router's distinct {exact['distinct_router']:.2f}), "
-          f"of them not GPU-resident {exact['top1_nonresident']:.2f}; every token keeps its top-1, so no rule can "
-          f"load fewer than {floor_bytes / 1024:.0f} KiB per decode step: at best {100 * floor_cut:+.1f}% against "
-          f"exact's {exact_bytes / 1024:.0f} KiB."]
-    md.append("")
-    md.append("Loads per decode step against what the step's routing needs (its chosen non-resident experts, summed "
-              "over layers); the rest are prefetched hot experts the gate did not choose (issued before the gate, "
-              "so selection cannot avoid them) net of expert-slot hits:")
-    for r in [exact, *cheapest.values()]:
-        md.append(f"- {r['setting']}: needed {r['chosen_nonresident'] * layers:.1f}, loaded "
-                  f"{r['expert_loads_per_step']:.1f} ({r['prefetch_loads_per_step']:.1f} prefetched)")
-    md.append("")
-    for m, r in cheapest.items():
-        md.append(f"- {m}: cheapest within 1% perplexity {r['setting']}: {100 * r['bytes_vs_exact']:+.1f}% bytes "
-                  f"(ppl {100 * r['ppl_change']:+.2f}%, top-1 non-resident {r['top1_nonresident']:.2f}); target "
-                  f"-25%: {'met' if r['bytes_vs_exact'] <= -0.25 else 'not met'}")
-    if "lynx" in cheapest and "lynx-offload" in cheapest:
-        a, b = cheapest["lynx-offload"], cheapest["lynx"]
-        cut = a["expert_bytes_per_step"] / b["expert_bytes_per_step"] - 1
-        md.append(f"- offload-aware vs plain, each at its cheapest within 1% perplexity: {a['setting']} vs "
-                  f"{b['setting']}: {100 * cut:+.1f}% bytes; target -10%: {'met' if cut <= -0.10 else 'not met'}")
-    if best_match:
-        md.append(f"- offload-aware vs plain at no worse perplexity (+{100 * PPL_TIE:.1f} pp tie): {best_match['offload']} "
-                  f"({100 * best_match['offload_ppl']:+.2f}% ppl) vs {best_match['plain']} "
-                  f"({100 * best_match['plain_ppl']:+.2f}% ppl): {100 * best_match['offload_vs_plain']:+.1f}% bytes; "
-                  f"target -10%: {'met' if best_match['offload_vs_plain'] <= -0.10 else 'not met'}")
-    return {"resident_loads_counted": resident, "top1_floor_bytes_per_step": floor_bytes,
-            "top1_floor_vs_exact": floor_cut, "cheapest_within_1pct": {m: r["setting"] for m, r in cheapest.items()},
-            "offload_vs_plain_matched": matched, "markdown": "\n".join(md) + "\n"}
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="klotski/assets/tiny_moe")
@@ -274,46 +213,13 @@ def parse_args(argv=None):
     p.add_argument("--greedy-tokens", type=int, default=24)
     p.add_argument("--window-shift", type=float, default=0.0,
                    help="start window i at (i + shift) x stride of the held-out text (0.5: a second, disjoint sample)")
+    p.add_argument("--prefetch-widths", default="plan",
+                   help="hot experts prefetched per MoE layer, comma-separated (e.g. 0,1,2,4): every setting runs at "
+                        "each width (the plan's width is always one of them); 'plan' (default): the plan's only")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     p.add_argument("--tag", default=time.strftime("%Y%m%d") + "-expert-selection")
     return p.parse_args(argv)
-
-
-def write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def plot(rows: list[dict], path: str) -> str:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "plot skipped: matplotlib is not installed"
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for mode in sorted({r["mode"] for r in rows if r["mode"] != "exact"}):
-        pts = [r for r in rows if r["mode"] in (mode, "exact")]
-        a = [r["aggressiveness"] for r in pts]
-        axes[0].plot(a, [100 * r["ppl_change"] for r in pts], "o-", label=mode)
-        axes[1].plot(a, [r["distinct"] for r in pts], "o-", label=mode)
-        axes[2].plot([r["expert_bytes_per_step"] / 2**20 for r in pts], [100 * r["ppl_change"] for r in pts], "o-",
-                     label=mode)
-    axes[0].set(xlabel="aggressiveness", ylabel="perplexity change (%)")
-    axes[0].axhline(1.0, color="grey", lw=0.8, ls="--")
-    axes[1].set(xlabel="aggressiveness", ylabel="distinct experts / layer / decode step")
-    axes[2].set(xlabel="expert MiB loaded / decode step", ylabel="perplexity change (%)")
-    axes[2].axhline(1.0, color="grey", lw=0.8, ls="--")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return f"wrote {os.path.normpath(path)}"
 
 
 def main(argv=None) -> int:
@@ -334,21 +240,26 @@ def main(argv=None) -> int:
         bos = spec.bos_token_id if spec.bos_token_id is not None else 0
         seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos,
                        args.window_shift)
-        settings = ["off", "lynx:0"] + [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
+        widths = [ex.num_hot] + ([] if args.prefetch_widths == "plan" else sorted(
+            {int(w) for w in args.prefetch_widths.split(",")} - {ex.num_hot}))
+        grid = [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
+        runs = [(widths[0], "off")] + [(w, s) for w in widths for s in ["lynx:0"] + grid]
         floor = Top1Floor(ex)
-        run_row(ex, seqs, args.prompt_len, 4, 2, floor)  # warm-up: the prefetch table learns this text's routing
+        run_row(ex, seqs, args.prompt_len, min(4, args.decode_steps), 2, floor)  # warm-up: the prefetch table learns this text's routing
         table = copy.deepcopy(ex.prefetcher.__dict__) if ex.prefetcher is not None else None
         res = {}
-        for s in settings:
+        for w, s in runs:
+            ex.num_hot = w  # the interpreter reads the prefetch width per step
             ex.compute.selection = ExpertSelection.parse(s)
             if table is not None:
                 ex.prefetcher.__dict__.update(copy.deepcopy(table))
-            res[s] = run_row(ex, seqs, args.prompt_len, args.decode_steps, args.greedy_tokens, floor)
-            print(f"{s}: done ({time.time() - t0:.0f} s)", flush=True)
+            res[(w, s)] = run_row(ex, seqs, args.prompt_len, args.decode_steps, args.greedy_tokens, floor)
+            print(f"{s} (prefetch width {w}): done ({time.time() - t0:.0f} s)", flush=True)
+        ex.num_hot = widths[0]
         placement = ex.layout.describe(spec.num_experts)
     finally:
         llm.close()
-    off, ref = res.pop("off"), res["lynx:0"]
+    off, ref = res.pop((widths[0], "off")), res[(widths[0], "lynx:0")]
     noise = {"prefill_max_diff": float((off["prefill"] - ref["prefill"]).abs().max()),
              "ppl_change": math.exp((off["nll"] - ref["nll"]) / ref["tokens"]) - 1,
              "argmax_agree": float((off["argmax"] == ref["argmax"]).float().mean()),
@@ -359,10 +270,13 @@ def main(argv=None) -> int:
                              f"{100 * noise['ppl_change']:+.5f}%")
     base_ppl = math.exp(ref["nll"] / ref["tokens"])
     rows = []
-    for s, r in res.items():
+    for (w, s), r in res.items():
         sel = ExpertSelection.parse(s)
         ppl = math.exp(r["nll"] / r["tokens"])
-        rows.append({"setting": "exact" if s == "lynx:0" else s, "mode": "exact" if s == "lynx:0" else sel.mode,
+        label = "exact" if s == "lynx:0" else s
+        if len(widths) > 1 and (w, s) != (widths[0], "lynx:0"):  # "exact": exact routing at the plan's width
+            label += f"@w{w}"
+        rows.append({"setting": label, "mode": "exact" if s == "lynx:0" else sel.mode, "prefetch_width": w,
                      "aggressiveness": sel.aggressiveness, "ppl": ppl, "ppl_change": ppl / base_ppl - 1,
                      "argmax_agree": float((r["argmax"] == ref["argmax"]).float().mean()),
                      "greedy_agree": float((r["greedy"] == ref["greedy"]).float().mean()),
@@ -378,15 +292,17 @@ def main(argv=None) -> int:
     bad = [r["setting"] for r in rows if r["prefill_max_diff"] > RUN_NOISE_ATOL]
     if bad:
         raise AssertionError(f"prefill logits changed with expert selection on (> {RUN_NOISE_ATOL:g}): {bad}")
-    exact_bytes = rows[0]["expert_bytes_per_step"]
+    # against the cheapest exact row over the widths run (exact routing at its best prefetch width)
+    baseline = exact_bytes(rows)
     for r in rows:
-        r["bytes_vs_exact"] = r["expert_bytes_per_step"] / exact_bytes - 1 if exact_bytes else 0.0
+        r["bytes_vs_exact"] = r["expert_bytes_per_step"] / baseline - 1 if baseline else 0.0
     best = {}
     for mode in args.modes.split(","):
-        ok = [r for r in rows if r["mode"] == mode and r["ppl_change"] <= 0.01]
-        if ok:
-            best[mode] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
-    summary = floor_and_targets(rows, ref, spec, exact_bytes)
+        for w in widths:
+            ok = [r for r in rows if r["mode"] == mode and r["prefetch_width"] == w and r["ppl_change"] <= 0.01]
+            if ok:
+                best[mode + (f"@w{w}" if len(widths) > 1 else "")] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
+    summary = floor_and_targets(rows, ref, spec, baseline)
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     head = ("| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
             "top-1 distinct (non-resident) | chosen non-resident | remapped | expert loads / step (prefetched) | expert KiB / decode step | vs exact | "
@@ -401,7 +317,10 @@ def main(argv=None) -> int:
           f"{args.cpu_memory}, {args.num_batches} x {args.batch_size} sequences, placement {placement}; "
           f"{B} held-out windows of {args.prompt_len} prefill tokens + {args.decode_steps} teacher-forced decode "
           f"steps ({ref['tokens']} predicted tokens), {args.greedy_tokens} greedy tokens. Distinct experts: mean over "
-          f"the {spec.num_experts}-expert MoE layers of the union over the step's micro-batches.\n\n"
+          f"the {spec.num_experts}-expert MoE layers of the union over the step's micro-batches. Prefetch width: "
+          f"hot experts prefetched per MoE layer before the gate; the plan's is {widths[0]}"
+          + (f", every setting also runs at {', '.join(map(str, widths[1:]))} (`@w<width>`); 'vs exact' is against "
+             f"the cheapest exact row" if len(widths) > 1 else "") + ".\n\n"
           + head + "\n" + "\n".join(lines)
           + "\n\nLargest aggressiveness with perplexity cost <= 1%: "
           + (", ".join(f"{m}: {s}" for m, s in best.items()) or "none") + "\n\n"
@@ -413,7 +332,7 @@ def main(argv=None) -> int:
     base = os.path.join(args.out, args.tag)
     write_atomic(base + ".md", md)
     write_atomic(base + ".json", json.dumps({"command": cmd, "model": args.model, "args": vars(args),
-                                             "placement": placement, "corpus": corpus, "rows": rows,
+                                             "placement": placement, "prefetch_widths": widths, "corpus": corpus, "rows": rows,
                                              "best_within_1pct": best, "run_noise": noise,
                                              **{k: v for k, v in summary.items() if k != "markdown"}, "seconds": time.time() - t0}, indent=1))
     print(plot(rows, base + ".png"))

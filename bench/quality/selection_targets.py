@@ -29,7 +29,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from eval_expert_selection import compare_modes, write_atomic  # noqa: E402
+from selection_report import compare_modes, exact_bytes, write_atomic  # noqa: E402
 
 KEEP = ("ppl_change", "argmax_agree", "greedy_agree", "distinct", "top1_distinct", "top1_nonresident",
         "chosen_nonresident", "expert_loads_per_step", "prefetch_loads_per_step", "expert_bytes_per_step",
@@ -55,10 +55,10 @@ def pool(evals: list[dict]) -> tuple[list[dict], float]:
             else:
                 r[k] = sum(w * g[k] for w, g in zip(n, group)) / total
         rows.append(r)
-    exact = next(r for r in rows if r["setting"] == "exact")
+    exact, baseline = next(r for r in rows if r["setting"] == "exact"), exact_bytes(rows)
     for r in rows:
         r["ppl_change"] = r["ppl"] / exact["ppl"] - 1
-        r["bytes_vs_exact"] = r["expert_bytes_per_step"] / exact["expert_bytes_per_step"] - 1
+        r["bytes_vs_exact"] = r["expert_bytes_per_step"] / baseline - 1
     floor = sum(w * d["top1_floor_bytes_per_step"] for w, d in zip(n, evals)) / total
     return rows, floor
 
@@ -67,12 +67,16 @@ def plain_bytes_at(rows: list[dict], ppl_change: float) -> float | None:
     """Plain Lynx's expert bytes per step at ``ppl_change``, linearly interpolated along its rows taken from exact
     towards aggressiveness 1, between the last row at or under that perplexity change and the next one above it
     (None when no plain row goes above it: plain never gets that bad on this grid)."""
-    curve = sorted((r for r in rows if r["mode"] in ("exact", "lynx")), key=lambda r: r["aggressiveness"])
-    for a, b in zip(curve, curve[1:]):
-        if a["ppl_change"] <= ppl_change < b["ppl_change"]:
-            t = (ppl_change - a["ppl_change"]) / (b["ppl_change"] - a["ppl_change"])
-            return a["expert_bytes_per_step"] + t * (b["expert_bytes_per_step"] - a["expert_bytes_per_step"])
-    return None
+    found = []
+    for w in {r.get("prefetch_width") for r in rows}:  # one curve per prefetch width: the cheapest one counts
+        curve = sorted((r for r in rows if r["mode"] in ("exact", "lynx") and r.get("prefetch_width") == w),
+                       key=lambda r: r["aggressiveness"])
+        for a, b in zip(curve, curve[1:]):
+            if a["ppl_change"] <= ppl_change < b["ppl_change"]:
+                t = (ppl_change - a["ppl_change"]) / (b["ppl_change"] - a["ppl_change"])
+                found.append(a["expert_bytes_per_step"] + t * (b["expert_bytes_per_step"] - a["expert_bytes_per_step"]))
+                break
+    return min(found, default=None)
 
 
 def placement_summary(name: str, paths: list[str]) -> dict:
@@ -85,20 +89,24 @@ def placement_summary(name: str, paths: list[str]) -> dict:
         rows, floor = evals[0]["rows"], evals[0]["top1_floor_bytes_per_step"]
     else:
         rows, floor = pool(evals)
-    exact = next(r for r in rows if r["setting"] == "exact")
+    # the baseline: exact routing at its cheapest prefetch width (the plan's, when only that one ran)
+    exact = min((r for r in rows if r["mode"] == "exact"), key=lambda r: r["expert_bytes_per_step"])
     cheapest, _, best = compare_modes(rows)
     chosen = {"exact": exact, **cheapest}
     out = {"name": name, "commands": [d["command"] for d in evals], "json": [os.path.relpath(p) for p in paths],
            "placement": evals[0]["placement"], "resident_loads_counted": sum(d["resident_loads_counted"] for d in evals),
            "run_noise": [d.get("run_noise") for d in evals], "top1_floor_bytes_per_step": floor,
            "top1_floor_vs_exact": floor / exact["expert_bytes_per_step"] - 1,
-           "rows": {r["setting"]: {k: r[k] for k in KEEP} for r in chosen.values()},
+           "rows": {("exact" if key == "exact" else r["setting"]): {**{k: r[k] for k in KEEP},
+                                                                  "prefetch_width": r.get("prefetch_width")}
+                    for key, r in chosen.items()},
            "target_25pct": {m: r["bytes_vs_exact"] <= -0.25 for m, r in cheapest.items()},
            "offload_vs_plain_matched": best}
     if len(cheapest) == 2:
         out["offload_vs_plain_cheapest"] = (cheapest["lynx-offload"]["expert_bytes_per_step"]
                                             / cheapest["lynx"]["expert_bytes_per_step"] - 1)
-    full = next((r for r in rows if r["setting"] == "lynx-offload:1.0"), None)
+    full = min((r for r in rows if r["mode"] == "lynx-offload" and r["aggressiveness"] == 1.0),
+               key=lambda r: r["expert_bytes_per_step"], default=None)
     if full is not None and "lynx" in cheapest:  # every droppable expert that costs a load dropped
         out["offload_floor"] = {k: full[k] for k in KEEP}
         out["offload_floor_vs_plain_cheapest"] = (full["expert_bytes_per_step"]
@@ -132,7 +140,8 @@ def markdown(places: list[dict], e2e: list[dict]) -> str:
           "(prefetched) | expert KiB / step | vs exact |", "|---|---|---|---|---|---|---|---|"]
     for p in places:
         for s, r in p["rows"].items():
-            md.append(f"| {p['name']} | {s} | {100 * r['ppl_change']:+.2f} % | {r['argmax_agree']:.3f} / "
+            label = s if s != "exact" or r.get("prefetch_width") is None else f"exact (width {r['prefetch_width']})"
+            md.append(f"| {p['name']} | {label} | {100 * r['ppl_change']:+.2f} % | {r['argmax_agree']:.3f} / "
                       f"{r['greedy_agree']:.3f} | {r['distinct']:.2f} | {r['expert_loads_per_step']:.1f} "
                       f"({r['prefetch_loads_per_step']:.1f}) | {r['expert_bytes_per_step'] / 1024:.0f} | "
                       + ("" if s == "exact" else f"{100 * r['bytes_vs_exact']:+.1f} %") + " |")
