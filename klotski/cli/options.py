@@ -16,8 +16,7 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
                    help="replace a store of another checkpoint found in --offload-dir (refused otherwise)")
     p.add_argument("--num-batches", default="auto", help="batches per batch group (n), or auto")
     p.add_argument("--batch-size", default="auto", help="sequences per batch, or auto")
-    p.add_argument("--expert-selection", default="off", metavar="off|lynx:A|lynx-offload:A",
-                   help="decode-step expert selection with aggressiveness A in [0, 1] (default: off, exact routing)")
+    add_expert_selection_arg(p)
     p.add_argument("--host-compute", default="auto", metavar="auto|off|prefill=..,decode=..,experts=..",
                    help="offloaded policies: compute on the host too; auto (default: the planner places attention "
                         "per phase and cold experts on a GPU machine), off, or fixed settings, e.g. "
@@ -26,6 +25,11 @@ def add_engine_args(p: argparse.ArgumentParser, policy_default: str = "resident"
         return
     p.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the streams")
     p.add_argument("--timeline", default=None, metavar="FILE.png", help="write a compute-vs-I/O timeline picture")
+
+
+def add_expert_selection_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expert-selection", default="off", metavar="off|lynx:A|lynx-offload:A",
+                   help="decode-step expert selection with aggressiveness A in [0, 1] (default: off, exact routing)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -5,6 +5,7 @@ import json
 import os
 import time
 
+from klotski.cli.options import add_expert_selection_arg
 from klotski.units import format_bytes
 
 
@@ -29,6 +30,7 @@ def add_parser(sub):
     p.add_argument("--host", default="search", choices=("search", "off"),
                    help="search: also place attention per phase on the CPU (over a KV cache in host memory) and "
                         "compute cold experts on the CPU when cheaper; off: everything on the device")
+    add_expert_selection_arg(p)  # decode steps planned with the fewer experts it leaves
     p.add_argument("--devices", type=int, default=1,
                    help="> 1: predict FSE-DP vs expert parallelism vs replicated offloading on this many devices")
     p.add_argument("--device-batch", type=int, default=16, help="with --devices: sequences per device")
@@ -117,14 +119,25 @@ def run(args) -> int:
     print(f"model     {costs.name}: {spec.num_layers} layers, {spec.num_experts} experts top-{spec.top_k}, "
           f"{format_bytes(costs.total_bytes)} of {costs.weight_dtype} weights")
     print(f"hardware  {hw.summary()}")
-    print(f"workload  prompt {args.prompt_len}, generate {args.gen_len}")
+    decode_routing, selection = None, getattr(args, "expert_selection", "off") or "off"
+    if selection != "off":
+        from klotski.model.expert_selection import ExpertSelection  # (imports torch: only when asked for)
+
+        sel = ExpertSelection.parse(selection)
+        if sel.enabled and spec.num_experts:
+            decode_routing = (routing or RoutingStats.uniform(spec.num_experts, max(spec.top_k, 1))).with_selection(
+                sel.aggressiveness, sel.offload_aware)
+        selection = str(sel)
+    print(f"workload  prompt {args.prompt_len}, generate {args.gen_len}"
+          + (f", expert selection {selection} on decode steps" if selection != "off" else ""))
     if args.devices > 1:
         from klotski.distributed.plan_report import run_devices
 
         return run_devices(args, costs, hw, routing)
     if args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}")
-    planner = Planner(costs, hw, args.prompt_len, args.gen_len, routing, host=getattr(args, "host", "search"))
+    planner = Planner(costs, hw, args.prompt_len, args.gen_len, routing, decode_routing=decode_routing,
+                      host=getattr(args, "host", "search"))
     plans = planner.compare()
     best = plans.get(args.policy)
     if best is None:
@@ -145,7 +158,7 @@ def run(args) -> int:
         from klotski.program import order_of
         from klotski.program.host import ExpertRule
 
-        sched = build_schedule(order_of(best.policy, best.num_hot), costs, best.placement, dec, planner.routing,
+        sched = build_schedule(order_of(best.policy, best.num_hot), costs, best.placement, dec, planner.decode_routing,
                                num_hot=best.num_hot, overlap=best.overlap, host=best.host,
                                expert_rule=ExpertRule(costs, hw))
         res = simulate(sched, hw, dtype=costs.act_dtype)

@@ -60,6 +60,25 @@ def test_cli_plan_prints_plan_and_table(capsys, tmp_path):
     assert json.loads(trace.read_text())["traceEvents"]
 
 
+def test_cli_plan_with_expert_selection(capsys, tmp_path):
+    """Decode steps planned with the fewer experts selection leaves (and the narrower prefetch widths searched):
+    never predicted slower than exact routing; the workload line says what was planned for."""
+    from klotski.cli.plan import main
+
+    args = ["--preset", "mixtral-8x7b", "--hardware", "rtx3090-pcie4", "--gpu-memory", "24GiB", "--cpu-memory",
+            "256GiB", "--prompt-len", "512", "--gen-len", "32", "--policy", "klotski", "--host", "off"]
+    rates = {}
+    for sel in ("off", "lynx-offload:0.8"):
+        assert main(args + ["--expert-selection", sel, "--json", str(tmp_path / f"{sel}.json")]) == 0
+        plans = json.loads((tmp_path / f"{sel}.json").read_text())
+        rates[sel] = plans["klotski"]["tokens_per_s"]
+    out = capsys.readouterr().out
+    assert out.count("expert selection lynx-offload:0.8 on decode steps") == 1
+    assert rates["lynx-offload:0.8"] >= rates["off"]
+    assert main(args + ["--expert-selection", "lynx:1.5"]) == 2
+    assert "aggressiveness must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
 def test_cli_plan_impossible_limits(capsys):
     from klotski.cli.plan import main
 
