@@ -53,11 +53,13 @@ class Planner(HostSearch):
     """Plans one model on one machine for a prompt / generation length."""
 
     def __init__(self, costs: ModelCosts, hw, prompt_len: int, gen_len: int, routing: RoutingStats | None = None,
-                 decode_routing: RoutingStats | None = None, host="off"):
+                 decode_routing: RoutingStats | None = None, host="off", host_experts: bool = True):
         """``decode_routing``: the routing of decode steps when it differs from ``routing`` (expert selection:
         ``routing.with_selection(...)``); None = ``routing``. ``host``: "off" (everything on the device),
         "search" (also search attention per phase on the CPU over a host KV cache, and cold experts on the CPU
-        by the rule of :mod:`klotski.program.host`) or a fixed :class:`HostCompute`."""
+        by the rule of :mod:`klotski.program.host`) or a fixed :class:`HostCompute`. ``host_experts``: whether
+        the run can compute cold experts on the CPU at all (False: its host copies are int4 / fp8; only
+        attention is then searched, and a fixed "auto" plans as "off", as the runtime will run it)."""
         if prompt_len < 1 or gen_len < 1:
             raise ValueError(f"prompt_len and gen_len must be >= 1, got {prompt_len}, {gen_len}")
         self.costs, self.hw = costs, hw
@@ -71,6 +73,7 @@ class Planner(HostSearch):
         if not (host in ("off", "search") or isinstance(host, HostCompute)):
             raise ValueError(f"host must be 'off', 'search' or a HostCompute, got {host!r}")
         self.host = host
+        self.host_experts = host_experts
         self._host_full = True  # "search": evaluate() searches host compute (off during plan()'s coarse scan)
 
     # ---- one candidate ----------------------------------------------------------------------------------

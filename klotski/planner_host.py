@@ -12,6 +12,7 @@ from klotski.program.host import ExpertRule, HostCompute
 
 class HostSearch:
     host: object  # "off" | "search" | HostCompute (set by Planner.__init__)
+    host_experts: bool  # whether cold experts can run on the CPU at all (not with int4 / fp8 host copies)
     _host_full: bool
 
     def host_search(self, policy: str, kv: str) -> bool:
@@ -21,6 +22,8 @@ class HostSearch:
     def fixed_host(self, policy: str, kv: str) -> HostCompute:
         """The one host-compute choice of a candidate when not searching (CPU attention needs a host KV)."""
         h = self.host if isinstance(self.host, HostCompute) and policy != "resident" else HostCompute()
+        if h.experts == "auto" and not self.host_experts:  # the runtime runs "auto" as "off" then
+            h = HostCompute(h.prefill_attn, h.decode_attn, "off")
         return h if kv == "cpu" else HostCompute(experts=h.experts)
 
     def _host_extra(self, host: HostCompute) -> dict:
@@ -41,7 +44,7 @@ class HostSearch:
         # where the weights are placed from: attention on the device, else (its KV staging does not fit) decode's,
         # then also prefill's, on the CPU
         bases = [("gpu", "gpu")] + ([("gpu", "cpu"), ("cpu", "cpu")] if kv == "cpu" else [])
-        for experts in ("off", "auto"):
+        for experts in ("off", "auto") if self.host_experts else ("off",):
             for attn in bases:
                 base = HostCompute(*attn, experts)
                 p = self.place(policy, b, n, kv, num_hot, overlap, base)

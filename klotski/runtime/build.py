@@ -23,8 +23,8 @@ from klotski.runtime.executor import OffloadedExecutor
 from klotski.runtime.loader import WAIT_TIMEOUT_S
 from klotski.runtime.memory import BudgetError, TierMeter
 from klotski.runtime.placement import Layout, ModelBytes, streamed_bytes
-from klotski.runtime.planning import (InfeasibleError, layout_for_plan, machine_profile, make_plan, minimum_layout,
-                                     model_costs, order_of)
+from klotski.runtime.planning import (InfeasibleError, host_experts_computable, layout_for_plan, machine_profile,
+                                     make_plan, minimum_layout, model_costs, order_of)
 from klotski.units import format_bytes, parse_bytes
 from klotski.schedule import staging_bytes
 
@@ -170,7 +170,8 @@ def plan_run(cfg: RunConfig, workload: tuple[int, int], hardware: HardwareProfil
         try:
             plan = make_plan(costs, hw, policy, cfg.gpu_budget, cfg.cpu_budget, q, gen_len, cfg.num_batches,
                              cfg.batch_size, kv=None if cfg.kv == "auto" else cfg.kv,
-                             expert_selection=cfg.expert_selection, host=cfg.planner_host)
+                             expert_selection=cfg.expert_selection, host=cfg.planner_host,
+                             host_experts=host_experts_computable(spec, cfg.quantization))
             break
         except InfeasibleError as e:
             if q == 1:

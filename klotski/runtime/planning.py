@@ -63,14 +63,23 @@ def model_costs(spec, checkpoint_dtype: str, dtype: torch.dtype) -> ModelCosts:
     return replace(costs, device_dtype=name)
 
 
+def host_experts_computable(spec, quantization: str | None) -> bool:
+    """Whether a run's cold experts can be computed on the CPU: only from plain host copies, so not when the
+    experts are int4 (a store's codes + scales) or fp8 (weights + block scales). Known before the weights are
+    placed, for the planner; the executor checks the placed copies again
+    (:meth:`~klotski.runtime.weights.PlacedWeights.host_experts_plain`)."""
+    return quantization != "int4" and spec.fp8_block is None
+
+
 def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: int | None, cpu_budget: int | None,
               prompt_len: int, gen_len: int, num_batches: int | None = None, batch_size: int | None = None,
-              kv: str | None = None, expert_selection=None, host="off") -> Plan:
+              kv: str | None = None, expert_selection=None, host="off", host_experts: bool = True) -> Plan:
     """The planner's plan; ``num_batches`` / ``batch_size`` (None = the planner's choice) fix the group shape,
     ``kv`` ("gpu" | "cpu"; None = the planner's choice) the KV cache's tier. ``expert_selection`` (an enabled
     :class:`~klotski.model.expert_selection.ExpertSelection`): decode steps are planned with the fewer distinct
     experts it leaves (:meth:`RoutingStats.with_selection`). ``host``: "off" | "search" | a fixed
-    :class:`~klotski.program.host.HostCompute` (attention per phase and cold experts on the CPU)."""
+    :class:`~klotski.program.host.HostCompute` (attention per phase and cold experts on the CPU);
+    ``host_experts``: whether this run can compute cold experts on the CPU (:func:`host_experts_computable`)."""
     hw = replace(hw, gpu_memory=gpu_budget if gpu_budget is not None else UNLIMITED,
                  cpu_memory=cpu_budget if cpu_budget is not None else UNLIMITED)
     decode_routing = None
@@ -78,7 +87,8 @@ def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: i
     if expert_selection is not None and expert_selection.enabled and spec.num_experts:
         decode_routing = RoutingStats.uniform(spec.num_experts, max(spec.top_k, 1)).with_selection(
             expert_selection.aggressiveness, expert_selection.offload_aware)
-    planner = Planner(costs, hw, prompt_len, gen_len, decode_routing=decode_routing, host=host)
+    planner = Planner(costs, hw, prompt_len, gen_len, decode_routing=decode_routing, host=host,
+                      host_experts=host_experts)
     if kv is not None:
         planner.kv_tiers = (kv,)
     if num_batches is None and batch_size is None:
@@ -196,7 +206,8 @@ def calibrate_from_run(ex, hw: HardwareProfile, save: bool = True) -> HardwarePr
     return cal
 
 
-__all__ = ["DEFAULT_WORKLOAD", "REPLAN_FACTOR", "InfeasibleError", "calibrate_from_run", "layout_for_plan",
+__all__ = ["DEFAULT_WORKLOAD", "REPLAN_FACTOR", "InfeasibleError", "calibrate_from_run", "host_experts_computable",
+           "layout_for_plan",
            "machine_profile", "make_plan", "minimum_layout", "model_costs", "predict", "prediction_metrics",
            "profile_path"]
 

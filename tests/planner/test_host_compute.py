@@ -270,3 +270,30 @@ def test_host_compute_settings_parse_from_text():
             parse_host_compute(bad)
     with pytest.raises(ValueError, match="got int 3"):
         parse_host_compute(3)
+
+
+def test_no_cpu_experts_searched_when_the_host_copies_are_quantized():
+    """int4 / fp8 host copies are not computed from on the CPU (the runtime turns "auto" off): the planner then
+    searches attention only and plans a fixed "auto" as "off", so its plan is the one that runs. On Fiddler's
+    profile at batch 1, where the CPU wins every cold expert, the same candidate otherwise takes "auto"."""
+    hw = replace(fiddler_profile(MIXTRAL), gpu_memory=24 << 30, cpu_memory=1 << 40)
+    found = {}
+    for plain in (True, False):
+        planner = Planner(MIXTRAL, hw, 64, 8, host="search", host_experts=plain)
+        found[plain] = planner.evaluate("klotski", 1, 1, "gpu", 2, False)
+        assert found[plain] is not None
+        fixed = Planner(MIXTRAL, hw, 64, 8, host=HostCompute(experts="auto"), host_experts=plain)
+        assert fixed.fixed_host("klotski", "gpu").experts == ("auto" if plain else "off")
+    assert found[True].host.experts == "auto" and found[False].host.experts == "off"
+    assert found[True].tokens_per_s > found[False].tokens_per_s
+
+
+def test_quantized_runs_plan_without_cpu_experts():
+    from klotski.presets import model_config
+    from klotski.model.spec import ModelSpec
+    from klotski.runtime.planning import host_experts_computable
+
+    spec = ModelSpec.from_config(model_config("mixtral-8x7b"))
+    assert host_experts_computable(spec, None)
+    assert not host_experts_computable(spec, "int4")
+    assert not host_experts_computable(replace(spec, fp8_block=(128, 128)), None)

@@ -63,13 +63,15 @@ def test_int4_offloaded_matches_resident_over_dequantized(checkpoints, tmp_path,
 
 def test_int4_host_tier_and_planner_prices_stored_bytes(checkpoints, tmp_path):
     """With room in host memory the int4 experts are held there as stored; the plan prices an expert at its
-    int4 bytes, so more experts fit a device budget than in fp32."""
+    int4 bytes, so more experts fit a device budget than in fp32. Cold experts are not computed from int4 host
+    copies: with host compute "experts=auto" the plan, like the executor, runs them "off"."""
     path, _ = checkpoints.get("mixtral")
     store = tmp_path / "store"
     convert_checkpoint(path, store, quantize="int4", group_size=16)
     gpu, cpu = int4_models.tight_budgets(path, "klotski", str(store))
     llm = LLM(path, device="cpu", dtype="float32", policy="klotski", gpu_memory=gpu, cpu_memory=4 * cpu,
-              offload_dir=str(store), num_batches=2, batch_size=2, quantization="int4")
+              offload_dir=str(store), num_batches=2, batch_size=2, quantization="int4", host_compute="experts=auto")
+    assert llm.executor.plan.host.experts == llm.executor.host.experts == "off"
     w, costs = llm.executor.w, llm.executor.costs
     homes = [w.expert_home[(layer, e)] for layer in w.spec.moe_layers for e in range(w.spec.num_experts)]
     llm.close()
