@@ -46,7 +46,8 @@ class Plan:
 
     def describe(self, num_experts: int) -> str:
         lines = [
-            f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot expert{'s' * (self.num_hot != 1)})" if self.num_hot else
+            f"policy      {self.policy}" + (f" (prefetch {self.num_hot} hot expert{'s' * (self.num_hot != 1)})"
+                                            if self.num_hot else
                                             " (no hot prefetch: experts load after the gates)"
                                             if self.num_hot == 0 else
                                             " (FlexGen order chosen)" if self.policy == "klotski" else ""),

@@ -1,9 +1,9 @@
 """Constraint-sensitive planner: batch size, n and placement that maximise generated tokens per second.
 
 For a policy, the planner searches (batch size, n, KV placement, klotski's prefetch width / flexgen's
-overlap) on a coarse grid (klotski's widths: ``top_k`` after the gates or every expert early; with expert
-selection on decode steps also the narrower :func:`selection_widths`, since a selected step needs fewer experts
-than the router picks and an offload-aware one keeps every prefetched expert) and then hill-climbs to neighbouring points. With ``host="search"`` the hill-climb
+overlap) on a coarse grid and then hill-climbs to neighbouring points (klotski's widths: ``top_k`` after the
+gates or every expert early; with expert selection on decode steps also the narrower :func:`selection_widths`,
+since a selected step needs fewer experts than the router picks). With ``host="search"`` the hill-climb
 also chooses host compute per candidate (:mod:`klotski.program.host`: attention per phase on the CPU over a
 host KV cache, cold experts on the CPU by the cost rule), starting from the coarse scan's best device-only
 point. For each point the weight placement
@@ -206,7 +206,7 @@ class Planner(HostSearch):
             k, E = max(spec.top_k, 1), max(spec.num_experts, 1)
             # paper: K hot after the gates; wide: all experts, early; None: FlexGen's order (features off)
             out = [(k, False), (E, True)]
-            if self.decode_routing.drop > 0:  # expert selection: decode needs fewer (SELECTION_WIDTHS)
+            if self.decode_routing.drop > 0:  # expert selection: decode needs fewer experts
                 out += [(w, False) for w in selection_widths(k) if w != k]
             return out
         if policy == "flexgen":

@@ -245,7 +245,8 @@ def main(argv=None) -> int:
         grid = [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
         runs = [(widths[0], "off")] + [(w, s) for w in widths for s in ["lynx:0"] + grid]
         floor = Top1Floor(ex)
-        run_row(ex, seqs, args.prompt_len, min(4, args.decode_steps), 2, floor)  # warm-up: the prefetch table learns this text's routing
+        # warm-up: the prefetch table learns this text's routing
+        run_row(ex, seqs, args.prompt_len, min(4, args.decode_steps), 2, floor)
         table = copy.deepcopy(ex.prefetcher.__dict__) if ex.prefetcher is not None else None
         res = {}
         for w, s in runs:
@@ -301,7 +302,8 @@ def main(argv=None) -> int:
         for w in widths:
             ok = [r for r in rows if r["mode"] == mode and r["prefetch_width"] == w and r["ppl_change"] <= 0.01]
             if ok:
-                best[mode + (f"@w{w}" if len(widths) > 1 else "")] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
+                key = mode + (f"@w{w}" if len(widths) > 1 else "")
+                best[key] = max(ok, key=lambda r: r["aggressiveness"])["setting"]
     summary = floor_and_targets(rows, ref, spec, baseline)
     cmd = "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     head = ("| setting | ppl | ppl change | argmax agree | greedy agree | distinct experts / layer / step | "
@@ -332,7 +334,8 @@ def main(argv=None) -> int:
     base = os.path.join(args.out, args.tag)
     write_atomic(base + ".md", md)
     write_atomic(base + ".json", json.dumps({"command": cmd, "model": args.model, "args": vars(args),
-                                             "placement": placement, "prefetch_widths": widths, "corpus": corpus, "rows": rows,
+                                             "placement": placement, "prefetch_widths": widths, "corpus": corpus,
+                                             "rows": rows,
                                              "best_within_1pct": best, "run_noise": noise,
                                              **{k: v for k, v in summary.items() if k != "markdown"}, "seconds": time.time() - t0}, indent=1))
     print(plot(rows, base + ".png"))
