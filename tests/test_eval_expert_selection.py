@@ -29,7 +29,10 @@ def test_expert_loads_flags_a_resident_expert_counted_as_loaded():
     assert expert_loads(ex, 1) == (7, 1, 1, 1)
 
 
-def test_resident_experts_are_not_counted_and_the_top1_floor_bounds_the_selection():
+def test_resident_experts_are_not_counted_and_the_top1_floor_bounds_the_selection(monkeypatch):
+    import klotski.triton_kernels as kernels
+
+    monkeypatch.setattr(kernels, "fused_moe", kernels.fused_moe_torch)  # byte accounting, not the kernel, is tested
     llm = LLM(ASSET, device="cpu", policy="klotski", gpu_memory="48MiB", cpu_memory="64MiB", num_batches=1,
               batch_size=16, hardware=get_hardware("rtx3090"))
     try:
@@ -144,11 +147,15 @@ def test_plain_bytes_interpolate_on_each_prefetch_width_and_take_the_cheapest():
     assert abs(got - 0.8 * (800 - 300 / 16) * 1024) < 1e-6
 
 
-def test_eval_sweeps_prefetch_widths(tmp_path):
+def test_eval_sweeps_prefetch_widths(tmp_path, monkeypatch):
     """--prefetch-widths: every setting also runs at the widths asked for (labels ``@w<width>``, the plan's
     width first and its exact row the reference); narrower widths prefetch fewer experts; 'vs exact' is
-    against the cheapest exact row."""
+    against the cheapest exact row. The experts run on the torch reference kernel (under the suite's
+    TRITON_INTERPRET the Triton interpreter would take most of the time; the kernels are tested elsewhere)."""
+    import klotski.triton_kernels as kernels
     from eval_expert_selection import main
+
+    monkeypatch.setattr(kernels, "fused_moe", kernels.fused_moe_torch)
 
     argv = ["--model", ASSET, "--hardware", "rtx3090", "--gpu-memory", "16MiB", "--cpu-memory", "64MiB",
             "--num-batches", "1", "--batch-size", "4", "--prompt-len", "8", "--decode-steps", "3",
