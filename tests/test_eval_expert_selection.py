@@ -173,3 +173,12 @@ def test_eval_sweeps_prefetch_widths(tmp_path, monkeypatch):
     for r in rows.values():
         assert r["bytes_vs_exact"] == pytest.approx(r["expert_bytes_per_step"] / base - 1)
     assert "`@w<width>`" in (tmp_path / "w.md").read_text()
+
+
+def test_prefetch_widths_option_is_checked():
+    from eval_expert_selection import parse_args
+
+    assert parse_args([]).prefetch_widths == [] and parse_args(["--prefetch-widths", "0,2"]).prefetch_widths == [0, 2]
+    for bad in ("x", "-1", "1,,2"):
+        with pytest.raises(SystemExit):
+            parse_args(["--prefetch-widths", bad])

@@ -195,6 +195,20 @@ def run_row(ex, seqs: torch.Tensor, prompt_len: int, steps: int, greedy: int, fl
             "bytes_per_load": sum(per_step) / loads if loads else 0.0, **top1}
 
 
+def prefetch_widths(text: str) -> list[int]:
+    """``--prefetch-widths``: "plan" (the plan's width only) or comma-separated widths >= 0 -> [widths]."""
+    if text.strip() == "plan":
+        return []
+    try:
+        widths = [int(w) for w in text.split(",")]
+    except ValueError:
+        widths = [-1]
+    if any(w < 0 for w in widths):
+        raise argparse.ArgumentTypeError(f"wants 'plan' or comma-separated widths >= 0 (hot experts per MoE layer), "
+                                         f"got {text!r}")
+    return widths
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="klotski/assets/tiny_moe")
@@ -213,7 +227,7 @@ def parse_args(argv=None):
     p.add_argument("--greedy-tokens", type=int, default=24)
     p.add_argument("--window-shift", type=float, default=0.0,
                    help="start window i at (i + shift) x stride of the held-out text (0.5: a second, disjoint sample)")
-    p.add_argument("--prefetch-widths", default="plan",
+    p.add_argument("--prefetch-widths", default="plan", type=prefetch_widths,
                    help="hot experts prefetched per MoE layer, comma-separated (e.g. 0,1,2,4): every setting runs at "
                         "each width (the plan's width is always one of them); 'plan' (default): the plan's only")
     p.add_argument("--threads", type=int, default=2)
@@ -240,8 +254,7 @@ def main(argv=None) -> int:
         bos = spec.bos_token_id if spec.bos_token_id is not None else 0
         seqs = windows(encode_stream(llm.tokenizer._tok, val_texts), B, 2 + args.prompt_len + args.decode_steps, bos,
                        args.window_shift)
-        widths = [ex.num_hot] + ([] if args.prefetch_widths == "plan" else sorted(
-            {int(w) for w in args.prefetch_widths.split(",")} - {ex.num_hot}))
+        widths = [ex.num_hot] + sorted(set(args.prefetch_widths) - {ex.num_hot})
         grid = [f"{m}:{a}" for m in args.modes.split(",") for a in args.grid.split(",")]
         runs = [(widths[0], "off")] + [(w, s) for w in widths for s in ["lynx:0"] + grid]
         floor = Top1Floor(ex)
