@@ -22,8 +22,12 @@ the host lanes hand the same tensor over). ``--threads`` (default 1) sets torch'
 lane: with 2 per lane on 2 cores, concurrent lanes oversubscribe the cores and OpenMP barriers stall (an
 index_add_ of one row went from 0.04 to 17-38 ms here). In CPU mode all lanes share the machine's cores and
 memory, and ``op_seconds`` prices an op alone; the table therefore also gives the median over ops that ran
-alone (less than 10% of their span overlapped by a span of another lane). Prints a table and writes JSON
-under bench/results/. Do not run under TRITON_INTERPRET.
+alone (less than 10% of their span overlapped by a span of another lane). The last columns add to a
+compute-stream op the idle time before it that no other lane explains (``gap ms``: the interpreter issuing
+it, :func:`klotski.runtime.trace.dispatch_gaps`): calibration observes an op as that gap plus its span and
+fits the per-call overhead to it, so the prediction holds the gap too (the span alone is below it for ops
+shorter than one call's overhead). Prints a table and writes JSON under bench/results/. Do not run under
+TRITON_INTERPRET.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from klotski import LLM, SamplingParams
 from klotski.costs import op_seconds
 from klotski.program.host import HostCompute
 from klotski.runtime import OffloadedSession
-from klotski.runtime.trace import cost_op
+from klotski.runtime.trace import cost_op, dispatch_gaps
 
 COMPUTE_LANES = ("compute", "cpu_attn", "cpu_experts")
 ALONE = 0.10  # an op ran alone when other lanes' compute overlapped less than this share of its span
@@ -64,9 +68,9 @@ def calibrated_profile(args, base):
         s.reset_metrics()
         llm.generate(prompt_token_ids=prompts, sampling_params=sp)
         hw = s.calibrate(base=base, save=False)
-        ops = paired(list(s.executor.tracer.spans), hw, "float32", 1)
-    typical = statistics.median(meas / pred for _, meas, pred, _, _ in ops)
-    total = sum(meas for _, meas, _, _, _ in ops) / sum(pred for _, _, pred, _, _ in ops)
+        ops = paired(s.executor.tracer, hw, "float32", 1)
+    typical = statistics.median(meas / pred for _, meas, _, pred, _, _ in ops)
+    total = sum(meas for _, meas, _, _, _, _ in ops) / sum(pred for _, _, _, pred, _, _ in ops)
     return hw, {"median_measured_over_predicted": typical, "total_measured_over_predicted": total}
 
 
@@ -88,18 +92,24 @@ def overlap(span, others) -> float:
     return covered / (e - s) if e > s else 0.0
 
 
-def paired(spans, hw, dtype: str, prefill_steps: int):
-    """(kind@lane phase, measured s, predicted s, overlap share, cost) per compute span: its predicted seconds
-    are ``op_seconds`` of the builder's ops it ran (the span's ``cost`` arg). One batch group: its first
-    ``prefill_steps`` forwards are the prefill."""
+def paired(tracer, hw, dtype: str, prefill_steps: int):
+    """(kind@lane phase, measured s, dispatch gap s, predicted s, overlap share, cost) per compute span of
+    ``tracer``: its predicted seconds are ``op_seconds`` of the builder's ops it ran (the span's ``cost`` arg);
+    the gap is the idle time before it on the compute stream that no other lane explains
+    (:func:`klotski.runtime.trace.dispatch_gaps`, 0 on the host lanes), which calibration counts as part of
+    the op (the fitted per-call overhead holds it). One batch group: its first ``prefill_steps`` forwards are
+    the prefill."""
+    spans = list(tracer.spans)
+    gaps = dispatch_gaps(spans, tracer.windows)
     out = []
-    for span in spans:
+    for i, span in enumerate(spans):
         stream, _, s, e, a = span
         if stream not in COMPUTE_LANES or "cost" not in a:
             continue
         pred = op_seconds(cost_op(a["cost"], stream), hw, dtype)
         phase = "prefill" if a["step"] < prefill_steps else "decode"
-        out.append((f"{a['cost']['kind']}@{stream} {phase}", e - s, pred, overlap(span, spans), a["cost"]))
+        out.append((f"{a['cost']['kind']}@{stream} {phase}", e - s, gaps.get(i, 0.0), pred, overlap(span, spans),
+                    a["cost"]))
     return out
 
 
@@ -112,25 +122,29 @@ def run(args, host, hw) -> dict:
         t0 = time.perf_counter()
         outs = llm.generate(prompt_token_ids=prompts, sampling_params=sp)
         wall = time.perf_counter() - t0
-        spans = list(s.executor.tracer.spans)
+        tracer, spans = s.executor.tracer, list(s.executor.tracer.spans)
         prefill_steps, group = max(1, s.executor.time["prefill_chunks"]), s.executor.group_size
     if args.seqs > group:
         raise SystemExit(f"--seqs {args.seqs} makes more than one batch group; the phase split assumes one")
     return {"host": host.describe(), "wall_s": wall, "kv_load_spans": sum(sp[0] == "kv_load" for sp in spans),
-            "streams": sorted({sp[0] for sp in spans}), "ops": paired(spans, hw, "float32", prefill_steps),
+            "streams": sorted({sp[0] for sp in spans}), "ops": paired(tracer, hw, "float32", prefill_steps),
             "tokens": [o.token_ids for o in outs]}
 
 
 def summarize(ops) -> dict:
     per: dict[str, list] = {}
-    for kind, meas, pred, ov, cost in ops:
-        per.setdefault(kind, []).append((meas / pred, ov, meas, pred, cost))
+    for kind, meas, gap, pred, ov, cost in ops:
+        per.setdefault(kind, []).append((meas / pred, ov, meas, pred, cost, (meas + gap) / pred, gap))
     out = {}
     for kind, rows in sorted(per.items()):
         ratios = [r[0] for r in rows]
         alone = [r[0] for r in rows if r[1] < ALONE]
+        with_gap = [r[5] for r in rows]
         out[kind] = {"ops": len(rows), "median_measured_over_predicted": statistics.median(ratios),
                      "within_2x": sum(0.5 <= r <= 2.0 for r in ratios) / len(ratios),
+                     "median_with_gap_over_predicted": statistics.median(with_gap),
+                     "within_2x_with_gap": sum(0.5 <= r <= 2.0 for r in with_gap) / len(with_gap),
+                     "median_gap_s": statistics.median(r[6] for r in rows),
                      "ops_alone": len(alone),
                      "median_alone": statistics.median(alone) if alone else None,
                      "median_overlap": statistics.median(r[1] for r in rows),
@@ -188,12 +202,14 @@ def main() -> None:  # noqa: C901 - a table printer
         print(f"\n{row['host']}: wall {', '.join(f'{w:.2f}' for w in row['wall_s'])} s, KV-load spans "
               f"{row['kv_load_spans']}, streams {', '.join(row['streams'])}")
         print(f"  {'op@lane':<22} {'ops':>5} {'meas/pred':>9} {'within 2x':>9} {'alone':>5} {'meas/pred alone':>15} "
-              f"{'overlap':>7} {'meas ms':>8} {'pred ms':>8} {'calls':>5}")
+              f"{'overlap':>7} {'meas ms':>8} {'pred ms':>8} {'calls':>5} {'gap ms':>6} {'+gap/pred':>9} "
+              f"{'within 2x':>9}")
         for k, v in row["per_kind"].items():
             alone = f"{v['median_alone']:.2f}" if v["median_alone"] is not None else "-"
             print(f"  {k:<22} {v['ops']:>5} {v['median_measured_over_predicted']:>9.2f} {v['within_2x']:>9.0%} "
                   f"{v['ops_alone']:>5} {alone:>15} {v['median_overlap']:>7.0%} {1e3 * v['median_measured_s']:>8.2f} "
-                  f"{1e3 * v['median_predicted_s']:>8.2f} {v['median_calls']:>5}")
+                  f"{1e3 * v['median_predicted_s']:>8.2f} {v['median_calls']:>5} {1e3 * v['median_gap_s']:>6.2f} "
+                  f"{v['median_with_gap_over_predicted']:>9.2f} {v['within_2x_with_gap']:>9.0%}")
     print(f"\nsame greedy tokens with and without host compute: {same}")
     out = args.out or os.path.join("bench", "results", time.strftime("%Y%m%d") + "-host-compute-ops-cpu.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -141,6 +141,12 @@ class Tracer:
             self.add(stream_name, name, start, end, **args)
 
     @property
+    def windows(self) -> list[tuple[float, float]]:
+        """The traced forwards' (start, end) wall windows, in :meth:`now` seconds (a copy)."""
+        with self._lock:
+            return list(self._windows)
+
+    @property
     def bubble_fraction(self) -> float:
         """1 - compute busy / traced wall time (compute spans never overlap: one compute stream)."""
         return max(0.0, 1.0 - self.compute_busy / self.wall) if self.wall > 0 else 0.0
