@@ -11,7 +11,7 @@
 #   bash bench/gpu/session.sh e2e       # every policy + accelerate on a random checkpoint of a real model's shapes,
 #                                       # klotski also with host compute off
 #   bash bench/gpu/session.sh selection # after `all`, when device time is left (~2 min): klotski with decode-step
-#                                       # expert selection (off, lynx:0.8, lynx-offload:0.85) paired, OLMoE shapes
+#                                       # expert selection (off, lynx:0.6, lynx-offload:0.8) paired, OLMoE shapes
 #   bash bench/gpu/session.sh all       # THE call for a lent GPU (15 minutes of device time in all, ~9 min here):
 #                                       # smoke, the cuda-marked tests only, a short kernel sweep, expert loads,
 #                                       # a small e2e run, each under its own timeout, each writing under $OUT as it finishes
@@ -120,15 +120,16 @@ e2e)
     ;;
 selection)
     # bytes loaded per decode step and tokens/s with batch-aware expert selection against exact routing, paired in
-    # one invocation (0.8 / 0.85: each variant's cheapest aggressiveness within 1 % perplexity on the trained
-    # 32-expert model, four samples pooled; this is a random checkpoint, so only bytes and speed are read from
-    # it), at batch 16 for every row (the planner would otherwise size each row's group for its own selection;
-    # it still picks each row's prefetch width). Reuses the e2e step's checkpoint when there.
+    # one invocation (0.6 / 0.8: each variant's cheapest aggressiveness within 1 % perplexity on the trained
+    # 64-expert top-8 model, OLMoE's routing shape, four samples pooled:
+    # bench/results/20261203-expert-selection-e64.md; this is a random checkpoint, so only bytes and speed are
+    # read from it), at batch 16 for every row (the planner would otherwise size each row's group for its own
+    # selection; it still picks each row's prefetch width). Reuses the e2e step's checkpoint when there.
     python -c "import klotski._C" 2>/dev/null || build
     python bench/e2e/bench_offload.py --preset "${PRESET:-olmoe-1b-7b}" --layers "${LAYERS:-8}" \
         --gpu-memory "${GPU_MEMORY:-3GB}" --cpu-memory "${CPU_MEMORY:-3GB}" --prompt-len "${PROMPT_LEN:-256}" \
         --gen-len "${GEN_LEN:-32}" --policies klotski --baseline none --num-batches 1 --batch-size 16 \
-        --num-prompts 16 --expert-selection "${SELECTION:-off,lynx:0.8,lynx-offload:0.85}" \
+        --num-prompts 16 --expert-selection "${SELECTION:-off,lynx:0.6,lynx-offload:0.8}" \
         --checkpoint-dir "${CKPT:-/tmp/klotski-ckpt-${PRESET:-olmoe-1b-7b}-${LAYERS:-8}}" \
         --label "$(nvidia-smi --query-gpu=name --format=csv,noheader)" --out "$OUT"
     ;;
