@@ -255,8 +255,9 @@ def _distinct(ids, num_experts: int) -> int:
 
 def is_decode_step(num_columns: int, cached_tokens: int) -> bool:
     """A forward is a decode step when it runs one token column on a non-empty cache (the first forward on a
-    cache is the prefill, even for a one-token prompt; a prefill chunked down to one column is the exception
-    this rule misses: it is then selected like a decode step)."""
+    cache is the prefill, even for a one-token prompt). A prefill run in chunks is the exception the caller
+    knows and this rule cannot see: the offloaded executor marks each of its passes, a one-column chunk too,
+    as no decode step (``StepState(..., decode=False)``)."""
     return num_columns == 1 and cached_tokens > 0
 
 

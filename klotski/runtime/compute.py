@@ -52,11 +52,14 @@ def in_chunks(fn, h: torch.Tensor):
 
 
 class StepState:
-    """Mutable state of one forward: the group's hidden states [B, S, H], masks, pending KV stores, logits."""
+    """Mutable state of one forward: the group's hidden states [B, S, H], masks, pending KV stores, logits.
+    ``decode``: whether this forward is a decode step (None: judged by :func:`is_decode_step`; the executor says
+    False for every pass of a prefill run in chunks, a one-column chunk included)."""
 
-    def __init__(self, cache: GroupCache, S: int):
+    def __init__(self, cache: GroupCache, S: int, decode: bool | None = None):
         self.cache = cache
         self.S = S
+        self.decode = is_decode_step(S, cache.length) if decode is None else decode
         self.x: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None  # [B, S] bool: real (not padding) tokens
         self.masks: list[torch.Tensor] = []
@@ -206,7 +209,7 @@ class Compute:
         With ``self.selection`` enabled, a decode step's routing goes through batch-aware expert selection over
         this call's T tokens: one micro-batch under the klotski and flexgen orders (their gates run per
         micro-batch), one micro-batch at a time under layerwise. ``decode``: whether this forward is a decode
-        step (None: judged from the step the last :meth:`tokens` call served: one column on a non-empty cache).
+        step (None: the step the last :meth:`tokens` call served says, ``StepState.decode``).
         ``free`` bool [E]: for "lynx-offload", the experts that cost no load (None: :meth:`free_experts`, with
         ``inflight``: the experts of ``layer`` whose loads the step has already issued, e.g. the prefetched hot
         set, when the caller knows them)."""
@@ -214,7 +217,7 @@ class Compute:
         start = self.tracer.begin()
         st = self._step_ref() if self._step_ref is not None else None
         if decode is None:
-            decode = st is not None and is_decode_step(st.S, st.cache.length)
+            decode = st is not None and st.decode
         if self.selection.measured and decode:
             self.selection_stats.begin_step(self._step_no)
             if free is None and self.selection.offload_aware:

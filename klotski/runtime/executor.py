@@ -166,7 +166,7 @@ class OffloadedExecutor:
         window = self.tracer.start_window()
         t0 = time.perf_counter()
         try:
-            logits = self._forward(input_ids, cache, all_logits)
+            logits = self._forward(input_ids, cache, all_logits, prefill)
         except BaseException:
             self.abort()
             raise
@@ -177,10 +177,10 @@ class OffloadedExecutor:
         self.time["forwards"] += 1
         return logits
 
-    def _forward(self, input_ids, cache: GroupCache, all_logits):
+    def _forward(self, input_ids, cache: GroupCache, all_logits, prefill: bool = False):
         B, S = input_ids.shape
         ids = input_ids.to(self.device)
-        st = StepState(cache, S)
+        st = StepState(cache, S, decode=False if prefill else None)  # a prefill's one-column chunk is no decode step
         st.all_logits = all_logits
         st.x = F.embedding(ids, self.w.embed)
         st.valid = query_valid(cache.length, cache.pad, S, self.device)

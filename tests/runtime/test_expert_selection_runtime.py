@@ -62,6 +62,21 @@ def test_offloaded_policies_select_like_the_resident_engine(mixtral, tmp_path, p
                 assert torch.equal(a, b)
 
 
+def test_prefill_in_one_column_chunks_stays_exact(mixtral, tmp_path, monkeypatch):
+    """A prefill the executor runs one column at a time (the last resort of its chunking) passes one column on
+    a non-empty cache, like a decode step; it must not be selected: bit-identical logits, no decode step."""
+    import klotski.runtime.executor as executor
+
+    monkeypatch.setattr(executor, "chunk_sizes", lambda S: [1])
+    with offloaded(mixtral, tmp_path, "klotski", "lynx:1.0") as sel, \
+            offloaded(mixtral, tmp_path, "klotski", "off") as exact:
+        for a, b in zip(exact.logits(PROMPTS), sel.logits(PROMPTS)):
+            assert torch.equal(a, b)
+        assert sel.executor.time["prefill_chunks"] == max(map(len, PROMPTS))  # it did run column by column
+        m = sel.executor.compute.selection_metrics()
+        assert m["selection_decode_steps"] == 0 and m["selection_remapped"] == 0
+
+
 def test_offload_aware_changes_nothing_when_every_expert_is_resident(mixtral, tmp_path):
     exact = tokens(LLM(mixtral, device="cpu"))
     with offloaded(mixtral, tmp_path, "klotski", "lynx-offload:1.0", gpu=None, cpu=None, n=2, b=4) as llm:
