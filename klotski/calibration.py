@@ -1,8 +1,9 @@
 """Fitting a hardware profile to a measured run: per-op (op, seconds) pairs -> calibrated rates and overheads.
 
 The planner's predictions are only as good as its profile; :func:`calibrate` fits the profile's compute rates
-and per-call overhead (jointly, :func:`fit_compute`) and its links' bandwidths to what a real run measured
-(``klotski.runtime.planning.calibrate_from_run`` collects the pairs from the executor's trace).
+and per-call overhead (jointly, :func:`fit_compute`), each op kind's own fixed costs (:func:`fit_kind_costs`)
+and its links' bandwidths to what a real run measured (``klotski.runtime.planning.calibrate_from_run`` collects
+the pairs from the executor's trace).
 """
 from __future__ import annotations
 
@@ -126,8 +127,10 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
     together, and the fit sets both sides' fields. Where the rows cannot separate the terms, the scale is
     ``sum(predicted) / sum(measured)`` per category and rates are multiplied by it. A link's bandwidth (h2d,
     d2h, disk) is set so its copies' predicted seconds (latency + bytes / bandwidth each) sum to the measured
-    ones. Categories without observations are left unchanged.
+    ones. Categories without observations are left unchanged. Last, each op kind timed often enough gets its
+    own seconds per call and per token on top of the fitted rates (:func:`fit_kind_costs`).
     """
+    observations = list(observations)
     pred: dict[tuple[str, str], float] = {}
     meas: dict[tuple[str, str], float] = {}
     compute_rows: dict[str, list[tuple[int, float, float, float, int]]] = {}
@@ -181,11 +184,98 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
             changes[field] = nbytes / transfer if nbytes and transfer > 0 else getattr(hw, field) * s
     if one_processor:
         changes = same_processor(hw, changes)
-    return replace(hw, source=f"{hw.source}+calibrated" if changes else hw.source, **changes)
+    if not changes:
+        return hw
+    return fit_kind_costs(replace(hw, source=f"{hw.source}+calibrated", **changes), observations, dtype)
+
+
+MIN_KIND_OPS = 8  # observations of one op kind needed to fit that kind's own costs
+
+
+def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
+    """``hw`` with, for each compute op kind the run timed at least :data:`MIN_KIND_OPS` times, that kind's own
+    seconds per call and per token beyond the roofline (``kind_costs``, ``cpu_kind_costs``; the rates and the
+    generic ``op_overhead_s`` stay as they are, and the tables are replaced by this run's).
+
+    The generic overhead is one figure for every op, but an op's fixed cost is its kernels' launches and
+    dispatch, which the kinds do not share: in CPU mode eager torch runs about 40 kernels for a decode step's
+    attention (norm, three projections, rotary, cache append, two matmuls and a softmax, output projection,
+    residual) and one for the MLP's closing residual add, so one figure priced the first at half its time and
+    the second at three times. The roofline prices the hidden rows an op reads once; an eager RMSNorm, a
+    gather or a rotary makes several passes over them, which the per-token term holds (a prefill's gate
+    spent about twice as long on its normed input, 1024 rows, as on its router). Each kind's two terms minimise, nearly, the
+    squared log of measured / predicted over its ops (:func:`_offset_log_fit`), the roofline held at ``hw``'s
+    rates; when the pair is not positive, the better of the two alone. Their level is then scaled so that the
+    kind's ops sum to their measured total (what a plan's tokens/s depends on; see :func:`fit_compute`)."""
+    import numpy as np
+
+    from klotski.costs import op_timer
+
+    one_processor = hw.device == "cpu"
+    plain = replace(hw, kind_costs={}, cpu_kind_costs={})
+    timer = op_timer(plain, dtype)
+    groups: dict[tuple[str, str], list] = {}
+    for op, seconds in observations:
+        if op.link is not None or op.kind == "release" or op.duration is not None or seconds <= 0:
+            continue
+        side = "cpu" if (op.device == "cpu" and not one_processor) else "gpu"
+        groups.setdefault((side, op.kind), []).append((op, seconds))
+    found: dict[str, dict[str, list[float]]] = {"gpu": {}, "cpu": {}}
+    for (side, kind), rows in sorted(groups.items()):
+        if len(rows) < MIN_KIND_OPS:
+            continue
+        overhead = hw.cpu_op_overhead_s if side == "cpu" else hw.op_overhead_s
+        calls = np.array([max(1, op.calls) for op, _ in rows], dtype=float)
+        tokens = np.array([op.tokens for op, _ in rows], dtype=float)
+        y = np.array([s for _, s in rows], dtype=float)
+        rest = np.maximum(np.array([timer(op) for op, _ in rows]) - calls * overhead, 0.0)
+        best = None
+        for cols in ((0, 1), (0,), (1,)):
+            A = np.stack([(calls, tokens)[c] for c in cols], axis=1)
+            if np.linalg.matrix_rank(A) < A.shape[1]:
+                continue
+            coef = _offset_log_fit(A, rest, y)
+            if coef is None:
+                continue
+            err = float((np.log((A @ coef + rest) / y) ** 2).sum())
+            if best is None or err < best[0]:
+                terms = [0.0, 0.0]
+                for c, v in zip(cols, coef):
+                    terms[c] = float(v)
+                best = (err, terms)
+        if best is not None:  # the level: the kind's measured total, as fit_compute's for the run
+            fixed = calls * best[1][0] + tokens * best[1][1]
+            level = (y.sum() - rest.sum()) / fixed.sum()
+            found[side][kind] = [float(v * level) for v in best[1]] if level > 0 else best[1]
+    if one_processor:
+        found["cpu"] = {k: list(v) for k, v in found["gpu"].items()}
+    return replace(hw, kind_costs=found["gpu"], cpu_kind_costs=found["cpu"])
+
+
+def _offset_log_fit(A, rest, y, rounds: int = 6):
+    """Positive c of ``y ~ A @ c + rest`` (``rest`` fixed) minimising, nearly, the squared log of measured /
+    predicted: :func:`_log_fit`'s reweighted least squares with an offset. None when no round is positive or
+    the model prices an op at nothing (its columns and offset all zero)."""
+    import numpy as np
+
+    scale = A.max(axis=0)
+    coef, weight = None, 1.0 / y
+    for _ in range(rounds):
+        got, *_ = np.linalg.lstsq(A / scale * weight[:, None], (y - rest) * weight, rcond=None)
+        got = got / scale
+        if (got <= 0).any():
+            break
+        pred = A @ got + rest
+        if (pred <= 0).any():
+            return None
+        coef = got
+        weight = 1.0 / np.sqrt(y * pred)
+    return coef
 
 
 DEVICE_TO_CPU = {"matmul_flops": "cpu_matmul_flops", "attention_flops": "cpu_attention_flops",
-                 "op_overhead_s": "cpu_op_overhead_s", "device_mem_bandwidth": "cpu_mem_bandwidth"}
+                 "op_overhead_s": "cpu_op_overhead_s", "device_mem_bandwidth": "cpu_mem_bandwidth",
+                 "kind_costs": "cpu_kind_costs"}
 
 
 def same_processor(hw, changes: dict) -> dict:

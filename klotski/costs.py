@@ -327,8 +327,9 @@ def op_seconds(op, hw, dtype: str = "bfloat16") -> float:
     """Seconds ``op`` (a :class:`~klotski.schedule.Op`) takes on ``hw`` (a HardwareProfile).
 
     Compute ops: ``max(flops / matmul rate + score_flops / attention rate, bytes / memory bandwidth)`` plus
-    one launch overhead per kernel call on the op's device. Copies: latency + bytes / bandwidth of the op's
-    link (``h2d``, ``d2h``, ``disk``). ``release`` ops take no time.
+    one launch overhead per kernel call on the op's device; where a calibration fitted the op's kind its own
+    costs (``kind_costs``), that kind's seconds per call and per token instead. Copies: latency + bytes /
+    bandwidth of the op's link (``h2d``, ``d2h``, ``disk``). ``release`` ops take no time.
     """
     return op_timer(hw, dtype)(op)
 
@@ -356,9 +357,13 @@ def op_timer(hw, dtype: str = "bfloat16"):
             r = rates[device] = (hw.matmul_rate(dtype, device),
                                  hw.cpu_attention_flops if on_cpu else hw.attention_flops,
                                  hw.cpu_mem_bandwidth if on_cpu else hw.device_mem_bandwidth,
-                                 hw.cpu_op_overhead_s if on_cpu else hw.op_overhead_s)
-        rate, attn_rate, mem_bw, overhead = r
+                                 hw.cpu_op_overhead_s if on_cpu else hw.op_overhead_s,
+                                 hw.cpu_kind_costs if on_cpu else hw.kind_costs)
+        rate, attn_rate, mem_bw, overhead, by_kind = r
         work = op.flops / rate + op.score_flops / attn_rate
+        fixed = by_kind.get(op.kind) if by_kind else None
+        if fixed is not None:
+            return max(work, op.bytes / mem_bw) + fixed[0] * max(1, op.calls) + fixed[1] * op.tokens
         return max(work, op.bytes / mem_bw) + overhead * max(1, op.calls)
 
     return seconds

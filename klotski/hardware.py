@@ -43,6 +43,10 @@ class HardwareProfile:
     cpu_mem_bandwidth: float = 50e9
     op_overhead_s: float = 10e-6  # per kernel launch on the device
     cpu_op_overhead_s: float = 20e-6
+    kind_costs: dict = field(default_factory=dict)  # op kind -> [seconds per call, seconds per token] on the
+    # device beyond the roofline, where a calibration run measured that kind apart (klotski.calibration.
+    # fit_kind_costs); other kinds, and every preset, pay op_overhead_s per call and nothing per token
+    cpu_kind_costs: dict = field(default_factory=dict)
     transfer_latency_s: float = 10e-6
     d2d_bandwidth: float = 0.0  # device -> device, one direction, between two GPUs of one machine (0: unknown)
     notes: str = ""

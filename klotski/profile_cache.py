@@ -201,7 +201,7 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
     profile still sums to the run's compute time and a larger model's FLOPs are priced at the measured rates;
     likewise the per-copy latency takes the copy time of a reverted link. In CPU mode the CPU's fields follow
     the device's (one processor: :func:`klotski.calibration.same_processor`)."""
-    from klotski.calibration import same_processor
+    from klotski.calibration import fit_kind_costs, same_processor
     from klotski.costs import op_timer
 
     one_processor = base.device == "cpu"
@@ -237,13 +237,15 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
     if calls * base.op_overhead_s < IDENTIFIED * seconds:
         reverted["op_overhead_s"] = base.op_overhead_s
     if reverted:  # the per-call overhead (the model's fixed costs) takes the time the reverted terms explained
-        kept = replace(cal, **same_processor(base, reverted))
+        kept = replace(cal, kind_costs={}, cpu_kind_costs={}, **same_processor(base, reverted))
         timer = op_timer(kept, dtype)
         short = seconds - sum(timer(op) for op, _ in rows)
         if short > 0:
             reverted["op_overhead_s"] = kept.op_overhead_s + short / calls
     changes = same_processor(base, {**changes, **reverted})
-    return replace(cal, **changes) if changes else cal
+    if not changes:
+        return cal
+    return fit_kind_costs(replace(cal, **changes), observations, dtype)  # refitted on the terms kept
 
 
 __all__ = ["IDENTIFIED", "MISPREDICT", "PROVISIONAL", "TOLERANCE", "keep_identified", "ProfileCache", "agree", "best_of", "interpreter_on", "is_provisional"]

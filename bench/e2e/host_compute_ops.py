@@ -187,6 +187,9 @@ def main() -> None:  # noqa: C901 - a table printer
               f"GFLOP/s, memory {hw.device_mem_bandwidth / 1e9:.2f} GB/s"
               + (f"; its calibration run: median op {fitted['median_measured_over_predicted']:.2f}, total "
                  f"{fitted['total_measured_over_predicted']:.2f} measured / predicted" if fitted else ""))
+        if hw.kind_costs:
+            print("  fitted per kind, ms per call + us per token: " + ", ".join(
+                f"{k} {1e3 * c:.3f} + {1e6 * t:.2f}" for k, (c, t) in sorted(hw.kind_costs.items())))
         for h in configs[r % 2:] + configs[: r % 2]:
             got = run(args, h, hw)
             rows[got["host"]]["runs"].append(got)

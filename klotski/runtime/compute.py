@@ -203,7 +203,7 @@ class Compute:
         return rows, rms_norm(flat.index_select(0, rows), w["post_attn_norm"], self.spec.rms_norm_eps)
 
     def gate(self, w: dict, h: torch.Tensor, layer: int, k, decode: bool | None = None,
-             free: torch.Tensor | None = None, inflight=None) -> tuple[torch.Tensor, torch.Tensor]:
+             free: torch.Tensor | None = None, inflight=None, start=None) -> tuple[torch.Tensor, torch.Tensor]:
         """h [T, H] -> (topk_weights [T, top_k], topk_ids [T, top_k]).
 
         With ``self.selection`` enabled, a decode step's routing goes through batch-aware expert selection over
@@ -212,9 +212,10 @@ class Compute:
         step (None: the step the last :meth:`tokens` call served says, ``StepState.decode``).
         ``free`` bool [E]: for "lynx-offload", the experts that cost no load (None: :meth:`free_experts`, with
         ``inflight``: the experts of ``layer`` whose loads the step has already issued, e.g. the prefetched hot
-        set, when the caller knows them)."""
+        set, when the caller knows them). ``start``: the span's start when the caller began it before computing
+        ``h`` (:meth:`tokens`: the gate op's input is its work too)."""
         flops = self.costs.gate_flops(layer, h.shape[0])
-        start = self.tracer.begin()
+        start = self.tracer.begin() if start is None else start
         st = self._step_ref() if self._step_ref is not None else None
         if decode is None:
             decode = st is not None and st.decode
@@ -280,10 +281,11 @@ class Compute:
         self.tracer.end("compute", "lm_head", start, op="lm_head", flops=flops)
         st.logits = logits if st.all_logits else logits[:, 0]
 
-    def finish_mlp(self, st: StepState, w: dict, layer: int, rows, h, routed_out) -> None:
-        """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP."""
+    def finish_mlp(self, st: StepState, w: dict, layer: int, rows, h, routed_out, start=None) -> None:
+        """x[rows] += routed (fp32 accumulator, cast once) + shared expert, or the dense MLP (``start``: the span's
+        start when the caller began it before computing ``h``)."""
         flops = self.costs.shared_flops(layer, h.shape[0])
-        start = self.tracer.begin()
+        start = self.tracer.begin() if start is None else start
         if routed_out is None:
             y = in_chunks(lambda hc: dense_mlp(self.spec, w, hc), h)
         else:

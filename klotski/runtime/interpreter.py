@@ -273,10 +273,11 @@ class _Step:
         ex, st, layer, k = self.ex, self.st, op.layer, op.batch
         w = self.layer_weights(layer)
         ex.tracer.log_ops("compute", [op.id])
+        start = ex.tracer.begin()  # the gate's span holds its input: the gather and RMSNorm of the MLP's rows
         rows, h = ex.compute.tokens(st, w, k)
         # in flight for this layer: its prefetched hot experts and the cold loads earlier gates issued
         inflight = {e for (lay, e) in self.expert_load if lay == layer}
-        topk_w, topk_ids = ex.compute.gate(w, h, layer, k, inflight=sorted(inflight))
+        topk_w, topk_ids = ex.compute.gate(w, h, layer, k, inflight=sorted(inflight), start=start)
         ids_host = topk_ids.cpu()  # the host decides which experts to load
         self.routed[(layer, k)] = (rows, h, topk_w, topk_ids, ids_host)
         self.view.gates[(layer, k)] = ids_host
@@ -352,6 +353,7 @@ class _Step:
     def _shared(self, op: Op) -> None:
         ex, st, layer = self.ex, self.st, op.layer
         w = self.layer_weights(layer)
+        start = None
         if ex.spec.is_moe(layer):
             rows, h = self.group(layer, op.batch)[:2]
             out = self.out.pop((layer, op.batch), None)
@@ -359,11 +361,12 @@ class _Step:
             host = self.host_out.pop((layer, op.batch), None)
             if host is not None:  # the experts computed on the CPU (fp32, on the device by now)
                 out = out + host.wait()
-        else:  # a dense layer's MLP
+        else:  # a dense layer's MLP (its span holds the gather and RMSNorm of its input)
+            start = ex.tracer.begin()
             rows, h = ex.compute.tokens(st, w, op.batch)
             out = None
         ex.tracer.log_ops("compute", [op.id])
-        ex.compute.finish_mlp(st, w, layer, rows, h, out)
+        ex.compute.finish_mlp(st, w, layer, rows, h, out, start=start)
         # the micro-batch's (or the group's) MLP is done: its hidden rows need not stay alive for the step
         whole = op.batch is None or op.batch == self.ctx.shape.n - 1  # the layer's last MLP of the step
         for key in [k for k in self.routed if k[0] == layer and (whole or k[1] == op.batch)]:

@@ -184,5 +184,8 @@ def test_a_tiny_run_does_not_teach_rates_far_below_the_measurement(base):
     assert kept.matmul_flops == base.matmul_flops and kept.attention_flops == base.attention_flops
     assert kept.d2h_bandwidth == base.d2h_bandwidth
     compute = [(op, s) for op, s in obs if op.link is None]
-    assert op_seconds_sum(kept, compute) == pytest.approx(sum(s for _, s in compute), rel=1e-6)
+    # the generic overhead takes the run's time; the kind's own overhead (fitted per op after it) keeps the total
+    generic = replace(kept, kind_costs={}, cpu_kind_costs={})
+    assert op_seconds_sum(generic, compute) == pytest.approx(sum(s for _, s in compute), rel=1e-6)
+    assert op_seconds_sum(kept, compute) == pytest.approx(sum(s for _, s in compute), rel=1e-2)
     assert kept.op_overhead_s > cal.op_overhead_s
