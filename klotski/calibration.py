@@ -203,10 +203,11 @@ def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
     residual) and one for the MLP's closing residual add, so one figure priced the first at half its time and
     the second at three times. The roofline prices the hidden rows an op reads once; an eager RMSNorm, a
     gather or a rotary makes several passes over them, which the per-token term holds (a prefill's gate
-    spent about twice as long on its normed input, 1024 rows, as on its router). Each kind's two terms minimise, nearly, the
-    squared log of measured / predicted over its ops (:func:`_offset_log_fit`), the roofline held at ``hw``'s
-    rates; when the pair is not positive, the better of the two alone. Their level is then scaled so that the
-    kind's ops sum to their measured total (what a plan's tokens/s depends on; see :func:`fit_compute`)."""
+    spent about twice as long on its normed input, 1024 rows, as on its router). Each kind's two terms
+    minimise, nearly, the squared log of measured / predicted over its ops (:func:`_offset_log_fit`), the
+    roofline held at ``hw``'s rates; when the pair is not positive, the better of the two alone. Their level
+    is then scaled so that the kind's ops sum to their measured total (what a plan's tokens/s depends on; see
+    :func:`fit_compute`)."""
     import numpy as np
 
     from klotski.costs import op_timer
