@@ -107,7 +107,9 @@ class StepInterpreter:
     def context(self, st) -> StepContext:
         ex, cache = self.ex, st.cache
         n = cache.num_batches
-        shape = StepShape("prefill" if st.S > 1 else "decode", -(-cache.batch_size // n), n, st.S, cache.length,
+        # the step's phase as the executor judged it: a prefill's one-column chunk and a one-token prompt's first
+        # forward run the prefill program (its attention placement and prefetch width), as the planner prices a prefill
+        shape = StepShape("decode" if st.decode else "prefill", -(-cache.batch_size // n), n, st.S, cache.length,
                           cache.capacity)
         pool = ex.w.pool
         return StepContext(ex.costs, replace(ex.layout.placement, kv=cache.tier), shape, ex.num_hot, self.overlap,

@@ -158,6 +158,20 @@ def test_decode_on_the_cpu_after_a_staged_prefill_and_the_rule(checkpoints):
     assert {"kv_load", "kv_store", "cpu_attn"} <= spans
 
 
+def test_a_prefill_in_one_column_chunks_runs_the_prefill_placement(checkpoints, monkeypatch):
+    """A prefill the executor runs one column at a time passes one column per forward, like a decode step; it is
+    still the prefill and runs the prefill program: here attention on the CPU for the prefill, on the device
+    for the decode step (without the phase from the executor every chunk ran the decode placement: no
+    ``cpu_attn`` span at all)."""
+    import klotski.runtime.executor as executor
+
+    path, ref_toks, ref_logits = reference(checkpoints, "mixtral")
+    monkeypatch.setattr(executor, "chunk_sizes", lambda S: [1])
+    toks, logits, spans, _, _ = run(path, "klotski", HostCompute(prefill_attn="cpu"))
+    assert toks == ref_toks and rel(logits, ref_logits) < 1e-5
+    assert "cpu_attn" in spans and "kv_load" in spans  # prefill on the host cache, the decode step staged
+
+
 def test_bad_host_compute_is_refused(checkpoints):
     path, _, _ = reference(checkpoints, "mixtral")
     with pytest.raises(ValueError, match="host_compute"):
