@@ -25,9 +25,9 @@ memory, and ``op_seconds`` prices an op alone; the table therefore also gives th
 alone (less than 10% of their span overlapped by a span of another lane). The last columns add to a
 compute-stream op the idle time before it that no other lane explains (``gap ms``: the interpreter issuing
 it, :func:`klotski.runtime.trace.dispatch_gaps`): calibration observes an op as that gap plus its span and
-fits the per-call overhead to it, so the prediction holds the gap too (the span alone is below it for ops
-shorter than one call's overhead). Prints a table and writes JSON under bench/results/. Do not run under
-TRITON_INTERPRET.
+fits the per-call overhead and each op kind's own costs to it (``klotski.calibration.fit_kind_costs``, printed
+per round), so the prediction holds the gap too (the span alone is below it for ops shorter than their
+overhead). Prints a table and writes JSON under bench/results/. Do not run under TRITON_INTERPRET.
 """
 from __future__ import annotations
 
