@@ -84,7 +84,8 @@ class ExpertSelection:
         try:
             a = float(amount)
         except ValueError:
-            raise ValueError(f"expert_selection {value!r}: aggressiveness {amount!r} is not a number in [0, 1]") from None
+            raise ValueError(f"expert_selection {value!r}: aggressiveness {amount!r} is not a number in [0, 1]"
+                             ) from None
         if not 0.0 <= a <= 1.0:  # also refuses nan
             raise ValueError(f"expert_selection {value!r}: aggressiveness must be in [0, 1], got {a}")
         return cls(mode, a)
