@@ -88,25 +88,26 @@ def fit_compute(rows) -> tuple[float, float, float | None] | tuple[float, float,
     return out
 
 
-def _log_fit(A, y, rounds: int = 4):
-    """Positive coefficients c of ``y ~ A @ c`` minimizing, nearly, the squared log ratio of measured to
-    predicted (each op's factor off, the error a "within 2x" claim is about): iteratively reweighted least
-    squares, weights 1 / y first (relative error), then 1 / sqrt(y * prediction) (the residual becomes
-    sqrt(p / y) - sqrt(y / p), symmetric in the ratio and equal to its log to first order). A plain relative
-    fit under-prices ops whose times spread (a preempted op counts at most -1, a fast one without bound).
-    None when the first fit has a non-positive coefficient; later rounds that would are not taken."""
+def _log_fit(A, y, rounds: int = 4, offset=0.0):
+    """Positive coefficients c of ``y ~ A @ c + offset`` (``offset``: a fixed part of each prediction)
+    minimizing, nearly, the squared log ratio of measured to predicted (each op's factor off, the error a
+    "within 2x" claim is about): iteratively reweighted least squares, weights 1 / y first (relative error),
+    then 1 / sqrt(y * prediction) (the residual becomes sqrt(p / y) - sqrt(y / p), symmetric in the ratio and
+    equal to its log to first order). A plain relative fit under-prices ops whose times spread (a preempted op
+    counts at most -1, a fast one without bound). None when the first fit has a non-positive coefficient;
+    later rounds that would are not taken."""
     import numpy as np
 
     scale = A.max(axis=0)
     coef = None
     weight = 1.0 / y
     for _ in range(rounds):
-        got, *_ = np.linalg.lstsq(A / scale * weight[:, None], y * weight, rcond=None)
+        got, *_ = np.linalg.lstsq(A / scale * weight[:, None], (y - offset) * weight, rcond=None)
         got = got / scale
         if (got <= 0).any():
             break
         coef = got
-        pred = A @ coef
+        pred = A @ coef + offset
         if (pred <= 0).any():
             break
         weight = 1.0 / np.sqrt(y * pred)
@@ -204,8 +205,8 @@ def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
     the second at three times. The roofline prices the hidden rows an op reads once; an eager RMSNorm, a
     gather or a rotary makes several passes over them, which the per-token term holds (a prefill's gate
     spent about twice as long on its normed input, 1024 rows, as on its router). Each kind's two terms
-    minimise, nearly, the squared log of measured / predicted over its ops (:func:`_offset_log_fit`), the
-    roofline held at ``hw``'s rates; when the pair is not positive, the better of the two alone. Their level
+    minimise, nearly, the squared log of measured / predicted over its ops (:func:`_log_fit`, the roofline at
+    ``hw``'s rates as a fixed offset); when the pair is not positive, the better of the two alone. Their level
     is then scaled so that the kind's ops sum to their measured total (what a plan's tokens/s depends on; see
     :func:`fit_compute`)."""
     import numpy as np
@@ -235,8 +236,8 @@ def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
             A = np.stack([(calls, tokens)[c] for c in cols], axis=1)
             if np.linalg.matrix_rank(A) < A.shape[1]:
                 continue
-            coef = _offset_log_fit(A, rest, y)
-            if coef is None:
+            coef = _log_fit(A, y, offset=rest)
+            if coef is None or (A @ coef + rest <= 0).any():  # an op this model prices at nothing
                 continue
             err = float((np.log((A @ coef + rest) / y) ** 2).sum())
             if best is None or err < best[0]:
@@ -251,27 +252,6 @@ def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
     if one_processor:
         found["cpu"] = {k: list(v) for k, v in found["gpu"].items()}
     return replace(hw, kind_costs=found["gpu"], cpu_kind_costs=found["cpu"])
-
-
-def _offset_log_fit(A, rest, y, rounds: int = 6):
-    """Positive c of ``y ~ A @ c + rest`` (``rest`` fixed) minimising, nearly, the squared log of measured /
-    predicted: :func:`_log_fit`'s reweighted least squares with an offset. None when no round is positive or
-    the model prices an op at nothing (its columns and offset all zero)."""
-    import numpy as np
-
-    scale = A.max(axis=0)
-    coef, weight = None, 1.0 / y
-    for _ in range(rounds):
-        got, *_ = np.linalg.lstsq(A / scale * weight[:, None], (y - rest) * weight, rcond=None)
-        got = got / scale
-        if (got <= 0).any():
-            break
-        pred = A @ got + rest
-        if (pred <= 0).any():
-            return None
-        coef = got
-        weight = 1.0 / np.sqrt(y * pred)
-    return coef
 
 
 DEVICE_TO_CPU = {"matmul_flops": "cpu_matmul_flops", "attention_flops": "cpu_attention_flops",
