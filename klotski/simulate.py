@@ -234,10 +234,11 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
     """Simulate one step of the whole model; a window of layers plus exact extrapolation when periodic.
 
     Layers after the last change of layer kind are identical; the window covers the first layers up to that
-    point plus ``window`` more. If the finish times of the window's last three layers are evenly spaced the
-    pipeline is periodic (and every stream's last finish per layer keeps that period: a prefetch stream that
-    still runs further ahead each layer holds more weights each layer) and the remaining layers each add one period (and their ops' busy time);
-    otherwise the window doubles, up to the whole model.
+    point plus ``window`` more. If the finish times of three layers before the window's last (one to three layers
+    before it: the model's end reaches back as far as the prefetch runs ahead) are evenly spaced the pipeline is
+    periodic (and every stream's last finish per layer keeps that period: a prefetch stream that still runs
+    further ahead each layer holds more weights each layer) and the remaining layers each add one period (and
+    their ops' busy time); otherwise the window doubles, up to the whole model.
 
     ``host`` (:class:`klotski.program.host.HostCompute`): attention per phase and cold experts on the CPU, each on
     its own lane; with ``experts="auto"`` the decision rule is ``expert_rule`` (default: on ``hw``).
@@ -250,8 +251,9 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         from klotski.program.host import ExpertRule
 
         expert_rule = ExpertRule(costs, hw, dtype)
-    # a period of one layer needs 4 layers in the window, of two layers (flexgen's buffers) 6
-    w = window or (6 if policy == "flexgen" else 4)
+    # a period of one layer needs 4 layers in the window (5 when the end reaches two layers back, as klotski's
+    # prefetch often does), of two layers (flexgen's buffers) 6
+    w = window or (6 if policy == "flexgen" else 5)
     while True:
         span = min(L, first_uniform + w)
         if (L - span) % 2:
@@ -262,7 +264,6 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
         res = simulate(sched, hw, dtype=dtype)
         if span == L:
             return res
-        # the window's last layer has no successor (like the model's last); steady state is checked before it
         c = [res.finish[i] for i in sched.layer_last_compute]
         # every stream's last finish per layer (prefetches may run ahead of a periodic compute stream and keep
         # more weights in flight layer after layer: then the window's peak memory is not the model's). Releases
@@ -275,16 +276,20 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
                     row = last[op.stream] = {}
                 if f > row.get(op.layer, -1.0):
                     row[op.layer] = f
-        for period in (1, 2):  # flexgen's two weight buffers alternate: a period of two layers
-            if len(c) < 2 * period + 2:
-                continue
-            a, b, d = c[-2 - 2 * period], c[-2 - period], c[-2]
-            if abs((d - b) - (b - a)) > 1e-9 * max(1.0, abs(d - b)) + 1e-12:
-                continue
-            layers = (span - 2 - 2 * period, span - 2 - period, span - 2)
-            if all(_same_period([row.get(i) for i in layers], (d - b)) for row in last.values()
-                   if any(i in row for i in layers)):
-                return _extrapolate(sched, res, hw, dtype, L - span, (d - b) / period)
+        # the window's last layer has no successor (like the model's last), and that reaches back (klotski's
+        # prefetch for it is issued a layer or two earlier): steady state is looked for one to three layers
+        # before the window's end, among the uniform layers
+        for margin in (1, 2, 3):
+            for period in (1, 2):  # flexgen's two weight buffers alternate: a period of two layers
+                layers = tuple(span - 1 - margin - k * period for k in (2, 1, 0))
+                if layers[0] < first_uniform:
+                    continue
+                a, b, d = (c[i] for i in layers)
+                if abs((d - b) - (b - a)) > 1e-9 * max(1.0, abs(d - b)) + 1e-12:
+                    continue
+                if all(_same_period([row.get(i) for i in layers], (d - b)) for row in last.values()
+                       if any(i in row for i in layers)):
+                    return _extrapolate(sched, res, hw, dtype, L - span, (d - b) / period)
         w *= 2
 
 
