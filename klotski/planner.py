@@ -92,10 +92,12 @@ class Planner(HostSearch):
         for shape, routing in zip(self.shapes(b, n, placement.prefill_chunk), (self.routing, self.decode_routing)):
             # a phase's step depends on that phase's attention placement only
             phase_host = HostCompute(host.attn(shape.phase), host.attn(shape.phase), host.experts)
-            key = (policy, placement, b, n, num_hot, overlap, shape.phase) + (
-                (phase_host,) if phase_host != HostCompute() else ())  # (the placement names the chunk)
+            # the placement names the prefill's chunk, which a decode step does not depend on
+            placed = placement if shape.phase == "prefill" else replace(placement, prefill_chunk=None)
+            key = (policy, placed, b, n, num_hot, overlap, shape.phase) + (
+                (phase_host,) if phase_host != HostCompute() else ())
             if key not in self._cache:
-                self._cache[key] = simulate_model_step(policy, self.costs, placement, shape, self.hw, routing,
+                self._cache[key] = simulate_model_step(policy, self.costs, placed, shape, self.hw, routing,
                                                        num_hot=num_hot, overlap=overlap, host=phase_host)
             out.append(self._cache[key])
         return tuple(out)
