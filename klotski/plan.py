@@ -9,6 +9,9 @@ from klotski.schedule import TIERS, Placement
 from klotski.units import format_bytes
 
 
+RATE_TIE = 1e-9  # relative difference of predicted tokens/s below which two plans tie
+
+
 class InfeasibleError(ValueError):
     """No plan fits the memory limits; ``min_gpu_memory`` / ``min_cpu_memory`` say what would."""
 
@@ -43,6 +46,13 @@ class Plan:
     @property
     def total_s(self) -> float:
         return self.prefill_s + (self.gen_len - 1) * self.decode_step_s
+
+    def beats(self, other: "Plan | None") -> bool:
+        """Whether this plan is predicted faster than ``other`` (None: nothing to beat). Rates within
+        :data:`RATE_TIE` of each other are a tie, which the searches keep in their own order: a plan found earlier
+        is not replaced by one that the rounding of a different simulation (a window extrapolated or not) puts
+        1e-15 ahead."""
+        return other is None or self.tokens_per_s > other.tokens_per_s * (1 + RATE_TIE)
 
     def describe(self, num_experts: int) -> str:
         lines = [

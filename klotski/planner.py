@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from klotski.costs import ModelCosts
-from klotski.plan import InfeasibleError, Plan
+from klotski.plan import RATE_TIE, InfeasibleError, Plan
 from klotski.plan_bounds import lean_static_gpu, step_time_lower_bound
 from klotski.prefill_chunks import chunk_sizes, num_chunks, prefill_shape
 from klotski.routing_stats import RoutingStats
@@ -309,7 +309,7 @@ class Planner(HostSearch):
                                 plan = self.evaluate(policy, BATCH_SIZES[0], n, kv, hot, overlap)
                             if plan is None:
                                 break  # larger batches need more memory still
-                        if best is None or plan.tokens_per_s > best.tokens_per_s:
+                        if plan.beats(best):
                             if any(self._stops_scan(policy, i, coarse_b[0], n, kv, hot, overlap) for i in skipped):
                                 break
                             best, best_key = plan, (bi, ni, kv, hot, overlap)
@@ -322,7 +322,7 @@ class Planner(HostSearch):
                 if self.cannot_beat(rate(), policy, b, n, kv, hot, overlap):
                     continue
                 plan = self.evaluate(policy, b, n, kv, hot, overlap)
-                if plan is not None and (best is None or plan.tokens_per_s > best.tokens_per_s):
+                if plan is not None and plan.beats(best):
                     best, best_key = plan, (BATCH_SIZES.index(b), ns.index(n), kv, hot, overlap)
         if best is None:
             raise self.infeasible(policy)
@@ -344,10 +344,10 @@ class Planner(HostSearch):
             for c in cands:
                 if not (0 <= c[0] < len(BATCH_SIZES) and 0 <= c[1] < len(ns)) or c == best_key:
                     continue
-                if self.cannot_beat(best.tokens_per_s * (1 + 1e-9), policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:]):
+                if self.cannot_beat(best.tokens_per_s * (1 + RATE_TIE), policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:]):
                     continue
                 plan = self.evaluate(policy, BATCH_SIZES[c[0]], ns[c[1]], *c[2:])
-                if plan is not None and plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+                if plan is not None and plan.beats(best):
                     best, best_key, improved = plan, c, True
         return best, best_key
 

@@ -61,7 +61,7 @@ class HostSearch:
             for host in dict.fromkeys((HostCompute(pick[0], pick[1], experts), base)):
                 plan = self.score(policy, p, b, n, num_hot, overlap, host)
                 if self.fits(plan):
-                    if best is None or plan.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+                    if plan.beats(best):
                         best = plan
                     break
         return best

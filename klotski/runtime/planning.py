@@ -103,7 +103,7 @@ def make_plan(costs: ModelCosts, hw: HardwareProfile, policy: str, gpu_budget: i
             for kv in planner.kv_tiers:
                 for hot, overlap in planner.variants(policy):
                     p = planner.evaluate(policy, b, n, kv, hot, overlap)
-                    if p is not None and (best is None or p.tokens_per_s > best.tokens_per_s):
+                    if p is not None and p.beats(best):
                         best = p
     if best is None:
         raise planner.infeasible(policy)

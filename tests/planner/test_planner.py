@@ -95,3 +95,19 @@ def test_skewed_routing_helps_klotski():
     skew = Planner(costs, hw, 128, 8, RoutingStats.from_trace_file(
         os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "routing", "olmoe_arxiv_counts.json"))).plan("klotski")
     assert skew.tokens_per_s >= uniform.tokens_per_s * 0.999
+
+
+def test_rates_within_the_tie_keep_the_plan_found_first(tiny_costs):
+    """A plan replaces the incumbent only when predicted faster by more than RATE_TIE: two simulations of one
+    step that differ in rounding only (a window extrapolated or not: 1e-15 apart) do not decide the plan."""
+    from dataclasses import replace
+
+    from klotski.plan import RATE_TIE
+
+    first = Planner(tiny_costs, preset("l4"), 128, 8).plan("klotski")
+    r = first.tokens_per_s
+    assert first.beats(None)
+    assert not replace(first, tokens_per_s=r * (1 + 1e-15)).beats(first)
+    assert not replace(first, tokens_per_s=r * (1 + RATE_TIE / 2)).beats(first)
+    assert replace(first, tokens_per_s=r * (1 + 2 * RATE_TIE)).beats(first)
+    assert not first.beats(replace(first, tokens_per_s=r * (1 - 1e-15)))
