@@ -59,7 +59,8 @@ class LayerCosts:
     @property
     def weight_bytes(self) -> int:
         """All weights of the layer."""
-        return self.attn_bytes + self.norm_bytes + self.gate_bytes + self.num_experts * self.expert_bytes + self.shared_bytes
+        return (self.attn_bytes + self.norm_bytes + self.gate_bytes + self.num_experts * self.expert_bytes
+                + self.shared_bytes)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ class ModelCosts:
         spec, size = self.spec, self.act_bytes
         T, H = seqs * q_len, spec.hidden_size
         mb = -(-seqs // max(1, min(n, seqs)))
-        attn = mb * spec.num_heads * q_len * kv_len * 4 * 2 + mb * q_len * spec.num_heads * max(spec.q_head_dim, 1) * size * 4
+        attn = (mb * spec.num_heads * q_len * kv_len * 4 * 2
+                + mb * q_len * spec.num_heads * max(spec.q_head_dim, 1) * size * 4)
         logits = seqs * (q_len if all_logits else 1) * spec.vocab_size * 4
         return int(T * H * (6 * size + 8) + self.ffn_workspace_bytes(T) + attn + logits)
 

@@ -248,4 +248,5 @@ def keep_identified(base: HardwareProfile, cal: HardwareProfile, observations,
     return fit_kind_costs(replace(cal, **changes), observations, dtype)  # refitted on the terms kept
 
 
-__all__ = ["IDENTIFIED", "MISPREDICT", "PROVISIONAL", "TOLERANCE", "keep_identified", "ProfileCache", "agree", "best_of", "interpreter_on", "is_provisional"]
+__all__ = ["IDENTIFIED", "MISPREDICT", "PROVISIONAL", "TOLERANCE", "keep_identified", "ProfileCache", "agree",
+           "best_of", "interpreter_on", "is_provisional"]

@@ -76,7 +76,8 @@ def test_host_lanes_run_the_builders_ops(checkpoints, monkeypatch, policy):
     routed expert of this tiny model, and then no cold expert is left for the host lane to run)"""
     path, ref_toks, _ = reference(checkpoints, "mixtral")
     paper = Planner.variants
-    monkeypatch.setattr(Planner, "variants", lambda self, pol: [v for v in paper(self, pol) if pol != "klotski" or v[1] is False])
+    monkeypatch.setattr(Planner, "variants",
+                        lambda self, pol: [v for v in paper(self, pol) if pol != "klotski" or v[1] is False])
     toks, _, spans, runner, _ = run(path, policy, FORCED, record=True, monkeypatch=monkeypatch)
     assert toks == ref_toks
     check_steps(runner)  # the replayed builder's ops == what each lane executed, host lanes included
