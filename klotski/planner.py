@@ -215,6 +215,11 @@ class Planner(HostSearch):
             return [(None, True), (None, False)]
         return [(None, False)]
 
+    def seed_variants(self, policy, overlap: bool) -> list[tuple]:
+        """What a policy also tries at another policy's best point: klotski (and flexgen) in FlexGen's order with
+        that point's overlap, so that klotski is never predicted slower than flexgen."""
+        return [(None, overlap)] if policy in ("klotski", "flexgen") else []
+
     def upper_bound(self, policy, b, n, kv, num_hot, overlap) -> float:
         """Tokens/s no placement of this candidate can exceed (``klotski.plan_bounds``; no simulation)."""
         key = ("bound", policy, b, n, kv, num_hot, overlap, self.host_search(policy, kv))
@@ -253,14 +258,18 @@ class Planner(HostSearch):
                 self._cache[key] = self._search_host(policy, b, n, kv, num_hot, overlap)
         return self._cache[key]
 
-    def plan(self, policy: str = "klotski", seeds=()) -> Plan:
+    def plan(self, policy: str = "klotski", seeds=None) -> Plan:
         """The best plan for ``policy``; raises :class:`InfeasibleError` when nothing fits.
 
-        ``seeds``: extra (batch size, n, kv tier, overlap) starting points (another policy's best); there klotski
-        also tries FlexGen's order (its own features off), so it is never predicted slower than flexgen.
+        ``seeds``: extra (batch size, n, kv tier, overlap) starting points (other policies' best); there klotski
+        also tries FlexGen's order (its own features off), so it is never predicted slower than flexgen. None:
+        the best points of the policies before ``policy`` in ``POLICIES``, planned first as :meth:`compare` plans
+        them, so ``plan(p)`` is ``compare()[p]`` (the plan ``klotski plan`` shows is the one ``LLM`` runs).
         """
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; policies: {', '.join(POLICIES)}")
+        if seeds is None:
+            seeds = [_seed(p) for p in self.compare(POLICIES[:POLICIES.index(policy)]).values() if p is not None]
         self._host_full = self.host != "search"  # "search": the coarse scan places everything on the device
         try:
             return self._plan(policy, seeds)
@@ -279,7 +288,7 @@ class Planner(HostSearch):
         floor = None
         for b, n, kv, seed_overlap in seeds:
             if b in BATCH_SIZES and kv in kvs:
-                extra = [(None, seed_overlap)] if policy in ("klotski", "flexgen") else []
+                extra = self.seed_variants(policy, seed_overlap)
                 for hot, overlap in self.variants(policy) + extra:
                     plan = self.evaluate(policy, b, n if n in ns else 1, kv, hot, overlap)
                     if plan is not None and (floor is None or plan.tokens_per_s > floor):
@@ -317,7 +326,7 @@ class Planner(HostSearch):
             if b not in BATCH_SIZES or kv not in kvs:
                 continue
             n = n if n in ns else 1
-            extra = [(None, seed_overlap)] if policy in ("klotski", "flexgen") else []  # FlexGen's order
+            extra = self.seed_variants(policy, seed_overlap)
             for hot, overlap in self.variants(policy) + extra:
                 if self.cannot_beat(rate(), policy, b, n, kv, hot, overlap):
                     continue
@@ -362,7 +371,7 @@ class Planner(HostSearch):
         for policy in policies:  # each policy's search also starts from the earlier policies' best points
             try:
                 out[policy] = self.plan(policy, seeds)
-                seeds.append((out[policy].batch_size, out[policy].n, out[policy].placement.kv, out[policy].overlap))
+                seeds.append(_seed(out[policy]))
             except InfeasibleError:
                 out[policy] = None
         return out
@@ -388,6 +397,11 @@ class Planner(HostSearch):
             f"{format_bytes(self.hw.cpu_memory)} (prompt {self.prompt_len}, generate {self.gen_len}); the smallest "
             f"plan (batch 1, weights streamed from disk) needs GPU >= {format_bytes(gpu)} and CPU >= "
             f"{format_bytes(cpu)}", min_gpu_memory=gpu, min_cpu_memory=cpu)
+
+
+def _seed(plan: Plan) -> tuple:
+    """A plan's point as a starting point of another policy's search: (batch size, n, kv tier, overlap)."""
+    return plan.batch_size, plan.n, plan.placement.kv, plan.overlap
 
 
 def plan(costs: ModelCosts, hw, prompt_len: int, gen_len: int, policy: str = "klotski",

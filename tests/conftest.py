@@ -47,3 +47,13 @@ def _private_cache(tmp_path_factory):
     mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache-all")))
     yield
     mp.undo()
+
+
+@pytest.fixture
+def klotski_own_order(monkeypatch):
+    """The planner searches klotski's own variants only, not also FlexGen's order at flexgen's best point (which
+    it takes wherever that is predicted faster, as it often is for the tests' tiny models): for tests of the
+    klotski pipeline itself under small budgets."""
+    from klotski.planner import Planner
+
+    monkeypatch.setattr(Planner, "seed_variants", lambda self, policy, overlap: [])

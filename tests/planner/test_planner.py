@@ -9,6 +9,7 @@ from klotski.costs import ModelCosts
 from klotski.hardware import PRESETS, preset
 from klotski.planner import InfeasibleError, Planner
 from klotski.presets import MODEL_CONFIGS, model_config
+from klotski.program import order_of
 from klotski.schedule import build_schedule
 from klotski.simulate import simulate
 
@@ -35,8 +36,8 @@ def test_plans_never_exceed_memory_limits(make_tiny_config, layers, experts, top
         return
     # re-simulate the whole model (no window) for both phases: every tier within its limit
     for shape in planner.shapes(plan.batch_size, plan.n, plan.placement.prefill_chunk):  # (a chunked prefill: one pass)
-        sched = build_schedule(policy, costs, plan.placement, shape, planner.routing, num_hot=plan.num_hot,
-                               overlap=plan.overlap)
+        sched = build_schedule(order_of(policy, plan.num_hot), costs, plan.placement, shape, planner.routing,
+                               num_hot=plan.num_hot, overlap=plan.overlap)
         res = simulate(sched, hw)
         assert res.peak_mem["gpu"] <= hw.gpu_memory
         assert res.peak_mem["cpu"] <= hw.cpu_memory

@@ -32,7 +32,7 @@ def run(path, policy, tmp_path, gpu=None, cpu=None, **kw):
 
 @pytest.mark.parametrize("policy", ["klotski", "flexgen", "layerwise"])
 @pytest.mark.parametrize("budget", BUDGETS, ids=["unlimited", "gpu+cpu", "disk", "tight"])
-def test_policy_matches_resident(mixtral, tmp_path, policy, budget):
+def test_policy_matches_resident(mixtral, tmp_path, policy, budget, klotski_own_order):
     path, ref = mixtral
     llm, out = run(path, policy, tmp_path, *budget)
     m = llm.metrics.extra
