@@ -27,6 +27,44 @@ def test_demo_compares_offloaded_policies_under_a_budget(demo_dir, tmp_path, cap
         assert json.loads((tmp_path / f"t-{policy}.json").read_text())
 
 
+def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
+    """On a profile no run has calibrated, one short run goes first (its feedback calibrates the cache), so the
+    compared policies plan on the same rates; a calibrated profile, or the interpreter's, skips it."""
+    from types import SimpleNamespace
+
+    import klotski.cli.options as options
+    import klotski.profile_cache as profile_cache
+    from klotski.cli.demo import calibrate_first
+
+    runs = []
+
+    class FakeLLM:
+        def __init__(self, source):
+            self.session = SimpleNamespace(hardware=SimpleNamespace(source=source))
+            self.closed = False
+
+        def generate(self, prompts, params):
+            runs.append((tuple(prompts), params.max_tokens))
+
+        def close(self):
+            self.closed = True
+
+    args = SimpleNamespace()
+    monkeypatch.setattr(profile_cache, "interpreter_on", lambda: False)
+    for source, expected in (("measured", 1), ("measured+calibrated", 0)):
+        built = []
+        monkeypatch.setattr(options, "build_llm", lambda a, path, policy: built.append(FakeLLM(source)) or built[-1])
+        runs.clear()
+        calibrate_first(args, "/m", "klotski", ["a", "b"])
+        assert len(runs) == expected and built[0].closed, source
+        assert expected == 0 or runs[0] == (("a", "b"), 4)
+        assert ("calibrates its hardware profile" in capsys.readouterr().out) == bool(expected)
+    monkeypatch.setattr(profile_cache, "interpreter_on", lambda: True)
+    runs.clear()
+    calibrate_first(args, "/m", "klotski", ["a"])
+    assert not runs
+
+
 def test_demo_single_resident_policy(demo_dir, capsys):
     assert main(["demo", "--size", "tiny", "--model-dir", demo_dir, "--max-tokens", "3", "--device", "cpu",
                  "--policy", "resident"]) == 0
