@@ -69,6 +69,11 @@ class HardwareProfile:
             cpu_memory=self.cpu_memory if cpu_memory is None else parse_bytes(cpu_memory),
         )
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether a run's per-op timings have been fitted into this profile (its source says "+calibrated")."""
+        return self.source.endswith("+calibrated")
+
     def summary(self) -> str:
         mm = ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in self.matmul_flops.items())
         return (f"{self.name} [{self.source}] {self.device_name}: GPU {format_bytes(self.gpu_memory)}, "

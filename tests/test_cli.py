@@ -30,7 +30,10 @@ def test_demo_compares_offloaded_policies_under_a_budget(demo_dir, tmp_path, cap
 def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
     """On a profile no run has calibrated, one short run goes first (its feedback calibrates the cache), so the
     compared policies plan on the same rates; a calibrated profile, or the interpreter's, skips it."""
+    from dataclasses import replace
     from types import SimpleNamespace
+
+    from klotski.hardware import preset
 
     import klotski.cli.options as options
     import klotski.profile_cache as profile_cache
@@ -40,7 +43,7 @@ def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
 
     class FakeLLM:
         def __init__(self, source):
-            self.session = SimpleNamespace(hardware=SimpleNamespace(source=source))
+            self.session = SimpleNamespace(hardware=replace(preset("t4"), source=source))
             self.closed = False
 
         def generate(self, prompts, params):

@@ -68,11 +68,11 @@ def calibrate_first(args, path: str, policy: str, prompts) -> None:
     from klotski.profile_cache import interpreter_on
     from klotski.sampling import SamplingParams
 
-    if interpreter_on() or getattr(args, "hardware", None):
+    if interpreter_on():
         return
     llm = build_llm(args, path, policy)
     try:
-        if "+calibrated" in llm.session.hardware.source:
+        if llm.session.hardware.calibrated:
             return
         print("first run on this machine: a short run calibrates its hardware profile first, so that every policy "
               "plans on the same rates", flush=True)
