@@ -191,12 +191,14 @@ def calibrate(hw, observations: Iterable[tuple[object, float]], dtype: str = "bf
 
 
 MIN_KIND_OPS = 8  # observations of one op kind needed to fit that kind's own costs
+CONTENTION_GRID = tuple(k / 20 for k in range(61))  # CPU mode: the contention shares tried, 0 to 3
 
 
 def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
     """``hw`` with, for each compute op kind the run timed at least :data:`MIN_KIND_OPS` times, that kind's own
     seconds per call and per token beyond the roofline (``kind_costs``, ``cpu_kind_costs``; the rates and the
-    generic ``op_overhead_s`` stay as they are, and the tables are replaced by this run's).
+    generic ``op_overhead_s`` stay as they are, and the tables are replaced by this run's) and, in CPU mode,
+    how much those fixed costs grow while another lane runs beside the op (``contention``).
 
     The generic overhead is one figure for every op, but an op's fixed cost is its kernels' launches and
     dispatch, which the kinds do not share: in CPU mode eager torch runs about 40 kernels for a decode step's
@@ -208,13 +210,22 @@ def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
     minimise, nearly, the squared log of measured / predicted over its ops (:func:`_log_fit`, the roofline at
     ``hw``'s rates as a fixed offset); when the pair is not positive, the better of the two alone. Their level
     is then scaled so that the kind's ops sum to their measured total (what a plan's tokens/s depends on; see
-    :func:`fit_compute`)."""
+    :func:`fit_compute`).
+
+    CPU mode runs every lane (copies, the host lanes) on the same cores, and an op's fixed costs (the
+    interpreter dispatching its small kernels) grow while another lane runs: a decode step's gate took 0.46 ms
+    beside the other micro-batch's KV copies and 0.22 ms alone. A profile fitted on a run where it always
+    had company then priced the same gate in a run where it had none at twice its time. There each op's fixed
+    costs are ``(calls * per call + tokens * per token) * (1 + contention * contended)``, ``contended`` the
+    share of its span another lane ran beside it (``Op.contended``, from the trace); the one ``contention``
+    of all kinds is the value of :data:`CONTENTION_GRID` with the least squared log error summed over the
+    kinds (each kind refitted at it; kinds timed both alone and beside a lane identify it)."""
     import numpy as np
 
     from klotski.costs import op_timer
 
     one_processor = hw.device == "cpu"
-    plain = replace(hw, kind_costs={}, cpu_kind_costs={})
+    plain = replace(hw, kind_costs={}, cpu_kind_costs={}, contention=0.0)
     timer = op_timer(plain, dtype)
     groups: dict[tuple[str, str], list] = {}
     for op, seconds in observations:
@@ -222,36 +233,61 @@ def fit_kind_costs(hw, observations, dtype: str = "bfloat16"):
             continue
         side = "cpu" if (op.device == "cpu" and not one_processor) else "gpu"
         groups.setdefault((side, op.kind), []).append((op, seconds))
-    found: dict[str, dict[str, list[float]]] = {"gpu": {}, "cpu": {}}
+    columns = []  # per kind with enough ops: (side, kind, calls, tokens, contended, measured, roofline, overhead)
     for (side, kind), rows in sorted(groups.items()):
         if len(rows) < MIN_KIND_OPS:
             continue
         overhead = hw.cpu_op_overhead_s if side == "cpu" else hw.op_overhead_s
         calls = np.array([max(1, op.calls) for op, _ in rows], dtype=float)
-        tokens = np.array([op.tokens for op, _ in rows], dtype=float)
-        y = np.array([s for _, s in rows], dtype=float)
-        rest = np.maximum(np.array([timer(op) for op, _ in rows]) - calls * overhead, 0.0)
-        best = None
-        for cols in ((0, 1), (0,), (1,)):
-            A = np.stack([(calls, tokens)[c] for c in cols], axis=1)
-            if np.linalg.matrix_rank(A) < A.shape[1]:
-                continue
-            coef = _log_fit(A, y, offset=rest)
-            if coef is None or (A @ coef + rest <= 0).any():  # an op this model prices at nothing
-                continue
-            err = float((np.log((A @ coef + rest) / y) ** 2).sum())
-            if best is None or err < best[0]:
-                terms = [0.0, 0.0]
-                for c, v in zip(cols, coef):
-                    terms[c] = float(v)
-                best = (err, terms)
-        if best is not None:  # the level: the kind's measured total, as fit_compute's for the run
-            fixed = calls * best[1][0] + tokens * best[1][1]
-            level = (y.sum() - rest.sum()) / fixed.sum()
-            found[side][kind] = [float(v * level) for v in best[1]] if level > 0 else best[1]
+        columns.append((side, kind, calls, np.array([op.tokens for op, _ in rows], dtype=float),
+                        np.array([op.contended for op, _ in rows], dtype=float),
+                        np.array([s for _, s in rows], dtype=float),
+                        np.maximum(np.array([timer(op) for op, _ in rows]) - calls * overhead, 0.0),
+                        calls * overhead))
+    shared = one_processor and any((c[4] > 0).any() for c in columns)
+    best = None  # (summed error, contention, found)
+    for contention in (CONTENTION_GRID if shared else (0.0,)):
+        err, found = 0.0, {"gpu": {}, "cpu": {}}
+        for side, kind, calls, tokens, contended, y, rest, generic in columns:
+            got = _fit_kind(calls, tokens, 1.0 + contention * contended, y, rest)
+            if got is None:  # the kind keeps the generic terms (and their error)
+                err += float((np.log((rest + generic) / y) ** 2).sum())
+            else:
+                err += got[0]
+                found[side][kind] = got[1]
+        if best is None or err < best[0] - 1e-12:
+            best = (err, contention, found)
+    _, contention, found = best
     if one_processor:
         found["cpu"] = {k: list(v) for k, v in found["gpu"].items()}
-    return replace(hw, kind_costs=found["gpu"], cpu_kind_costs=found["cpu"])
+    return replace(hw, kind_costs=found["gpu"], cpu_kind_costs=found["cpu"],
+                   contention=contention if one_processor else hw.contention)
+
+
+def _fit_kind(calls, tokens, factor, y, rest):
+    """One kind's (squared log error, [seconds per call, seconds per token]) for ``y ~ rest + factor * (calls
+    * a + tokens * b)`` (:func:`fit_kind_costs`), or None when no positive model fits."""
+    import numpy as np
+
+    best = None
+    for cols in ((0, 1), (0,), (1,)):
+        A = np.stack([(calls, tokens)[c] * factor for c in cols], axis=1)
+        if np.linalg.matrix_rank(A) < A.shape[1]:
+            continue
+        coef = _log_fit(A, y, offset=rest)
+        if coef is None or (A @ coef + rest <= 0).any():  # an op this model prices at nothing
+            continue
+        err = float((np.log((A @ coef + rest) / y) ** 2).sum())
+        if best is None or err < best[0]:
+            terms = [0.0, 0.0]
+            for c, v in zip(cols, coef):
+                terms[c] = float(v)
+            best = (err, terms)
+    if best is None:
+        return None
+    fixed = factor * (calls * best[1][0] + tokens * best[1][1])  # the level: the kind's measured total
+    level = (y.sum() - rest.sum()) / fixed.sum()
+    return best[0], ([float(v * level) for v in best[1]] if level > 0 else best[1])
 
 
 DEVICE_TO_CPU = {"matmul_flops": "cpu_matmul_flops", "attention_flops": "cpu_attention_flops",

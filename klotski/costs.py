@@ -325,25 +325,30 @@ def _attn_params(spec: ModelSpec) -> int:
 
 # ---- seconds per op ----------------------------------------------------------------------------------
 
-def op_seconds(op, hw, dtype: str = "bfloat16") -> float:
+def op_seconds(op, hw, dtype: str = "bfloat16", contended: float | None = None) -> float:
     """Seconds ``op`` (a :class:`~klotski.schedule.Op`) takes on ``hw`` (a HardwareProfile).
 
     Compute ops: ``max(flops / matmul rate + score_flops / attention rate, bytes / memory bandwidth)`` plus
     one launch overhead per kernel call on the op's device; where a calibration fitted the op's kind its own
-    costs (``kind_costs``), that kind's seconds per call and per token instead. Copies: latency + bytes /
-    bandwidth of the op's link (``h2d``, ``d2h``, ``disk``). ``release`` ops take no time.
+    costs (``kind_costs``), that kind's seconds per call and per token instead, which in CPU mode grow by
+    ``hw.contention`` times the share of the op's time another lane ran beside it (``op.contended``, or
+    ``contended`` when given; lanes there share the cores, :func:`klotski.calibration.fit_kind_costs`; the
+    generic overhead is the calibration run's average). Copies: latency + bytes / bandwidth of the op's link
+    (``h2d``, ``d2h``, ``disk``). ``release`` ops take no time.
     """
-    return op_timer(hw, dtype)(op)
+    return op_timer(hw, dtype)(op, contended)
 
 
 def op_timer(hw, dtype: str = "bfloat16"):
     """:func:`op_seconds` on ``hw`` as a function of the op alone, the profile's rates looked up once (the
-    simulator times millions of ops per planner search)."""
+    simulator times millions of ops per planner search); ``timer(op, contended)`` prices it with that share of
+    its time beside another lane (default ``op.contended``)."""
     links = {"h2d": hw.h2d_bandwidth, "d2h": hw.d2h_bandwidth, "disk": hw.disk_bandwidth}
     latency = hw.transfer_latency_s
+    contention = hw.contention if hw.device == "cpu" else 0.0
     rates: dict[str, tuple] = {}  # device -> (matmul FLOP/s, attention FLOP/s, memory bandwidth, launch overhead)
 
-    def seconds(op) -> float:
+    def seconds(op, contended: float | None = None) -> float:
         if op.duration is not None:
             return op.duration
         if op.kind == "release":
@@ -362,10 +367,13 @@ def op_timer(hw, dtype: str = "bfloat16"):
                                  hw.cpu_op_overhead_s if on_cpu else hw.op_overhead_s,
                                  hw.cpu_kind_costs if on_cpu else hw.kind_costs)
         rate, attn_rate, mem_bw, overhead, by_kind = r
-        work = op.flops / rate + op.score_flops / attn_rate
-        fixed = by_kind.get(op.kind) if by_kind else None
-        if fixed is not None:
-            return max(work, op.bytes / mem_bw) + fixed[0] * max(1, op.calls) + fixed[1] * op.tokens
-        return max(work, op.bytes / mem_bw) + overhead * max(1, op.calls)
+        work = max(op.flops / rate + op.score_flops / attn_rate, op.bytes / mem_bw)
+        own = by_kind.get(op.kind) if by_kind else None
+        if own is None:
+            return work + overhead * max(1, op.calls)
+        fixed = own[0] * max(1, op.calls) + own[1] * op.tokens
+        if contention:
+            fixed *= 1.0 + contention * (op.contended if contended is None else contended)
+        return work + fixed
 
     return seconds

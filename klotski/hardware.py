@@ -47,6 +47,8 @@ class HardwareProfile:
     # device beyond the roofline, where a calibration run measured that kind apart (klotski.calibration.
     # fit_kind_costs); other kinds, and every preset, pay op_overhead_s per call and nothing per token
     cpu_kind_costs: dict = field(default_factory=dict)
+    contention: float = 0.0  # CPU mode: an op's fixed costs (per call, per token) grow by this share while
+    # another lane runs on the same cores (klotski.calibration.fit_kind_costs fits it; 0 elsewhere)
     transfer_latency_s: float = 10e-6
     d2d_bandwidth: float = 0.0  # device -> device, one direction, between two GPUs of one machine (0: unknown)
     notes: str = ""

@@ -62,6 +62,7 @@ class Op:
     mem_alloc: dict = field(default_factory=dict)
     mem_free: dict = field(default_factory=dict)
     duration: float | None = None  # fixed seconds (tests, measured replays); None: from the cost model
+    contended: float = 0.0  # a measured op: share of its time another lane ran on the same cores (CPU mode)
 
     @property
     def is_compute(self) -> bool:

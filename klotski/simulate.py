@@ -8,7 +8,9 @@ activations, then post-gate expert loads, then prefetches), then the earliest re
 never preempted, but an urgent copy (KV, the host attention lane's activations: priority :data:`URGENT`) does
 not wait for a weight copy in flight: it runs on its own stream, which a second copy engine serves beside the
 first (GPUs have two or more per direction), and the bandwidth it takes delays the link's next copy by its own
-duration (the link's busy time is conserved; only who waits changes). Memory: ``mem_alloc`` is taken at an op's
+duration (the link's busy time is conserved; only who waits changes). In CPU mode every lane runs on the
+host's cores: an op that starts while another stream runs pays its fixed costs times ``1 + hw.contention``
+(0 unless a calibration fitted it; ``klotski.calibration.fit_kind_costs``). Memory: ``mem_alloc`` is taken at an op's
 start, ``mem_free`` returned at its end (frees before allocations at the same instant), on top of the
 schedule's static memory. Result: makespan, busy time per stream, bubble fraction of the compute stream,
 peak memory per tier, and every op's start / finish (for traces).
@@ -66,6 +68,7 @@ class SimResult:
     bytes_moved: dict = field(default_factory=dict)  # link -> bytes
     layers_simulated: int = 0
     resource_busy: dict = field(default_factory=dict)  # resource (h2d, d2h, disk, cpu, gpu) -> seconds busy
+    contended: dict = field(default_factory=dict)  # op id -> seconds another lane beside it added (CPU mode)
 
     @property
     def roofline(self) -> float:
@@ -85,10 +88,13 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
              dtype: str | None = None) -> SimResult:
     """Run ``schedule``; op durations from ``duration(op)`` or the cost model on ``hw``."""
     ops = schedule.ops
+    beside_lane: list[float] | None = None  # CPU mode: an op's extra seconds while another lane runs
     if duration is None:
         if hw is None:
             raise ValueError("simulate: give a hardware profile or a duration function")
         duration = op_timer(hw, dtype or "bfloat16")
+        if hw.device == "cpu" and hw.contention > 0:
+            beside_lane = [float(duration(op, 1.0) - duration(op, 0.0)) for op in ops]
     dur = [float(duration(op)) for op in ops]
     n = len(ops)
     start = [0.0] * n
@@ -136,6 +142,7 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
     ready_at = [0.0] * n  # max finish of deps
     heap: list[tuple[float, int, float, int]] = []  # (time, priority, ready time, op id)
     queued = [False] * n
+    contended: dict[int, float] = {}  # op id -> seconds added by the lanes beside it
     push, pop = heapq.heappush, heapq.heappop
 
     def consider(si: int) -> None:
@@ -162,11 +169,15 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
                     push(heap, (t_link, p, ready, oid))
                     continue
                 beside = True
+        si = op_stream[oid]
+        if beside_lane is not None and beside_lane[oid] > 0 and any(
+                free > t for j, free in enumerate(stream_free) if j != si):
+            dur[oid] += beside_lane[oid]  # another lane runs on the same cores as it starts (CPU mode)
+            contended[oid] = beside_lane[oid]
         start[oid] = t
         f = finish[oid] = t + dur[oid]
         if lk is not None:
             link_free[lk] = link_free[lk] + dur[oid] if beside else f
-        si = op_stream[oid]
         stream_free[si] = f
         head[si] += 1
         done += 1
@@ -188,13 +199,16 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
                 queued[nxt] = True
                 tn = max(f, ready_at[nxt])
                 push(heap, (tn, prio[nxt], tn, nxt))
+    for oid, extra in contended.items():
+        busy[ops[oid].stream] += extra
+        _add_held(held, ops[oid], extra)
     if done != n:
         stuck = [q[head[si]] for si, q in enumerate(queues) if head[si] < len(q)]
         raise ValueError(f"schedule deadlocks: ops {stuck[:5]} wait on dependencies that never run "
                          f"(a dependency is queued behind its dependant on the same stream)")
     return SimResult(makespan=max(finish, default=0.0), busy=busy, peak_mem=_peak_memory(schedule, start, finish),
                      start=start, finish=finish, bytes_moved=moved, layers_simulated=schedule.num_layers,
-                     resource_busy=held)
+                     resource_busy=held, contended=contended)
 
 
 def _add_held(held: dict, op: Op, seconds: float) -> None:
@@ -310,10 +324,11 @@ def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, pe
     seconds_of = op_timer(hw, dtype)
     for op in sched.ops:
         if op.layer == last:
-            seconds = extra * seconds_of(op)
+            seconds = extra * (seconds_of(op) + res.contended.get(op.id, 0.0))
             busy[op.stream] = busy.get(op.stream, 0.0) + seconds
             _add_held(held, op, seconds)
             if op.link is not None:
                 moved[op.link] = moved.get(op.link, 0) + extra * op.bytes
     return SimResult(makespan=res.makespan + extra * period, busy=busy, peak_mem=res.peak_mem, start=res.start,
-                     finish=res.finish, bytes_moved=moved, layers_simulated=sched.num_layers, resource_busy=held)
+                     finish=res.finish, bytes_moved=moved, layers_simulated=sched.num_layers, resource_busy=held,
+                     contended=res.contended)

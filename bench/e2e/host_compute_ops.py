@@ -43,7 +43,7 @@ from klotski import LLM, SamplingParams
 from klotski.costs import op_seconds
 from klotski.program.host import HostCompute
 from klotski.runtime import OffloadedSession
-from klotski.runtime.trace import cost_op, dispatch_gaps
+from klotski.runtime.trace import contended_shares, cost_op, dispatch_gaps
 
 COMPUTE_LANES = ("compute", "cpu_attn", "cpu_experts")
 ALONE = 0.10  # an op ran alone when other lanes' compute overlapped less than this share of its span
@@ -79,19 +79,6 @@ def workload(args):
     return prompts, SamplingParams(max_tokens=args.gen_len, temperature=0.0, ignore_eos=True)
 
 
-def overlap(span, others) -> float:
-    """Share of ``span``'s duration during which a span of another lane ran (in CPU mode every lane's work,
-    copies included, runs on the same cores)."""
-    stream, _, s, e, _ = span
-    cuts = sorted((max(s, a), min(e, b)) for st, _, a, b, _ in others if st != stream and a < e and b > s)
-    covered, end = 0.0, s
-    for a, b in cuts:
-        a = max(a, end)
-        if b > a:
-            covered, end = covered + b - a, b
-    return covered / (e - s) if e > s else 0.0
-
-
 def paired(tracer, hw, dtype: str, prefill_steps: int):
     """(kind@lane phase, measured s, dispatch gap s, predicted s, overlap share, cost) per compute span of
     ``tracer``: its predicted seconds are ``op_seconds`` of the builder's ops it ran (the span's ``cost`` arg);
@@ -101,14 +88,15 @@ def paired(tracer, hw, dtype: str, prefill_steps: int):
     the prefill."""
     spans = list(tracer.spans)
     gaps = dispatch_gaps(spans, tracer.windows)
+    shares = contended_shares(spans)
     out = []
     for i, span in enumerate(spans):
         stream, _, s, e, a = span
         if stream not in COMPUTE_LANES or "cost" not in a:
             continue
-        pred = op_seconds(cost_op(a["cost"], stream), hw, dtype)
+        pred = op_seconds(cost_op(a["cost"], stream, shares.get(i, 0.0)), hw, dtype)
         phase = "prefill" if a["step"] < prefill_steps else "decode"
-        out.append((f"{a['cost']['kind']}@{stream} {phase}", e - s, gaps.get(i, 0.0), pred, overlap(span, spans),
+        out.append((f"{a['cost']['kind']}@{stream} {phase}", e - s, gaps.get(i, 0.0), pred, shares.get(i, 0.0),
                     a["cost"]))
     return out
 
@@ -184,7 +172,7 @@ def main() -> None:  # noqa: C901 - a table printer
         profiles.append({"profile": hw.to_dict(), "calibration_run": fitted})
         print(f"round {r + 1}: profile {hw.name} [{hw.source}], overhead {1e3 * hw.op_overhead_s:.3f} ms/call, "
               f"matmul {hw.matmul_flops['float32'] / 1e9:.1f} GFLOP/s, attention {hw.attention_flops / 1e9:.1f} "
-              f"GFLOP/s, memory {hw.device_mem_bandwidth / 1e9:.2f} GB/s"
+              f"GFLOP/s, memory {hw.device_mem_bandwidth / 1e9:.2f} GB/s, contention {hw.contention:.2f}"
               + (f"; its calibration run: median op {fitted['median_measured_over_predicted']:.2f}, total "
                  f"{fitted['total_measured_over_predicted']:.2f} measured / predicted" if fitted else ""))
         if hw.kind_costs:

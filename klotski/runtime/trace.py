@@ -172,6 +172,8 @@ class Tracer:
         rest, as the schedule models it; one from host memory an ``h2d`` copy, KV loads / stores ``h2d`` /
         ``d2h`` copies. A compute-stream op also counts the idle time before it that no other lane explains
         (:func:`dispatch_gaps`): the runtime's own work between two ops, which the op's span does not hold.
+        In CPU mode a compute op also carries the share of its span another lane ran beside it
+        (``contended``, :func:`contended_shares`: every lane runs on the same cores).
         For :func:`klotski.calibration.calibrate`."""
         from klotski.schedule import Op
 
@@ -180,13 +182,14 @@ class Tracer:
             spans = list(self.spans)
             windows = list(self._windows)
         gaps = dispatch_gaps(spans, windows)
+        shares = {} if self.cuda else contended_shares(spans)
         for i, (stream, name, start, end, args) in enumerate(spans):
             sec = end - start
             if sec <= 0:
                 continue
             sec += gaps.get(i, 0.0)
             if "cost" in args:  # compute ops as the builder described them (on any lane)
-                op = cost_op(args["cost"], stream)
+                op = cost_op(args["cost"], stream, shares.get(i, 0.0))
             elif stream == "compute" and "op" in args:
                 op = Op(0, args["op"], "compute", "gpu", 0, flops=float(args.get("flops", 0.0)),
                         score_flops=float(args.get("score_flops", 0.0)), calls=int(args.get("calls", 1)))
@@ -272,9 +275,40 @@ def op_cost(ops) -> dict | None:
             "calls": int(sum(max(1, op.calls) for op in ops)), "tokens": int(sum(op.tokens for op in ops))}
 
 
-def cost_op(cost: dict, stream: str = "compute"):
-    """The :class:`klotski.schedule.Op` a span's ``cost`` arg describes (what ``op_seconds`` prices)."""
+def cost_op(cost: dict, stream: str = "compute", contended: float = 0.0):
+    """The :class:`klotski.schedule.Op` a span's ``cost`` arg describes (what ``op_seconds`` prices), with the
+    share of its span another lane ran beside it (``contended``: :func:`contended_shares`)."""
     from klotski.schedule import Op
 
     return Op(0, cost["kind"], stream, cost["device"], 0, flops=cost["flops"], score_flops=cost["score_flops"],
-              bytes=cost["bytes"], calls=cost["calls"], tokens=cost["tokens"])
+              bytes=cost["bytes"], calls=cost["calls"], tokens=cost["tokens"], contended=contended)
+
+
+def contended_shares(spans) -> dict[int, float]:
+    """Index of a span -> the share of its duration during which a span of another lane ran (CPU mode: every
+    lane's work, copies included, runs on the same cores). Spans of zero length are left out."""
+    by_stream: dict[str, list[int]] = {}
+    for i, (stream, _, s, e, _) in enumerate(spans):
+        if e > s:
+            by_stream.setdefault(stream, []).append(i)
+    out: dict[int, float] = {}
+    for stream, mine in by_stream.items():
+        union: list[list[float]] = []  # the other lanes' spans, merged: disjoint [start, end], sorted
+        for s, e in sorted((sp[2], sp[3]) for sp in spans if sp[0] != stream and sp[3] > sp[2]):
+            if union and s <= union[-1][1]:
+                union[-1][1] = max(union[-1][1], e)
+            else:
+                union.append([s, e])
+        starts = [u[0] for u in union]
+        before = [0.0]  # total length of the union's first k intervals
+        for u in union:
+            before.append(before[-1] + u[1] - u[0])
+        for i in mine:
+            s, e = spans[i][2], spans[i][3]
+            lo, hi = max(bisect.bisect_right(starts, s) - 1, 0), bisect.bisect_left(starts, e)
+            covered = 0.0
+            if hi > lo:  # the intervals lo .. hi-1 touch [s, e]: whole, less what lies outside it
+                head = min(s, union[lo][1]) - union[lo][0] if union[lo][0] < s else 0.0
+                covered = before[hi] - before[lo] - head - max(0.0, union[hi - 1][1] - e)
+            out[i] = min(1.0, max(0.0, covered) / (e - s))
+    return out

@@ -221,3 +221,46 @@ def test_each_op_kind_gets_its_own_fixed_costs():
     bare = [Op(200 + i, "attn_out", "compute", "gpu", 0, tokens=(i % 2) * 4) for i in range(10)]
     got = fit_kind_costs(fit, [(o, 1e-4) for o in bare], "float32")
     assert got.kind_costs["attn_out"][0] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_cpu_mode_fits_how_much_a_lane_beside_an_op_slows_it():
+    """CPU mode runs every lane on the same cores: an op's fixed costs grow while another lane runs beside it
+    (here 1.6x: contention 0.6). Kinds timed both alone and beside a lane identify it; a kind timed only
+    beside one (the gate of a run whose KV copies always overlap it) is then priced alone at its own cost,
+    not at the contended one; every op within 10 % (the experts' FLOP rate is the joint fit's). The generic overhead (kinds not fitted apart) and a GPU's profile
+    have no contention."""
+    from dataclasses import replace
+
+    from klotski.calibration import CONTENTION_GRID, fit_kind_costs
+    from klotski.hardware import HardwareProfile
+
+    hw = replace(preset("rtx3090"), device="cpu")
+    rate, slow = 50e9, 0.6
+    fixed = {"attn": 0.8e-3, "expert": 0.1e-3, "gate": 0.2e-3}
+    ops = [Op(i, "attn", "compute", "gpu", 0, flops=1e6 * (1 + i % 5), tokens=4, contended=(i % 3) / 2)
+           for i in range(30)]
+    ops += [Op(30 + i, "expert", "compute", "gpu", 0, flops=5e7 * (1 + i % 4), tokens=8, contended=i % 2)
+            for i in range(30)]
+    ops += [Op(60 + i, "gate", "compute", "gpu", 0, flops=4e4, tokens=4, contended=1.0) for i in range(20)]
+
+    def measured(o, contended=None):
+        share = o.contended if contended is None else contended
+        return fixed[o.kind] * (1 + slow * share) + o.flops / rate
+
+    obs = [(o, measured(o)) for o in ops]
+    fit = calibrate(hw, obs, dtype="float32")
+    assert fit.contention == pytest.approx(slow) and slow in CONTENTION_GRID
+    for o in ops:
+        for share in (0.0, 1.0):
+            assert op_seconds(o, fit, "float32", share) == pytest.approx(measured(o, share), rel=0.1)
+    blind = fit_kind_costs(hw, [(replace(o, contended=0.0), s) for o, s in obs], "float32")
+    assert blind.contention == 0.0
+    gate = replace(ops[-1], contended=0.0)
+    assert op_seconds(gate, blind, "float32") / measured(gate) > 1.5  # priced at its contended time
+    assert op_seconds(Op(0, "lm_head", "compute", "gpu", 0, calls=2), fit, "float32", 1.0) == pytest.approx(
+        2 * fit.op_overhead_s)  # the generic overhead: the calibration run's average, no contention on top
+    on_gpu = fit_kind_costs(preset("rtx3090"), obs, "float32")
+    assert on_gpu.contention == 0.0
+    assert op_seconds(ops[0], replace(fit, device="cuda"), "float32") == pytest.approx(
+        op_seconds(ops[0], fit, "float32", 0.0))  # a GPU's ops: no contention
+    assert HardwareProfile.from_dict(fit.to_dict()) == fit

@@ -230,3 +230,28 @@ def test_host_lanes_share_the_cpu():
     assert sorted([(res.start[i], res.finish[i]) for i in (0, 1)]) == [(0.0, 3.0), (3.0, 8.0)]
     assert (res.start[2], res.finish[2]) == (0.0, 4.0)
     assert res.resource_busy == {"cpu": 8.0, "gpu": 4.0} and res.roofline == 8.0 == res.makespan
+
+
+def test_cpu_mode_contention_slows_an_op_that_starts_beside_another_lane(setup):
+    """CPU mode with a calibrated contention (0.5): a compute op that starts while a copy of another lane runs
+    pays its own fixed costs 1.5x; one that starts alone, and every op on a GPU profile, does not. The busy
+    time counts what was added."""
+    from dataclasses import replace
+
+    from klotski.costs import op_timer
+    from klotski.schedule import Op
+
+    base = replace(preset("rtx3090"), device="cpu", kind_costs={"gate": [1e-3, 0.0]},
+                   cpu_kind_costs={"gate": [1e-3, 0.0]})
+    hw = replace(base, contention=0.5)
+    ops = [Op(0, "gate", "compute", "gpu", 0, tokens=1),
+           Op(1, "h2d", "prefetch", "gpu", 0, link="h2d", bytes=10 ** 8, deps=(0,)),
+           Op(2, "gate", "compute", "gpu", 0, tokens=1, deps=(0,))]
+    timer = op_timer(base, "float32")
+    res = simulate(_hand_schedule(ops), hw, dtype="float32")
+    assert res.finish[0] - res.start[0] == pytest.approx(timer(ops[0]))  # alone
+    assert res.start[1] == res.start[2] == res.finish[0]
+    assert res.finish[2] - res.start[2] == pytest.approx(timer(ops[2]) + 0.5e-3)  # beside the copy
+    assert res.busy["compute"] == pytest.approx(2 * timer(ops[0]) + 0.5e-3)
+    on_gpu = simulate(_hand_schedule(ops), replace(hw, device="cuda"), dtype="float32")
+    assert on_gpu.finish[2] - on_gpu.start[2] == pytest.approx(op_timer(replace(base, device="cuda"), "float32")(ops[2]))
