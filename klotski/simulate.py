@@ -10,9 +10,9 @@ not wait for a weight copy in flight: it runs on its own stream, which a second 
 first (GPUs have two or more per direction), and the bandwidth it takes delays the link's next copy by its own
 duration (the link's busy time is conserved; only who waits changes). In CPU mode every lane runs on the
 host's cores: an op that starts while another stream runs pays its fixed costs times ``1 + hw.contention``
-(0 unless a calibration fitted it; ``klotski.calibration.fit_kind_costs``). Memory: ``mem_alloc`` is taken at an op's
-start, ``mem_free`` returned at its end (frees before allocations at the same instant), on top of the
-schedule's static memory. Result: makespan, busy time per stream, bubble fraction of the compute stream,
+(0 unless a calibration fitted it; ``klotski.calibration.fit_kind_costs``). Memory: ``mem_alloc`` is taken
+at an op's start, ``mem_free`` returned at its end (frees before allocations at the same instant), on top of
+the schedule's static memory. Result: makespan, busy time per stream, bubble fraction of the compute stream,
 peak memory per tier, and every op's start / finish (for traces).
 
 :func:`simulate_model_step` simulates a window of the first layers and extrapolates the rest when the
@@ -303,7 +303,7 @@ def simulate_model_step(policy, costs, placement, shape, hw, routing=None, num_h
                     continue
                 if all(_same_period([row.get(i) for i in layers], (d - b)) for row in last.values()
                        if any(i in row for i in layers)):
-                    return _extrapolate(sched, res, hw, dtype, L - span, (d - b) / period)
+                    return _extrapolate(sched, res, hw, dtype, L - span, (d - b) / period, layers[2], period)
         w *= 2
 
 
@@ -316,7 +316,11 @@ def _same_period(times: list, step: float) -> bool:
     return abs((d - b) - step) <= tol and abs((b - a) - step) <= tol
 
 
-def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, period: float) -> SimResult:
+def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, period: float, steady: int,
+                 period_layers: int) -> SimResult:
+    """``res`` with ``extra`` more layers of ``period`` seconds each: each adds the last layer's ops' busy time
+    and bytes, and the contention (CPU mode) the ``period_layers`` layers of one period up to the periodic layer
+    ``steady`` paid per layer (the window's last layer, with nothing after it, has less company)."""
     last = sched.num_layers - 1
     busy = dict(res.busy)
     held = dict(res.resource_busy)
@@ -324,11 +328,15 @@ def _extrapolate(sched: Schedule, res: SimResult, hw, dtype: str, extra: int, pe
     seconds_of = op_timer(hw, dtype)
     for op in sched.ops:
         if op.layer == last:
-            seconds = extra * (seconds_of(op) + res.contended.get(op.id, 0.0))
+            seconds = extra * seconds_of(op)
             busy[op.stream] = busy.get(op.stream, 0.0) + seconds
             _add_held(held, op, seconds)
             if op.link is not None:
                 moved[op.link] = moved.get(op.link, 0) + extra * op.bytes
+        added = res.contended.get(op.id)
+        if added and steady - period_layers < op.layer <= steady:
+            busy[op.stream] += extra * added / period_layers
+            _add_held(held, op, extra * added / period_layers)
     return SimResult(makespan=res.makespan + extra * period, busy=busy, peak_mem=res.peak_mem, start=res.start,
                      finish=res.finish, bytes_moved=moved, layers_simulated=sched.num_layers, resource_busy=held,
                      contended=res.contended)

@@ -154,6 +154,27 @@ def test_window_extrapolation_is_exact(policy, phase, disk, make_tiny_config):
     assert fast.peak_mem == full.peak_mem
 
 
+@pytest.mark.parametrize("policy", ["flexgen", "klotski"])
+def test_window_extrapolation_is_exact_with_cpu_mode_contention(policy, make_tiny_config):
+    """A calibrated CPU-mode profile (kind costs, contention 0.5): the window's extrapolation adds the
+    contention the simulated last layer paid, and matches simulating every layer."""
+    from dataclasses import replace
+
+    costs = ModelCosts.from_config(make_tiny_config(layers=14, experts=8, top_k=2, hidden=256, inter=512))
+    kinds = {"attn": [2e-4, 0.0], "gate": [5e-5, 1e-6], "expert": [3e-5, 2e-6], "experts": [4e-5, 2e-6]}
+    hw = replace(preset("rtx3090"), device="cpu", kind_costs=kinds, cpu_kind_costs=kinds, contention=0.5)
+    shape = StepShape("decode", 4, 3, 1, 64, 96)
+    p = Placement(attn="gpu", gate="gpu", experts_gpu=1, kv="cpu")
+    full = simulate(build_schedule(policy, costs, p, shape), hw)
+    assert full.contended  # ops started beside another lane
+    fast = simulate_model_step(policy, costs, p, shape, hw)
+    assert fast.layers_simulated < costs.num_layers
+    assert fast.makespan == pytest.approx(full.makespan, rel=1e-9)
+    for stream, busy in full.busy.items():
+        assert fast.busy[stream] == pytest.approx(busy, rel=1e-9)
+    assert fast.peak_mem == full.peak_mem
+
+
 def test_window_extrapolates_when_the_end_reaches_two_layers_back(make_tiny_config):
     """klotski's prefetch for the last layer is issued two layers before it, so the layer before the last
     already runs shorter than the period: steady state is found further back, and the window still
