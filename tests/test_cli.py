@@ -37,7 +37,7 @@ def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
 
     import klotski.cli.options as options
     import klotski.profile_cache as profile_cache
-    from klotski.cli.demo import calibrate_first
+    from klotski.cli.compare import calibrate_first
 
     runs = []
 
@@ -46,8 +46,8 @@ def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
             self.session = SimpleNamespace(hardware=replace(preset("t4"), source=source))
             self.closed = False
 
-        def generate(self, prompts, params):
-            runs.append((tuple(prompts), params.max_tokens))
+        def generate(self, prompts, params, prompt_token_ids=None):
+            runs.append((tuple(prompts or prompt_token_ids), params.max_tokens))
 
         def close(self):
             self.closed = True
@@ -58,14 +58,22 @@ def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
         built = []
         monkeypatch.setattr(options, "build_llm", lambda a, path, policy: built.append(FakeLLM(source)) or built[-1])
         runs.clear()
-        calibrate_first(args, "/m", "klotski", ["a", "b"])
+        calibrate_first(args, "/m", ("klotski", "flexgen"), ["a", "b"])
         assert len(runs) == expected and built[0].closed, source
         assert expected == 0 or runs[0] == (("a", "b"), 4)
         assert ("calibrates its hardware profile" in capsys.readouterr().out) == bool(expected)
     monkeypatch.setattr(profile_cache, "interpreter_on", lambda: True)
     runs.clear()
-    calibrate_first(args, "/m", "klotski", ["a"])
+    calibrate_first(args, "/m", ("klotski", "flexgen"), ["a"])
     assert not runs
+    monkeypatch.setattr(profile_cache, "interpreter_on", lambda: False)
+    for policies in (("klotski",), ("resident", "resident")):  # nothing to compare, or nothing offloaded
+        calibrate_first(args, "/m", policies, ["a"])
+    assert not runs
+    built.clear()
+    monkeypatch.setattr(options, "build_llm", lambda a, path, policy: built.append(policy) or FakeLLM("measured"))
+    calibrate_first(args, "/m", ("resident", "flexgen"), prompt_token_ids=[[1, 2]])
+    assert built == ["flexgen"] and runs == [(([1, 2],), 4)]
 
 
 def test_demo_single_resident_policy(demo_dir, capsys):

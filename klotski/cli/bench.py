@@ -8,7 +8,7 @@ import json
 import platform
 import subprocess
 
-from klotski.cli.compare import compare_policies
+from klotski.cli.compare import calibrate_first, compare_policies
 from klotski.cli.metrics_table import format_table
 from klotski.cli.options import add_engine_args
 
@@ -23,7 +23,8 @@ def add_parser(sub):
     p.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     p.add_argument("--calibrate", action="store_true",
                    help="fit this machine's hardware profile to the per-op timings of the first offloaded "
-                        "policy's run and save it; later plans (and their predictions) use it")
+                        "policy's run and save it; later plans (and their predictions) use it (a profile no "
+                        "run has calibrated is first fitted on a short run in any case)")
     add_engine_args(p, policy_default="klotski,flexgen,layerwise")
     return p
 
@@ -64,6 +65,7 @@ def run(args) -> int:
         print(f"calibrated on the {policy} run ({len(session.executor.tracer.observations())} ops): predicted "
               f"{before:.1f} -> {after:.1f} tokens/s; {saved}", flush=True)
 
+    calibrate_first(args, model, policies, prompt_token_ids=prompts)
     rows, raw, agree = compare_policies(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len,
                                         after_run=calibrate)
     print(format_table(rows))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from klotski.cli.compare import compare_policies
+from klotski.cli.compare import calibrate_first, compare_policies
 from klotski.cli.generate import print_outputs
 from klotski.cli.metrics_table import format_table
 from klotski.cli.options import add_engine_args
@@ -45,8 +45,7 @@ def run(args) -> int:
     policies = DEMO_POLICIES if args.policy == "all" else (args.policy,)
     if any(p != "resident" for p in policies):
         print(f"budgets: device {args.gpu_memory}, host {args.cpu_memory}; disk tier in {args.offload_dir}")
-    if len(policies) > 1 and "resident" not in policies:
-        calibrate_first(args, path, policies[0], prompts)
+    calibrate_first(args, path, policies, prompts=prompts)
     rows, _, agree = compare_policies(args, path, policies, prompts=prompts, max_tokens=args.max_tokens,
                                       on_first=lambda outputs: print_outputs(prompts, outputs))
     print()
@@ -57,25 +56,3 @@ def run(args) -> int:
     if len(policies) > 1:
         print(f"greedy tokens identical across {', '.join(policies)}")
     return 0
-
-
-def calibrate_first(args, path: str, policy: str, prompts) -> None:
-    """On a profile no run has calibrated yet (a fresh cache: rates measured seconds earlier), one short run first,
-    whose per-op timings the session feeds back into the cached profile, so that every policy of the comparison
-    plans on the same, corrected rates (otherwise the first policy plans on the raw measurement and the later
-    ones on what its run taught the cache). Not under the Triton interpreter, whose profile is never fed back."""
-    from klotski.cli.options import build_llm
-    from klotski.profile_cache import interpreter_on
-    from klotski.sampling import SamplingParams
-
-    if interpreter_on():
-        return
-    llm = build_llm(args, path, policy)
-    try:
-        if llm.session.hardware.calibrated:
-            return
-        print("first run on this machine: a short run calibrates its hardware profile first, so that every policy "
-              "plans on the same rates", flush=True)
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    finally:
-        llm.close()
