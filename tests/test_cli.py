@@ -60,7 +60,7 @@ def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
         runs.clear()
         calibrate_first(args, "/m", ("klotski", "flexgen"), ["a", "b"])
         assert len(runs) == expected and built[0].closed, source
-        assert expected == 0 or runs[0] == (("a", "b"), 4)
+        assert expected == 0 or runs[0] == (("a", "b"), 16)
         assert ("calibrates its hardware profile" in capsys.readouterr().out) == bool(expected)
     monkeypatch.setattr(profile_cache, "interpreter_on", lambda: True)
     runs.clear()
@@ -72,8 +72,8 @@ def test_demo_calibrates_a_fresh_profile_before_comparing(monkeypatch, capsys):
     assert not runs
     built.clear()
     monkeypatch.setattr(options, "build_llm", lambda a, path, policy: built.append(policy) or FakeLLM("measured"))
-    calibrate_first(args, "/m", ("resident", "flexgen"), prompt_token_ids=[[1, 2]])
-    assert built == ["flexgen"] and runs == [(([1, 2],), 4)]
+    calibrate_first(args, "/m", ("resident", "flexgen"), prompt_token_ids=[[1, 2]], max_tokens=8)
+    assert built == ["flexgen"] and runs == [(([1, 2],), 8)]
 
 
 def test_demo_single_resident_policy(demo_dir, capsys):

@@ -33,7 +33,8 @@ its default row (``"auto"``: on CUDA the planner chooses attention per phase and
 table's ``host`` column shows the choice): tokens/s with and without host compute, greedy tokens compared.
 
 Every variant plans on one profile (``--hardware``, or this machine's: when no run has calibrated it, as in a
-fresh cache, it is first fitted to a short run of the first policy, so no variant plans on the raw measurement).
+fresh cache, it is first fitted to a run of the first policy on the workload's lengths, so no variant plans on the
+raw measurement).
 
 ``--baseline accelerate`` adds the baseline users know, HF transformers + accelerate ``device_map="auto"``
 offloading (bench/e2e/accelerate_baseline.py) on the same checkpoint, prompts, budgets and compute dtype: one
@@ -176,7 +177,7 @@ def add_model_args(ap, layers, gpu_memory: str, cpu_memory: str) -> None:
 
 def calibrated_first(model: str, args, policy: str, hw, work: str):
     """``hw`` (this machine's profile, no run has calibrated it: a fresh cache) fitted to a short run of
-    ``policy`` first, so every variant plans on corrected rates (the raw measurement mispredicted this bench's
+    ``policy`` first (the workload's prompt and generation lengths), so every variant plans on corrected rates (the raw measurement mispredicted this bench's
     runs 3-4x, and plans made on it were the slower ones). Under the Triton interpreter, ``hw`` as it is."""
     from klotski import LLM, SamplingParams
     from klotski.profile_cache import interpreter_on
@@ -189,13 +190,13 @@ def calibrated_first(model: str, args, policy: str, hw, work: str):
     try:
         g = torch.Generator().manual_seed(2)
         prompts = torch.randint(0, llm.spec.vocab_size, (llm.session.group_size, args.prompt_len), generator=g)
-        llm.generate(prompt_token_ids=prompts.tolist(), sampling_params=SamplingParams(max_tokens=4, ignore_eos=True,
-                                                                                      temperature=0.0))
+        sp = SamplingParams(max_tokens=args.gen_len, ignore_eos=True, temperature=0.0)  # the runs' decode share
+        llm.generate(prompt_token_ids=prompts.tolist(), sampling_params=sp)
         cal = llm.session.calibrate(hw, save=False)
     finally:
         llm.close()
         shutil.rmtree(store, ignore_errors=True)
-    print(f"profile calibrated on a short {policy} run first: {cal.name} [{cal.source}]", flush=True)
+    print(f"profile calibrated on a {policy} run first: {cal.name} [{cal.source}]", flush=True)
     return cal
 
 

@@ -24,7 +24,7 @@ def add_parser(sub):
     p.add_argument("--calibrate", action="store_true",
                    help="fit this machine's hardware profile to the per-op timings of the first offloaded "
                         "policy's run and save it; later plans (and their predictions) use it (a profile no "
-                        "run has calibrated is first fitted on a short run in any case)")
+                        "run has calibrated is first fitted on one run of the workload in any case)")
     add_engine_args(p, policy_default="klotski,flexgen,layerwise")
     return p
 
@@ -65,7 +65,7 @@ def run(args) -> int:
         print(f"calibrated on the {policy} run ({len(session.executor.tracer.observations())} ops): predicted "
               f"{before:.1f} -> {after:.1f} tokens/s; {saved}", flush=True)
 
-    calibrate_first(args, model, policies, prompt_token_ids=prompts)
+    calibrate_first(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len)
     rows, raw, agree = compare_policies(args, model, policies, prompt_token_ids=prompts, max_tokens=args.gen_len,
                                         after_run=calibrate)
     print(format_table(rows))

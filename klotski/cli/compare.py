@@ -1,7 +1,7 @@
 """Run one model under several policies with the same requests; a metrics row per policy.
 
 Shared by ``klotski demo`` and ``klotski bench``: greedy decoding, so every policy must produce the same tokens;
-on a profile no run has calibrated yet, a short run calibrates it first (:func:`calibrate_first`).
+on a profile no run has calibrated yet, one run calibrates it first (:func:`calibrate_first`).
 """
 from __future__ import annotations
 
@@ -38,12 +38,15 @@ def compare_policies(args, model_dir: str, policies, prompts=None, prompt_token_
     return rows, raw, len({str(t) for t in tokens.values()}) <= 1
 
 
-def calibrate_first(args, model_dir: str, policies, prompts=None, prompt_token_ids=None) -> None:
+def calibrate_first(args, model_dir: str, policies, prompts=None, prompt_token_ids=None,
+                    max_tokens: int = 16) -> None:
     """Before comparing several policies on a profile no run has calibrated yet (a fresh cache: rates measured
-    seconds earlier): one short run of the first offloaded policy, whose per-op timings the session feeds back
-    into the cached profile, so that every policy of the comparison plans on the same, corrected rates
-    (otherwise the first plans on the raw measurement and the later ones on what its run taught the cache). Not
-    under the Triton interpreter, whose profile is never fed back."""
+    seconds earlier): one run of the first offloaded policy on the comparison's requests, whose per-op timings
+    the session feeds back into the cached profile, so that every policy of the comparison plans on the same,
+    corrected rates (otherwise the first plans on the raw measurement and the later ones on what its run taught
+    the cache). The run generates as many tokens as the comparison: a prefill-heavy one (4 tokens) fitted costs
+    that priced a decode-heavy plan at 0.6x its time, and the planner then chose that plan. Not under the Triton
+    interpreter, whose profile is never fed back."""
     from klotski.cli import options  # looked up at call time (tests stand in for build_llm)
     from klotski.profile_cache import interpreter_on
     from klotski.sampling import SamplingParams
@@ -55,9 +58,9 @@ def calibrate_first(args, model_dir: str, policies, prompts=None, prompt_token_i
     try:
         if llm.session.hardware.calibrated:
             return
-        print("first run on this machine: a short run calibrates its hardware profile first, so that every policy "
+        print("first run on this machine: a run calibrates its hardware profile first, so that every policy "
               "plans on the same rates", flush=True)
-        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                      prompt_token_ids=prompt_token_ids)
     finally:
         llm.close()

@@ -45,7 +45,7 @@ def run(args) -> int:
     policies = DEMO_POLICIES if args.policy == "all" else (args.policy,)
     if any(p != "resident" for p in policies):
         print(f"budgets: device {args.gpu_memory}, host {args.cpu_memory}; disk tier in {args.offload_dir}")
-    calibrate_first(args, path, policies, prompts=prompts)
+    calibrate_first(args, path, policies, prompts=prompts, max_tokens=args.max_tokens)
     rows, _, agree = compare_policies(args, path, policies, prompts=prompts, max_tokens=args.max_tokens,
                                       on_first=lambda outputs: print_outputs(prompts, outputs))
     print()
