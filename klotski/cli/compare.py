@@ -44,9 +44,9 @@ def calibrate_first(args, model_dir: str, policies, prompts=None, prompt_token_i
     seconds earlier): one run of the first offloaded policy on the comparison's requests, whose per-op timings
     the session feeds back into the cached profile, so that every policy of the comparison plans on the same,
     corrected rates (otherwise the first plans on the raw measurement and the later ones on what its run taught
-    the cache). The run generates as many tokens as the comparison: a prefill-heavy one (4 tokens) fitted costs
-    that priced a decode-heavy plan at 0.6x its time, and the planner then chose that plan. Not under the Triton
-    interpreter, whose profile is never fed back."""
+    the cache). The run generates as many tokens as the comparison: on the costs a prefill-heavy one (4 tokens)
+    fitted, the planner chose a plan of many small micro-batches that then ran at a quarter of its predicted rate.
+    Not under the Triton interpreter, whose profile is never fed back."""
     from klotski.cli import options  # looked up at call time (tests stand in for build_llm)
     from klotski.profile_cache import interpreter_on
     from klotski.sampling import SamplingParams
