@@ -98,6 +98,7 @@ class OffloadedSession:
         self.run_workload: dict | None = None
         self._prediction: dict = {}
         self._fed_back = hardware is not None  # an explicit profile is the caller's: never refitted into the cache
+        self._replan_due = False  # the first run's feedback moved the prediction past REPLAN_FACTOR
 
     # ---- what the engine reads -------------------------------------------------------------------------
     @property
@@ -121,13 +122,15 @@ class OffloadedSession:
     # ---- lifecycle -------------------------------------------------------------------------------------
     def prepare(self, prompt_token_ids: list[list[int]], max_tokens: list[int]) -> None:
         """Before a generate call: re-plan when the workload differs from the planned one by more than
-        ``REPLAN_FACTOR`` (only when the group shape is "auto"), warm the prefetcher up when it has no table
-        yet (klotski), and note the workload the prediction is made for."""
+        ``REPLAN_FACTOR``, or when the first run's feedback changed the profile so much that it predicts the
+        plan more than ``REPLAN_FACTOR`` off (the plan was made on rates that did not hold: a fresh cache's
+        measurement mispredicted CPU-mode runs 3-4x); only when the group shape is "auto". Then warm the
+        prefetcher up when it has no table yet (klotski), and note the workload the prediction is made for."""
         self._live()
         prompt = max(1, round(sum(len(p) for p in prompt_token_ids) / max(1, len(prompt_token_ids))))
         gen = max(1, max(max_tokens, default=1))
         p0, g0 = self.run_plan.workload
-        if self.config.auto and (_far(prompt, p0) or _far(gen, g0)):
+        if self.config.auto and (self._replan_due or _far(prompt, p0) or _far(gen, g0)):
             self.replan((prompt, gen))
         self.warmup_s = None
         if self.prefetcher is not None and self.prefetcher.popularity.sum() == 0 and self.policy == "klotski":
@@ -139,6 +142,7 @@ class OffloadedSession:
         rp = plan_run(self.config, workload, self.hardware)  # BudgetError here: nothing has changed
         new = self._build(rp)
         old, self.executor, self.run_plan, self._prediction = self.executor, new, rp, {}
+        self._replan_due = False
         if old is not None:
             old.close()
 
@@ -179,15 +183,20 @@ class OffloadedSession:
 
     def finish(self) -> str | None:
         """After a generate call: the first run of the session feeds its per-op timings back into this machine's
-        profile (:mod:`klotski.profile_cache`: a poisoned profile lasts one run), then the prefetch table is
-        saved in ``offload_dir`` (reloaded by the next session, which also reads one shipped in the model
-        directory; the model directory itself is never written). Returns the table's path, or None (no
-        offload_dir, or the save failed: a warning says why; side files never cost the outputs)."""
+        profile (:mod:`klotski.profile_cache`: a poisoned profile lasts one run; when the refitted profile
+        predicts this run more than ``REPLAN_FACTOR`` off the one it was planned on, the next generate re-plans
+        on it, :meth:`prepare`), then the prefetch table is saved in ``offload_dir`` (reloaded by the next
+        session, which also reads one shipped in the model directory; the model directory itself is never
+        written). Returns the table's path, or None (no offload_dir, or the save failed: a warning says why;
+        side files never cost the outputs)."""
         ex = self._live()
         if not self._fed_back:
             self._fed_back = True
             if ex.tracer.observations():
+                before = self.metrics["predicted_tokens_per_s"]
                 self.hardware, self._prediction = calibrate_from_run(ex, self.hardware), {}
+                after = self.metrics["predicted_tokens_per_s"]
+                self._replan_due = before > 0 and after > 0 and _far(before, after)
         if self.prefetcher is None or self.prefetcher.popularity.sum() == 0 or not self.config.offload_dir:
             return None
         return self.save_prefetch_table(self.config.offload_dir)

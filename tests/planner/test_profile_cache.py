@@ -147,6 +147,48 @@ def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkey
     assert planned_with == fed  # the next run plans with the refitted profile, not the poisoned one
 
 
+def test_a_session_planned_on_a_poisoned_profile_replans_after_its_first_run(checkpoints, tmp_path, monkeypatch,
+                                                                           quiet):
+    """The session that ran on the poisoned profile (rates 10x too low, 70 ms per call) plans again for its
+    next generate on the profile its first run refitted (which predicts the plan more than REPLAN_FACTOR off
+    the poisoned one), with the same tokens; then no more. A fixed group shape, or a refit that moves the
+    prediction less than that, keeps the plan."""
+    from klotski import LLM, SamplingParams
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path, _ = checkpoints.get("mixtral")
+    clean = measure_profile(device="cpu", disk_dir=str(tmp_path))
+    poisoned = replace(clean, matmul_flops={k: v / 10 for k, v in clean.matmul_flops.items()},
+                       attention_flops=clean.attention_flops / 10, op_overhead_s=0.070,
+                       h2d_bandwidth=clean.h2d_bandwidth / 10, disk_bandwidth=clean.disk_bandwidth / 10)
+    prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(8)]
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    budget = dict(offload_dir=str(tmp_path / "off"), gpu_memory="700KiB", cpu_memory="300KiB")
+    for shape, replans in (({}, True), ({"num_batches": 2, "batch_size": 4}, False)):
+        ProfileCache().save(poisoned)
+        with LLM(path, device="cpu", policy="klotski", **shape, **budget) as llm:
+            out = [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)]
+            first = llm.session.run_plan  # (re-planned for this workload before it ran: still the poisoned rates)
+            assert first.hardware == poisoned
+            fed = llm.session.hardware
+            assert fed.source.endswith("+calibrated")
+            assert [o.token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=sp)] == out
+            second = llm.session.run_plan
+            assert (second is not first) == replans
+            assert (second.hardware == fed) == replans
+            llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+            assert llm.session.run_plan is second  # once
+    import klotski.runtime.session as session_module
+
+    monkeypatch.setattr(session_module, "calibrate_from_run",  # a refit that leaves the rates as they are
+                        lambda ex, hw, save=True: replace(hw, source=hw.source + "+calibrated"))
+    with LLM(path, device="cpu", policy="klotski", **budget) as llm:
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        first = llm.session.run_plan
+        llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+        assert llm.session.run_plan is first and llm.session.hardware.source.endswith("+calibrated")
+
+
 def test_each_compute_term_is_kept_or_reverted_on_its_own(base):
     """A run whose time is attention (score FLOPs) with matmuls too small to identify a rate: the fitted
     attention rate stays (at the measured rate, attention is half the run), the matmul rate and the overhead
