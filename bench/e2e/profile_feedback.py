@@ -1,8 +1,10 @@
 """How the cached hardware profile's feed-back serves a model: a fresh profile cache, optionally first the
 demo's runs (a tiny model whose ops are fixed costs), then ``--runs`` LLMs in a row on MODEL, each planning
-with what the runs before it fed back. Per run: measured and predicted tokens/s and the profile's terms.
+with what the runs before it fed back, each calling ``generate`` ``--generates`` times on the same prompts (its
+first run's feedback re-plans the same LLM when it moved the plan's prediction more than 2x). Per generate:
+measured and predicted tokens/s, the plan, whether it was re-planned, and the profile's terms.
 
-    python bench/e2e/profile_feedback.py --model DIR [--after-demo] [--runs 3] [--policy klotski]
+    python bench/e2e/profile_feedback.py --model DIR [--after-demo] [--runs 3] [--generates 1] [--policy klotski]
         [--gpu-memory 100MiB --cpu-memory 2GiB --prompts 96 --prompt-len 128 --gen-len 16]
 
 CPU mode (``--device cpu``, the default) measures this machine's CPU as the device. Writes JSON under
@@ -28,6 +30,7 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--after-demo", action="store_true", help="run `klotski demo` on the fresh cache first")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--generates", type=int, default=1, help="generate calls per LLM (same prompts)")
     ap.add_argument("--policy", default="klotski")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -67,19 +70,26 @@ def main() -> None:
             vocab = llm.spec.vocab_size
             g = torch.Generator().manual_seed(1)
             prompts = torch.randint(0, vocab, (args.prompts, args.prompt_len), generator=g).tolist()
-            t0 = time.perf_counter()
-            llm.generate(prompt_token_ids=prompts, sampling_params=sp)
-            wall = time.perf_counter() - t0
-            extra = llm.metrics.extra
-        measured = args.prompts * args.gen_len / wall
-        row = {"run": i, "measured_tokens_per_s": measured, "predicted_tokens_per_s": extra["predicted_tokens_per_s"],
-               "plan": extra["plan"], "planned_on": extra["hardware_profile"], "profile_after": terms()}
-        rows.append(row)
-        print(f"run {i}: measured {measured:.1f} tok/s, predicted {row['predicted_tokens_per_s']:.1f} "
-              f"(measured / predicted {measured / row['predicted_tokens_per_s']:.2f}), plan "
-              f"{extra['plan']['batch_size']}x{extra['plan']['n']}; profile after: matmul "
-              f"{max(row['profile_after']['matmul_flops'].values()) / 1e9:.0f} GFLOP/s, overhead "
-              f"{row['profile_after']['op_overhead_s'] * 1e3:.2f} ms/call", flush=True)
+            last = None
+            for k in range(args.generates):
+                t0 = time.perf_counter()
+                llm.generate(prompt_token_ids=prompts, sampling_params=sp)
+                wall = time.perf_counter() - t0
+                extra = llm.metrics.extra
+                planned = llm.session.run_plan
+                measured = args.prompts * args.gen_len / wall
+                row = {"run": i, "generate": k, "measured_tokens_per_s": measured,
+                       "predicted_tokens_per_s": extra["predicted_tokens_per_s"], "plan": extra["plan"],
+                       "profile": extra["hardware_profile"], "replanned": last is not None and planned is not last,
+                       "profile_after": terms()}
+                last = planned
+                rows.append(row)
+                print(f"run {i} generate {k}: measured {measured:.1f} tok/s, predicted "
+                      f"{row['predicted_tokens_per_s']:.1f} (measured / predicted "
+                      f"{measured / row['predicted_tokens_per_s']:.2f}), plan {extra['plan']['batch_size']}x"
+                      f"{extra['plan']['n']}{' (re-planned)' if row['replanned'] else ''}; "
+                      f"profile after: matmul {max(row['profile_after']['matmul_flops'].values()) / 1e9:.0f} "
+                      f"GFLOP/s, overhead {row['profile_after']['op_overhead_s'] * 1e3:.2f} ms/call", flush=True)
     out = args.out or os.path.join(os.path.dirname(__file__), "..", "results",
                                    time.strftime("%Y%m%d-%H%M%S") + "-profile-feedback.json")
     doc = {"command": "python bench/e2e/profile_feedback.py " + " ".join(sys.argv[1:]), "profile_before": start,
