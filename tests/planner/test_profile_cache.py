@@ -112,6 +112,18 @@ def test_feed_back_remeasures_a_profile_that_mispredicts_and_keeps_unidentified_
     assert 0.8 < op_seconds_sum(fed, ops) / sum(s for _, s in ops) < 1.25
 
 
+def poisoned_setup(checkpoints, tmp_path, monkeypatch):
+    """A profile cache of its own; (the tiny Mixtral's path, this machine's measured profile, the same with
+    rates 10x too low and 70 ms per call)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    path, _ = checkpoints.get("mixtral")
+    clean = measure_profile(device="cpu", disk_dir=str(tmp_path))
+    poisoned = replace(clean, matmul_flops={k: v / 10 for k, v in clean.matmul_flops.items()},
+                       attention_flops=clean.attention_flops / 10, op_overhead_s=0.070,
+                       h2d_bandwidth=clean.h2d_bandwidth / 10, disk_bandwidth=clean.disk_bandwidth / 10)
+    return path, clean, poisoned
+
+
 def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkeypatch, quiet):
     """End to end: a cached profile with rates 10x too low and 70 ms per call; after one offloaded run the cache
     holds a profile refitted to that run (it predicts the run's op times within 2x) and the next run plans with
@@ -119,12 +131,7 @@ def test_poisoned_profile_does_not_survive_one_run(checkpoints, tmp_path, monkey
     shared 2-core box the two differ run to run, so it is not asserted.)"""
     from klotski import LLM, SamplingParams
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    path, _ = checkpoints.get("mixtral")
-    clean = measure_profile(device="cpu", disk_dir=str(tmp_path))
-    poisoned = replace(clean, matmul_flops={k: v / 10 for k, v in clean.matmul_flops.items()},
-                       attention_flops=clean.attention_flops / 10, op_overhead_s=0.070,
-                       h2d_bandwidth=clean.h2d_bandwidth / 10, disk_bandwidth=clean.disk_bandwidth / 10)
+    path, clean, poisoned = poisoned_setup(checkpoints, tmp_path, monkeypatch)
     cache = ProfileCache()
     cache.save(poisoned)
     prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(8)]
@@ -155,12 +162,7 @@ def test_a_session_planned_on_a_poisoned_profile_replans_after_its_first_run(che
     prediction less than that, keeps the plan."""
     from klotski import LLM, SamplingParams
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    path, _ = checkpoints.get("mixtral")
-    clean = measure_profile(device="cpu", disk_dir=str(tmp_path))
-    poisoned = replace(clean, matmul_flops={k: v / 10 for k, v in clean.matmul_flops.items()},
-                       attention_flops=clean.attention_flops / 10, op_overhead_s=0.070,
-                       h2d_bandwidth=clean.h2d_bandwidth / 10, disk_bandwidth=clean.disk_bandwidth / 10)
+    path, clean, poisoned = poisoned_setup(checkpoints, tmp_path, monkeypatch)
     prompts = [[1 + i, 2, 3, 4, 5, 6, 7, 8] for i in range(8)]
     sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     budget = dict(offload_dir=str(tmp_path / "off"), gpu_memory="700KiB", cpu_memory="300KiB")
