@@ -94,8 +94,10 @@ def simulate(schedule: Schedule, hw=None, duration: Callable[[Op], float] | None
             raise ValueError("simulate: give a hardware profile or a duration function")
         duration = op_timer(hw, dtype or "bfloat16")
         if hw.device == "cpu" and hw.contention > 0:
-            beside_lane = [float(duration(op, 1.0) - duration(op, 0.0)) for op in ops]
+            beside_lane = [float(duration(op, 1.0)) for op in ops]
     dur = [float(duration(op)) for op in ops]
+    if beside_lane is not None:  # a schedule's ops are priced alone (contended 0): the difference is the lane's
+        beside_lane = [b - d for b, d in zip(beside_lane, dur)]
     n = len(ops)
     start = [0.0] * n
     finish = [0.0] * n
