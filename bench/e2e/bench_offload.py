@@ -176,9 +176,9 @@ def add_model_args(ap, layers, gpu_memory: str, cpu_memory: str) -> None:
 
 
 def calibrated_first(model: str, args, policy: str, hw, work: str):
-    """``hw`` (this machine's profile, no run has calibrated it: a fresh cache) fitted to a short run of
-    ``policy`` first (the workload's prompt and generation lengths), so every variant plans on corrected rates (the raw measurement mispredicted this bench's
-    runs 3-4x, and plans made on it were the slower ones). Under the Triton interpreter, ``hw`` as it is."""
+    """``hw`` (this machine's profile, no run has calibrated it: a fresh cache) fitted to a run of ``policy``
+    first, at the workload's prompt and generation lengths, so every variant plans on corrected rates (the raw
+    measurement predicted this bench's runs 3-4x too fast). Under the Triton interpreter, ``hw`` as it is."""
     from klotski import LLM, SamplingParams
     from klotski.profile_cache import interpreter_on
 

@@ -227,8 +227,8 @@ def test_cpu_mode_fits_how_much_a_lane_beside_an_op_slows_it():
     """CPU mode runs every lane on the same cores: an op's fixed costs grow while another lane runs beside it
     (here 1.6x: contention 0.6). Kinds timed both alone and beside a lane identify it; a kind timed only
     beside one (the gate of a run whose KV copies always overlap it) is then priced alone at its own cost,
-    not at the contended one; every op within 10 % (the experts' FLOP rate is the joint fit's). The generic overhead (kinds not fitted apart) and a GPU's profile
-    have no contention."""
+    not at the contended one; every op within 10 % (the experts' FLOP rate is the joint fit's). The generic
+    overhead (kinds not fitted apart) and a GPU's profile have no contention."""
     from dataclasses import replace
 
     from klotski.calibration import CONTENTION_GRID, fit_kind_costs

@@ -275,4 +275,5 @@ def test_cpu_mode_contention_slows_an_op_that_starts_beside_another_lane(setup):
     assert res.finish[2] - res.start[2] == pytest.approx(timer(ops[2]) + 0.5e-3)  # beside the copy
     assert res.busy["compute"] == pytest.approx(2 * timer(ops[0]) + 0.5e-3)
     on_gpu = simulate(_hand_schedule(ops), replace(hw, device="cuda"), dtype="float32")
-    assert on_gpu.finish[2] - on_gpu.start[2] == pytest.approx(op_timer(replace(base, device="cuda"), "float32")(ops[2]))
+    gpu_timer = op_timer(replace(base, device="cuda"), "float32")
+    assert on_gpu.finish[2] - on_gpu.start[2] == pytest.approx(gpu_timer(ops[2]))
