@@ -193,9 +193,10 @@ class OffloadedSession:
         if not self._fed_back:
             self._fed_back = True
             if ex.tracer.observations():
-                before = self.metrics["predicted_tokens_per_s"]
+                auto = self.config.auto  # a fixed group shape never re-plans: no prediction to compare
+                before = self.metrics["predicted_tokens_per_s"] if auto else 0.0
                 self.hardware, self._prediction = calibrate_from_run(ex, self.hardware), {}
-                after = self.metrics["predicted_tokens_per_s"]
+                after = self.metrics["predicted_tokens_per_s"] if auto else 0.0
                 self._replan_due = before > 0 and after > 0 and _far(before, after)
         if self.prefetcher is None or self.prefetcher.popularity.sum() == 0 or not self.config.offload_dir:
             return None
